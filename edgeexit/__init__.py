@@ -1,0 +1,3 @@
+"""edgeexit: early-exit neural networks on edge devices (device runtime)."""
+
+__version__ = "0.1.0"

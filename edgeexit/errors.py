@@ -1,0 +1,62 @@
+"""One exception hierarchy for everything edgeexit raises on purpose.
+
+Every message is one line that says what was received, what was expected and how to fix it.
+The CLI prints ``error: <message>`` and exits with the class's ``exit_code``; it never shows a traceback
+for an :class:`EdgeExitError`.
+"""
+
+from __future__ import annotations
+
+
+class EdgeExitError(Exception):
+    """Base class of every error edgeexit raises on purpose."""
+
+    exit_code = 1
+
+
+class UsageError(EdgeExitError, ValueError):
+    """A bad option, argument or parameter value (CLI exit code 2)."""
+
+    exit_code = 2
+
+
+class BundleError(EdgeExitError):
+    """A bundle that is missing, corrupt, tampered with or of an unsupported format version."""
+
+    exit_code = 3
+
+
+class InputError(EdgeExitError, ValueError):
+    """An input the Runner cannot take: wrong shape, dtype, channels, NaN/Inf, not an image."""
+
+    exit_code = 4
+
+
+class DatasetError(EdgeExitError):
+    """A dataset that cannot be read or does not fit the model or bundle."""
+
+    exit_code = 5
+
+
+class InterpreterError(EdgeExitError):
+    """No usable TFLite interpreter (or Edge TPU delegate) could be loaded."""
+
+    exit_code = 6
+
+
+class ConversionError(EdgeExitError):
+    """A network that cannot be converted (unsupported layer, failed tolerance with --strict, ...)."""
+
+    exit_code = 7
+
+
+class CheckpointError(EdgeExitError):
+    """A checkpoint that is not one, is corrupt, or does not fit the architecture."""
+
+    exit_code = 8
+
+
+class TuningError(EdgeExitError):
+    """A tuning target no operating point can meet, or tuning data that does not fit the bundle."""
+
+    exit_code = 9
