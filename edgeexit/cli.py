@@ -1,7 +1,7 @@
 """The ``edgeexit`` command line.
 
 Device commands (``run``, ``info``, ``bench``, ``tune``) need only the device install. Workstation
-commands (``train``, ``sweep``, ``convert``) live in :mod:`converters.cli` and are imported only when
+commands (``train``, ``sweep``, ``convert``) live in :mod:`converters.train_cli` and :mod:`converters.convert_cli` and are imported only when
 they are invoked, so ``edgeexit --help`` and the device commands never load torch or TensorFlow.
 
 Every :class:`~edgeexit.errors.EdgeExitError` becomes one line ``error: ...`` on stderr and the error's
@@ -20,13 +20,13 @@ from .errors import EdgeExitError, UsageError
 
 # name -> ("module:attribute", one-line help). The help is here so that listing commands imports nothing.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("converters.cli:train", "Train an early-exit network (workstation, needs torch)."),
-    "sweep": ("converters.cli:sweep", "Train one network per lambda and tabulate accuracy vs cost (workstation)."),
-    "convert": ("converters.cli:convert", "Convert a trained network into an int8 TFLite bundle (workstation)."),
+    "train": ("converters.train_cli:train", "Train an early-exit network (workstation, needs torch)."),
+    "sweep": ("converters.train_cli:sweep", "Train one network per lambda and tabulate accuracy vs cost (workstation)."),
+    "convert": ("converters.convert_cli:convert", "Convert a trained network into an int8 TFLite bundle (workstation)."),
     "run": ("edgeexit._cli_device:run", "Classify images with a bundle: label, exit, MACs, latency, energy."),
     "info": ("edgeexit._cli_device:info", "Show a bundle's stages, costs, thresholds and verification report."),
-    "bench": ("edgeexit._cli_device:bench", "Benchmark a bundle on a labelled dataset against the monolithic model."),
-    "tune": ("edgeexit._cli_device:tune", "Search per-exit thresholds for an accuracy or budget target."),
+    "bench": ("edgeexit._cli_bench:bench", "Benchmark a bundle on a labelled dataset against the monolithic model."),
+    "tune": ("edgeexit._cli_tune:tune", "Search per-exit thresholds for an accuracy or budget target."),
 }
 
 WORKSTATION_HINT = ("this command needs the workstation install: "
