@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Run edgeexit inside the emulated arm64 rootfs built by scripts/arm64/setup.sh, as on a Raspberry Pi.
+#
+#   scripts/arm64/run.sh [--cpu a72|a76] [--bind DIR]... exec -- CMD [ARG...]   any command (venv on PATH)
+#   scripts/arm64/run.sh [--cpu a72|a76] tests [PYTEST ARGS...]                  the runtime test suite
+#   scripts/arm64/run.sh [--cpu a72|a76] outputs BUNDLE INPUTS.npz OUT.npz       labels, exits, int8 outputs
+#   scripts/arm64/run.sh ci                                                      everything below, for CI
+#
+# --cpu a72 emulates a Raspberry Pi 4 (QEMU_CPU=cortex-a72 and a Pi 4 /proc/cpuinfo), a76 a Raspberry Pi 5
+# (cortex-a76). Default a72. Each command runs in a private mount namespace: /proc/cpuinfo is replaced by
+# scripts/arm64/cpuinfo-<cpu>.txt (the TFLite interpreter's CPU detection crashes on the host's x86 one) and
+# this repository is mounted at the same path, used as the source (PYTHONPATH), so edits need no re-setup.
+# Paths in EDGEEXIT_TEST_BUNDLE and in 'outputs' arguments are mounted at the same path too.
+#
+# 'ci' = setup.sh, then on the host (workstation env .venv): a tiny seeded bundle and 1000 MNIST test
+# images; the outputs on x86 and on both emulated CPUs; scripts/compare_outputs.py compare; the runtime
+# test suite on a72. Non-zero exit on any failure. Results in runs/arm64/.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+arm64_dir="${EDGEEXIT_ARM64_DIR:-$here/.arm64}"
+root="$arm64_dir/rootfs"
+die() { echo "error: $*" >&2; exit "${2:-1}"; }
+
+# ---- the namespaced inner part (re-invoked by 'unshare'): mounts, then chroot -------------------------
+if [ "${1:-}" = __inner ]; then
+  shift; cpu="$1"; binds="$2"; shift 2
+  mount -t proc proc "$root/proc"
+  mount --bind "$here/scripts/arm64/cpuinfo-$cpu.txt" "$root/proc/cpuinfo"
+  mount --rbind /dev "$root/dev"
+  mount -t tmpfs tmpfs "$root/tmp"
+  IFS=: read -r -a dirs <<< "$here:$binds"
+  for d in "${dirs[@]}"; do
+    [ -n "$d" ] || continue
+    mkdir -p "$root$d"; mount --bind "$d" "$root$d"
+  done
+  pass=()
+  while IFS='=' read -r name _; do pass+=("$name=${!name}"); done < <(env | grep -E '^EDGEEXIT_[A-Z0-9_]*=' || true)
+  exec env -i HOME=/root LANG=C.UTF-8 PATH=/opt/venv/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    QEMU_CPU="cortex-$cpu" PYTHONPATH="$here" PYTHONDONTWRITEBYTECODE=1 "${pass[@]}" \
+    chroot "$root" /bin/sh -c 'cd "$1" && shift && exec "$@"' sh "$here" "$@"
+fi
+
+cpu=a72; binds=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --cpu) cpu="${2:-}"; shift 2 ;;
+    --bind) binds="$binds:$(realpath "$2")"; shift 2 ;;
+    *) break ;;
+  esac
+done
+case "$cpu" in a72|a76) ;; *) die "--cpu must be a72 (Raspberry Pi 4) or a76 (Raspberry Pi 5), got '$cpu'" 2 ;; esac
+cmd="${1:-}"; [ $# -gt 0 ] && shift
+
+in_arm64() {  # in_arm64 CMD... : run CMD in the rootfs with the chosen CPU
+  [ "$(id -u)" = 0 ] || die "root is needed for chroot and private mounts, got uid $(id -u); run it with sudo" 2
+  [ -x "$root/opt/venv/bin/python" ] || die "no arm64 environment in $root; run: sudo scripts/arm64/setup.sh" 2
+  grep -qx enabled /proc/sys/fs/binfmt_misc/qemu-aarch64 2>/dev/null \
+    || die "qemu-aarch64 binfmt handler is not enabled (host rebooted?); run: sudo scripts/arm64/setup.sh" 2
+  if [ -n "${EDGEEXIT_TEST_BUNDLE:-}" ]; then binds="$binds:$(realpath "$(dirname "$EDGEEXIT_TEST_BUNDLE")")"; fi
+  unshare -m --propagation private -- "$0" __inner "$cpu" "$binds" "$@"
+}
+
+case "$cmd" in
+  exec)
+    [ "${1:-}" = -- ] && shift
+    [ $# -gt 0 ] || die "exec needs a command, e.g. run.sh exec -- python -c 'import platform; print(platform.machine())'" 2
+    in_arm64 "$@" ;;
+  tests)
+    in_arm64 python -m pytest -p no:cacheprovider -q tests "$@" ;;
+  outputs)
+    [ $# -eq 3 ] || die "outputs needs BUNDLE INPUTS.npz OUT.npz, got $# arguments" 2
+    for p in "$1" "$2"; do [ -e "$p" ] || die "outputs: '$p' does not exist" 2; done
+    mkdir -p "$(dirname "$3")"
+    binds="$binds:$(realpath "$1"):$(realpath "$(dirname "$2")"):$(realpath "$(dirname "$3")")"
+    in_arm64 python scripts/compare_outputs.py dump "$(realpath "$1")" "$(realpath "$2")" \
+      "$(realpath "$(dirname "$3")")/$(basename "$3")" ;;
+  ci)
+    out="$here/runs/arm64"; mkdir -p "$out"
+    "$here/scripts/arm64/setup.sh" >/dev/null
+    py="$here/.venv/bin/python"
+    [ -x "$py" ] || py="$("$here/scripts/env.sh" workstation)/bin/python"
+    t0=$(date +%s)
+    "$py" "$here/scripts/compare_outputs.py" prepare --out "$out" --count 1000
+    "$py" "$here/scripts/compare_outputs.py" dump "$out/bundle" "$out/inputs.npz" "$out/x86_64.npz"
+    for c in a72 a76; do
+      "$0" --cpu "$c" outputs "$out/bundle" "$out/inputs.npz" "$out/aarch64-$c.npz"
+    done
+    "$py" "$here/scripts/compare_outputs.py" compare "$out/x86_64.npz" "$out/aarch64-a72.npz" "$out/aarch64-a76.npz" \
+      --json "$out/compare.json"
+    EDGEEXIT_TEST_BUNDLE="$out/bundle" "$0" --cpu a72 tests
+    echo "[arm64] ci passed in $(( $(date +%s) - t0 )) s after setup" >&2 ;;
+  *) die "unknown command '$cmd'; use exec, tests, outputs or ci (see the top of $0)" 2 ;;
+esac
