@@ -1,0 +1,252 @@
+"""The Runner on a real converted bundle: MACs, exit decisions, run-time thresholds, inputs, statistics."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import edgeexit
+from edgeexit import (ClassExclusionRule, ConfidenceRule, EntropyRule, FinalExitRule, FixedExitRule, InputError,
+                      MaxSoftmaxRule, Runner, UsageError)
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(request) -> Path:
+    """A converted bundle: $EDGEEXIT_TEST_BUNDLE (pre-built, e.g. for device-only CI) or the tiny_bundle fixture."""
+    env = os.environ.get("EDGEEXIT_TEST_BUNDLE")
+    return Path(env) if env else Path(request.getfixturevalue("tiny_bundle"))
+
+
+@pytest.fixture(scope="module")
+def runner(bundle_dir) -> Runner:
+    return Runner(bundle_dir, power_sensor=None, board="rpi4")
+
+
+@pytest.fixture(scope="module")
+def images(runner) -> list[np.ndarray]:
+    h, w = runner.manifest.preprocessing.size
+    c = runner.manifest.preprocessing.channels
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(40):  # smooth gratings of several orientations, plus noise: varied exits
+        yy, xx = np.mgrid[0:h, 0:w]
+        angle = np.pi * i / 10
+        g = 127.5 + 100 * np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * (0.3 + 0.05 * (i % 4)))
+        g = g[:, :, None] + rng.normal(0, 10 + 5 * (i % 5), (h, w, c))
+        out.append(np.clip(g, 0, 255).astype(np.uint8))
+    return out
+
+
+@pytest.fixture(scope="module")
+def trace(runner, images):
+    return runner.trace(images)
+
+
+def _sigmoid(x):
+    return 1 / (1 + np.exp(-x.astype(np.float64)))
+
+
+def _softmax(x):
+    e = np.exp(x.astype(np.float64) - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _between(values) -> float:
+    """A threshold halfway between two neighbouring distinct values near the median (never on a value)."""
+    u = np.unique(np.asarray(values, np.float64))
+    if len(u) < 2:
+        return float(u[0]) + 1e-3
+    j = max(1, len(u) // 2)
+    return float((u[j - 1] + u[j]) / 2)
+
+
+def _mixing_rules(trace):
+    """One rule per kind, thresholds between the middle values of each exit's statistic (mixed exits)."""
+    E = trace.num_exits
+    rules = {}
+    if all(c is not None for c in trace.confidence[:-1]):
+        rules["confidence"] = ConfidenceRule([_between(_sigmoid(trace.confidence[k])) for k in range(E - 1)])
+    rules["max_softmax"] = MaxSoftmaxRule([_between(_softmax(trace.logits[k]).max(-1)) for k in range(E - 1)])
+    ent = [-(p * np.log(np.clip(p, 1e-30, None))).sum(-1) for p in (_softmax(trace.logits[k]) for k in range(E - 1))]
+    rules["entropy"] = EntropyRule([_between(h) for h in ent])
+    rules["class_exclusion"] = ClassExclusionRule([0.6] * (E - 1))
+    rules["final"] = FinalExitRule()
+    for k in range(E):
+        rules[f"fixed{k}"] = FixedExitRule(k)
+    return rules
+
+
+def _reference(rule, trace, i):
+    """Plain-numpy re-computation of rule on input i from the trace (independent of edgeexit.rules)."""
+    E = trace.num_exits
+    kind = rule.kind
+    remaining = np.ones(trace.logits[0].shape[1], bool)
+    for k in range(E):
+        z = trace.logits[k][i]
+        if k == E - 1:
+            if kind == "class_exclusion":
+                return k, int(np.argmax(np.where(remaining, z, -np.inf)))
+            return k, int(np.argmax(z))
+        if kind == "confidence" and _sigmoid(trace.confidence[k][i]) > rule.thresholds[k]:
+            return k, int(np.argmax(z))
+        p = _softmax(z)
+        if kind == "max_softmax" and p.max() >= rule.thresholds[k]:
+            return k, int(np.argmax(z))
+        if kind == "entropy" and -(p * np.log(np.clip(p, 1e-30, None))).sum() < rule.thresholds[k]:
+            return k, int(np.argmax(z))
+        if kind == "fixed" and k == rule.exit:
+            return k, int(np.argmax(z))
+        if kind == "class_exclusion":
+            s = _sigmoid(z) if trace.scores[k] == "sigmoid" else p
+            keep = remaining & (s > rule.thresholds[k] * s.max())
+            if keep.any():
+                remaining = keep
+            if remaining.sum() == 1:
+                return k, int(np.argmax(remaining))
+    raise AssertionError("unreachable")
+
+
+def test_runner_decisions_equal_numpy_recomputation_and_simulate_for_every_rule(runner, images, trace):
+    seen_exits = set()
+    for name, rule in _mixing_rules(trace).items():
+        runner.set_rule(rule)
+        results = [runner(img) for img in images]
+        sim_exit, sim_pred = rule.simulate(trace)
+        for i, r in enumerate(results):
+            ref = _reference(rule, trace, i)
+            # thresholds lie between distinct values, so float32 (runtime) and float64 (reference) agree
+            assert (r.exit_index, r.label) == ref, (name, i)
+            assert (r.exit_index, r.label) == (int(sim_exit[i]), int(sim_pred[i])), (name, i)
+            seen_exits.add(r.exit_index)
+    assert seen_exits == set(range(runner.num_exits))
+
+
+def test_macs_are_the_manifest_costs_of_the_stages_that_ran(runner, images):
+    m = runner.manifest
+    for k in range(runner.num_exits):
+        runner.set_rule(FixedExitRule(k))
+        r = runner(images[0])
+        want = sum(s.costs.segment_macs + s.costs.head_macs for s in m.stages[:k + 1])
+        assert (r.exit_index, r.stages_run, r.macs) == (k, k + 1, want)
+        assert len(r.stage_latency_ms) == k + 1
+        assert r.latency_ms == pytest.approx(sum(r.stage_latency_ms), rel=1e-9)
+    assert r.macs == m.cumulative_macs()[-1]
+
+
+def test_thresholds_changed_at_run_time_take_effect(runner, images, trace):
+    if not all(c is not None for c in trace.confidence[:-1]):
+        runner.set_rule(MaxSoftmaxRule([0.0] * (runner.num_exits - 1)))
+    else:
+        runner.set_rule(ConfidenceRule([0.5] * (runner.num_exits - 1)))
+    runner.set_thresholds([0.0] * (runner.num_exits - 1))  # every input leaves at exit 0
+    assert {runner(img).exit_index for img in images[:8]} == {0}
+    runner.set_thresholds([1.0] * (runner.num_exits - 1))  # no early exit passes: all run to the end
+    assert {runner(img).exit_index for img in images[:8]} == {runner.num_exits - 1}
+    with pytest.raises(UsageError, match="out of range"):
+        runner.set_thresholds([1.5] * (runner.num_exits - 1))
+    with pytest.raises(UsageError, match="thresholds"):
+        runner.set_thresholds([0.5] * runner.num_exits)
+
+
+def test_probabilities_and_score_match_the_trace(runner, images, trace):
+    runner.set_rule(FinalExitRule())
+    r = runner.classify(images[3], probabilities=True)
+    p = _softmax(trace.logits[-1][3]) if trace.scores[-1] == "softmax" else _sigmoid(trace.logits[-1][3])
+    np.testing.assert_allclose(r.probabilities, p, rtol=1e-5, atol=1e-6)
+    assert r.score == pytest.approx(float(p[r.label]), rel=1e-5)
+    assert r.label_name == runner.labels[r.label]
+
+
+def test_every_input_kind_gives_the_same_answer(runner, images, tmp_path):
+    from PIL import Image
+
+    img = images[5]
+    runner.set_rule(FinalExitRule())
+    mode = runner.manifest.preprocessing.color_mode
+    pil = Image.fromarray(img[:, :, 0] if mode == "L" else img, mode)
+    pil.save(tmp_path / "x.png")
+    q = runner.preprocess(img)
+    assert q.dtype == np.int8 and q.shape == img.shape
+    # float pixels in [0, 1] quantize to within one step of the uint8 lookup table
+    assert np.abs(runner.preprocess(img.astype(np.float32) / 255).astype(int) - q).max() <= 1
+    for variant in (img[None], pil, str(tmp_path / "x.png"), tmp_path / "x.png"):
+        np.testing.assert_array_equal(runner.preprocess(variant), q)
+    labels = {runner(v).label for v in (img, img[None], pil, str(tmp_path / "x.png"))}
+    assert len(labels) == 1
+    # a larger image file is resized
+    Image.fromarray(np.kron(img[:, :, 0] if mode == "L" else img, np.ones((2, 2, 1)[:img.ndim - 1], np.uint8))
+                    ).save(tmp_path / "big.png")
+    assert runner(str(tmp_path / "big.png")).label in range(runner.manifest.num_classes)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda h, w, c: np.zeros((h + 1, w, c), np.uint8), "pixels"),
+    (lambda h, w, c: np.zeros((h, w, c + 1), np.uint8), "channels"),
+    (lambda h, w, c: np.zeros((2, h, w, c), np.uint8), "batch"),
+    (lambda h, w, c: np.zeros((h, w, c), np.int32), "dtype"),
+    (lambda h, w, c: np.full((h, w, c), np.nan, np.float32), "NaN"),
+    (lambda h, w, c: np.full((h, w, c), np.inf, np.float32), "NaN or Inf"),
+    (lambda h, w, c: np.full((h, w, c), 200.0, np.float32), "range"),
+    (lambda h, w, c: [[1, 2]], "cannot classify"),
+], ids=["size", "channels", "batch", "dtype", "nan", "inf", "float-range", "list"])
+def test_bad_inputs_raise_input_error_with_one_line(runner, make, match):
+    h, w = runner.manifest.preprocessing.size
+    with pytest.raises(InputError, match=match) as info:
+        runner(make(h, w, runner.manifest.preprocessing.channels))
+    assert "\n" not in str(info.value)
+
+
+def test_bad_files_raise_input_error(runner, tmp_path):
+    (tmp_path / "notes.png").write_text("not an image")
+    (tmp_path / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    for name, match in (("missing.png", "no such file"), ("notes.png", "not an image"), ("cut.png", "image")):
+        with pytest.raises(InputError, match=match):
+            runner(str(tmp_path / name))
+
+
+def test_stats_count_exits_and_are_json(runner, images, trace):
+    runner.set_rule(_mixing_rules(trace)["max_softmax"])
+    runner.reset_stats()
+    results = [runner(img) for img in images]
+    d = json.loads(json.dumps(runner.stats.to_dict()))
+    assert d["total"] == len(images)
+    counts = np.bincount([r.exit_index for r in results], minlength=runner.num_exits)
+    assert [e["count"] for e in d["exits"]] == counts.tolist()
+    assert sum(e["share"] for e in d["exits"]) == pytest.approx(1.0)
+    assert d["mean_macs"] == pytest.approx(np.mean([r.macs for r in results]))
+
+
+def test_trace_records_every_exit(runner, images, trace):
+    assert trace.num_inputs == len(images) and trace.num_exits == runner.num_exits
+    assert trace.stage_latency_ms.shape == (len(images), runner.num_exits)
+    assert all(l.shape == (len(images), runner.manifest.num_classes) and l.dtype == np.float32 for l in trace.logits)
+    labelled = runner.trace(images[:4], labels=[0, 1, 2, 3])
+    assert 0.0 <= labelled.accuracy(FinalExitRule().simulate(labelled)[1]) <= 1.0
+    with pytest.raises(UsageError, match="labels"):
+        runner.trace(images[:2], labels=[1])
+
+
+def test_monolithic_runs_with_the_same_preprocessing(runner, images):
+    if runner.manifest.monolithic is None:
+        pytest.skip("bundle has no monolithic model")
+    r = runner.run_monolithic(images[0])
+    assert 0 <= r.label < runner.manifest.num_classes and r.latency_ms > 0
+    assert r.label_name == runner.labels[r.label]
+
+
+def test_bundle_rule_and_operating_points(bundle_dir):
+    runner = Runner(bundle_dir, power_sensor=None)
+    assert runner.rule.kind == runner.manifest.exit_rule.kind
+    with pytest.raises(UsageError, match="operating point"):
+        runner.set_rule("no-such-point")
+    with pytest.raises(UsageError, match="exit 99"):
+        runner.set_rule(FixedExitRule(99))
+
+
+def test_public_api_is_small_and_explicit():
+    assert {"Runner", "Result", "Energy", "load_bundle", "Bundle", "Manifest", "Trace", "rule_from_spec",
+            "ConfidenceRule", "ClassExclusionRule", "BundleError", "__version__"} <= set(edgeexit.__all__)
