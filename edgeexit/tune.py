@@ -21,6 +21,7 @@ between them at run time with :func:`use_operating_point`, by name or by budget.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -30,9 +31,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .errors import DatasetError, TuningError, UsageError
-from .manifest import ExitRuleSpec, Manifest
-from .rules import RULES, Trace
+from .errors import DatasetError, EdgeExitError, TuningError, UsageError
+from .manifest import EXIT_RULES, ExitRuleSpec, Manifest
+from .energy import stages_ops_mj
+from .rules import RULES, Trace, rule_from_spec
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,8 @@ class ExitCosts:
     Attributes:
         macs_fraction: [E] MACs up to exit i (all heads paid for included) / MACs of the full network.
         latency_ms: [E] sum of the measured per-stage latencies (median over the trace) up to exit i.
-        energy_mj: [E] energy estimate up to exit i in millijoules, or None when no estimate is available.
+        energy_mj: [E] operation-proxy energy up to exit i in mJ (:func:`edgeexit.energy.stages_ops_mj`),
+            or None when no estimate is available.
     """
 
     macs_fraction: np.ndarray
@@ -89,7 +92,7 @@ class OperatingPoint:
     accuracy: float                # fraction correct on the tuning data
     avg_macs_fraction: float       # average MACs per input / full network MACs
     est_latency_ms: float          # average estimated latency per input
-    energy_mj: float | None        # average energy per input (None: no estimate)
+    energy_mj: float | None        # average operation-proxy energy per input, mJ (edgeexit.energy); None: none
     exit_fractions: tuple[float, ...]  # share of inputs leaving at each exit
 
     def cost(self, kind: str) -> float:
@@ -109,7 +112,8 @@ class OperatingPoint:
         return ExitRuleSpec(kind=self.rule, thresholds=tuple(self.thresholds), exit=None)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rule": self.rule, "thresholds": [float(t) for t in self.thresholds],
+        """JSON-able form; ``kind`` / ``thresholds`` read as an ExitRuleSpec (``Runner(rule=NAME)``)."""
+        return {"kind": self.rule, "thresholds": [float(t) for t in self.thresholds],
                 "accuracy": round(self.accuracy, 6), "avg_macs_fraction": round(self.avg_macs_fraction, 6),
                 "est_latency_ms": round(self.est_latency_ms, 6),
                 "energy_mj": None if self.energy_mj is None else round(self.energy_mj, 9),
@@ -119,7 +123,7 @@ class OperatingPoint:
     def from_dict(cls, d: Mapping[str, Any], where: str = "operating point") -> "OperatingPoint":
         """Parse a stored point; raises TuningError when fields are missing or of the wrong type."""
         try:
-            rule = str(d["rule"])
+            rule = str(d["kind"])
             thresholds = tuple(float(t) for t in d["thresholds"])
             energy = d.get("energy_mj")
             return cls(rule=rule, thresholds=thresholds, accuracy=float(d["accuracy"]),
@@ -595,3 +599,293 @@ def _unmet_message(front: Sequence[tuple[tuple[int, ...], float, float, Any]], t
     _, acc, cost, _ = min(front, key=lambda p: (p[2], -p[1]))
     return (f"no operating point fits the budget of {_fmt_cost(kind, target.budget or 0.0)}: the cheapest point "
             f"costs {_fmt_cost(kind, cost)} (accuracy {100 * acc:.2f}%); raise the budget")
+
+
+# --------------------------------------------------------------------------------------- trace -> costs
+
+def exit_costs(manifest: Manifest, trace: Trace | None = None) -> ExitCosts:
+    """Per-exit cumulative costs of a bundle.
+
+    MACs: :meth:`Manifest.cumulative_macs` / ``full_macs`` (every head paid for). Latency: the median over the
+    trace of each stage's measured time (invoke + hand-off), summed up to the exit; zeros without a trace.
+    Energy: the operation proxy of :mod:`edgeexit.energy`, summed up to the exit.
+
+    Raises:
+        TuningError: the trace has another number of exits than the bundle.
+    """
+    e = manifest.num_exits
+    macs = np.asarray(manifest.cumulative_macs(), dtype=np.float64) / max(manifest.full_macs, 1)
+    latency = np.zeros(e)
+    if trace is not None:
+        if trace.num_exits != e:
+            raise TuningError(f"the trace has {trace.num_exits} exits but the bundle has {e}; trace with this "
+                              "bundle's Runner")
+        if trace.stage_latency_ms is not None and trace.num_inputs > 0:
+            latency = np.cumsum(np.median(np.asarray(trace.stage_latency_ms, dtype=np.float64), axis=0))
+    energy = np.cumsum(np.asarray(stages_ops_mj(manifest), dtype=np.float64))
+    return ExitCosts(macs_fraction=macs, latency_ms=latency, energy_mj=energy)
+
+
+def evaluate_rule(trace: Trace, spec: ExitRuleSpec, costs: ExitCosts) -> OperatingPoint:
+    """What an exit rule achieves on a labelled trace (accuracy, average costs, exit fractions).
+
+    Raises:
+        UsageError: a rule that does not fit the trace (thresholds count, no confidence outputs).
+    """
+    exit_index, prediction = rule_from_spec(spec).simulate(trace)
+    labels = _labels(trace)
+    frac = np.bincount(exit_index, minlength=trace.num_exits) / max(trace.num_inputs, 1)
+    return OperatingPoint(rule=spec.kind, thresholds=tuple(spec.thresholds),
+                          accuracy=float(np.mean(prediction == labels)),
+                          avg_macs_fraction=float(frac @ costs.macs_fraction),
+                          est_latency_ms=float(frac @ costs.latency_ms),
+                          energy_mj=None if costs.energy_mj is None else float(frac @ costs.energy_mj),
+                          exit_fractions=tuple(float(f) for f in frac))
+
+
+# ------------------------------------------------------------------------------------ bundle <-> tuning
+
+def check_data_fits(manifest: Manifest, classes: Sequence[str], image_shape: Sequence[int], name: str) -> None:
+    """Refuse validation data whose classes or image size differ from the bundle's.
+
+    Raises:
+        DatasetError: another number of classes, or images of another height/width/channels.
+    """
+    h, w = manifest.preprocessing.size
+    c = manifest.preprocessing.channels
+    if len(classes) != manifest.num_classes:
+        raise DatasetError(f"{name} has {len(classes)} classes but the bundle has {manifest.num_classes} "
+                           f"({', '.join(manifest.labels[:4])}...); tune with validation data of the bundle's task")
+    if tuple(image_shape) != (h, w, c):
+        got = "x".join(str(v) for v in image_shape)
+        raise DatasetError(f"{name} has {got} images but the bundle expects {h}x{w}x{c} (HxWxC); give validation "
+                           "images of the bundle's input size and colour mode")
+    if tuple(classes) != tuple(manifest.labels):
+        log.warning("%s class names %s differ from the bundle's labels %s; labels are matched by index", name,
+                    list(classes)[:4], list(manifest.labels)[:4])
+
+
+def updated_manifest(manifest: Manifest, result: TuneResult, name: str, original: OperatingPoint | None = None,
+                     max_front: int = MAX_STORED_FRONT) -> Manifest:
+    """The manifest with the tuned point stored under ``name``, the front, and ``exit_rule`` = the chosen point.
+
+    ``operating_points["original"]`` is set to the bundle's exit rule before its FIRST tuning and never
+    overwritten afterwards, so the converter's thresholds stay recoverable.
+
+    Raises:
+        UsageError: ``name`` is empty, reserved ("original", "front") or not a plain identifier.
+    """
+    check_point_name(name)
+    points = dict(manifest.operating_points)
+    if "original" not in points:
+        spec = manifest.exit_rule
+        entry: dict[str, Any] = {"kind": spec.kind, "thresholds": list(spec.thresholds), "exit": spec.exit}
+        if original is not None:
+            entry.update({k: v for k, v in original.to_dict().items() if k not in ("kind", "thresholds")})
+            entry.update({"data": result.data, "n": result.n})
+        points["original"] = entry
+    points[name] = {**result.chosen.to_dict(), "data": result.data, "n": result.n,
+                    "target": result.target.to_dict(), "final_accuracy": round(result.final_accuracy, 6)}
+    points["front"] = [p.to_dict() for p in thin_front(result.front, result.cost_kind, max_front)]
+    return manifest.replace(operating_points=points, exit_rule=result.chosen.rule_spec())
+
+
+def check_point_name(name: str) -> None:
+    """UsageError unless ``name`` can name an operating point."""
+    if not isinstance(name, str) or not name or name in RESERVED_NAMES or name in EXIT_RULES or not all(
+            ch.isalnum() or ch in "-_." for ch in name):
+        raise UsageError(f"operating point name {name!r} is not usable; give letters, digits, '-', '_' or '.', not "
+                         f"{', '.join(RESERVED_NAMES)} or a rule kind")
+
+
+def thin_front(front: Sequence[OperatingPoint], cost_kind: str, max_points: int) -> list[OperatingPoint]:
+    """At most ``max_points`` front points, evenly spread over the cost range (both ends kept)."""
+    if len(front) <= max_points:
+        return list(front)
+    costs = np.array([p.cost(cost_kind) for p in front])
+    wanted = np.linspace(costs[0], costs[-1], max_points)
+    idx = sorted(set(int(np.abs(costs - w).argmin()) for w in wanted) | {0, len(front) - 1})
+    return [front[i] for i in idx]
+
+
+def tune_bundle(bundle: str | os.PathLike[str], data: str, target: Target, *, rule: str | None = None,
+                name: str = "tuned", split: str = "test", limit: int | None = None, dry_run: bool = False,
+                levels: int = DEFAULT_LEVELS, backend: str = "auto",
+                progress: Callable[[Any], Any] | None = None) -> TuneResult:
+    """Trace a labelled validation set once, search the front, and store the chosen point in the bundle.
+
+    Args:
+        bundle: the bundle directory.
+        data: a dataset spec for :func:`edgeexit.datasets.load_dataset`.
+        target: accuracy floor or cost budget.
+        rule: rule kind to tune (default: the bundle's own kind when tunable, else max_softmax).
+        name: name of the stored operating point.
+        split: dataset split ("train" or "test") for named datasets.
+        limit: use only the first ``limit`` images.
+        dry_run: search and report, but do not write the manifest.
+        levels: candidate thresholds per exit.
+        backend: interpreter backend.
+        progress: wraps the image iterable (e.g. a progress bar); None = no wrapper.
+
+    Returns:
+        The :class:`TuneResult`.
+
+    Raises:
+        BundleError: the bundle is invalid; DatasetError: the data cannot be read or does not fit;
+        TuningError: the target cannot be met; UsageError: bad arguments.
+    """
+    from .bundle import load_bundle, write_manifest_atomic  # noqa: PLC0415
+    from .datasets import load_dataset  # noqa: PLC0415
+    from .runner import Runner  # noqa: PLC0415
+
+    check_point_name(name)
+    loaded = load_bundle(bundle, backend=backend)
+    manifest = loaded.manifest
+    kind = rule or (manifest.exit_rule.kind if manifest.exit_rule.kind in TUNABLE_RULES else "max_softmax")
+    if kind not in TUNABLE_RULES:
+        raise UsageError(f"--rule {kind} cannot be tuned; choose one of {', '.join(TUNABLE_RULES)}")
+    images = load_dataset(data, split=split, limit=limit)
+    check_data_fits(manifest, images.classes, images.image_shape, images.name)
+    runner = Runner(loaded, backend=backend, rule=ExitRuleSpec("final", ()), power_sensor=None)
+    seq = images.images if progress is None else progress(images.images)
+    log.info("tracing %d images through %d stages", len(images), manifest.num_exits)
+    trace = runner.trace(seq, images.labels)
+    costs = exit_costs(manifest, trace)
+    result = dataclasses.replace(search_front(trace, costs, kind, target, levels=levels), data=images.name)
+    if not dry_run:
+        original = None
+        if "original" not in manifest.operating_points:
+            try:
+                original = evaluate_rule(trace, manifest.exit_rule, costs)
+            except UsageError as exc:
+                log.warning("the bundle's own rule cannot be evaluated on this trace: %s", exc)
+        path = write_manifest_atomic(loaded.path, updated_manifest(manifest, result, name, original))
+        log.info("wrote operating point %r to %s", name, path)
+    return result
+
+
+# ------------------------------------------------------------------------------ run-time point switching
+
+@dataclass(frozen=True)
+class Budget:
+    """A run-time choice among stored operating points.
+
+    With any cost limit set, the most accurate point within every limit (and above ``min_accuracy``) is
+    chosen; with only ``min_accuracy``, the cheapest point (by ``cost``) that reaches it.
+    """
+
+    min_accuracy: float | None = None
+    max_macs_fraction: float | None = None
+    max_latency_ms: float | None = None
+    max_energy_mj: float | None = None
+    cost: str = "macs"
+
+    def limits(self) -> dict[str, float]:
+        """cost kind -> limit, for the limits that are set."""
+        pairs = (("macs", self.max_macs_fraction), ("latency", self.max_latency_ms), ("energy", self.max_energy_mj))
+        return {k: float(v) for k, v in pairs if v is not None}
+
+    def describe(self) -> str:
+        parts = [f"accuracy >= {100 * self.min_accuracy:.2f}%"] if self.min_accuracy is not None else []
+        parts += [f"{_cost_label(k)} <= {_fmt_cost(k, v)}" for k, v in self.limits().items()]
+        return ", ".join(parts) or "no constraint"
+
+
+@dataclass(frozen=True)
+class OperatingPoints:
+    """The operating points stored in a manifest: named ones and the trade-off front (sorted by MACs)."""
+
+    named: Mapping[str, OperatingPoint] = field(default_factory=dict)
+    specs: Mapping[str, ExitRuleSpec] = field(default_factory=dict)  # every named point's rule (metrics or not)
+    front: tuple[OperatingPoint, ...] = ()
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest) -> "OperatingPoints":
+        """Read ``manifest.operating_points``; entries without metrics are usable by name only."""
+        named: dict[str, OperatingPoint] = {}
+        specs: dict[str, ExitRuleSpec] = {}
+        front: list[OperatingPoint] = []
+        for key, value in manifest.operating_points.items():
+            if key == "front":
+                if isinstance(value, list):
+                    front = [OperatingPoint.from_dict(v, f"operating_points.front[{i}]") for i, v in enumerate(value)]
+                continue
+            if not isinstance(value, Mapping):
+                continue
+            try:
+                specs[key] = ExitRuleSpec.from_dict(value.get("exit_rule", value), f"operating_points.{key}")
+            except EdgeExitError as exc:
+                log.warning("operating point %r is unusable: %s", key, exc)
+                continue
+            if "accuracy" in value and "avg_macs_fraction" in value:
+                named[key] = OperatingPoint.from_dict({**value, "kind": specs[key].kind,
+                                                      "thresholds": list(specs[key].thresholds)},
+                                                     f"operating_points.{key}")
+        front.sort(key=lambda p: (p.avg_macs_fraction, p.accuracy))
+        return cls(named=named, specs=specs, front=tuple(front))
+
+    def candidates(self) -> list[OperatingPoint]:
+        """Every point with metrics: the front and the named points."""
+        return list(self.front) + [p for p in self.named.values() if p not in self.front]
+
+    def select(self, budget: Budget) -> OperatingPoint:
+        """The point a :class:`Budget` asks for.
+
+        Raises:
+            TuningError: no stored point meets it (the message names the closest one), or there are none.
+        """
+        points = self.candidates()
+        if not points:
+            raise TuningError("the bundle has no tuned operating points; run `edgeexit tune` first")
+        limits = budget.limits()
+        ok = [p for p in points if all(p.cost(k) <= v + 1e-12 for k, v in limits.items())
+              and (budget.min_accuracy is None or p.accuracy >= budget.min_accuracy - 1e-12)]
+        if ok and limits:
+            first = next(iter(limits))
+            return max(ok, key=lambda p: (p.accuracy, -p.cost(first)))
+        if ok:
+            return min(ok, key=lambda p: (p.cost(budget.cost), -p.accuracy))
+        if limits:
+            first, value = next(iter(limits.items()))
+            cheapest = min(points, key=lambda p: (p.cost(first), -p.accuracy))
+            raise TuningError(f"no operating point meets {budget.describe()}: the cheapest costs "
+                              f"{_fmt_cost(first, cheapest.cost(first))} at {100 * cheapest.accuracy:.2f}% accuracy")
+        best = max(points, key=lambda p: p.accuracy)
+        raise TuningError(f"no operating point meets {budget.describe()}: the most accurate reaches "
+                          f"{100 * best.accuracy:.2f}% at {_fmt_cost('macs', best.avg_macs_fraction)}")
+
+
+def use_operating_point(runner: Any, choice: str | Budget | OperatingPoint | ExitRuleSpec) -> ExitRuleSpec:
+    """Switch a running :class:`~edgeexit.runner.Runner` to another operating point, without reloading.
+
+    Args:
+        runner: the Runner (anything with ``manifest``, ``rule``, ``set_rule`` and ``set_thresholds``).
+        choice: a stored point's name, a :class:`Budget` (chosen among the stored points), a point, or a rule.
+
+    Returns:
+        The exit rule now in use.
+
+    Raises:
+        UsageError: an unknown name; TuningError: a budget no stored point meets.
+    """
+    if isinstance(choice, str):
+        points = OperatingPoints.from_manifest(runner.manifest)
+        if choice not in points.specs:
+            raise UsageError(f"the bundle has no operating point {choice!r}; it has "
+                             f"{sorted(points.specs) or 'none'} (create them with `edgeexit tune`)")
+        spec = points.specs[choice]
+    elif isinstance(choice, Budget):
+        spec = OperatingPoints.from_manifest(runner.manifest).select(choice).rule_spec()
+    elif isinstance(choice, OperatingPoint):
+        spec = choice.rule_spec()
+    elif isinstance(choice, ExitRuleSpec):
+        spec = choice
+    else:
+        raise UsageError(f"choose an operating point by name, Budget, OperatingPoint or ExitRuleSpec, got "
+                         f"{type(choice).__name__}")
+    if spec.kind == getattr(runner.rule, "kind", None) and spec.kind in TUNABLE_RULES:
+        runner.set_thresholds(spec.thresholds)
+    else:
+        runner.set_rule(spec)
+    log.info("operating point: %s %s", spec.kind, list(spec.thresholds))
+    return spec
