@@ -25,6 +25,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from edgeexit.errors import ConversionError, UsageError
 
+from .staged import ExitHead, ModelSpec, Stage, StagedModel
+
 log = logging.getLogger(__name__)
 
 #: Modules after which an automatic placement never cuts (the value is about to be normalised/activated).
@@ -168,7 +170,7 @@ def split_module(module: nn.Module, exits_after: list[str], features_end: str | 
     Args:
         module: any single-input network torch.fx can trace (e.g. a zoo backbone).
         exits_after: names of submodules (top-level like "layer2" or nested like "layer3.1") after whose
-            output an exit is attached; order does not matter (sorted by execution order).
+            output an exit is attached, in execution order.
         features_end: the submodule where the feature extractor ends; what follows (pooling, flatten,
             classifier) becomes the tail. None: the last cut whose value is a feature map (needs
             ``example_input``).
@@ -181,7 +183,8 @@ def split_module(module: nn.Module, exits_after: list[str], features_end: str | 
 
     Raises:
         UsageError: a name that is not a submodule (the message lists the valid ones), is called more than
-            once, or whose output is crossed by a skip connection; ``features_end`` not after every exit.
+            once, or whose output is crossed by a skip connection; points out of execution order;
+            ``features_end`` not after every exit.
         ConversionError: the module cannot be traced.
     """
     if features_end is None:
@@ -196,9 +199,13 @@ def split_module(module: nn.Module, exits_after: list[str], features_end: str | 
         features_end = points[-1].name
         log.info("features end at %r", features_end)
     tr = _trace(module)
-    cuts = sorted({_resolve(tr, n, "exit point"): n for n in exits_after}.items(), key=lambda kv: tr.index[kv[0]])
-    if len(cuts) != len(exits_after):
-        raise UsageError(f"exit points {exits_after} name the same value more than once; give distinct points")
+    cuts = [(_resolve(tr, n, "exit point"), n) for n in exits_after]
+    ordered = sorted(cuts, key=lambda c: tr.index[c[0]])
+    if len({c for c, _ in cuts}) != len(cuts):
+        raise UsageError(f"exit points {list(exits_after)} name the same value more than once; give distinct points")
+    if ordered != cuts:
+        raise UsageError(f"exit points {list(exits_after)} are not in execution order; give them as "
+                         f"{[n for _, n in ordered]}")
     out_node = next(n for n in tr.graph.nodes if n.op == "output")
     end = _resolve(tr, features_end, "features_end")
     if cuts and tr.index[end] <= tr.index[cuts[-1][0]]:
@@ -270,3 +277,43 @@ def total_macs(module: nn.Module, example_input: torch.Tensor) -> int:
     modules = dict(module.named_modules())
     return sum(_module_macs(modules[n.target], n.meta["tensor_meta"].shape) for n in tr.graph.nodes
                if n.op == "call_module" and hasattr(n.meta.get("tensor_meta"), "shape"))
+
+
+class TailHead(ExitHead):
+    """The original network's classifier (what follows ``features_end``) as the final exit head.
+
+    Returns ``{"logits": tail(features)}`` with softmax scores and no confidence. It stays in eval mode
+    (``train()`` does not switch it) because it belongs to the original, possibly frozen, network.
+    """
+
+    scores = "softmax"
+    has_confidence = False
+
+    def __init__(self, tail: nn.Module):
+        super().__init__()
+        self.tail = tail
+
+    def train(self, mode: bool = True) -> "TailHead":
+        super().train(False)
+        return self
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.tail(features)}  # [N, K]
+
+
+def staged_from_split(pieces: list[nn.Module], heads: list[ExitHead], spec: ModelSpec) -> StagedModel:
+    """Assemble :func:`split_module`'s pieces and one head per early exit into a StagedModel.
+
+    Args:
+        pieces: segment_0..segment_n then the tail, as returned by :func:`split_module`.
+        heads: ``n`` exit heads, head i reads segment i's output.
+        spec: the model's spec (builder, input shape, labels...).
+
+    Returns:
+        ``n + 1`` stages; the last stage's head is the original classifier (:class:`TailHead`).
+    """
+    if len(heads) != len(pieces) - 2:
+        raise UsageError(f"{len(heads)} exit heads given for {len(pieces) - 2} exit points; give one per point")
+    stages = [Stage(seg, head) for seg, head in zip(pieces[:-2], heads)]
+    stages.append(Stage(pieces[-2], TailHead(pieces[-1])))
+    return StagedModel(stages, spec)
