@@ -30,14 +30,16 @@ from edgeexit.datasets import ImageSet
 from edgeexit.errors import EdgeExitError, UsageError
 
 from . import zoo
-from .heads import EENET_HEAD_KINDS, EENetHead
+from .heads import EENET_HEAD_KINDS, ClassHead, EENetHead
 from .placement import SCHEMES, place_exits
 from .split import CutPoint, cut_points, split_module, staged_from_split
 from .staged import ModelSpec, StagedModel
 
 log = logging.getLogger(__name__)
 
-BRANCH_KINDS = EENET_HEAD_KINDS  # "conv1".."conv3" are PTEENet's branches; "pool"/"bnpool" are lighter
+#: "conv1".."conv3" are PTEENet's branches, "pool"/"bnpool" lighter EENet exits, "class" the class-based
+#: exit of seed 002 (pool + per-class sigmoid logits, see :mod:`converters.classexit`).
+BRANCH_KINDS = EENET_HEAD_KINDS + ("class",)
 
 
 class BackboneChangedError(EdgeExitError):
@@ -158,7 +160,8 @@ def attach_branches(backbone: nn.Module, input_shape: Sequence[int], labels: Seq
             ``num_exits - 1`` branches with ``placement``.
         placement: cost-fraction scheme when ``exits_after`` is None.
         num_exits: exits including the backbone's classifier, when placing automatically.
-        branch: "conv1", "conv2", "conv3" (PTEENet's 1-3 conv blocks) or "pool"/"bnpool".
+        branch: "conv1", "conv2", "conv3" (PTEENet's 1-3 conv blocks), "pool"/"bnpool", or "class"
+            (class-based exits, trained with the class loss).
         features_end: where the features end (default: from the zoo table or found by tracing).
         mean, std, color_mode: preprocessing stored in the spec (color_mode from C if None).
         backbone_desc: how to rebuild the backbone (see :func:`build_backbone_module`); without it the model
@@ -185,14 +188,16 @@ def attach_branches(backbone: nn.Module, input_shape: Sequence[int], labels: Seq
     with torch.no_grad():
         for seg in pieces[:-2]:
             x = seg(x)
-            heads.append(EENetHead(int(x.shape[1]), len(labels), kind=branch))
+            ch = int(x.shape[1])
+            heads.append(ClassHead(ch, len(labels)) if branch == "class" else EENetHead(ch, len(labels), kind=branch))
     channels = int(input_shape[0])
     spec = ModelSpec(builder="pteenet",
                      kwargs={"backbone": backbone_desc or {}, "input_shape": [int(v) for v in input_shape],
                              "labels": list(labels), "exits_after": points, "features_end": end, "branch": branch},
                      input_shape=tuple(int(v) for v in input_shape), labels=list(labels), mean=list(mean),
                      std=list(std), color_mode=color_mode or ("L" if channels == 1 else "RGB"),
-                     extra={"method": "pteenet", "branch": branch, "exits_after": points})
+                     extra={"method": "classexit" if branch == "class" else "pteenet", "branch": branch,
+                            "exits_after": points})
     model = staged_from_split(pieces, heads, spec)
     freeze(model)
     spec.extra["backbone_sha256"] = backbone_digest(model)
@@ -218,8 +223,8 @@ def train_branches(model: StagedModel, train_set: ImageSet, val_set: ImageSet, c
     Args:
         model: from :func:`attach_branches`.
         train_set, val_set: uint8 image sets (normalised with ``model.spec``).
-        config: a :class:`converters.train.TrainConfig`; default: EENet loss v2, lambda 0.9, 3 epochs. Its
-            ``freeze_trunk`` is forced on.
+        config: a :class:`converters.train.TrainConfig`; default: EENet loss v2, lambda 0.9, 3 epochs (the
+            class loss for "class" branches). Its ``freeze_trunk`` is forced on.
         progress: show a progress bar.
 
     Returns:
@@ -230,7 +235,8 @@ def train_branches(model: StagedModel, train_set: ImageSet, val_set: ImageSet, c
     """
     from .train import TrainConfig, train
 
-    cfg = config or TrainConfig(loss="v2", lam=0.9, epochs=3)
+    class_heads = model.stages[0].head.scores == "sigmoid"
+    cfg = config or TrainConfig(loss="class" if class_heads else "v2", lam=0.9, epochs=3)
     cfg.freeze_trunk = True
     before = backbone_digest(model)
     freeze(model)
