@@ -32,10 +32,32 @@ def _pyplot() -> Any:
     return plt
 
 
-def _annotate(ax: Any, x: float, y: float, text: str, marker: str, color: str) -> None:
-    ax.plot([x], [y], marker=marker, markersize=11, color=color, markeredgecolor="black", linestyle="none",
-            zorder=5)
-    ax.annotate(text, (x, y), textcoords="offset points", xytext=(6, -12), fontsize=8, color="black", zorder=6)
+#: marker style per kind of point: (marker, size, colour)
+_STYLES = {"bundle": ("*", 13, "gold"), "run": ("*", 13, "orange"), "operating_point": ("P", 10, "violet"),
+           "measured": ("D", 9, "tab:green"), "fixed": ("X", 8, "lightgrey"), "monolithic": ("s", 9, "tab:red")}
+
+
+def _draw_marked(ax: Any, marked: list[tuple[float, float, str, str]]) -> None:
+    """Draw (x, y, label, style) markers; labels of points that coincide are joined into one annotation."""
+    groups: dict[tuple[float, float], list[str]] = {}
+    for x, y, label, style in marked:
+        marker, size, color = _STYLES[style]
+        ax.plot([x], [y], marker=marker, markersize=size, color=color, markeredgecolor="black", linestyle="none",
+                zorder=4 if style == "fixed" else 5)
+        groups.setdefault((round(x, 9), round(y, 9)), []).append(label)
+    ax.get_xlim(), ax.get_ylim()  # settle autoscaling so data -> pixel transforms are final
+    x0, x1 = ax.get_xlim()
+    placed: list[tuple[float, float]] = []
+    offsets = ((7, 5), (7, -13), (7, 17), (7, -25), (7, 29))
+    for (x, y), labels in groups.items():
+        px, py = ax.transData.transform((x, y))
+        crowd = sum(1 for qx, qy in placed if abs(qx - px) < 150 and abs(qy - py) < 14)
+        placed.append((px, py))
+        dx, dy = offsets[crowd % len(offsets)]
+        right_half = (x - x0) > 0.6 * (x1 - x0)
+        ax.annotate(" / ".join(dict.fromkeys(labels)), (x, y), textcoords="offset points",
+                    xytext=(-dx if right_half else dx, dy), ha="right" if right_half else "left", fontsize=7.5,
+                    zorder=6, bbox={"boxstyle": "round,pad=0.15", "fc": "white", "alpha": 0.7, "lw": 0})
 
 
 def plot_tradeoff(result: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
@@ -65,44 +87,51 @@ def plot_tradeoff(result: Mapping[str, Any], path: str | os.PathLike[str]) -> Pa
     mono = result.get("monolithic") or {}
     overall = result.get("overall") or {}
     env = result.get("environment") or {}
-    board = result.get("settings", {}).get("board") or env.get("machine") or "unknown machine"
+    machine = env.get("machine") or "unknown machine"
+    board = result.get("settings", {}).get("board")
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
     for ax, xkey, xlabel in ((axes[0], "mac_fraction", "average MACs per input [% of the full network]"),
                              (axes[1], "est_latency_ms", "estimated mean latency per input [ms]")):
         scale = 100.0 if xkey == "mac_fraction" else 1.0
         if grid:
             xs = [p[xkey] * scale for p in grid]
             ys = [p["accuracy"] * 100.0 for p in grid]
-            order = sorted(range(len(xs)), key=lambda i: xs[i])
+            order = sorted(range(len(xs)), key=lambda i: (xs[i], ys[i]))
             ax.plot([xs[i] for i in order], [ys[i] for i in order], "o-", color="tab:blue", markersize=4,
-                    linewidth=1.2, label=f"{sweep.get('rule', 'exit rule')} threshold sweep (one trace)")
-        for p in marked:
-            _annotate(ax, p[xkey] * scale, p["accuracy"] * 100.0, p["name"], "*", "gold")
+                    linewidth=1.2, label=f"{sweep.get('rule', 'exit rule')}: one global threshold (sweep)")
+        points_here = [(p[xkey] * scale, p["accuracy"] * 100.0, p["name"], p.get("source", "bundle"))
+                       for p in marked if p.get("source") in _STYLES]
         if overall.get("accuracy") is not None:
-            if xkey == "mac_fraction":
-                mx = overall["mac_fraction"] * 100.0
-            else:
-                mx = (overall.get("latency_ms") or {}).get("mean")
+            mx = overall["mac_fraction"] * 100.0 if xkey == "mac_fraction" else \
+                (overall.get("latency_ms") or {}).get("mean")
             if mx is not None:
-                _annotate(ax, mx, overall["accuracy"] * 100.0, "measured run", "D", "tab:green")
+                points_here.append((mx, overall["accuracy"] * 100.0,
+                                    "measured run" + (" (measured latency)" if xkey != "mac_fraction" else ""),
+                                    "measured"))
         if mono.get("accuracy") is not None:
             macc = mono["accuracy"] * 100.0
-            ax.axhline(macc, color="tab:red", linestyle="--", linewidth=1, label="monolithic int8 accuracy")
-            mx = 100.0 if xkey == "mac_fraction" else (mono.get("latency_ms") or {}).get("mean")
+            ax.axhline(macc, color="tab:red", linestyle="--", linewidth=1, label="monolithic int8: accuracy")
+            mx = mono.get("mac_fraction", 1.0) * 100.0 if xkey == "mac_fraction" else \
+                (mono.get("latency_ms") or {}).get("mean")
             if mx is not None:
                 ax.axvline(mx, color="tab:red", linestyle=":", linewidth=1,
-                           label="monolithic int8 cost" if xkey == "mac_fraction" else "monolithic int8 latency (measured)")
-                _annotate(ax, mx, macc, "monolithic", "s", "tab:red")
+                           label="monolithic int8: MACs" if xkey == "mac_fraction" else
+                           "monolithic int8: mean latency (measured)")
+                points_here.append((mx, macc, "monolithic int8", "monolithic"))
+        _draw_marked(ax, points_here)
         ax.set_xlabel(xlabel)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=7.5, loc="best", framealpha=0.8)
     axes[0].set_ylabel("top-1 accuracy [%]")
     bundle = result.get("bundle", {}).get("name", "bundle")
     dataset = result.get("dataset", {}).get("name", "")
     n = result.get("dataset", {}).get("count", "")
-    fig.suptitle(f"{bundle} on {board}: accuracy vs cost ({dataset}, {n} images, batch 1, "
-                 f"{result.get('settings', {}).get('threads', '?')} thread(s))", fontsize=10)
+    backend = result.get("settings", {}).get("backend", "")
+    fig.suptitle(f"{bundle} on {machine} (board profile {board}, {backend}, "
+                 f"{result.get('settings', {}).get('threads', '?')} thread(s))\n"
+                 f"accuracy vs cost on {dataset}, {n} images, batch 1; sweep latencies are estimated from "
+                 "per-stage measurements", fontsize=10)
     fig.tight_layout()
     out = Path(os.fspath(path))
     fig.savefig(out, dpi=120)
