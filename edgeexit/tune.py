@@ -15,7 +15,8 @@ of (average cost, accuracy) is the front. Costs are linear in the exit histogram
 average MACs fraction, estimated latency and energy.
 
 Operating points are stored in the manifest's ``operating_points``: ``"original"`` (the rule the bundle had
-before its first tuning, kept recoverable), one entry per tuned name, and ``"front"``. A Runner switches
+before its first tuning, kept recoverable), one entry per tuned name, ``"front"`` and ``"exit_costs"`` (the
+per-exit cost estimates the front was computed with). A Runner switches
 between them at run time with :func:`use_operating_point`, by name or by budget.
 """
 
@@ -43,7 +44,7 @@ TUNABLE_RULES = ("confidence", "max_softmax", "entropy", "class_exclusion")
 #: Average costs a front can be built against.
 COST_KINDS = ("macs", "latency", "energy")
 #: Names in ``operating_points`` that are not tuned points.
-RESERVED_NAMES = ("original", "front")
+RESERVED_NAMES = ("original", "front", "exit_costs")
 #: Candidate thresholds per exit (quantiles of the exit's statistic), not counting the two ends.
 DEFAULT_LEVELS = 64
 #: At most this many front points are written into a manifest (evenly spread over the cost range).
@@ -214,6 +215,7 @@ class TuneResult:
     data: str = ""
     search_s: float = 0.0
     evaluated: int = 0
+    exit_costs: ExitCosts | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"chosen": self.chosen.to_dict(), "cost_kind": self.cost_kind,
@@ -549,7 +551,7 @@ def search_front(trace: Trace, costs: ExitCosts, rule: str, target: Target, *,
     log.info("tune %s: %d threshold vectors evaluated, front of %d points, %.3f s", rule, len(search.seen),
              len(points), dt)
     return TuneResult(chosen=chosen, front=points, cost_kind=kind, final_accuracy=final_accuracy, target=target,
-                      n=trace.num_inputs, search_s=dt, evaluated=len(search.seen))
+                      n=trace.num_inputs, search_s=dt, evaluated=len(search.seen), exit_costs=costs)
 
 
 def _objective(target: Target, final_accuracy: float) -> Callable[[float, float, float, float], bool]:
@@ -687,6 +689,11 @@ def updated_manifest(manifest: Manifest, result: TuneResult, name: str, original
     points[name] = {**result.chosen.to_dict(), "data": result.data, "n": result.n,
                     "target": result.target.to_dict(), "final_accuracy": round(result.final_accuracy, 6)}
     points["front"] = [p.to_dict() for p in thin_front(result.front, result.cost_kind, max_front)]
+    if result.exit_costs is not None:
+        c = result.exit_costs
+        points["exit_costs"] = {"macs_fraction": [round(float(v), 6) for v in c.macs_fraction],
+                                "latency_ms": [round(float(v), 6) for v in c.latency_ms],
+                                "energy_mj": None if c.energy_mj is None else [float(v) for v in c.energy_mj]}
     return manifest.replace(operating_points=points, exit_rule=result.chosen.rule_spec())
 
 
@@ -806,6 +813,8 @@ class OperatingPoints:
         specs: dict[str, ExitRuleSpec] = {}
         front: list[OperatingPoint] = []
         for key, value in manifest.operating_points.items():
+            if key == "exit_costs":
+                continue
             if key == "front":
                 if isinstance(value, list):
                     front = [OperatingPoint.from_dict(v, f"operating_points.front[{i}]") for i, v in enumerate(value)]
