@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The main job, end to end on the embedded default (MNIST, installed from the package registry):
+#   set up the pinned environment -> train the default EENet -> convert it to an int8 bundle ->
+#   benchmark it on the device path against the monolithic int8 model -> per-exit table + plot.
+# Usage: bash scripts/demo.sh [OUT_DIR]    (default: runs/demo; results are also copied to benchmarks/results/)
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$here"
+out="${1:-runs/demo}"
+start=$(date +%s)
+venv="$(bash scripts/env.sh workstation)"
+export PATH="$venv/bin:$PATH"
+mkdir -p "$out"
+
+step() { printf '\n== %s (%ds)\n' "$1" $(( $(date +%s) - start )) >&2; }
+
+step "1/3 train the default early-exit network on MNIST"
+edgeexit train --model eenet-small --dataset mnist --output "$out/mnist.pt" --force
+
+step "2/3 convert it to a bundle of per-stage int8 TFLite files (+ the monolithic int8 model)"
+edgeexit convert "$out/mnist.pt" --calib mnist --out "$out/mnist-bundle" --force
+
+step "3/3 benchmark on the device path (batch 1, one thread) against the monolithic int8 model"
+edgeexit bench "$out/mnist-bundle" --data mnist --threads 1 --sweep --out "$out/bench" \
+  --float-checkpoint "$out/mnist.pt"
+
+step "done"
+echo "bundle: $out/mnist-bundle   results: $out/bench   total: $(( $(date +%s) - start )) s" >&2
