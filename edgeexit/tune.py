@@ -482,6 +482,8 @@ class _Search:
         out, best_acc = [], -1.0
         for key, (acc, cost, hist) in items:
             if acc > best_acc + 1e-12:
+                if out and cost <= out[-1][2] + 1e-9:      # same cost up to rounding: keep the more accurate
+                    out.pop()
                 out.append((key, acc, cost, hist))
                 best_acc = acc
         return out

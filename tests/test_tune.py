@@ -1,0 +1,206 @@
+"""Threshold tuning: the trade-off front, the chosen point, what is written into the bundle, and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeexit.errors import DatasetError, TuningError, UsageError
+from edgeexit.rules import RULES, Trace
+from edgeexit.tune import (Budget, ExitCosts, OperatingPoints, Target, search_front, tune_bundle,
+                           use_operating_point)
+
+REPO = Path(__file__).resolve().parents[1]
+COSTS = ExitCosts(macs_fraction=np.array([0.2, 0.45, 0.7, 1.05]), latency_ms=np.cumsum([0.1, 0.12, 0.15, 0.2]),
+                  energy_mj=np.cumsum([0.01, 0.012, 0.015, 0.02]))
+
+
+def synthetic_trace(n: int = 3000, exits: int = 4, classes: int = 10, seed: int = 0) -> Trace:
+    """Exits that get better with depth; int8-like logits (steps of 1/8); confidences that track correctness."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    hard = rng.uniform(0, 1, n)
+    logits, conf = [], []
+    for i in range(exits):
+        skill = 3.0 * (i + 1) / exits
+        good = rng.uniform(0, 1, n) < 0.45 + 0.5 * (i + 1) / exits - 0.3 * hard
+        z = rng.normal(0, 1, (n, classes))
+        z[np.arange(n), labels] += np.where(good, 2 * skill, 0.0)
+        logits.append((np.round(z * 8) / 8).astype(np.float32))
+        conf.append((np.where(good, 1.0, -1.0) * skill + rng.normal(0, 1.5, n)).astype(np.float32))
+    lat = np.tile(np.array([0.1, 0.12, 0.15, 0.2])[:exits], (n, 1))
+    return Trace(tuple(logits), tuple(conf), ("softmax",) * exits, lat, labels)
+
+
+@pytest.mark.parametrize("rule", ["confidence", "max_softmax", "entropy", "class_exclusion"])
+def test_front_is_monotone_and_matches_the_rule(rule):
+    trace = synthetic_trace()
+    result = search_front(trace, COSTS, rule, Target(max_drop_pp=0.5))
+    costs = [p.avg_macs_fraction for p in result.front]
+    accs = [p.accuracy for p in result.front]
+    assert len(result.front) > 10
+    assert np.all(np.diff(costs) > 0) and np.all(np.diff(accs) > 0)  # more cost -> more accuracy
+    assert result.chosen.accuracy >= result.final_accuracy - 0.005 - 1e-12
+    assert result.chosen.avg_macs_fraction < 1.0  # early exits save work at 0.5 pp
+    # the device's own rule gives exactly what the search reported, for every front point
+    for point in (result.chosen, result.front[0], result.front[len(result.front) // 2], result.front[-1]):
+        exit_index, prediction = RULES[rule](point.thresholds).simulate(trace)
+        assert np.mean(prediction == trace.labels) == pytest.approx(point.accuracy, abs=1e-12)
+        frac = np.bincount(exit_index, minlength=4) / trace.num_inputs
+        assert float(frac @ COSTS.macs_fraction) == pytest.approx(point.avg_macs_fraction, abs=1e-9)
+
+
+@pytest.mark.parametrize("target,kind,budget", [(Target(budget_macs=0.5), "macs", 0.5),
+                                                (Target(budget_latency_ms=0.3), "latency", 0.3),
+                                                (Target(budget_energy_mj=0.03), "energy", 0.03)],
+                         ids=["macs", "latency", "energy"])
+def test_budget_targets_choose_the_most_accurate_point_within_budget(target, kind, budget):
+    result = search_front(synthetic_trace(), COSTS, "max_softmax", target)
+    assert result.cost_kind == kind
+    assert result.chosen.cost(kind) <= budget + 1e-12
+    within = [p for p in result.front if p.cost(kind) <= budget + 1e-12]
+    assert result.chosen.accuracy == max(p.accuracy for p in within)
+
+
+def test_unreachable_budget_names_the_cheapest_point():
+    with pytest.raises(TuningError, match=r"cheapest point costs 20\.0% of the full MACs"):
+        search_front(synthetic_trace(), COSTS, "confidence", Target(budget_macs=0.1))
+
+
+def test_target_needs_exactly_one_goal():
+    with pytest.raises(UsageError, match="exactly one"):
+        Target(max_drop_pp=0.5, budget_macs=0.5)
+    with pytest.raises(UsageError, match="exactly one"):
+        Target()
+
+
+def test_select_by_budget_from_stored_points():
+    result = search_front(synthetic_trace(), COSTS, "confidence", Target(max_drop_pp=1.0))
+    points = OperatingPoints(front=result.front)
+    cheap = points.select(Budget(max_macs_fraction=0.5))
+    assert cheap.avg_macs_fraction <= 0.5
+    floor = points.select(Budget(min_accuracy=result.final_accuracy - 0.02))
+    assert floor.accuracy >= result.final_accuracy - 0.02
+    assert floor.avg_macs_fraction == min(p.avg_macs_fraction for p in result.front
+                                          if p.accuracy >= result.final_accuracy - 0.02)
+    with pytest.raises(TuningError, match="cheapest costs"):
+        points.select(Budget(max_macs_fraction=0.05))
+
+
+# ------------------------------------------------------------------------------------ on a real bundle
+
+@pytest.fixture
+def tiny_npz(tiny_data, tmp_path) -> Path:
+    images, labels = tiny_data
+    path = tmp_path / "val.npz"
+    np.savez(path, images=images, labels=labels)
+    return path
+
+
+def test_tune_bundle_writes_recoverable_points(tiny_bundle_copy, tiny_npz):
+    from edgeexit.bundle import load_bundle
+    from edgeexit.runner import Runner
+
+    before = load_bundle(tiny_bundle_copy).manifest
+    result = tune_bundle(tiny_bundle_copy, str(tiny_npz), Target(max_drop_pp=1.0), rule="max_softmax")
+    accs = [p.accuracy for p in result.front]
+    costs = [p.avg_macs_fraction for p in result.front]
+    assert np.all(np.diff(costs) > 0) and np.all(np.diff(accs) > 0)
+    assert result.chosen.accuracy >= result.final_accuracy - 0.01 - 1e-12
+
+    after = load_bundle(tiny_bundle_copy).manifest  # stage hashes still valid
+    points = after.operating_points
+    assert points["original"]["kind"] == before.exit_rule.kind
+    assert points["original"]["thresholds"] == list(before.exit_rule.thresholds)
+    assert after.exit_rule.kind == "max_softmax"
+    assert after.exit_rule.thresholds == result.chosen.thresholds
+    assert points["tuned"]["accuracy"] == pytest.approx(result.chosen.accuracy, abs=1e-6)
+    assert points["tuned"]["n"] == 200
+    assert len(points["front"]) == len(result.front) or len(points["front"]) == 64
+
+    # the tuned point behaves on the device as on the tuning data; switch points without reloading
+    images = np.load(tiny_npz)["images"]
+    labels = np.load(tiny_npz)["labels"]
+    runner = Runner(tiny_bundle_copy, power_sensor=None)
+    assert np.mean([runner.classify(im).label == y for im, y in zip(images, labels)]) == pytest.approx(
+        result.chosen.accuracy, abs=1e-9)
+    assert use_operating_point(runner, "original").kind == before.exit_rule.kind
+    assert runner.rule.kind == before.exit_rule.kind
+    cheapest = use_operating_point(runner, Budget(max_macs_fraction=result.front[0].avg_macs_fraction))
+    assert cheapest.thresholds == result.front[0].thresholds
+    assert all(runner.classify(im).exit_index == 0 for im in images[:5]) or result.front[0].exit_fractions[0] < 1
+
+    # re-tuning keeps the first "original"
+    tune_bundle(tiny_bundle_copy, str(tiny_npz), Target(budget_macs=0.9), rule="entropy", name="cheap")
+    again = load_bundle(tiny_bundle_copy).manifest
+    assert again.operating_points["original"] == points["original"]
+    assert set(again.operating_points) >= {"original", "tuned", "cheap", "front"}
+
+
+def test_interrupted_tune_leaves_the_bundle_unchanged(tiny_bundle_copy, tiny_npz, monkeypatch):
+    from edgeexit import tune as tune_module
+    from edgeexit.bundle import load_bundle
+
+    original = (tiny_bundle_copy / "manifest.json").read_bytes()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tune_module, "search_front", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tune_bundle(tiny_bundle_copy, str(tiny_npz), Target(max_drop_pp=0.5))
+    assert (tiny_bundle_copy / "manifest.json").read_bytes() == original
+    load_bundle(tiny_bundle_copy)
+    assert not [p for p in tiny_bundle_copy.iterdir() if p.name.startswith(".manifest.")]
+
+
+def test_dry_run_writes_nothing(tiny_bundle_copy, tiny_npz):
+    original = (tiny_bundle_copy / "manifest.json").read_bytes()
+    result = tune_bundle(tiny_bundle_copy, str(tiny_npz), Target(max_drop_pp=0.5), dry_run=True)
+    assert result.front
+    assert (tiny_bundle_copy / "manifest.json").read_bytes() == original
+
+
+@pytest.mark.parametrize("shape,classes,match", [((20, 32, 32, 3), 10, "32x32x3 images"),
+                                                 ((20, 28, 28, 1), 5, "5 classes")], ids=["size", "classes"])
+def test_data_that_does_not_fit_the_bundle(tiny_bundle_copy, tmp_path, shape, classes, match):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "bad.npz"
+    np.savez(path, images=rng.integers(0, 255, shape, dtype=np.uint8), labels=np.arange(shape[0]) % classes,
+             classes=np.array([str(c) for c in range(classes)]))
+    with pytest.raises(DatasetError, match=match):
+        tune_bundle(tiny_bundle_copy, str(path), Target(max_drop_pp=0.5))
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgeexit.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO, timeout=300)
+
+
+def _one_error(proc: subprocess.CompletedProcess, code: int, match: str) -> None:
+    assert proc.returncode == code, proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_tune(tiny_bundle_copy, tiny_npz, tmp_path):
+    before = (tiny_bundle_copy / "manifest.json").read_bytes()
+    _one_error(cli("-q", "tune", tiny_bundle_copy, "--data", tiny_npz, "--budget-macs", "0.01"), 9,
+               "cheapest point costs")
+    _one_error(cli("-q", "tune", tiny_bundle_copy, "--data", tmp_path / "missing.npz"), 5, "does not exist")
+    _one_error(cli("-q", "tune", tiny_bundle_copy, "--data", tiny_npz, "--max-drop", "1", "--budget-macs", "0.5"),
+               2, "exactly one")
+    _one_error(cli("-q", "tune", tiny_bundle_copy, "--data", tiny_npz, "--name", "front"), 2, "not usable")
+    assert (tiny_bundle_copy / "manifest.json").read_bytes() == before
+    proc = cli("-q", "tune", tiny_bundle_copy, "--data", tiny_npz, "--rule", "entropy", "--max-drop", "1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["written"] and out["chosen"]["kind"] == "entropy"
+    run = cli("run", tiny_bundle_copy, "--rule", "tuned", "--json", tiny_npz)  # bad input file, but rule resolves
+    assert "no operating point" not in run.stderr
