@@ -93,6 +93,10 @@ class ExitRule:
 
     kind: str = ""
     uses_confidence: bool = False
+    #: False when the rule never looks at an exit's outputs before it stops (final, fixed): the Runner then
+    #: skips dequantizing them and only reads the outputs of ``stop_exit`` / the last exit.
+    inspects_exits: bool = True
+    stop_exit: int = -1
 
     def __init__(self, thresholds: Sequence[float] = ()):
         self.thresholds = _check_thresholds(self.kind, thresholds, self._range)
@@ -284,6 +288,7 @@ class FinalExitRule(ExitRule):
     """Every input runs to the last exit (the network without early exits)."""
 
     kind = "final"
+    inspects_exits = False
 
     def __init__(self, thresholds: Sequence[float] = ()):
         super().__init__(())
@@ -307,12 +312,14 @@ class FixedExitRule(ExitRule):
     """Every input leaves at exit ``exit`` (0-based)."""
 
     kind = "fixed"
+    inspects_exits = False
 
     def __init__(self, exit: int):
         super().__init__(())
         if isinstance(exit, bool) or not isinstance(exit, (int, np.integer)) or exit < 0:
             raise UsageError(f"rule 'fixed': exit must be an integer >= 0, got {exit!r}")
         self.exit = int(exit)
+        self.stop_exit = self.exit
 
     @property
     def uses_thresholds(self) -> bool:

@@ -79,7 +79,7 @@ class _Stage:
     """Hot-path data of one stage: its interpreter and cached tensor indices / quantization."""
 
     __slots__ = ("interp", "invoke", "tensor", "input_index", "features_index", "logits_index",
-                 "confidence_index", "logits_scale", "logits_zero", "conf_scale", "conf_zero", "scores")
+                 "confidence_index", "logits_lut", "conf_lut", "scores")
 
     def __init__(self, interp: Any, manifest: Manifest, k: int):
         spec = manifest.stages[k]
@@ -89,20 +89,30 @@ class _Stage:
         self.features_index = where.output_index.get("features")
         self.logits_index = where.output_index["logits"]
         self.confidence_index = where.output_index.get("confidence")
-        self.logits_scale, self.logits_zero = _qparams(spec.outputs["logits"])
-        self.conf_scale, self.conf_zero = _qparams(spec.outputs.get("confidence"))
+        self.logits_lut = _dequant_table(spec.outputs["logits"])
+        conf = spec.outputs.get("confidence")
+        self.conf_lut = _dequant_table(conf) if conf is not None else None
         self.scores = spec.scores
 
 
-def _qparams(tensor: Any) -> tuple[np.float32, np.float32]:
-    if tensor is None or tensor.quantization is None:  # float output (not produced by edgeexit convert)
-        return np.float32(1.0), np.float32(0.0)
-    return np.float32(tensor.quantization.scale), np.float32(tensor.quantization.zero_point)
+def _dequant_table(tensor: Any) -> np.ndarray:
+    """[256] float32: the real value of every int8/uint8 byte, ``(q - zero_point) * scale`` in float32.
+
+    Indexed with the output's bytes viewed as uint8 (one fancy-index instead of three array operations);
+    classify and trace both use it, so their values are bit-identical.
+    """
+    if tensor is None or tensor.quantization is None or tensor.dtype not in ("int8", "uint8"):
+        raise BundleError(f"output {getattr(tensor, 'name', '?')!r} is not int8-quantized; edgeexit runs full-integer "
+                          "bundles only: re-create it with `edgeexit convert`")
+    q = np.arange(256, dtype=np.uint8)
+    values = q.view(np.int8) if tensor.dtype == "int8" else q
+    return (values.astype(np.float32) - np.float32(tensor.quantization.zero_point)) * np.float32(
+        tensor.quantization.scale)
 
 
-def _dequantize(q: np.ndarray, scale: np.float32, zero: np.float32) -> np.ndarray:
-    """int8 [..] -> float32 [..]; the one dequantization used by classify and trace (bit-identical)."""
-    return (q.astype(np.float32) - zero) * scale
+def _dequantize(q: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """int8/uint8 [..] -> float32 [..] through the output's 256-entry table."""
+    return table[q.view(np.uint8)]
 
 
 def _exit_scores(logits: np.ndarray, kind: str) -> np.ndarray:
@@ -246,6 +256,7 @@ class Runner:
         sensor = self.sensor
         watts_before = sensor.read_watts() if sensor is not None else None
         rule, stages, handoffs = self.rule, self._stages, self._handoffs
+        last = len(stages) - 1
         state = rule.begin(self._num_classes)
         marks = []
         clock = time.perf_counter_ns
@@ -254,16 +265,17 @@ class Runner:
         np.copyto(first.tensor(first.input_index)()[0], q)  # zero-copy view, released before invoke
         label = CONTINUE
         k = 0
+        inspect, use_conf, stop_at = rule.inspects_exits, rule.uses_confidence, rule.stop_exit
         for k, st in enumerate(stages):
             st.invoke()
-            logits = _dequantize(st.tensor(st.logits_index)()[0], st.logits_scale, st.logits_zero)  # [K]
-            conf = None
-            if st.confidence_index is not None:
-                conf = _dequantize(st.tensor(st.confidence_index)().reshape(-1), st.conf_scale, st.conf_zero)
-            label = rule.decide(k, logits, conf, state)
-            if label != CONTINUE:
-                marks.append(clock())
-                break
+            if inspect or k == stop_at or k == last:
+                logits = st.logits_lut[st.tensor(st.logits_index)()[0].view(np.uint8)]  # [K] float32
+                conf = (st.conf_lut[st.tensor(st.confidence_index)().reshape(-1).view(np.uint8)]
+                        if use_conf else None)                                           # [1] float32
+                label = rule.decide(k, logits, conf, state)
+                if label != CONTINUE:
+                    marks.append(clock())
+                    break
             nxt = stages[k + 1]
             requant = handoffs[k]
             if requant is None:
@@ -309,10 +321,9 @@ class Runner:
             np.copyto(first.tensor(first.input_index)()[0], q)
             for k, st in enumerate(stages):
                 st.invoke()
-                logits[k].append(_dequantize(st.tensor(st.logits_index)()[0], st.logits_scale, st.logits_zero))
+                logits[k].append(_dequantize(st.tensor(st.logits_index)()[0], st.logits_lut))
                 if st.confidence_index is not None:
-                    confs[k].append(_dequantize(st.tensor(st.confidence_index)().reshape(-1), st.conf_scale,
-                                                st.conf_zero))
+                    confs[k].append(_dequantize(st.tensor(st.confidence_index)().reshape(-1), st.conf_lut))
                 if k + 1 < len(stages):
                     nxt = stages[k + 1]
                     if handoffs[k] is None:
