@@ -1,0 +1,120 @@
+"""Tiny seeded early-exit networks for tests: small enough to train in seconds and convert in under a minute.
+
+They are built from :mod:`converters.staged` only, so tests do not depend on the model family in
+:mod:`converters.models`. Data is synthetic: each class is an oriented grating plus noise, which gives
+exits that are neither all-correct nor random after a few seconds of training.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from converters.staged import ExitHead, ModelSpec, Stage, StagedModel
+
+TINY_SIZE = 28
+TINY_CLASSES = 10
+TINY_MEAN = [0.1307]
+TINY_STD = [0.3081]
+
+
+class TinyHead(ExitHead):
+    """Global average pool, then a linear classifier and (optionally) a linear confidence logit."""
+
+    def __init__(self, channels: int, num_classes: int, confidence: bool = True, scores: str = "softmax"):
+        super().__init__()
+        self.has_confidence = confidence
+        self.scores = scores
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(channels, num_classes)
+        self.confidence = nn.Linear(channels, 1) if confidence else None
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = torch.flatten(self.pool(features), 1)  # [N, C]
+        out = {"logits": self.classifier(z)}
+        if self.confidence is not None:
+            out["confidence"] = self.confidence(z)
+        return out
+
+
+def conv_block(cin: int, cout: int, stride: int) -> nn.Sequential:
+    """3x3 conv + BatchNorm + ReLU."""
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU())
+
+
+def tiny_staged_model(seed: int = 0, widths: tuple[int, ...] = (8, 16, 16), confidence: bool = True,
+                      size: int = TINY_SIZE, depthwise: bool = False) -> StagedModel:
+    """A seeded StagedModel with one conv block per stage and a confidence head on every exit.
+
+    Args:
+        seed: torch seed for the initial weights.
+        widths: output channels of each stage (one stage per entry).
+        confidence: give every head a confidence logit (EENet style).
+        size: input height and width (1 channel).
+        depthwise: add a depthwise 3x3 conv to each later stage (exercises DEPTHWISE_CONV_2D counting).
+    """
+    torch.manual_seed(seed)
+    stages = []
+    cin = 1
+    for i, w in enumerate(widths):
+        layers: list[nn.Module] = [conv_block(cin, w, stride=1 if i == 0 else 2)]
+        if depthwise and i > 0:
+            layers += [nn.Conv2d(w, w, 3, padding=1, groups=w, bias=True), nn.ReLU()]
+        stages.append(Stage(nn.Sequential(*layers), TinyHead(w, TINY_CLASSES, confidence=confidence)))
+        cin = w
+    spec = ModelSpec(builder="tiny-test", kwargs={"seed": seed, "widths": list(widths)},
+                     input_shape=(1, size, size), labels=[str(i) for i in range(TINY_CLASSES)],
+                     mean=list(TINY_MEAN), std=list(TINY_STD), color_mode="L",
+                     extra={"method": "tiny-test", "loss": "sum of per-exit cross-entropy"})
+    return StagedModel(stages, spec).eval()
+
+
+def synthetic_digits(n: int, seed: int = 0, size: int = TINY_SIZE,
+                     noise: float = 70.0) -> tuple[np.ndarray, np.ndarray]:
+    """Oriented gratings (one orientation and frequency per class) plus Gaussian noise, as uint8 images.
+
+    Returns:
+        images [n, size, size, 1] uint8 and labels [n] int64. The gratings depend only on ``size``,
+        so different seeds give different samples of the same task.
+    """
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    angles = np.arange(TINY_CLASSES) * np.pi / TINY_CLASSES
+    freqs = 0.35 + 0.25 * (np.arange(TINY_CLASSES) % 3)
+    templates = np.stack([127.5 + 127.5 * np.sin(f * (np.cos(a) * xx + np.sin(a) * yy))
+                          for a, f in zip(angles, freqs)])[..., None]  # [K, size, size, 1] oriented gratings
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, TINY_CLASSES, size=n).astype(np.int64)
+    images = templates[labels] * rng.uniform(0.3, 1.0, size=(n, 1, 1, 1)) + rng.normal(0, noise, (n, size, size, 1))
+    return np.clip(images, 0, 255).astype(np.uint8), labels
+
+
+def to_tensor(images: np.ndarray, model: StagedModel) -> torch.Tensor:
+    """uint8 NHWC images -> normalized float NCHW tensor, as the model's spec says."""
+    x = images.astype(np.float32) / 255.0
+    x = (x - np.asarray(model.spec.mean, np.float32)) / np.asarray(model.spec.std, np.float32)
+    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+
+
+def train_tiny(model: StagedModel, steps: int = 60, batch: int = 64, seed: int = 0, lr: float = 0.01) -> StagedModel:
+    """A few Adam steps on synthetic digits: per-exit cross-entropy plus a BCE on each confidence logit
+    (target: the exit's prediction is correct), so confidences spread over (0, 1). Returns the model in eval mode.
+    """
+    torch.manual_seed(seed)
+    images, labels = synthetic_digits(steps * batch, seed=seed + 100)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for step in range(steps):
+        sl = slice(step * batch, (step + 1) * batch)
+        x, y = to_tensor(images[sl], model), torch.from_numpy(labels[sl])
+        loss = torch.zeros(())
+        for out in model(x):
+            loss = loss + nn.functional.cross_entropy(out["logits"], y)
+            if "confidence" in out:
+                correct = (out["logits"].argmax(1) == y).float().unsqueeze(1)
+                loss = loss + 0.5 * nn.functional.binary_cross_entropy_with_logits(out["confidence"], correct)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
