@@ -1,0 +1,104 @@
+"""Exit heads: what sits on a backbone feature map and answers "which class, and how sure".
+
+Three kinds, all ending in a global average pool over H and W (``mean(dim=(2, 3))``: one MEAN op after
+conversion, no reshapes of NCHW data):
+
+* :class:`EENetHead` -- EENet / PTEENet exit: optional BatchNorm or 1-3 x [conv3x3 + BN + ReLU], pool,
+  then two separate linear layers: ``confidence`` [N, 1] (pre-sigmoid logit) and ``logits`` [N, K].
+  Kind ``spatial`` replaces the pooling by a convolution whose kernel covers the whole feature map
+  (conv HxW + BN + ReLU -> [N, C', 1, 1]): a linear layer over the flattened map that keeps *where* a
+  feature fired (shallow exits on small images need that), exported without any reshape of NCHW data.
+* :class:`ClassHead` -- class-based early exit: pool + one linear layer of K independent per-class logits
+  (scores = sigmoid), no confidence.
+* :class:`PlainHead` -- pool + linear softmax logits, no confidence (a plain final classifier).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from edgeexit.errors import UsageError
+
+from .staged import ExitHead
+
+#: EENetHead kinds: "pool" (pool only), "bnpool" (BatchNorm then pool), "convN" (N conv blocks then pool),
+#: "spatial" (a whole-map convolution instead of pooling; needs the feature map size).
+EENET_HEAD_KINDS = ("pool", "bnpool", "conv1", "conv2", "conv3", "spatial")
+
+
+def _global_pool(x: torch.Tensor) -> torch.Tensor:
+    return x.mean(dim=(2, 3))  # [N, C, H, W] -> [N, C]
+
+
+def _conv_bn_relu(ch: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(ch, ch, 3, padding=1, bias=False), nn.BatchNorm2d(ch), nn.ReLU(inplace=True))
+
+
+class EENetHead(ExitHead):
+    """EENet exit block: [BN | conv blocks] -> global average pool -> (confidence, classifier).
+
+    Args:
+        in_ch: channels of the feature map it reads.
+        num_classes: K.
+        kind: one of :data:`EENET_HEAD_KINDS`.
+        spatial_size: (H, W) of the feature map; required by kind "spatial".
+        hidden: output channels of the "spatial" convolution (default in_ch).
+    """
+
+    scores = "softmax"
+    has_confidence = True
+
+    def __init__(self, in_ch: int, num_classes: int, kind: str = "pool", spatial_size: tuple[int, int] | None = None,
+                 hidden: int | None = None):
+        super().__init__()
+        if kind not in EENET_HEAD_KINDS:
+            raise UsageError(f"unknown EENet head kind '{kind}'; expected one of {', '.join(EENET_HEAD_KINDS)}")
+        self.kind = kind
+        pooled_ch = in_ch
+        if kind == "spatial":
+            if spatial_size is None:
+                raise UsageError("EENet head kind 'spatial' needs the feature map size (spatial_size=(H, W))")
+            pooled_ch = int(hidden or in_ch)
+            self.body: nn.Module = nn.Sequential(nn.Conv2d(in_ch, pooled_ch, tuple(spatial_size), bias=False),
+                                                 nn.BatchNorm2d(pooled_ch), nn.ReLU(inplace=True))
+        elif kind == "bnpool":
+            self.body = nn.BatchNorm2d(in_ch)
+        elif kind.startswith("conv"):
+            self.body = nn.Sequential(*[_conv_bn_relu(in_ch) for _ in range(int(kind[4:]))])
+        else:
+            self.body = nn.Identity()
+        self.confidence = nn.Linear(pooled_ch, 1)
+        self.classifier = nn.Linear(pooled_ch, num_classes)
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        pooled = _global_pool(self.body(features))  # [N, C] (kind "spatial": mean of a 1x1 map)
+        return {"logits": self.classifier(pooled), "confidence": self.confidence(pooled)}  # [N,K], [N,1]
+
+
+class ClassHead(ExitHead):
+    """Class-based exit: global average pool + Linear(C, K) giving one independent sigmoid logit per class."""
+
+    scores = "sigmoid"
+    has_confidence = False
+
+    def __init__(self, in_ch: int, num_classes: int):
+        super().__init__()
+        self.classifier = nn.Linear(in_ch, num_classes)
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.classifier(_global_pool(features))}  # [N, K]
+
+
+class PlainHead(ExitHead):
+    """A plain classifier: global average pool + Linear(C, K) softmax logits, no confidence."""
+
+    scores = "softmax"
+    has_confidence = False
+
+    def __init__(self, in_ch: int, num_classes: int):
+        super().__init__()
+        self.classifier = nn.Linear(in_ch, num_classes)
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.classifier(_global_pool(features))}  # [N, K]
