@@ -27,7 +27,7 @@ def tiny_model():
     pytest.importorskip("torch")
     from tinymodels import tiny_staged_model, train_tiny
 
-    return train_tiny(tiny_staged_model(seed=0), steps=80)
+    return train_tiny(tiny_staged_model(seed=0), steps=120)
 
 
 @pytest.fixture(scope="session")
