@@ -1,0 +1,268 @@
+"""`edgeexit bench` as a user runs it: result JSON, sweep CSV, plot, environment record, clean failures."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeexit.bench import RESULT_FIELDS, SWEEP_COLUMNS, BenchSettings, check_dataset, result_stem, run_benchmark, \
+    write_results
+from edgeexit.bundle import read_manifest
+from edgeexit.datasets import ImageSet, load_dataset
+from edgeexit.envinfo import EnvPaths, collect_environment, slug
+from edgeexit.errors import DatasetError
+
+ROOT = Path(__file__).resolve().parents[1]
+N_IMAGES = 60
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(request) -> Path:
+    """A converted bundle: $EDGEEXIT_TEST_BUNDLE (pre-built, e.g. for device-only CI) or the tiny_bundle fixture."""
+    env = os.environ.get("EDGEEXIT_TEST_BUNDLE")
+    return Path(env) if env else Path(request.getfixturevalue("tiny_bundle"))
+
+
+@pytest.fixture(scope="module")
+def manifest(bundle_dir):
+    return read_manifest(bundle_dir)[1]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgeexit.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+
+
+def make_npz(path: Path, n: int, size: tuple[int, int], channels: int, num_classes: int,
+             classes: list[str] | None = None, seed: int = 0) -> Path:
+    """A labelled .npz: template-plus-noise digits for 1-channel sets, random pixels otherwise."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tinymodels import synthetic_digits
+
+    if channels == 1 and size[0] == size[1] and num_classes == 10:
+        images, labels = synthetic_digits(n, seed=seed, size=size[0])
+    else:
+        rng = np.random.default_rng(seed)
+        images = rng.integers(0, 256, (n, *size, channels), dtype=np.uint8)
+        labels = rng.integers(0, num_classes, n).astype(np.int64)
+        labels[:num_classes] = np.arange(min(n, num_classes))  # every class present
+    arrays = {"images": images, "labels": labels}
+    if classes is not None:
+        arrays["classes"] = np.array(classes)
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_npz(manifest, tmp_path_factory) -> Path:
+    h, w = manifest.preprocessing.size
+    return make_npz(tmp_path_factory.mktemp("bench") / "set.npz", N_IMAGES, (h, w), manifest.preprocessing.channels,
+                    manifest.num_classes, classes=list(manifest.labels), seed=11)
+
+
+@pytest.fixture(scope="module")
+def bench_run(bundle_dir, data_npz, tmp_path_factory):
+    """One real `edgeexit bench --json` run: (result dict, output dir, completed process)."""
+    out = tmp_path_factory.mktemp("bench-out")
+    proc = cli("bench", bundle_dir, "--data", data_npz, "--warmup", "3", "--repeat", "2", "--out", out, "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout), out, proc
+
+
+def test_result_has_every_field_and_consistent_counts(bench_run, manifest):
+    r, _, _ = bench_run
+    assert set(RESULT_FIELDS) <= set(r)
+    assert r["dataset"]["count"] == N_IMAGES and r["settings"]["repeat"] == 2 and r["settings"]["batch"] == 1
+    exits = r["exits"]
+    assert len(exits) == manifest.num_exits
+    assert sum(e["count"] for e in exits) == N_IMAGES
+    assert sum(e["share"] for e in exits) == pytest.approx(1.0)
+    for e in exits:
+        assert set(e["latency_ms"]) >= {"p50", "p95", "p99", "mean"}
+        assert set(e["energy_mj"]) == {"ops", "board", "measured"}
+        if e["count"]:
+            assert e["latency_ms"]["p50"] <= e["latency_ms"]["p95"] <= e["latency_ms"]["p99"]
+    assert [e["cumulative_macs"] for e in exits] == list(manifest.cumulative_macs())
+
+
+def test_accuracies_match_a_recount_of_the_per_input_results(bench_run, manifest):
+    r, _, _ = bench_run
+    inp = r["inputs"]
+    label, pred, ex = (np.array(inp[k]) for k in ("label", "prediction", "exit"))
+    assert len(label) == len(pred) == len(ex) == N_IMAGES
+    assert r["overall"]["accuracy"] == pytest.approx(np.mean(pred == label))
+    for e in r["exits"]:
+        m = ex == e["exit"]
+        assert e["count"] == int(m.sum())
+        assert e["accuracy"] == (pytest.approx(np.mean(pred[m] == label[m])) if m.any() else None)
+    cum = np.array(manifest.cumulative_macs())
+    assert r["overall"]["avg_macs"] == pytest.approx(cum[ex].mean())
+    assert r["overall"]["mac_fraction"] == pytest.approx(cum[ex].mean() / manifest.full_macs)
+    assert r["overall"]["latency_ms"]["mean"] == pytest.approx(np.mean(inp["latency_ms"]), rel=1e-4)
+
+
+def test_monolithic_baseline_speedup_and_staging_overhead(bench_run, manifest):
+    r, _, _ = bench_run
+    if manifest.monolithic is None:
+        pytest.skip("bundle has no monolithic model")
+    mono, inp = r["monolithic"], r["inputs"]
+    assert mono["available"] is True and mono["macs"] == manifest.monolithic.macs
+    assert mono["accuracy"] == pytest.approx(np.mean(np.array(inp["monolithic_prediction"]) == np.array(inp["label"])))
+    assert r["speedup"]["mean"] == pytest.approx(mono["latency_ms"]["mean"] / r["overall"]["latency_ms"]["mean"])
+    ov = r["forced_last"]["overhead_vs_monolithic"]
+    assert ov["median"] == pytest.approx(r["forced_last"]["latency_ms"]["p50"] / mono["latency_ms"]["p50"] - 1)
+
+
+def test_sweep_from_one_trace_agrees_with_the_measured_run(bench_run, manifest):
+    r, _, _ = bench_run
+    sw = r["sweep"]
+    assert sw["latency_is_estimated"] is True
+    assert sw["run_agreement"] == 1.0  # the trace simulation decides exactly like the Runner
+    bundle_points = [p for p in sw["points"] if p["source"] == "bundle"]
+    assert len(bundle_points) == 1 and bundle_points[0]["accuracy"] == pytest.approx(r["overall"]["accuracy"])
+    assert len([p for p in sw["points"] if p["source"] == "grid"]) >= 10
+    for p in sw["points"]:
+        assert sum(p["exit_shares"]) == pytest.approx(1.0)
+        assert 0 < p["mac_fraction"] and p["est_latency_ms"] > 0
+    fixed = {p["exit"]: p for p in sw["points"] if p["source"] == "fixed"}
+    cum = manifest.cumulative_macs()
+    assert [fixed[k]["avg_macs"] for k in range(manifest.num_exits)] == [float(c) for c in cum]
+
+
+def test_result_files_are_named_by_machine_and_time(bench_run):
+    r, out, _ = bench_run
+    stem = result_stem(r)
+    saved = json.loads((out / f"{stem}.json").read_text())
+    assert saved["overall"] == r["overall"] and saved["files"]["json"] == f"{stem}.json"
+    assert stem.startswith(slug(r["environment"]["board"] or r["environment"]["machine"]))
+    with open(out / f"{stem}.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == SWEEP_COLUMNS and len(rows) == len(r["sweep"]["points"])
+    png = out / f"{stem}.png"
+    if HAS_MATPLOTLIB:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert not png.exists()
+
+
+def test_environment_is_recorded(bench_run):
+    env = bench_run[0]["environment"]
+    for key in ("board", "cpu", "machine", "os", "kernel", "python", "numpy", "interpreter_backend",
+                "interpreter_packages", "threads", "governor", "temperature_c"):
+        assert key in env
+    assert env["threads"] == 1 and env["python"] and env["numpy"] == np.__version__
+    assert env["interpreter_backend"].split()[0] in ("ai-edge-litert", "tflite-runtime", "tensorflow")
+
+
+def test_environment_reads_board_files(tmp_path):
+    (tmp_path / "model").write_bytes(b"Raspberry Pi 4 Model B Rev 1.4\x00")
+    (tmp_path / "cpuinfo").write_text("processor\t: 0\nBogoMIPS\t: 108.00\nCPU implementer\t: 0x41\n"
+                                      "CPU part\t: 0xd08\n\nHardware\t: BCM2835\nModel\t: Raspberry Pi 4 Model B\n")
+    (tmp_path / "os-release").write_text('PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nID=debian\n')
+    (tmp_path / "governor").write_text("ondemand\n")
+    zone = tmp_path / "thermal" / "thermal_zone0"
+    zone.mkdir(parents=True)
+    (zone / "temp").write_text("48312\n")
+    (zone / "type").write_text("cpu-thermal\n")
+    paths = EnvPaths(device_tree_model=tmp_path / "model", cpuinfo=tmp_path / "cpuinfo",
+                     os_release=tmp_path / "os-release", governor=tmp_path / "governor",
+                     cur_freq=tmp_path / "missing", thermal=tmp_path / "thermal")
+    env = collect_environment(num_threads=2, paths=paths)
+    assert env["board"] == env["machine"] == "Raspberry Pi 4 Model B Rev 1.4"
+    assert env["cpu"] == "Raspberry Pi 4 Model B"
+    assert env["os"] == "Debian GNU/Linux 12 (bookworm)" and env["governor"] == "ondemand"
+    assert env["temperature_c"] == {"cpu-thermal": pytest.approx(48.312)} and env["cpu_freq_khz"] is None
+    assert slug(env["machine"]) == "raspberry-pi-4-model-b-rev-1-4"
+
+
+def test_text_report_and_rule_override(bundle_dir, data_npz, manifest, tmp_path):
+    e = manifest.num_exits
+    proc = cli("-q", "bench", bundle_dir, "--data", data_npz, "--limit", "20", "--warmup", "0", "--no-sweep",
+               "--rule", "max_softmax", "--thresholds", ",".join(["0"] * (e - 1)), "--out", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "accuracy" in proc.stdout and "exit" in proc.stdout and "threshold sweep" not in proc.stdout
+    row0 = next(line.split() for line in proc.stdout.splitlines() if line.split()[:1] == ["0"])
+    assert row0[1] == "100.00%"  # max_softmax >= 0: every input leaves at exit 0
+    saved = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
+    assert len(saved) == 1 and saved[0]["sweep"] is None and not list(tmp_path.glob("*.csv"))
+    assert saved[0]["settings"]["rule"] == {"kind": "max_softmax", "thresholds": [0.0] * (e - 1), "exit": None}
+
+
+def test_plot_is_skipped_without_matplotlib(bench_run, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    files = write_results(dict(bench_run[0]), tmp_path)
+    assert files["png"] is None and "pip install matplotlib" in files["plot_skipped"]
+    assert Path(files["json"]).is_file() and Path(files["csv"]).is_file()
+
+
+def test_index_named_dataset_with_fewer_classes_fits(manifest, tmp_path):
+    h, w = manifest.preprocessing.size
+    path = make_npz(tmp_path / "few.npz", 8, (h, w), manifest.preprocessing.channels, manifest.num_classes - 1)
+    check_dataset(manifest, load_dataset(str(path)))  # classes "0".."K-2": only indices, no names to compare
+
+
+def test_empty_dataset_is_refused_by_the_library(bundle_dir, manifest):
+    h, w = manifest.preprocessing.size
+    empty = ImageSet(np.zeros((0, h, w, manifest.preprocessing.channels), np.uint8), np.zeros(0, np.int64),
+                     manifest.labels, "empty")
+    with pytest.raises(DatasetError, match="no images"):
+        run_benchmark(bundle_dir, empty, BenchSettings(warmup=0))
+
+
+def _bad_npz(kind: str, manifest, path: Path) -> Path:
+    h, w = manifest.preprocessing.size
+    c, k = manifest.preprocessing.channels, manifest.num_classes
+    if kind == "class-names":
+        return make_npz(path, 12, (h, w), c, k, classes=[f"other{i}" for i in range(k)])
+    if kind == "class-count":
+        return make_npz(path, 12 + k, (h, w), c, k + 2)
+    if kind == "size":
+        return make_npz(path, 12, (h + 4, w + 4), c, k)
+    if kind == "channels":
+        return make_npz(path, 12, (h, w), 4 - c, k)  # 1 <-> 3
+    np.savez(path, images=np.zeros((0, h, w, c), np.uint8), labels=np.zeros(0, np.int64))  # "empty"
+    return path
+
+
+@pytest.mark.parametrize("kind,match", [("class-names", "class 0 is"), ("class-count", "classes but bundle"),
+                                        ("size", "--resize"), ("channels", "--resize"), ("empty", "no images")],
+                         ids=["class-names", "class-count", "size", "channels", "empty"])
+def test_bad_datasets_fail_with_one_line(bundle_dir, manifest, tmp_path, kind, match):
+    proc = cli("bench", bundle_dir, "--data", _bad_npz(kind, manifest, tmp_path / f"{kind}.npz"),
+               "--out", tmp_path / "out")
+    assert proc.returncode == DatasetError.exit_code, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and match in errors[0], proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_resize_converts_other_sizes(bundle_dir, manifest, tmp_path):
+    path = _bad_npz("size", manifest, tmp_path / "big.npz")
+    proc = cli("-q", "bench", bundle_dir, "--data", path, "--resize", "--warmup", "0", "--no-sweep", "--no-save",
+               "--json")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert r["dataset"]["count"] == 12 and any("converted" in n for n in r["notes"])
+
+
+def test_invalid_bundle_fails_with_one_line(bundle_dir, data_npz, tmp_path):
+    import shutil
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, copy)
+    stage = copy / "stage_0.tflite"
+    stage.write_bytes(stage.read_bytes()[:-16] + bytes(16))
+    proc = cli("bench", copy, "--data", data_npz, "--out", tmp_path / "out")
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "stage_0.tflite" in errors[0], proc.stderr
