@@ -17,6 +17,8 @@ is created, so the check runs anywhere the bundle can be read.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import importlib
 import logging
 import os
@@ -28,6 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from edgeexit.bundle import write_manifest_atomic
 from edgeexit.errors import BundleError, ConversionError
 from edgeexit.manifest import MANIFEST_FILE, Manifest
 
@@ -350,7 +353,8 @@ def _parse_compiler_log(text: str) -> dict[str, dict[str, int]]:
 
 
 def compile_for_edgetpu(bundle_dir: str | os.PathLike[str], compiler: str = "edgetpu_compiler", *,
-                        out_dir: str | os.PathLike[str] | None = None, timeout_s: float = 600.0) -> dict[str, Any]:
+                        out_dir: str | os.PathLike[str] | None = None, bundle_out: str | os.PathLike[str] | None = None,
+                        timeout_s: float = 600.0) -> dict[str, Any]:
     """Compile all stages of a bundle for the Edge TPU in one compiler call (shared parameter cache).
 
     Runs ``COMPILER -s -o OUT stage_0.tflite stage_1.tflite ...``; the compiler writes
@@ -360,6 +364,9 @@ def compile_for_edgetpu(bundle_dir: str | os.PathLike[str], compiler: str = "edg
         bundle_dir: a bundle directory (with manifest.json).
         compiler: the compiler's name on PATH or its path.
         out_dir: where the compiled files go.
+        bundle_out: also write an Edge TPU bundle here: a copy of the bundle whose stage files are the
+            compiled ones (manifest hashes updated, this report in its ``edgetpu`` field), for
+            ``Runner(bundle_out, edgetpu=True)`` / ``edgeexit run --edgetpu``. The monolithic model stays as is.
         timeout_s: give up after this many seconds.
 
     Returns:
@@ -402,7 +409,7 @@ def compile_for_edgetpu(bundle_dir: str | os.PathLike[str], compiler: str = "edg
     if missing:
         raise ConversionError(f"{exe} reported success but wrote no {', '.join(missing)} in {out}; see "
                               f"{out / 'edgetpu_compiler.log'}")
-    return {
+    result = {
         "compiler": exe,
         "version": version_lines[0] if version_lines else "unknown",
         "command": cmd,
@@ -412,4 +419,23 @@ def compile_for_edgetpu(bundle_dir: str | os.PathLike[str], compiler: str = "edg
         "log": "edgetpu_compiler.log",
         "readiness": readiness,
     }
+    if bundle_out is not None:
+        _write_edgetpu_bundle(root, manifest, files, Path(bundle_out), result)
+    return result
+
+
+def _write_edgetpu_bundle(root: Path, manifest: Manifest, compiled: Sequence[Path], target: Path,
+                          report: dict[str, Any]) -> None:
+    """Copy the bundle to ``target`` with the compiled stage files in place of the CPU ones."""
+    if target.exists():
+        raise ConversionError(f"{target} already exists; remove it or choose another Edge TPU bundle directory")
+    shutil.copytree(root, target, ignore=shutil.ignore_patterns("edgetpu"))
+    stages = []
+    for spec, src in zip(manifest.stages, compiled):
+        data = src.read_bytes()
+        (target / spec.file).write_bytes(data)
+        stages.append(dataclasses.replace(spec, sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data)))
+    edgetpu = {key: value for key, value in report.items() if key not in ("out_dir", "files")}
+    write_manifest_atomic(target, manifest.replace(stages=tuple(stages), edgetpu={**edgetpu, "compiled": True}))
+    log.info("Edge TPU bundle written to %s", target)
 

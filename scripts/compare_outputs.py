@@ -6,7 +6,8 @@
     compare_outputs.py compare REF.npz OTHER.npz [...] [--max-lsb 3]        (fails on any difference)
 
 ``prepare`` writes DIR/inputs.npz (the first COUNT MNIST test images, uint8, with labels) and DIR/bundle:
-the given bundle, or a tiny seeded 3-exit network converted with the project's converter, whose
+the given bundle, or the tests' tiny seeded 3-exit network (trained briefly on synthetic digits) converted
+with the project's converter, whose
 max-softmax thresholds are set to the median exit scores on these inputs (halfway between two neighbouring scores) so that the exits split the set
 (decisions near a threshold are the ones a numeric difference would flip).
 
@@ -164,27 +165,28 @@ def prepare(out_dir: str, count: int, bundle: str | None) -> None:
 
 def _build_bundle(target: Path, images: np.ndarray) -> None:
     """A tiny seeded 3-exit MNIST-shaped network, converted to a bundle, thresholds at median exit scores."""
-    from converters.convert import convert_staged  # workstation only
-    from tests.tinymodels import tiny_staged_model  # seeded tiny networks shared with the tests
+    sys.path.insert(0, str(HERE / "tests"))
+    from converters.convert import convert  # workstation only
+    from tinymodels import synthetic_digits, tiny_staged_model, train_tiny  # the tests' seeded tiny networks
 
     from edgeexit.bundle import read_manifest, write_manifest_atomic
     from edgeexit.manifest import ExitRuleSpec
     from edgeexit.runner import Runner
 
-    model = tiny_staged_model(num_stages=3, seed=0)
-    convert_staged(model, target, calibration=images[:64])
-    runner = Runner(target, power_sensor=None)
-    trace = runner.trace(images)
-    medians = []
+    model = train_tiny(tiny_staged_model(seed=0), steps=80)
+    calib, _ = synthetic_digits(48, seed=3)
+    convert(model, calib, target, monolithic=False, name="arm64-check", force=True)
+    trace = Runner(target, power_sensor=None).trace(images)
+    thresholds = []
     for logits in trace.logits[:-1]:  # [N, K] per early exit
         z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
         top = np.unique((np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)).max(axis=1))  # sorted distinct
         mid = len(top) // 2
         # halfway between two neighbouring distinct scores: no input sits exactly on the threshold
-        medians.append(float((top[mid - 1] + top[mid]) / 2) if len(top) > 1 else float(top[0]))
+        thresholds.append(float((top[mid - 1] + top[mid]) / 2) if len(top) > 1 else float(top[0]))
     _, manifest = read_manifest(target)
     write_manifest_atomic(target, manifest.replace(exit_rule=ExitRuleSpec(kind="max_softmax",
-                                                                          thresholds=tuple(medians))))
+                                                                          thresholds=tuple(thresholds))))
 
 
 def main(argv: list[str] | None = None) -> int:
