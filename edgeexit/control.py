@@ -46,7 +46,8 @@ class BudgetController:
             :meth:`observe` gets the exit index, the speed ratio is measured per input (low noise);
             otherwise it is measured against the points' average costs.
         window: inputs in the sliding window whose average is held.
-        hold: inputs to wait after a move before judging again (default: window // 8, at least 4).
+        hold: inputs to wait after a move before judging again (default: window // 8, at least 4; at least
+            window // 2 when inputs come without exit indices, whose speed estimate is noisier).
         tolerance: move down when the cost exceeds ``target * (1 + tolerance)``.
         margin: move up only to points predicted at or below ``target * (1 - margin)``.
         apply: called with the new point on every move (e.g. to switch a Runner's thresholds).
@@ -140,8 +141,9 @@ class BudgetController:
         self._measured.append(float(cost))
         self._expected.append(expected)
         self._since_move += 1
-        if self._since_move < self.hold:
-            return None
+        per_input = self.exit_costs is not None and exit_index is not None
+        if self._since_move < (self.hold if per_input else max(self.hold, self.window // 2)):
+            return None                                    # without per-input expectations: judge on more inputs
         ratio = self.speed_ratio()
         fits = np.nonzero(self.est * ratio <= self.target * (1.0 - self.margin))[0]
         best = int(fits[-1]) if fits.size else 0
