@@ -4,7 +4,7 @@
 #   scripts/arm64/run.sh [--cpu a72|a76] [--bind DIR]... exec -- CMD [ARG...]   any command (venv on PATH)
 #   scripts/arm64/run.sh [--cpu a72|a76] tests [PYTEST ARGS...]                  the runtime test suite
 #   scripts/arm64/run.sh [--cpu a72|a76] outputs BUNDLE INPUTS.npz OUT.npz       labels, exits, int8 outputs
-#   scripts/arm64/run.sh ci                                                      everything below, for CI
+#   scripts/arm64/run.sh ci [--reuse]                                            everything below, for CI
 #
 # --cpu a72 emulates a Raspberry Pi 4 (QEMU_CPU=cortex-a72 and a Pi 4 /proc/cpuinfo), a76 a Raspberry Pi 5
 # (cortex-a76). Default a72. Each command runs in a private mount namespace: /proc/cpuinfo is replaced by
@@ -14,12 +14,13 @@
 #
 # 'ci' = setup.sh, then on the host (workstation env .venv): a tiny seeded bundle and 1000 MNIST test
 # images; the outputs on x86 and on both emulated CPUs; scripts/compare_outputs.py compare; the runtime
-# test suite on a72. Non-zero exit on any failure. Results in runs/arm64/.
+# test suite on a72. Non-zero exit on any failure. Results in runs/arm64/. --reuse keeps an existing
+# runs/arm64/bundle and inputs.npz instead of converting again.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 arm64_dir="${EDGEEXIT_ARM64_DIR:-$here/.arm64}"
 root="$arm64_dir/rootfs"
-die() { echo "error: $*" >&2; exit "${2:-1}"; }
+die() { echo "error: $1" >&2; exit "${2:-1}"; }
 
 # ---- the namespaced inner part (re-invoked by 'unshare'): mounts, then chroot -------------------------
 if [ "${1:-}" = __inner ]; then
@@ -57,7 +58,7 @@ in_arm64() {  # in_arm64 CMD... : run CMD in the rootfs with the chosen CPU
   grep -qx enabled /proc/sys/fs/binfmt_misc/qemu-aarch64 2>/dev/null \
     || die "qemu-aarch64 binfmt handler is not enabled (host rebooted?); run: sudo scripts/arm64/setup.sh" 2
   if [ -n "${EDGEEXIT_TEST_BUNDLE:-}" ]; then binds="$binds:$(realpath "$(dirname "$EDGEEXIT_TEST_BUNDLE")")"; fi
-  unshare -m --propagation private -- "$0" __inner "$cpu" "$binds" "$@"
+  unshare -m --propagation private -- "$here/scripts/arm64/run.sh" __inner "$cpu" "$binds" "$@"
 }
 
 case "$cmd" in
@@ -80,14 +81,18 @@ case "$cmd" in
     py="$here/.venv/bin/python"
     [ -x "$py" ] || py="$("$here/scripts/env.sh" workstation)/bin/python"
     t0=$(date +%s)
-    "$py" "$here/scripts/compare_outputs.py" prepare --out "$out" --count 1000
+    if [ "${1:-}" = --reuse ] && [ -f "$out/bundle/manifest.json" ] && [ -f "$out/inputs.npz" ]; then
+      echo "[arm64] reusing $out/bundle and $out/inputs.npz" >&2
+    else
+      "$py" "$here/scripts/compare_outputs.py" prepare --out "$out" --count 1000
+    fi
     "$py" "$here/scripts/compare_outputs.py" dump "$out/bundle" "$out/inputs.npz" "$out/x86_64.npz"
     for c in a72 a76; do
-      "$0" --cpu "$c" outputs "$out/bundle" "$out/inputs.npz" "$out/aarch64-$c.npz"
+      "$here/scripts/arm64/run.sh" --cpu "$c" outputs "$out/bundle" "$out/inputs.npz" "$out/aarch64-$c.npz"
     done
     "$py" "$here/scripts/compare_outputs.py" compare "$out/x86_64.npz" "$out/aarch64-a72.npz" "$out/aarch64-a76.npz" \
       --json "$out/compare.json"
-    EDGEEXIT_TEST_BUNDLE="$out/bundle" "$0" --cpu a72 tests
+    EDGEEXIT_TEST_BUNDLE="$out/bundle" "$here/scripts/arm64/run.sh" --cpu a72 tests
     echo "[arm64] ci passed in $(( $(date +%s) - t0 )) s after setup" >&2 ;;
   *) die "unknown command '$cmd'; use exec, tests, outputs or ci (see the top of $0)" 2 ;;
 esac

@@ -17,7 +17,7 @@ arm64_dir="${EDGEEXIT_ARM64_DIR:-$here/.arm64}"
 root="$arm64_dir/rootfs"
 suite="${EDGEEXIT_ARM64_SUITE:-bookworm}"
 say() { echo "[arm64] $*" >&2; }
-die() { echo "error: $*" >&2; exit "${2:-1}"; }
+die() { echo "error: $1" >&2; exit "${2:-1}"; }
 
 # ---- 1. what the host must provide -----------------------------------------------------------------
 [ "$(uname -s)" = Linux ] || die "this needs a Linux host, got $(uname -s); run it on an x86-64 Linux machine or in CI" 2
