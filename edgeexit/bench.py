@@ -553,7 +553,8 @@ def run_benchmark(bundle: str | os.PathLike[str] | Bundle, data: ImageSet, setti
     if settings.float_checkpoint is not None:
         if progress is not None:
             progress("float", 0, 1)
-        float_block = float_accuracy(settings.float_checkpoint, data, rule)
+        float_block = float_accuracy(settings.float_checkpoint, ImageSet(images, labels, data.classes, data.name),
+                                     rule)
     env = collect_environment(num_threads=settings.num_threads,
                               backend=f"{runner.backend.name} {runner.backend.version}", paths=env_paths)
     spec = rule.to_spec()

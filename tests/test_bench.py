@@ -266,3 +266,24 @@ def test_invalid_bundle_fails_with_one_line(bundle_dir, data_npz, tmp_path):
     assert proc.returncode == 3 and "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "stage_0.tflite" in errors[0], proc.stderr
+
+
+@pytest.mark.workstation
+def test_float_checkpoint_accuracy_beside_the_int8_run(tiny_bundle, tiny_model, data_npz, tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    from converters import registry
+    from converters.checkpoint import save_checkpoint
+    from converters.data import to_tensors
+    from tinymodels import tiny_staged_model
+
+    # the tiny test network is not a registry model: register its builder for this test only
+    monkeypatch.setitem(registry.BUILDERS, "tiny-test", lambda seed, widths: tiny_staged_model(seed, tuple(widths)))
+    ckpt = save_checkpoint(tiny_model, tmp_path / "tiny.pt")
+    data = load_dataset(str(data_npz))
+    r = run_benchmark(tiny_bundle, data, BenchSettings(warmup=0, sweep=False, float_checkpoint=str(ckpt)))
+    x, y = to_tensors(data, tiny_model.spec)
+    with torch.no_grad():
+        direct = [float((out["logits"].argmax(1) == y).float().mean()) for out in tiny_model(x)]
+    assert r["float"]["exit_accuracy"] == pytest.approx(direct)
+    assert sum(r["float"]["rule_exit_shares"]) == pytest.approx(1.0)
+    assert 0.0 <= r["float"]["rule_accuracy"] <= 1.0
