@@ -9,7 +9,8 @@ One benchmark (:func:`run_benchmark`) makes three passes over the set, batch 1, 
    for both networks); with ``repeat`` > 1 each input's latency is its median over the repeats.
 2. **Trace pass**: every stage once per input (:meth:`edgeexit.runner.Runner.trace`), recording every exit's
    outputs and every stage's latency. The threshold sweep re-decides exits from it with numpy; its latencies
-   are *estimated* (each input's measured stage latencies summed up to the exit the rule would take).
+   are *estimated*: each stage's median latency over the trace, summed up to the exit the rule would take
+   (medians, so that a busy moment of the machine does not tilt one point of the sweep).
 3. Optionally, the float network of a checkpoint on the same images (workstation only, torch imported lazily).
 
 The result is one JSON-able dict (see ``RESULT_FIELDS``); :func:`write_results` stores it as
@@ -219,7 +220,7 @@ def _sweep_point(name: str, source: str, rule: ExitRule, trace: Trace, cum_macs:
                  full_macs: int) -> tuple[dict[str, Any], np.ndarray]:
     exit_index, prediction = rule.simulate(trace)                   # [N] int64, [N] int64
     n, e = trace.num_inputs, trace.num_exits
-    lat = np.cumsum(trace.stage_latency_ms, axis=1)[np.arange(n), exit_index]  # [N] ms up to the exit
+    lat = np.cumsum(np.median(trace.stage_latency_ms, axis=0))[exit_index]  # [N] ms: median stage costs to the exit
     spec = rule.to_spec()
     macs = cum_macs[exit_index]
     return {"name": name, "source": source, "kind": spec.kind, "thresholds": list(spec.thresholds),
@@ -289,7 +290,7 @@ def sweep_tradeoff(trace: Trace, manifest: Manifest, run_rule: ExitRule | None =
         add(f"exit {k} only", "fixed", FixedExitRule(k))
     st = trace.stage_latency_ms
     return {"rule": kind, "latency_is_estimated": True,
-            "latency_note": "estimated: each input's stage latencies from the trace pass, summed up to its exit",
+            "latency_note": "estimated: per-stage median latencies of the trace pass, summed up to each input's exit",
             "stage_latency_ms": {"p50": [float(v) for v in np.median(st, axis=0)],
                                  "mean": [float(v) for v in st.mean(axis=0)]},
             "points": points}
@@ -683,7 +684,7 @@ def format_report(result: dict[str, Any]) -> str:
     lines = [f"bundle {b['name']} ({b['num_exits']} exits, full network {b['full_macs']:,} MACs) on {d['name']} "
              f"({d['count']} images)",
              f"machine: {env.get('machine')} | {env.get('os')} | python {env.get('python')} | "
-             f"{s['backend']} {s['backend_version']} | {s['threads']} thread(s) | governor {env.get('governor')} | "
+             f"{s['backend']} {s['backend_version']} | {s['threads']} thread(s) | governor {env.get('governor') or 'n/a'} | "
              f"board profile {s['board']}",
              f"rule: {s['rule']['kind']} {s['rule']['thresholds'] or ''}{'' if s['rule']['exit'] is None else s['rule']['exit']}"
              f" | warm-up {s['warmup']} | repeat {s['repeat']} | batch 1", ""]
