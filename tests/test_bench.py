@@ -287,3 +287,18 @@ def test_float_checkpoint_accuracy_beside_the_int8_run(tiny_bundle, tiny_model, 
     assert r["float"]["exit_accuracy"] == pytest.approx(direct)
     assert sum(r["float"]["rule_exit_shares"]) == pytest.approx(1.0)
     assert 0.0 <= r["float"]["rule_accuracy"] <= 1.0
+
+
+def test_bench_loads_no_workstation_module(bundle_dir, data_npz, tmp_path):
+    script = ("import json, sys\n"
+              "from edgeexit.bench import BenchSettings, run_benchmark, write_results\n"
+              "from edgeexit.datasets import load_dataset\n"
+              "r = run_benchmark(sys.argv[1], load_dataset(sys.argv[2], limit=10), BenchSettings(warmup=1))\n"
+              "write_results(r, sys.argv[3])\n"
+              "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(bundle_dir), str(data_npz), str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    loaded = set(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert not loaded & {"torch", "tensorflow", "onnx", "onnx2tf", "onnxruntime", "converters"}
