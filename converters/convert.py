@@ -201,6 +201,9 @@ def count_costs(model: StagedModel, interpreters: Sequence[Any],
                 mono_interpreter: Any | None) -> tuple[list[StageCosts], list[dict[str, Any]], int, GraphCosts | None]:
     """MACs and parameter bytes per stage from the graphs, cross-checked against torch hooks.
 
+    The full network's MACs are those of the network without exits: every segment plus the final head's
+    logits part (the monolithic model has no confidence output); the monolithic graph must count the same.
+
     Returns:
         (StageCosts per stage, per-stage comparison records, full-network MACs, monolithic GraphCosts).
     """
@@ -220,10 +223,12 @@ def count_costs(model: StagedModel, interpreters: Sequence[Any],
                                       torch_segment_macs=ts, torch_head_macs=th))
         records.append({"stage": i, "segment_macs": g.segment_macs, "head_macs": g.head_macs,
                         "torch_segment_macs": ts, "torch_head_macs": th, "agree": agree, "mac_ops": dict(g.mac_ops)})
-    full = sum(c.segment_macs for c in stage_costs) + stage_costs[-1].head_macs
+        last_logits_macs = g.head_output_macs.get("logits", g.head_macs)
+    # the network without exits: every segment + the part of the final head that computes the logits
+    full = sum(c.segment_macs for c in stage_costs) + last_logits_macs
     mono = graph_costs(mono_interpreter, None) if mono_interpreter is not None else None
     if mono is not None and mono.macs != full:
-        log.warning("monolithic graph has %d MACs, the stages' segments + final head %d", mono.macs, full)
+        log.warning("monolithic graph has %d MACs, the stages' segments + final logits head %d", mono.macs, full)
     return stage_costs, records, full, mono
 
 
@@ -254,7 +259,8 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
             verify_images: np.ndarray | None = None, verify_labels: np.ndarray | None = None,
             thresholds: Sequence[float] | None = None, exit_rule: str = "confidence", monolithic: bool = True,
             force: bool = False, strict: bool = False, tolerances: Tolerances = Tolerances(),
-            name: str | None = None, progress: Progress | None = None) -> ConversionReport:
+            name: str | None = None, training: dict[str, Any] | None = None,
+            progress: Progress | None = None) -> ConversionReport:
     """Convert ``model`` into a bundle at ``out_dir``: one full-int8 .tflite per stage (+ monolithic.tflite).
 
     Args:
@@ -271,6 +277,7 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
         strict: a verification that misses the tolerances raises ConversionError and writes nothing.
         tolerances: the verification tolerances.
         name: the bundle's name (default: the model's builder name).
+        training: extra facts for the manifest's ``training`` section (checkpoint metrics, calibration set).
         progress: called with one line per finished step (its name and seconds).
 
     Returns:
@@ -321,13 +328,13 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
             verification = report_v.to_dict() if report_v is not None else {"skipped": "no verification images"}
             manifest = steps.run("write bundle", _write, model, staged, out, force, stage_paths, interps, stage_costs,
                                  rule, full_macs, mono_path, mono_interp, mono_costs, verification,
-                                 name or model.spec.builder)
+                                 name or model.spec.builder, training or {})
     finally:
         model.train(was_training)
     warnings = [f"hand-off {h['from']}->{h['to']} quantization differs" for h in handoffs if not h["equal"]]
     warnings += [f"stage {c['stage']}: tflite MACs differ from torch" for c in cost_records if not c["agree"]]
     if mono_costs is not None and mono_costs.macs != full_macs:
-        warnings.append(f"monolithic MACs {mono_costs.macs} != segments + final head {full_macs}")
+        warnings.append(f"monolithic MACs {mono_costs.macs} != segments + final logits head {full_macs}")
     if report_v is not None and not report_v.passed:
         warnings += report_v.failures
     return ConversionReport(out_dir=out, manifest=manifest, verification=report_v, handoffs=handoffs,
@@ -337,7 +344,7 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
 def _write(model: StagedModel, staged: Path, out: Path, force: bool, stage_paths: Sequence[Path],
            interps: Sequence[Any], stage_costs: Sequence[StageCosts], rule: ExitRuleSpec, full_macs: int,
            mono_path: Path | None, mono_interp: Any | None, mono_costs: GraphCosts | None,
-           verification: dict[str, Any], name: str) -> Manifest:
+           verification: dict[str, Any], name: str, training: dict[str, Any]) -> Manifest:
     """Build the manifest, write it next to the files and move the whole directory into place."""
     stages = [bw.stage_spec(i, p, it, model.stages[i].head.scores, c)
               for i, (p, it, c) in enumerate(zip(stage_paths, interps, stage_costs))]
@@ -349,7 +356,7 @@ def _write(model: StagedModel, staged: Path, out: Path, force: bool, stage_paths
     if mono_path is not None and mono_interp is not None and mono_costs is not None:
         mono = bw.model_file(mono_path, mono_interp, mono_costs.macs, mono_costs.param_bytes)
     manifest = bw.build_manifest(name, stages, pre, spec.labels, rule, full_macs, mono, _jsonable(verification),
-                                 training_info(model))
+                                 {**training_info(model), **_jsonable(training)})
     bw.write_manifest(staged, manifest)
     bw.publish(staged, out, force)
     return manifest

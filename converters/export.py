@@ -8,11 +8,9 @@ TorchScript-based exporter at a fixed batch size of 1.
 
 from __future__ import annotations
 
-import io
 import logging
 import re
 import warnings
-from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,9 +82,10 @@ def export_onnx(unit: ExportUnit, path: Path) -> Path:
         ConversionError: the module cannot be exported (an operator without an ONNX equivalent, a
             data-dependent control flow, ...), naming the operator when torch reports one.
     """
-    chatter = io.StringIO()
+    from .quantize import quiet_tool  # imported here: quantize imports this module
+
     try:
-        with torch.no_grad(), warnings.catch_warnings(), redirect_stdout(chatter), redirect_stderr(chatter):
+        with torch.no_grad(), warnings.catch_warnings(), quiet_tool():
             warnings.simplefilter("ignore")
             torch.onnx.export(unit.module, (unit.example,), str(path), input_names=[INPUT_NAME],
                               output_names=unit.output_names, opset_version=OPSET, dynamo=False,

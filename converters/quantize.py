@@ -79,7 +79,7 @@ def stage_inputs(model: StagedModel, images: np.ndarray, batch: int = 256) -> li
 
 
 @contextlib.contextmanager
-def _quiet_tool() -> Iterator[io.StringIO]:
+def quiet_tool() -> Iterator[io.StringIO]:
     """Capture stdout/stderr (Python and C level) and put the venv's bin dir on PATH (onnx2tf runs onnxsim)."""
     captured = io.StringIO()
     old_path = os.environ.get("PATH", "")
@@ -151,7 +151,7 @@ def onnx_to_int8_tflite(name: str, onnx_path: Path, calibration: np.ndarray, out
         zeros = np.zeros((1, 1, 1, channels), np.float32)
         ones = np.ones((1, 1, 1, channels), np.float32)
         out_dir = Path(tmp) / "tf"
-        with _quiet_tool() as captured:
+        with quiet_tool() as captured:
             try:
                 onnx2tf.convert(
                     input_onnx_file_path=str(onnx_path), output_folder_path=str(out_dir),

@@ -152,6 +152,7 @@ class ExitCheck:
 
     exit: int
     logits_max_abs_error: float
+    logits_mean_abs_error: float
     logits_max_abs: float                  # largest |float logit|, for scale
     confidence_max_abs_error: float | None  # in sigmoid space
     top1_agreement: float
@@ -205,6 +206,7 @@ def compare(flt: FloatOutputs, q: Int8Outputs, labels: np.ndarray | None, scores
             conf_err = float(np.max(np.abs(_sigmoid(flt.confidence[i]) - _sigmoid(q.confidence[i]))))
         decision = None if i == last else float(np.mean((ef <= i) == (eq <= i)))
         check = ExitCheck(exit=i, logits_max_abs_error=float(np.max(np.abs(fl - ql))),
+                          logits_mean_abs_error=float(np.mean(np.abs(fl - ql))),
                           logits_max_abs=float(np.max(np.abs(fl))), confidence_max_abs_error=conf_err,
                           top1_agreement=float(np.mean(fl.argmax(1) == ql.argmax(1))), decision_agreement=decision,
                           float_accuracy=_accuracy(fl.argmax(1), labels), int8_accuracy=_accuracy(ql.argmax(1), labels))

@@ -12,7 +12,9 @@ Element-wise ops, pooling, MEAN and activations are not MACs. Parameter bytes ar
 constant tensors (weights, biases, and the few shape constants the ops need) as stored in the file.
 
 A stage graph is split into its *segment* (the ops the ``features`` output depends on) and its *head*
-(every other op), so the runtime can tell what continuing past an exit costs.
+(every other op), so the runtime can tell what continuing past an exit costs. ``head_output_macs`` tells
+what each output needs of the head: the network without exits needs only the final head's ``logits`` part
+(not its confidence), so its MACs are the segments' plus ``head_output_macs["logits"]`` of the last stage.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class GraphCosts:
     segment_param_bytes: int
     head_param_bytes: int
     mac_ops: Mapping[str, int]  # op name -> MACs summed over the graph
+    head_output_macs: Mapping[str, int]  # graph output name -> MACs of the head ops it depends on
 
 
 def _shape(details: Mapping[int, Mapping[str, Any]], idx: int) -> tuple[int, ...]:
@@ -152,9 +155,14 @@ def graph_costs(interpreter: Any, boundary: str | None = "features") -> GraphCos
     seg_macs = sum(op.macs for op in ops if op.index in seg_ops)
     head_macs = sum(op.macs for op in ops if op.index not in seg_ops)
     seg_bytes, head_bytes = _constant_bytes(seg_consts, details), _constant_bytes(head_consts, details)
+    macs_of = {op.index: op.macs for op in ops}
+    head_output_macs = {}
+    for d in interpreter.get_output_details():
+        needed = _ancestors(ops, int(d["index"])) - seg_ops
+        head_output_macs[str(d["name"])] = sum(macs_of[i] for i in needed)
     return GraphCosts(macs=seg_macs + head_macs, param_bytes=seg_bytes + head_bytes, segment_macs=seg_macs,
                       head_macs=head_macs, segment_param_bytes=seg_bytes, head_param_bytes=head_bytes,
-                      mac_ops=mac_ops)
+                      mac_ops=mac_ops, head_output_macs=head_output_macs)
 
 
 def file_costs(path: str | os.PathLike[str], boundary: str | None = "features", backend: str = "auto") -> GraphCosts:
