@@ -198,7 +198,7 @@ def attach_branches(backbone: nn.Module, input_shape: Sequence[int], labels: Seq
                      std=list(std), color_mode=color_mode or ("L" if channels == 1 else "RGB"),
                      extra={"method": "classexit" if branch == "class" else "pteenet", "branch": branch,
                             "exits_after": points})
-    model = staged_from_split(pieces, heads, spec)
+    model = staged_from_split(pieces, heads, spec).eval()
     freeze(model)
     spec.extra["backbone_sha256"] = backbone_digest(model)
     log.info("PTEENet: %d branches (%s) after %s, features end at %s", len(heads), branch, ", ".join(points), end)
