@@ -28,7 +28,8 @@ from .heads import EENET_HEAD_KINDS
 from .models import HEAD_KINDS
 from .placement import SCHEMES
 from .registry import BUILDERS, create
-from .train import LOSSES, EvalSummary, TrainConfig, TrainResult, evaluate, train
+from .train import LOSSES, EvalSummary, TrainConfig, TrainResult, evaluate
+from .train import train as train_model
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +87,13 @@ def run_training(model_name: str, dataset: str, config: TrainConfig, exits: int 
         kwargs["placement"] = placement  # a list of block indices also fixes the number of exits
     if head is not None:
         kwargs["head"] = head
+    import torch
+
+    torch.manual_seed(config.seed)  # the initial weights depend on the seed too
     model = create(model_name, **kwargs)
     model.spec.extra["train"] = {k: v for k, v in vars(config).items()}
     model.spec.extra["dataset"] = dataset
-    result = train(model, train_set, val_set, config, progress=progress)
+    result = train_model(model, train_set, val_set, config, progress=progress)
     test = evaluate(result.model, test_set, threshold)
     return TrainingRun(result, test, test_set.name if has_splits else f"{val_set.name} (no test split)", config)
 
@@ -131,7 +135,7 @@ def _common_options(fn: Any) -> Any:
         click.option("--loss", type=click.Choice(LOSSES), default="two-stage", show_default=True,
                      help="EENet loss v0/v1/v2, two-stage (v0 warm-up then v2), or class (class-based)."),
         click.option("--warmup-epochs", type=int, default=1, show_default=True, help="v0 epochs of two-stage training."),
-        click.option("--epochs", type=int, default=3, show_default=True),
+        click.option("--epochs", type=int, default=TrainConfig.epochs, show_default=True),
         click.option("--batch-size", type=int, default=128, show_default=True),
         click.option("--lr", type=float, default=3e-3, show_default=True, help="Peak learning rate (AdamW, one-cycle)."),
         click.option("--seed", type=int, default=0, show_default=True),
@@ -150,7 +154,8 @@ def _common_options(fn: Any) -> Any:
 
 @click.command()
 @_common_options
-@click.option("--lambda", "lam", type=float, default=1.0, show_default=True, help="Cost weight of the EENet loss.")
+@click.option("--lambda", "lam", type=float, default=TrainConfig.lam, show_default=True,
+              help="Cost weight of the EENet loss (higher = earlier exits, lower accuracy).")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="Checkpoint file to write (.pt).")
 @click.option("--force", is_flag=True, help="Overwrite an existing --output.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,

@@ -1,0 +1,168 @@
+"""Training, evaluation, checkpoints and the train/sweep CLI on tiny models and a few hundred images."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from converters.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from converters.costs import ModelCosts
+from converters.registry import create
+from converters.train import ExitTrace, TrainConfig, evaluate, summarize, train
+from edgeexit.datasets import load_dataset, train_val_split
+from edgeexit.errors import CheckpointError, UsageError
+
+TINY = dict(layers=[[8, 2, 0], [16, 2, 0], [16, 1, 0]], placement=[0, 1, 2])
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def mnist_small():
+    return train_val_split(load_dataset("mnist", "train", limit=600), 0.2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(mnist_small):
+    tr, va = mnist_small
+    torch.manual_seed(0)
+    return train(create("eenet-small", **TINY), tr, va, TrainConfig(epochs=2, seed=1, lr=1e-2, batch_size=32), progress=False)
+
+
+def test_training_learns_and_keeps_the_best_epoch(trained, mnist_small):
+    assert trained.best_epoch == 2  # two-stage: only the v2 epoch counts
+    assert [h["loss"] for h in trained.history] == ["v0", "v2"]
+    summary = evaluate(trained.model, mnist_small[1])
+    assert max(summary.exit_accuracy) > 0.5  # far above the 10% of chance after 30 steps
+    assert trained.history[1]["train_loss"] < trained.history[0]["train_loss"] or trained.history[0]["loss"] == "v0"
+    assert not trained.model.training
+
+
+def test_training_is_deterministic_on_cpu(mnist_small, trained):
+    tr, va = mnist_small
+    torch.manual_seed(0)
+    again = train(create("eenet-small", **TINY), tr, va, TrainConfig(epochs=2, seed=1, lr=1e-2, batch_size=32), progress=False)
+    for (k, a), b in zip(trained.model.state_dict().items(), again.model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_class_based_training_and_frozen_trunk(mnist_small):
+    tr, va = mnist_small
+    model = create("eenet-small", head="class", **TINY)
+    res = train(model, tr, va, TrainConfig(epochs=1, loss="class"), progress=False)
+    assert evaluate(res.model, va).num_samples == len(va)
+    before = {k: v.clone() for k, v in res.model.stages[0].segment.state_dict().items()}
+    frozen = train(res.model, tr, va, TrainConfig(epochs=1, loss="class", freeze_trunk=True), progress=False)
+    for k, v in frozen.model.stages[0].segment.state_dict().items():
+        assert torch.equal(v, before[k]), k  # PTEENet: weights and BN statistics untouched
+    with pytest.raises(UsageError, match="needs EENet heads"):
+        train(create("eenet-small", head="class", **TINY), tr, va, TrainConfig(epochs=1, loss="v2"), progress=False)
+
+
+def test_summarize_by_hand():
+    # 2 exits, 4 samples, K=2. exit 0 scores [0.9, 0.2, 0.7, 0.4] -> samples 0 and 2 leave at T=0.5.
+    logits = np.array([[[2, 0], [2, 0], [0, 2], [0, 2]],      # exit 0 predicts 0, 0, 1, 1
+                       [[2, 0], [0, 2], [2, 0], [0, 2]]], np.float32)  # exit 1 predicts 0, 1, 0, 1
+    trace = ExitTrace(logits, np.array([[0.9, 0.2, 0.7, 0.4], [0.0, 0.0, 0.0, 0.0]]), np.array([0, 1, 0, 1]))
+    costs = ModelCosts((20, 70), (10, 10), (0, 0), (0, 0))    # full = 100; kappa0 = 0.3, cumulative1 = 1.1
+    s = summarize(trace, costs, 0.5)
+    assert s.exit_accuracy == [0.5, 1.0]
+    assert s.exit_share == [0.5, 0.5]
+    assert s.early_exit_accuracy == 0.75                       # sample 2 left early and was wrong
+    assert s.avg_cost == pytest.approx((0.3 + 1.1 + 0.3 + 1.1) / 4)
+    assert s.avg_cost_kappa == pytest.approx((0.3 + 1.0 + 0.3 + 1.0) / 4)
+    assert "early exit at T=0.5: accuracy 75.00%" in s.table()
+
+
+def test_checkpoint_round_trip_reproduces_outputs(trained, tmp_path):
+    path = save_checkpoint(trained.model, tmp_path / "m.pt", {"note": "x"})
+    loaded = load_checkpoint(path)
+    x = trained.model.example_input(3).normal_()
+    for a, b in zip(trained.model(x), loaded(x)):
+        assert torch.equal(a["logits"], b["logits"]) and torch.equal(a["confidence"], b["confidence"])
+    payload = read_checkpoint(path)
+    assert payload["metrics"] == {"note": "x"} and payload["costs"]["kappa"][-1] == 1.0
+    assert not list(tmp_path.glob(".*tmp"))  # the temporary file is gone
+    with pytest.raises(UsageError, match="already exists"):
+        save_checkpoint(trained.model, path)
+
+
+def test_checkpoint_errors(trained, tmp_path):
+    (tmp_path / "garbage.pt").write_bytes(b"\x00not a checkpoint")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    good = save_checkpoint(trained.model, tmp_path / "good.pt")
+    payload = torch.load(good, weights_only=True)
+    payload["state_dict"].pop(next(iter(payload["state_dict"])))
+    torch.save(payload, tmp_path / "mismatch.pt")
+    payload["version"] = 99
+    torch.save(payload, tmp_path / "future.pt")
+    cases = {"garbage.pt": "not a readable checkpoint", "other.pt": "not an edgeexit checkpoint",
+             "mismatch.pt": "do not fit the architecture", "future.pt": "format version 99",
+             "missing.pt": "does not exist"}
+    for name, match in cases.items():
+        with pytest.raises(CheckpointError, match=match) as info:
+            load_checkpoint(tmp_path / name)
+        assert "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+def _cli(*args, cwd=None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "edgeexit.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tiny_npz(tmp_path_factory):
+    data = load_dataset("mnist", "test", limit=300)
+    path = tmp_path_factory.mktemp("npz") / "digits.npz"
+    np.savez(path, images=data.images, labels=data.labels)
+    return path
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--model", "vgg16"], "unknown model 'vgg16'; expected one of eenet-small"),
+    (["--dataset", "imagenet-21k"], "unknown dataset 'imagenet-21k'"),
+    (["--dataset", "{empty}"], "no images found"),
+    (["--lambda", "-1"], "lambda >= 0"),
+    (["--placement", "1,x"], "neither a scheme"),
+    (["--output", "{existing}"], "already exists; pass --force"),
+], ids=["model", "dataset", "empty-folder", "lambda", "placement", "existing-output"])
+def test_cli_errors_are_one_line(tmp_path, args, match):
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    (tmp_path / "existing.pt").write_bytes(b"")
+    args = [a.format(empty=tmp_path / "empty", existing=tmp_path / "existing.pt") for a in args]
+    if "--output" not in args:
+        args += ["--output", str(tmp_path / "out.pt")]
+    proc = _cli("train", *args)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_cli_train_writes_checkpoint_and_table(tmp_path, tiny_npz):
+    out = tmp_path / "m.pt"
+    proc = _cli("-q", "train", "--dataset", str(tiny_npz), "--placement", "0,1,2", "--epochs", "2",
+                "--val-fraction", "0.2", "--batch-size", "32", "--output", str(out), "--json", str(tmp_path / "m.json"))
+    assert proc.returncode == 0, proc.stderr
+    assert "early exit at T=0.5" in proc.stdout and "no test split" in proc.stdout
+    model = load_checkpoint(out)
+    assert model.num_exits == 3 and model.spec.labels == [str(i) for i in range(10)]
+    assert (tmp_path / "m.json").exists()
+
+
+def test_cli_sweep_writes_csv_and_json(tmp_path, tiny_npz):
+    proc = _cli("-q", "sweep", "--dataset", str(tiny_npz), "--placement", "0,1", "--epochs", "2",
+                "--lambdas", "0.2,2", "--train-limit", "200", "--output-dir", str(tmp_path / "sw"))
+    assert proc.returncode == 0, proc.stderr
+    csv_lines = (tmp_path / "sw" / "sweep.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("lambda,final_accuracy") and len(csv_lines) == 3
+    assert (tmp_path / "sw" / "lambda_2.pt").exists()
+    again = _cli("sweep", "--lambdas", "1", "--output-dir", str(tmp_path / "sw"))
+    assert again.returncode != 0 and again.stderr.startswith("error: ") and "--force" in again.stderr
