@@ -184,13 +184,17 @@ def test_cli_existing_output_fails_with_one_line_error(tmp_path):
     assert "Traceback" not in res.stderr
 
 
-def test_cli_rejects_a_file_that_is_not_a_checkpoint(tmp_path):
+@pytest.mark.parametrize("content", ["empty", "plain-torch-dict"])
+def test_cli_rejects_a_file_that_is_not_a_checkpoint(tmp_path, content):
     bogus = tmp_path / "model.pt"
-    bogus.write_bytes(b"this is not a checkpoint")
+    if content == "empty":
+        bogus.write_bytes(b"")
+    else:
+        torch.save({"weights": torch.zeros(3)}, bogus)
     res = _run_cli("convert", str(bogus), "--calib", "mnist", "--out", str(tmp_path / "bundle"))
-    assert res.returncode == 8  # CheckpointError
-    assert res.stderr.strip().startswith("error: ") and "not a readable checkpoint" in res.stderr
-    assert len(res.stderr.strip().splitlines()) == 1
+    assert res.returncode == 8, res.stderr[-500:]  # CheckpointError
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(bogus) in lines[0]
     assert not (tmp_path / "bundle").exists()
 
 
