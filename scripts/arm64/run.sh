@@ -28,6 +28,7 @@ if [ "${1:-}" = __inner ]; then
   mount -t proc proc "$root/proc"
   mount --bind "$here/scripts/arm64/cpuinfo-$cpu.txt" "$root/proc/cpuinfo"
   mount --rbind /dev "$root/dev"
+  mount --rbind /sys "$root/sys"  # CPU lists (possible/present) for the interpreter's CPU detection
   mount -t tmpfs tmpfs "$root/tmp"
   IFS=: read -r -a dirs <<< "$here:$binds"
   for d in "${dirs[@]}"; do
