@@ -11,10 +11,20 @@ from edgeexit.errors import UsageError
 from .models import build_cifar_resnet, build_eenet_small, build_imagenet_resnet
 from .staged import ModelSpec, StagedModel
 
+
+
+def _pteenet(**kwargs: Any) -> StagedModel:
+    """PTEENet: a (frozen) backbone with exit branches; see :mod:`converters.pteenet` (imported when used)."""
+    from .pteenet import build_pteenet
+
+    return build_pteenet(**kwargs)
+
+
 BUILDERS: dict[str, Callable[..., StagedModel]] = {
     "eenet-small": build_eenet_small,
     **{f"resnet{d}": partial(build_cifar_resnet, depth=d) for d in (20, 32, 44, 56, 110)},
     **{f"resnet{d}": partial(build_imagenet_resnet, depth=d) for d in (18, 34, 50)},
+    "pteenet": _pteenet,
 }
 
 

@@ -33,6 +33,9 @@ from .train import train as train_model
 
 log = logging.getLogger(__name__)
 
+#: models ``edgeexit train`` builds from scratch (PTEENet starts from a trained backbone: its own command).
+TRAINABLE = tuple(name for name in BUILDERS if name != "pteenet")
+
 
 @dataclass
 class TrainingRun:
@@ -71,8 +74,8 @@ def run_training(model_name: str, dataset: str, config: TrainConfig, exits: int 
     Named datasets (mnist, fashion-mnist, cifar10:DIR, svhn:DIR) are tested on their test split; a
     folder or .npz is one set, so it is tested on the held-out validation part (said in ``test_name``).
     """
-    if model_name not in BUILDERS:
-        raise UsageError(f"unknown model '{model_name}'; expected one of {', '.join(BUILDERS)}")
+    if model_name not in TRAINABLE:
+        raise UsageError(f"unknown model '{model_name}'; expected one of {', '.join(TRAINABLE)}")
     full = load_dataset(dataset, "train", limit=train_limit)
     train_set, val_set = train_val_split(full, val_fraction, seed=config.seed)
     has_splits = dataset in ("mnist", "fashion-mnist") or dataset.split(":")[0] in ("cifar10", "svhn")
@@ -124,7 +127,7 @@ def _config(epochs: int, batch_size: int, lr: float, seed: int, loss: str, lam: 
 def _common_options(fn: Any) -> Any:
     options = [
         click.option("--model", "model_name", default="eenet-small", show_default=True,
-                     help=f"Architecture: {', '.join(BUILDERS)}."),
+                     help=f"Architecture: {', '.join(TRAINABLE)}."),
         click.option("--dataset", default="mnist", show_default=True,
                      help="mnist, fashion-mnist, cifar10:DIR, svhn:DIR, an image folder or a .npz file."),
         click.option("--exits", type=int, default=None, help="Exits including the final one (default: the model's)."),

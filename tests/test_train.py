@@ -153,7 +153,7 @@ def test_cli_train_writes_checkpoint_and_table(tmp_path, tiny_npz):
     assert proc.returncode == 0, proc.stderr
     assert "early exit at T=0.5" in proc.stdout and "no test split" in proc.stdout
     model = load_checkpoint(out)
-    assert model.num_exits == 3 and model.spec.labels == [str(i) for i in range(10)]
+    assert model.num_exits == 4 and model.spec.labels == [str(i) for i in range(10)]  # 0,1,2 + the final block
     assert (tmp_path / "m.json").exists()
 
 
