@@ -166,3 +166,17 @@ def test_cli_sweep_writes_csv_and_json(tmp_path, tiny_npz):
     assert (tmp_path / "sw" / "lambda_2.pt").exists()
     again = _cli("sweep", "--lambdas", "1", "--output-dir", str(tmp_path / "sw"))
     assert again.returncode != 0 and again.stderr.startswith("error: ") and "--force" in again.stderr
+
+
+def test_random_shift_moves_images_and_pads_with_fill():
+    from converters.data import random_shift
+
+    x = torch.arange(2 * 16, dtype=torch.float32).reshape(2, 1, 4, 4) + 1
+    gen = torch.Generator().manual_seed(0)
+    out = random_shift(x, 1, gen, fill=torch.full((1, 1, 1, 1), -5.0))
+    assert out.shape == x.shape
+    for i in range(2):
+        padded = torch.nn.functional.pad(x[i, 0], (1, 1, 1, 1), value=-5.0)
+        crops = [padded[dy:dy + 4, dx:dx + 4] for dy in range(3) for dx in range(3)]
+        assert any(torch.equal(out[i, 0], c) for c in crops)
+    assert torch.equal(random_shift(x, 0, gen), x)
