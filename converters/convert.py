@@ -3,7 +3,8 @@
 The pipeline, one function per step::
 
     check inputs -> split into stages -> export ONNX -> int8 TFLite (calibrated per stage)
-      -> check hand-offs -> count costs on the graphs -> verify int8 vs float -> write the bundle atomically
+      -> check the graphs are full-int8 -> check hand-offs -> count costs on the graphs
+      -> verify int8 vs float -> write the bundle atomically
 
 Example::
 
@@ -172,7 +173,31 @@ def convert_unit(unit: ExportUnit, calibration: np.ndarray, workdir: Path, out_p
     return onnx_to_int8_tflite(unit.name, onnx_path, calibration, out_path, keep_nhwc_input=not unit.first)
 
 
-# ---- step 4: hand-offs and costs ---------------------------------------------------------------------------
+# ---- step 4: the graphs are full-int8, hand-offs fit, costs ------------------------------------------------
+
+#: Ops that legitimately touch float32 in a full-int8 graph: none between input and outputs; these convert.
+_CONVERSION_OPS = ("QUANTIZE", "DEQUANTIZE", "DELEGATE")
+
+
+def check_int8_graph(interpreter: Any, name: str) -> None:
+    """ConversionError if an op of the graph computes in float32 (a layer without an int8 kernel).
+
+    The TFLite converter keeps such layers as a float island (DEQUANTIZE -> op -> QUANTIZE) instead of failing;
+    they run slowly on CPUs and not at all on int8-only accelerators, so they are refused here, named.
+    """
+    details = {int(d["index"]): d for d in interpreter.get_tensor_details()}
+    for op in interpreter._get_ops_details():
+        if op["op_name"] in _CONVERSION_OPS:
+            continue
+        types = [np.dtype(t).name for t in list(op.get("operand_types", [])) + list(op.get("result_types", []))]
+        if "float32" in types:
+            outs = [str(details[int(i)]["name"]) for i in op["outputs"] if int(i) in details]
+            raise ConversionError(f"{name}: op {op['op_name']} (tensor {outs[0] if outs else '?'}) has no int8 kernel "
+                                  "and would run in float32 inside the int8 graph; replace that layer with one TFLite "
+                                  "quantizes (conv, linear, pooling, ReLU/ReLU6, sigmoid, tanh, add, mul, concat)")
+
+
+# ---- hand-offs and costs ---------------------------------------------------------------------------
 
 def check_handoffs(interpreters: Sequence[Any]) -> list[dict[str, Any]]:
     """Compare stage k's ``features`` quantization with stage k+1's input; log loudly when they differ."""
@@ -311,6 +336,9 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
             backend = resolve_backend("auto")
             interps = [create_interpreter(p, backend) for p in stage_paths]
             mono_interp = None if mono_path is None else create_interpreter(mono_path, backend)
+            named = [(f"stage_{i}", it) for i, it in enumerate(interps)] + (
+                [("monolithic", mono_interp)] if mono_interp is not None else [])
+            steps.run("check int8 graphs", lambda: [check_int8_graph(it, n) for n, it in named])
             handoffs = steps.run("check hand-offs", check_handoffs, interps)
             stage_costs, cost_records, full_macs, mono_costs = steps.run("count costs", count_costs, model, interps,
                                                                          mono_interp)

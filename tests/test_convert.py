@@ -248,6 +248,27 @@ def test_unconvertible_layer_is_named(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+class _SineSegment(nn.Module):
+    """Exports to ONNX and converts, but TFLite has no int8 SIN: it would stay a float island."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(self.conv(x))
+
+
+def test_layer_without_int8_kernel_is_named(tmp_path):
+    spec = ModelSpec(builder="sine-test", kwargs={}, input_shape=(1, 8, 8), labels=["a", "b"], mean=[0.5],
+                     std=[0.5])
+    model = StagedModel([Stage(_SineSegment(), TinyHead(4, 2))], spec).eval()
+    calib = np.random.default_rng(0).integers(0, 255, size=(8, 8, 8, 1), dtype=np.uint8)
+    with pytest.raises(ConversionError, match=r"stage_0: op SIN .* has no int8 kernel"):
+        convert(model, calib, tmp_path / "bundle", monolithic=False)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_convert_rejects_a_plain_module(tmp_path):
     with pytest.raises(UsageError, match="needs a converters.staged.StagedModel, got Sequential"):
         convert(nn.Sequential(nn.Conv2d(1, 4, 3)), np.zeros((8, 28, 28, 1), np.uint8), tmp_path / "b")
