@@ -2,7 +2,7 @@
 # Run edgeexit inside the emulated arm64 rootfs built by scripts/arm64/setup.sh, as on a Raspberry Pi.
 #
 #   scripts/arm64/run.sh [--cpu a72|a76] [--bind DIR]... exec -- CMD [ARG...]   any command (venv on PATH)
-#   scripts/arm64/run.sh [--cpu a72|a76] tests [PYTEST ARGS...]                  the runtime test suite
+#   scripts/arm64/run.sh [--cpu a72|a76] tests [PYTEST ARGS...]                  the test suite (default: tests/)
 #   scripts/arm64/run.sh [--cpu a72|a76] outputs BUNDLE INPUTS.npz OUT.npz       labels, exits, int8 outputs
 #   scripts/arm64/run.sh ci [--reuse]                                            everything below, for CI
 #
@@ -68,7 +68,8 @@ case "$cmd" in
     [ $# -gt 0 ] || die "exec needs a command, e.g. run.sh exec -- python -c 'import platform; print(platform.machine())'" 2
     in_arm64 "$@" ;;
   tests)
-    in_arm64 python -m pytest -p no:cacheprovider -q tests "$@" ;;
+    [ $# -gt 0 ] || set -- tests  # default: the whole suite; or pass test files and pytest options
+    in_arm64 python -m pytest -p no:cacheprovider -q "$@" ;;
   outputs)
     [ $# -eq 3 ] || die "outputs needs BUNDLE INPUTS.npz OUT.npz, got $# arguments" 2
     for p in "$1" "$2"; do [ -e "$p" ] || die "outputs: '$p' does not exist" 2; done
