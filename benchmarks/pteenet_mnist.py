@@ -50,7 +50,7 @@ RUNS = ROOT / "runs" / "pteenet"
 RESULTS = ROOT / "benchmarks" / "results"
 MEAN, STD = [0.5], [0.5]
 BACKBONE = {"arch": "resnet18", "options": {"num_classes": 10, "in_channels": 1, "small_input": True, "base_width": 4}}
-VAL_SIZE = 2000
+VAL_SIZE = 1000
 
 
 def split_train_val(data: ImageSet, limit: int | None) -> tuple[ImageSet, ImageSet]:

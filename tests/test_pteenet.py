@@ -112,4 +112,4 @@ def test_split_zoo_network_converts_and_runs_on_the_device_path(tmp_path):
     agree = np.mean(trace.logits[-1].argmax(1) == float_final.argmax(1))
     assert agree >= 0.9
     result = runner(images[0])
-    assert result.exit in (0, 1) and 0 <= result.label < 10
+    assert result.exit_index in (0, 1) and 0 <= result.label < 10
