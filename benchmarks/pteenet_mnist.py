@@ -2,7 +2,7 @@
 
 For each dataset (MNIST, Fashion-MNIST):
 
-1. train a small torchvision-layout ResNet-18 (``converters.zoo``, 3x3 stem, width 4, 1 channel) as a plain
+1. train a small torchvision-layout ResNet-18 (``converters.zoo``, 3x3 stem, width 8, 1 channel) as a plain
    classifier (or reuse the one cached under runs/);
 2. freeze it, attach PTEENet branches (conv1) after ``layer1`` and ``layer2``, train only the branches
    (EENet loss v2, lambda 0.9) and check the backbone is bit-identical;
@@ -49,7 +49,7 @@ log = logging.getLogger("pteenet_mnist")
 RUNS = ROOT / "runs" / "pteenet"
 RESULTS = ROOT / "benchmarks" / "results"
 MEAN, STD = [0.5], [0.5]
-BACKBONE = {"arch": "resnet18", "options": {"num_classes": 10, "in_channels": 1, "small_input": True, "base_width": 4}}
+BACKBONE = {"arch": "resnet18", "options": {"num_classes": 10, "in_channels": 1, "small_input": True, "base_width": 8}}
 VAL_SIZE = 1000
 
 
@@ -73,7 +73,7 @@ def plain_backbone_model(backbone: torch.nn.Module, labels: list[str]) -> Staged
 
 def trained_backbone(dataset: str, train_set: ImageSet, val_set: ImageSet, epochs: int) -> torch.nn.Module:
     """Train (or load from runs/) the plain backbone; returns it in eval mode."""
-    path = RUNS / f"{dataset}-resnet18w4.pth"
+    path = RUNS / f"{dataset}-resnet18w8.pth"
     backbone = zoo.build_backbone(BACKBONE["arch"], **BACKBONE["options"])
     if path.is_file():
         zoo.load_weights(backbone, path)
