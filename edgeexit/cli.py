@@ -22,6 +22,8 @@ from .errors import EdgeExitError, UsageError
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("converters.train_cli:train", "Train an early-exit network (workstation, needs torch)."),
     "sweep": ("converters.train_cli:sweep", "Train one network per lambda and tabulate accuracy vs cost (workstation)."),
+    "post-train": ("converters.method_cli:post_train",
+                   "Attach early exits to a trained, frozen network and train only the exits (workstation)."),
     "convert": ("converters.convert_cli:convert", "Convert a trained network into an int8 TFLite bundle (workstation)."),
     "run": ("edgeexit._cli_device:run", "Classify images with a bundle: label, exit, MACs, latency, energy."),
     "info": ("edgeexit._cli_device:info", "Show a bundle's stages, costs, thresholds and verification report."),
