@@ -4,7 +4,7 @@ Trains one eenet-small per lambda (same seed, data and schedule) and writes
 benchmarks/results/lambda_sweep.json and .csv (one row per lambda: final accuracy, early-exit accuracy
 and average cost at T=0.5, share of inputs per exit, training time), plus the machine it ran on.
 
-    python benchmarks/lambda_sweep.py [--lambdas 0.25,0.5,1.0,1.3] [--epochs 2] [--train-limit N]
+    python benchmarks/lambda_sweep.py [--lambdas 0.05,0.15,0.5,1.0] [--epochs 2] [--train-limit N]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from converters.train_cli import (SWEEP_FIELDS, machine_info, parse_lambdas, run
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lambdas", default="0.25,0.5,1.0,1.3")
+    ap.add_argument("--lambdas", default="0.05,0.15,0.5,1.0")
     ap.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     ap.add_argument("--train-limit", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)

@@ -1,6 +1,8 @@
 """Builders, heads and the registry: shapes, exits, specs that rebuild their model."""
 
 import pytest
+
+pytest.importorskip("torch")  # workstation-only tests: skipped in the device environments
 import torch
 
 from converters.costs import model_costs

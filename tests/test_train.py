@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+pytest.importorskip("torch")  # workstation-only tests: skipped in the device environments
 import torch
 
 from converters.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
