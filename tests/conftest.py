@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -17,8 +18,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-CALIBRATION_SAMPLES = 48
-VERIFY_SAMPLES = 200
+VERIFY_SAMPLES = 200  # same held-out images as tinymodels.convert_tiny verifies on
+BUNDLE_ENV = "EDGEEXIT_TEST_BUNDLE"
 
 
 @pytest.fixture(scope="session")
@@ -33,29 +34,41 @@ def tiny_model():
 @pytest.fixture(scope="session")
 def tiny_data():
     """(images [N, 28, 28, 1] uint8, labels [N] int64): held-out synthetic images, distinct from calibration."""
-    from tinymodels import synthetic_digits
+    from synthetic import synthetic_digits
 
     return synthetic_digits(VERIFY_SAMPLES, seed=7)
 
 
 @pytest.fixture(scope="session")
-def tiny_conversion(tiny_model, tiny_data, tmp_path_factory):
-    """The ConversionReport of converting ``tiny_model`` once per session (bundle with monolithic)."""
+def tiny_conversion(tmp_path_factory):
+    """The ConversionReport of converting the tiny model once per session (bundle with monolithic)."""
+    pytest.importorskip("torch")
     pytest.importorskip("onnx2tf")
-    from converters.convert import convert
-    from tinymodels import synthetic_digits
+    from tinymodels import convert_tiny
 
-    calib, _ = synthetic_digits(CALIBRATION_SAMPLES, seed=3)
-    out = tmp_path_factory.mktemp("bundles") / "tiny"
-    images, labels = tiny_data
-    return convert(tiny_model, calib, out, verify_images=images, verify_labels=labels, monolithic=True,
-                   name="tiny-test")
+    return convert_tiny(tmp_path_factory.mktemp("bundles") / "tiny")
 
 
 @pytest.fixture(scope="session")
-def tiny_bundle(tiny_conversion) -> Path:
-    """Path of the session's converted tiny bundle (do not modify it; use ``tiny_bundle_copy``)."""
-    return tiny_conversion.out_dir
+def tiny_bundle(request) -> Path:
+    """Path of the session's converted tiny bundle (do not modify it; use ``tiny_bundle_copy``).
+
+    ``$EDGEEXIT_TEST_BUNDLE`` names a bundle made beforehand by ``tests/make_test_bundle.py`` (scripts/test.sh
+    does that once, in the workstation environment), so the device-only environments can run the runtime tests
+    without torch; otherwise the tiny model is converted here.
+    """
+    env = os.environ.get(BUNDLE_ENV)
+    if env:
+        if not (Path(env) / "manifest.json").is_file():
+            pytest.fail(f"${BUNDLE_ENV}={env} is not a bundle directory; run tests/make_test_bundle.py {env}")
+        return Path(env)
+    return request.getfixturevalue("tiny_conversion").out_dir
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(tiny_bundle) -> Path:
+    """The converted bundle the runtime tests run against (alias of ``tiny_bundle``)."""
+    return tiny_bundle
 
 
 @pytest.fixture

@@ -26,13 +26,6 @@ HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(request) -> Path:
-    """A converted bundle: $EDGEEXIT_TEST_BUNDLE (pre-built, e.g. for device-only CI) or the tiny_bundle fixture."""
-    env = os.environ.get("EDGEEXIT_TEST_BUNDLE")
-    return Path(env) if env else Path(request.getfixturevalue("tiny_bundle"))
-
-
-@pytest.fixture(scope="module")
 def manifest(bundle_dir):
     return read_manifest(bundle_dir)[1]
 
@@ -46,7 +39,7 @@ def make_npz(path: Path, n: int, size: tuple[int, int], channels: int, num_class
              classes: list[str] | None = None, seed: int = 0) -> Path:
     """A labelled .npz: template-plus-noise digits for 1-channel sets, random pixels otherwise."""
     sys.path.insert(0, str(Path(__file__).parent))
-    from tinymodels import synthetic_digits
+    from synthetic import synthetic_digits
 
     if channels == 1 and size[0] == size[1] and num_classes == 10:
         images, labels = synthetic_digits(n, seed=seed, size=size[0])

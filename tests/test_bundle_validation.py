@@ -15,12 +15,6 @@ from edgeexit.bundle import Requantization, plan_handoffs
 from edgeexit.manifest import Quantization
 
 
-@pytest.fixture(scope="module")
-def bundle_dir(request) -> Path:
-    env = os.environ.get("EDGEEXIT_TEST_BUNDLE")
-    return Path(env) if env else Path(request.getfixturevalue("tiny_bundle"))
-
-
 @pytest.fixture
 def copy(bundle_dir, tmp_path) -> Path:
     dst = tmp_path / "bundle"

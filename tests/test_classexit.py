@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+pytest.importorskip("torch")  # workstation-only tests: skipped in the device environments
+
 from converters.classexit import beta_search, exclusion_stats
 from edgeexit.errors import UsageError
 from edgeexit.rules import Trace

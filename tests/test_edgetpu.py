@@ -22,13 +22,6 @@ from edgeexit.manifest import MANIFEST_FILE, Manifest
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(request) -> Path:
-    """A converted bundle: $EDGEEXIT_TEST_BUNDLE (pre-built, e.g. for device-only CI) or the tiny_bundle fixture."""
-    env = os.environ.get("EDGEEXIT_TEST_BUNDLE")
-    return Path(env) if env else Path(request.getfixturevalue("tiny_bundle"))
-
-
-@pytest.fixture(scope="module")
 def manifest(bundle_dir) -> Manifest:
     return Manifest.from_json((bundle_dir / MANIFEST_FILE).read_text())
 

@@ -68,12 +68,6 @@ def test_no_power_sensor(tmp_path):
     assert find_power_sensor(str(tmp_path / "none")) is None
 
 
-@pytest.fixture(scope="module")
-def bundle_dir(request) -> Path:
-    env = os.environ.get("EDGEEXIT_TEST_BUNDLE")
-    return Path(env) if env else Path(request.getfixturevalue("tiny_bundle"))
-
-
 def _image(runner):
     h, w = runner.manifest.preprocessing.size
     return np.full((h, w, runner.manifest.preprocessing.channels), 128, np.uint8)

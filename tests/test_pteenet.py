@@ -22,7 +22,7 @@ def _backbone(seed: int = 0) -> torch.nn.Module:
 
 
 def _sets():
-    from tinymodels import synthetic_digits
+    from synthetic import synthetic_digits
 
     (xt, yt), (xv, yv) = synthetic_digits(192, seed=0), synthetic_digits(64, seed=1)
     return ImageSet(xt, yt, tuple(LABELS), "train"), ImageSet(xv, yv, tuple(LABELS), "val")
@@ -94,7 +94,7 @@ def test_split_zoo_network_converts_and_runs_on_the_device_path(tmp_path):
     pytest.importorskip("onnx2tf")
     from converters.convert import convert
     from edgeexit.runner import Runner
-    from tinymodels import synthetic_digits
+    from synthetic import synthetic_digits
 
     model = pteenet.attach_branches(_backbone(), (1, 28, 28), LABELS, exits_after=["layer2"], branch="conv1",
                                     backbone_desc=DESC)

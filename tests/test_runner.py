@@ -15,13 +15,6 @@ from edgeexit import (ClassExclusionRule, ConfidenceRule, EntropyRule, FinalExit
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(request) -> Path:
-    """A converted bundle: $EDGEEXIT_TEST_BUNDLE (pre-built, e.g. for device-only CI) or the tiny_bundle fixture."""
-    env = os.environ.get("EDGEEXIT_TEST_BUNDLE")
-    return Path(env) if env else Path(request.getfixturevalue("tiny_bundle"))
-
-
-@pytest.fixture(scope="module")
 def runner(bundle_dir) -> Runner:
     return Runner(bundle_dir, power_sensor=None, board="rpi4")
 

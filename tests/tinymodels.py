@@ -12,11 +12,7 @@ import torch
 from torch import nn
 
 from converters.staged import ExitHead, ModelSpec, Stage, StagedModel
-
-TINY_SIZE = 28
-TINY_CLASSES = 10
-TINY_MEAN = [0.1307]
-TINY_STD = [0.3081]
+from synthetic import TINY_CLASSES, TINY_MEAN, TINY_SIZE, TINY_STD, synthetic_digits  # noqa: F401 (re-exported)
 
 
 class TinyHead(ExitHead):
@@ -71,28 +67,6 @@ def tiny_staged_model(seed: int = 0, widths: tuple[int, ...] = (8, 16, 16), conf
     return StagedModel(stages, spec).eval()
 
 
-def synthetic_digits(n: int, seed: int = 0, size: int = TINY_SIZE,
-                     noise: float = 50.0) -> tuple[np.ndarray, np.ndarray]:
-    """Oriented gratings (one orientation, frequency and contrast per class) plus Gaussian noise, as uint8 images.
-
-    Contrast alone separates some classes (a shallow exit gets part of the task right), orientation the rest.
-
-    Returns:
-        images [n, size, size, 1] uint8 and labels [n] int64. The gratings depend only on ``size``,
-        so different seeds give different samples of the same task.
-    """
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
-    angles = np.arange(TINY_CLASSES) * np.pi / TINY_CLASSES
-    freqs = 0.35 + 0.25 * (np.arange(TINY_CLASSES) % 3)
-    templates = np.stack([127.5 + 127.5 * np.sin(f * (np.cos(a) * xx + np.sin(a) * yy))
-                          for a, f in zip(angles, freqs)])[..., None]  # [K, size, size, 1] oriented gratings
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, TINY_CLASSES, size=n).astype(np.int64)
-    contrast = 0.3 + 0.07 * labels[:, None, None, None] + rng.uniform(-0.03, 0.03, size=(n, 1, 1, 1))
-    images = templates[labels] * contrast + rng.normal(0, noise, (n, size, size, 1))
-    return np.clip(images, 0, 255).astype(np.uint8), labels
-
-
 def to_tensor(images: np.ndarray, model: StagedModel) -> torch.Tensor:
     """uint8 NHWC images -> normalized float NCHW tensor, as the model's spec says."""
     x = images.astype(np.float32) / 255.0
@@ -121,3 +95,22 @@ def train_tiny(model: StagedModel, steps: int = 120, batch: int = 64, seed: int 
         loss.backward()
         opt.step()
     return model.eval()
+
+
+CALIBRATION_SAMPLES = 48
+VERIFY_SAMPLES = 200
+
+
+def convert_tiny(out_dir, **kwargs):
+    """Train the seeded tiny model and convert it into a bundle at ``out_dir`` (stages + monolithic).
+
+    The one recipe behind the ``tiny_bundle`` fixture and ``tests/make_test_bundle.py``. Returns the
+    ConversionReport.
+    """
+    from converters.convert import convert
+
+    model = train_tiny(tiny_staged_model(seed=0), steps=120)
+    calib, _ = synthetic_digits(CALIBRATION_SAMPLES, seed=3)
+    images, labels = synthetic_digits(VERIFY_SAMPLES, seed=7)
+    return convert(model, calib, out_dir, verify_images=images, verify_labels=labels, monolithic=True,
+                   name="tiny-test", **kwargs)

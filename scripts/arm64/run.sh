@@ -4,7 +4,7 @@
 #   scripts/arm64/run.sh [--cpu a72|a76] [--bind DIR]... exec -- CMD [ARG...]   any command (venv on PATH)
 #   scripts/arm64/run.sh [--cpu a72|a76] tests [PYTEST ARGS...]                  the test suite (default: tests/)
 #   scripts/arm64/run.sh [--cpu a72|a76] outputs BUNDLE INPUTS.npz OUT.npz       labels, exits, int8 outputs
-#   scripts/arm64/run.sh ci [--reuse]                                            everything below, for CI
+#   scripts/arm64/run.sh ci [--reuse | --bundle DIR]                             everything below, for CI
 #
 # --cpu a72 emulates a Raspberry Pi 4 (QEMU_CPU=cortex-a72 and a Pi 4 /proc/cpuinfo), a76 a Raspberry Pi 5
 # (cortex-a76). Default a72. Each command runs in a private mount namespace: /proc/cpuinfo is replaced by
@@ -15,7 +15,8 @@
 # 'ci' = setup.sh, then on the host (workstation env .venv): a tiny seeded bundle and 1000 MNIST test
 # images; the outputs on x86 and on both emulated CPUs; scripts/compare_outputs.py compare; the runtime
 # test suite on a72. Non-zero exit on any failure. Results in runs/arm64/. --reuse keeps an existing
-# runs/arm64/bundle and inputs.npz instead of converting again.
+# runs/arm64/bundle and inputs.npz instead of converting again; --bundle DIR uses
+# that bundle instead of converting one.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 arm64_dir="${EDGEEXIT_ARM64_DIR:-$here/.arm64}"
@@ -85,6 +86,9 @@ case "$cmd" in
     t0=$(date +%s)
     if [ "${1:-}" = --reuse ] && [ -f "$out/bundle/manifest.json" ] && [ -f "$out/inputs.npz" ]; then
       echo "[arm64] reusing $out/bundle and $out/inputs.npz" >&2
+    elif [ "${1:-}" = --bundle ]; then
+      [ -f "${2:-}/manifest.json" ] || die "ci --bundle needs a bundle directory, got '${2:-}'" 2
+      "$py" "$here/scripts/compare_outputs.py" prepare --out "$out" --count 1000 --bundle "$2"
     else
       "$py" "$here/scripts/compare_outputs.py" prepare --out "$out" --count 1000
     fi
