@@ -271,7 +271,7 @@ class Runner:
             if inspect or k == stop_at or k == last:
                 logits = st.logits_lut[st.tensor(st.logits_index)()[0].view(np.uint8)]  # [K] float32
                 conf = (st.conf_lut[st.tensor(st.confidence_index)().reshape(-1).view(np.uint8)]
-                        if use_conf else None)                                           # [1] float32
+                        if use_conf and st.conf_lut is not None else None)              # [1] float32
                 label = rule.decide(k, logits, conf, state)
                 if label != CONTINUE:
                     marks.append(clock())
