@@ -3,7 +3,7 @@
 #   set up the pinned environment -> train the default EENet -> convert it to an int8 bundle ->
 #   tune its per-exit thresholds on one half of the MNIST test set -> benchmark it on the device path, on the
 #   other half, against the monolithic int8 model -> per-exit table, threshold sweep and plot.
-# Usage: bash scripts/demo.sh [OUT_DIR]    (default: runs/demo; results are also copied to benchmarks/results/)
+# Usage: bash scripts/demo.sh [OUT_DIR]    (default: runs/demo)
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$here"
