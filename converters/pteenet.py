@@ -189,7 +189,9 @@ def attach_branches(backbone: nn.Module, input_shape: Sequence[int], labels: Seq
         for seg in pieces[:-2]:
             x = seg(x)
             ch = int(x.shape[1])
-            heads.append(ClassHead(ch, len(labels)) if branch == "class" else EENetHead(ch, len(labels), kind=branch))
+            size = (int(x.shape[2]), int(x.shape[3])) if branch == "spatial" else None  # the head sees the whole map
+            heads.append(ClassHead(ch, len(labels)) if branch == "class"
+                         else EENetHead(ch, len(labels), kind=branch, spatial_size=size))
     channels = int(input_shape[0])
     spec = ModelSpec(builder="pteenet",
                      kwargs={"backbone": backbone_desc or {}, "input_shape": [int(v) for v in input_shape],

@@ -113,3 +113,17 @@ def test_split_zoo_network_converts_and_runs_on_the_device_path(tmp_path):
     assert agree >= 0.9
     result = runner(images[0])
     assert result.exit_index in (0, 1) and 0 <= result.label < 10
+
+
+def test_spatial_branches_see_the_whole_map_and_rebuild_from_their_spec():
+    from converters.registry import build
+
+    model = pteenet.attach_branches(_backbone(), (1, 28, 28), LABELS, exits_after=["layer1", "layer2"],
+                                    branch="spatial", backbone_desc=DESC)
+    x = torch.randn(2, 1, 28, 28)
+    rebuilt = build(model.spec)
+    rebuilt.load_state_dict(model.state_dict())
+    rebuilt.eval()
+    with torch.no_grad():
+        for a, b in zip(model(x), rebuilt(x)):
+            assert torch.equal(a["logits"], b["logits"])
