@@ -76,20 +76,6 @@ class EENetHead(ExitHead):
         return {"logits": self.classifier(pooled), "confidence": self.confidence(pooled)}  # [N,K], [N,1]
 
 
-class ClassHead(ExitHead):
-    """Class-based exit: global average pool + Linear(C, K) giving one independent sigmoid logit per class."""
-
-    scores = "sigmoid"
-    has_confidence = False
-
-    def __init__(self, in_ch: int, num_classes: int):
-        super().__init__()
-        self.classifier = nn.Linear(in_ch, num_classes)
-
-    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"logits": self.classifier(_global_pool(features))}  # [N, K]
-
-
 class PlainHead(ExitHead):
     """A plain classifier: global average pool + Linear(C, K) softmax logits, no confidence."""
 
@@ -102,3 +88,9 @@ class PlainHead(ExitHead):
 
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"logits": self.classifier(_global_pool(features))}  # [N, K]
+
+
+class ClassHead(PlainHead):
+    """Class-based exit: the same pool + Linear(C, K), read as one independent sigmoid logit per class."""
+
+    scores = "sigmoid"
