@@ -25,30 +25,15 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
 
 from edgeexit.rules import RULES, Trace  # noqa: E402
 from edgeexit.tune import ExitCosts, Target, evaluate_rule, exit_costs, search_front  # noqa: E402
 from edgeexit.manifest import ExitRuleSpec  # noqa: E402
+from synthetic import synthetic_trace  # noqa: E402 (the tests' synthetic trace, numpy only)
 
 RESULTS = REPO / "benchmarks" / "results"
 log = logging.getLogger("bench_tune")
-
-
-def synthetic_trace(n: int = 10_000, exits: int = 4, classes: int = 10, seed: int = 0) -> Trace:
-    """Exits that improve with depth; logits in steps of 1/8 (int8-like); confidences that track correctness."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, classes, n)
-    hard = rng.uniform(0, 1, n)
-    logits, conf = [], []
-    for i in range(exits):
-        skill = 3.0 * (i + 1) / exits
-        good = rng.uniform(0, 1, n) < 0.45 + 0.5 * (i + 1) / exits - 0.3 * hard
-        z = rng.normal(0, 1, (n, classes))
-        z[np.arange(n), labels] += np.where(good, 2 * skill, 0.0)
-        logits.append((np.round(z * 8) / 8).astype(np.float32))
-        conf.append((np.where(good, 1.0, -1.0) * skill + rng.normal(0, 1.5, n)).astype(np.float32))
-    lat = np.tile(np.array([0.1, 0.12, 0.15, 0.2])[:exits], (n, 1))
-    return Trace(tuple(logits), tuple(conf), ("softmax",) * exits, lat, labels)
 
 
 def machine() -> dict:
@@ -58,7 +43,7 @@ def machine() -> dict:
 
 
 def bench_search(repeats: int) -> dict:
-    trace = synthetic_trace()
+    trace = synthetic_trace(n=10_000)
     costs = ExitCosts(macs_fraction=np.array([0.2, 0.45, 0.7, 1.05]),
                       latency_ms=np.cumsum([0.1, 0.12, 0.15, 0.2]), energy_mj=None)
     out = {}

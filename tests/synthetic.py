@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from edgeexit.rules import Trace
+
 TINY_SIZE = 28
 TINY_CLASSES = 10
 TINY_MEAN = [0.1307]
@@ -30,3 +32,20 @@ def synthetic_digits(n: int, seed: int = 0, size: int = TINY_SIZE,
     contrast = 0.3 + 0.07 * labels[:, None, None, None] + rng.uniform(-0.03, 0.03, size=(n, 1, 1, 1))
     images = templates[labels] * contrast + rng.normal(0, noise, (n, size, size, 1))
     return np.clip(images, 0, 255).astype(np.uint8), labels
+
+
+def synthetic_trace(n: int = 3000, exits: int = 4, classes: int = 10, seed: int = 0) -> Trace:
+    """Exits that get better with depth; int8-like logits (steps of 1/8); confidences that track correctness."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    hard = rng.uniform(0, 1, n)
+    logits, conf = [], []
+    for i in range(exits):
+        skill = 3.0 * (i + 1) / exits
+        good = rng.uniform(0, 1, n) < 0.45 + 0.5 * (i + 1) / exits - 0.3 * hard
+        z = rng.normal(0, 1, (n, classes))
+        z[np.arange(n), labels] += np.where(good, 2 * skill, 0.0)
+        logits.append((np.round(z * 8) / 8).astype(np.float32))
+        conf.append((np.where(good, 1.0, -1.0) * skill + rng.normal(0, 1.5, n)).astype(np.float32))
+    lat = np.tile(np.array([0.1, 0.12, 0.15, 0.2])[:exits], (n, 1))
+    return Trace(tuple(logits), tuple(conf), ("softmax",) * exits, lat, labels)

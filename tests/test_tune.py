@@ -11,30 +11,15 @@ import numpy as np
 import pytest
 
 from edgeexit.errors import DatasetError, TuningError, UsageError
-from edgeexit.rules import RULES, Trace
+from edgeexit.rules import RULES
 from edgeexit.tune import (Budget, ExitCosts, OperatingPoints, Target, search_front, tune_bundle,
                            use_operating_point)
+
+from synthetic import synthetic_trace  # noqa: E402,F401 (also used by test_control)
 
 REPO = Path(__file__).resolve().parents[1]
 COSTS = ExitCosts(macs_fraction=np.array([0.2, 0.45, 0.7, 1.05]), latency_ms=np.cumsum([0.1, 0.12, 0.15, 0.2]),
                   energy_mj=np.cumsum([0.01, 0.012, 0.015, 0.02]))
-
-
-def synthetic_trace(n: int = 3000, exits: int = 4, classes: int = 10, seed: int = 0) -> Trace:
-    """Exits that get better with depth; int8-like logits (steps of 1/8); confidences that track correctness."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, classes, n)
-    hard = rng.uniform(0, 1, n)
-    logits, conf = [], []
-    for i in range(exits):
-        skill = 3.0 * (i + 1) / exits
-        good = rng.uniform(0, 1, n) < 0.45 + 0.5 * (i + 1) / exits - 0.3 * hard
-        z = rng.normal(0, 1, (n, classes))
-        z[np.arange(n), labels] += np.where(good, 2 * skill, 0.0)
-        logits.append((np.round(z * 8) / 8).astype(np.float32))
-        conf.append((np.where(good, 1.0, -1.0) * skill + rng.normal(0, 1.5, n)).astype(np.float32))
-    lat = np.tile(np.array([0.1, 0.12, 0.15, 0.2])[:exits], (n, 1))
-    return Trace(tuple(logits), tuple(conf), ("softmax",) * exits, lat, labels)
 
 
 @pytest.mark.parametrize("rule", ["confidence", "max_softmax", "entropy", "class_exclusion"])
