@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -54,6 +55,7 @@ def main() -> None:
     ap.add_argument("--calib-size", type=int, default=64)
     ap.add_argument("--verify-size", type=int, default=200)
     ap.add_argument("--out", default=None, help="result file (default benchmarks/results/convert_<model>.json)")
+    ap.add_argument("--keep", default=None, help="also keep the bundle in this directory (e.g. for bench_runtime.py)")
     args = ap.parse_args()
 
     model = build(args.model, args.exits)
@@ -66,6 +68,9 @@ def main() -> None:
         report = convert(model, calib, Path(tmp) / "bundle", verify_images=verify, monolithic=True,
                          progress=lambda line: print(line, file=sys.stderr, flush=True))
         wall = time.perf_counter() - start
+        if args.keep:
+            shutil.rmtree(args.keep, ignore_errors=True)
+            shutil.copytree(Path(tmp) / "bundle", args.keep)
     m = report.manifest
     stage_bytes = sum(s.size_bytes for s in m.stages)
     int8_param_bytes = sum(s.costs.segment_param_bytes + s.costs.head_param_bytes for s in m.stages)

@@ -10,7 +10,8 @@ The three packages expose the same ``Interpreter`` class. They are tried in this
 
 Only APIs that tflite-runtime 2.14 also has are used: ``Interpreter(model_path, num_threads,
 experimental_delegates)``, ``allocate_tensors``, ``get_input_details``, ``get_output_details``,
-``tensor``, ``invoke`` and ``load_delegate``.
+``tensor``, ``invoke`` and ``load_delegate``, plus the native ``Invoke`` behind ``invoke`` (see
+:func:`native_invoke`).
 """
 
 from __future__ import annotations
@@ -139,3 +140,22 @@ def create_interpreter(model_path: str | os.PathLike[str], backend: Backend, *, 
                                f"cannot load it ({msg:.160}); the file is corrupt or needs a newer "
                                "interpreter: re-copy the bundle or upgrade the interpreter") from None
     return interp
+
+
+def native_invoke(interp: Any) -> Callable[[], None]:
+    """The interpreter's native ``Invoke``: ``invoke()`` without the Python wrapper's live-view check.
+
+    The public ``invoke()`` refuses to run while any numpy view of the interpreter's tensors is alive,
+    because ``allocate_tensors()`` / ``resize_tensor_input()`` could move the buffers under it. The Runner
+    calls neither after creating an interpreter (bundles have static shapes), so it keeps one view per
+    input / output tensor for the interpreter's lifetime and invokes through this function. All three
+    backends (ai-edge-litert, tflite-runtime 2.14, tensorflow.lite) wrap the same native object.
+
+    Raises:
+        InterpreterError: this interpreter has no native ``Invoke`` (an unknown interpreter build).
+    """
+    invoke = getattr(getattr(interp, "_interpreter", None), "Invoke", None)
+    if not callable(invoke):
+        raise InterpreterError(f"{type(interp).__module__}.{type(interp).__name__} has no native Invoke; install "
+                               "a supported interpreter: " + INSTALL_HINT)
+    return invoke

@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -25,7 +25,7 @@ from .boards import DEVICE_TREE_MODEL, Board, get_board
 from .bundle import Bundle, Requantization, check_model_tensors, check_stage_tensors, load_bundle
 from .energy import OPS_SOURCE, Energy, HwmonSensor, find_power_sensor, stages_ops_mj
 from .errors import BundleError, UsageError
-from .interpreter import create_interpreter, edgetpu_delegate, resolve_backend
+from .interpreter import create_interpreter, edgetpu_delegate, native_invoke, resolve_backend
 from .manifest import ExitRuleSpec, Manifest
 from .preprocess import ImageLike, Preprocessor
 from .rules import CONTINUE, ExitRule, Trace, rule_from_spec
@@ -76,22 +76,30 @@ class MonolithicResult:
 
 
 class _Stage:
-    """Hot-path data of one stage: its interpreter and cached tensor indices / quantization."""
+    """Hot-path data of one stage: its native invoke and zero-copy views of its tensors, made once.
 
-    __slots__ = ("interp", "invoke", "tensor", "input_index", "features_index", "logits_index",
-                 "confidence_index", "logits_lut", "conf_lut", "scores")
+    The views stay valid because the interpreter is never re-allocated or resized after creation (see
+    :func:`~edgeexit.interpreter.native_invoke`); writing ``inp`` and reading ``feat`` / ``logits_q`` /
+    ``conf_q`` therefore costs no call into the interpreter at all.
+    """
+
+    __slots__ = ("interp", "run", "inp", "feat", "logits_q", "conf_q", "has_confidence", "logits_lut", "conf_lut",
+                 "scores", "tensors")
 
     def __init__(self, interp: Any, manifest: Manifest, k: int):
         spec = manifest.stages[k]
-        where = check_stage_tensors(interp, spec)
-        self.interp, self.invoke, self.tensor = interp, interp.invoke, interp.tensor
-        self.input_index = where.input_index
-        self.features_index = where.output_index.get("features")
-        self.logits_index = where.output_index["logits"]
-        self.confidence_index = where.output_index.get("confidence")
+        self.tensors = where = check_stage_tensors(interp, spec)
+        self.interp, self.run = interp, native_invoke(interp)
+        self.inp = interp.tensor(where.input_index)()                              # [1, H, W, C] int8
+        features = where.output_index.get("features")
+        self.feat = interp.tensor(features)() if features is not None else None  # [1, h, w, c] int8
+        self.logits_q = interp.tensor(where.output_index["logits"])()[0].view(np.uint8)  # [K] raw bytes
+        conf = where.output_index.get("confidence")
+        self.has_confidence = conf is not None
+        self.conf_q = interp.tensor(conf)().reshape(-1).view(np.uint8) if conf is not None else None  # [1]
         self.logits_lut = _dequant_table(spec.outputs["logits"])
-        conf = spec.outputs.get("confidence")
-        self.conf_lut = _dequant_table(conf) if conf is not None else None
+        conf_spec = spec.outputs.get("confidence")
+        self.conf_lut = _dequant_table(conf_spec) if conf_spec is not None else None
         self.scores = spec.scores
 
 
@@ -108,11 +116,6 @@ def _dequant_table(tensor: Any) -> np.ndarray:
     values = q.view(np.int8) if tensor.dtype == "int8" else q
     return (values.astype(np.float32) - np.float32(tensor.quantization.zero_point)) * np.float32(
         tensor.quantization.scale)
-
-
-def _dequantize(q: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """int8/uint8 [..] -> float32 [..] through the output's 256-entry table."""
-    return table[q.view(np.uint8)]
 
 
 def _exit_scores(logits: np.ndarray, kind: str) -> np.ndarray:
@@ -168,7 +171,7 @@ class Runner:
                                  "no power sensor found (no hwmon power*_input or curr/in pair); energy is the "
                                  f"{self.board.name} board-profile estimate only")
         self._num_classes = self.manifest.num_classes
-        self._mono: tuple[Any, int, int] | None = None
+        self._mono: tuple[Callable[[], None], np.ndarray, np.ndarray] | None = None
         self.stats = RunnerStats(self.manifest.num_exits)
         self.rule: ExitRule = self._resolve_rule(rule)
         log.info("runner: %d stages, backend %s %s, %d thread(s), rule %r, board %s", len(self._stages),
@@ -194,7 +197,7 @@ class Runner:
             raise UsageError(f"rule must be an ExitRule, an ExitRuleSpec or an operating point name, got "
                              f"{type(rule).__name__}")
         rule.prepare(self.manifest.num_exits, [s.scores for s in self.manifest.stages],
-                     [s.confidence_index is not None for s in self._stages])
+                     [s.has_confidence for s in self._stages])
         return rule
 
     def operating_point(self, name: str) -> ExitRuleSpec:
@@ -261,27 +264,24 @@ class Runner:
         marks = []
         clock = time.perf_counter_ns
         t0 = clock()
-        first = stages[0]
-        np.copyto(first.tensor(first.input_index)()[0], q)  # zero-copy view, released before invoke
+        np.copyto(stages[0].inp[0], q)
         label = CONTINUE
         k = 0
         inspect, use_conf, stop_at = rule.inspects_exits, rule.uses_confidence, rule.stop_exit
         for k, st in enumerate(stages):
-            st.invoke()
+            st.run()
             if inspect or k == stop_at or k == last:
-                logits = st.logits_lut[st.tensor(st.logits_index)()[0].view(np.uint8)]  # [K] float32
-                conf = (st.conf_lut[st.tensor(st.confidence_index)().reshape(-1).view(np.uint8)]
-                        if use_conf and st.conf_lut is not None else None)              # [1] float32
+                logits = st.logits_lut[st.logits_q]                                        # [K] float32
+                conf = st.conf_lut[st.conf_q] if use_conf and st.conf_lut is not None else None  # [1] float32
                 label = rule.decide(k, logits, conf, state)
                 if label != CONTINUE:
                     marks.append(clock())
                     break
-            nxt = stages[k + 1]
             requant = handoffs[k]
             if requant is None:
-                np.copyto(nxt.tensor(nxt.input_index)(), st.tensor(st.features_index)())
+                np.copyto(stages[k + 1].inp, st.feat)
             else:
-                requant.apply(st.tensor(st.features_index)(), nxt.tensor(nxt.input_index)())
+                requant.apply(st.feat, stages[k + 1].inp)
             marks.append(clock())
         stage_ms = tuple((b - a) * 1e-6 for a, b in zip([t0] + marks[:-1], marks))
         latency_ms = (marks[-1] - t0) * 1e-6
@@ -317,19 +317,17 @@ class Runner:
             q = self._prep(image)
             row = []
             t = clock()
-            first = stages[0]
-            np.copyto(first.tensor(first.input_index)()[0], q)
+            np.copyto(stages[0].inp[0], q)
             for k, st in enumerate(stages):
-                st.invoke()
-                logits[k].append(_dequantize(st.tensor(st.logits_index)()[0], st.logits_lut))
-                if st.confidence_index is not None:
-                    confs[k].append(_dequantize(st.tensor(st.confidence_index)().reshape(-1), st.conf_lut))
+                st.run()
+                logits[k].append(st.logits_lut[st.logits_q])
+                if st.has_confidence:
+                    confs[k].append(st.conf_lut[st.conf_q])
                 if k + 1 < len(stages):
-                    nxt = stages[k + 1]
                     if handoffs[k] is None:
-                        np.copyto(nxt.tensor(nxt.input_index)(), st.tensor(st.features_index)())
+                        np.copyto(stages[k + 1].inp, st.feat)
                     else:
-                        handoffs[k].apply(st.tensor(st.features_index)(), nxt.tensor(nxt.input_index)())
+                        handoffs[k].apply(st.feat, stages[k + 1].inp)
                 now = clock()
                 row.append((now - t) * 1e-6)
                 t = now
@@ -344,7 +342,7 @@ class Runner:
         return Trace(
             logits=tuple(np.stack(l) if l else np.zeros((0, k_classes), np.float32) for l in logits),
             confidence=tuple((np.concatenate(c) if c else np.zeros(0, np.float32))
-                             if st.confidence_index is not None else None for c, st in zip(confs, stages)),
+                             if st.has_confidence else None for c, st in zip(confs, stages)),
             scores=tuple(st.scores for st in stages),
             stage_latency_ms=np.asarray(times, dtype=np.float64).reshape(n, len(stages)),
             labels=lab)
@@ -363,16 +361,16 @@ class Runner:
             interp = create_interpreter(path, self.backend, num_threads=self.num_threads,
                                         delegates=self._delegates)
             in_idx, out_idx = check_model_tensors(interp, spec.input, spec.output, spec.file)
-            self._mono = (interp, in_idx, out_idx)
-        interp, in_idx, out_idx = self._mono
+            self._mono = (native_invoke(interp), interp.tensor(in_idx)(), interp.tensor(out_idx)())
+        run, inp, out = self._mono
         q = self._prep(image)
         t0 = time.perf_counter_ns()
-        np.copyto(interp.tensor(in_idx)()[0], q)
-        interp.invoke()
-        label = int(interp.tensor(out_idx)()[0].argmax())
+        np.copyto(inp[0], q)
+        run()
+        label = int(out[0].argmax())
         latency_ms = (time.perf_counter_ns() - t0) * 1e-6
         return MonolithicResult(label=label, label_name=self.manifest.labels[label], latency_ms=latency_ms)
 
-    def raw_stage_interpreters(self) -> list[Any]:
-        """The stage interpreters (for benchmarks timing raw invokes); do not hold tensor views across invoke."""
-        return [s.interp for s in self._stages]
+    def stage_invokers(self) -> list[Callable[[], None]]:
+        """Each stage's bare invoke (for benchmarks that time the interpreters without the Runner around them)."""
+        return [s.run for s in self._stages]

@@ -66,6 +66,7 @@ def dump(bundle: str, inputs: str, out: str, backend: str = "auto") -> dict[str,
     string describing the machine and interpreter.
     """
     from edgeexit.bundle import check_stage_tensors
+    from edgeexit.interpreter import create_interpreter
     from edgeexit.runner import Runner
 
     with np.load(inputs) as data:
@@ -76,7 +77,8 @@ def dump(bundle: str, inputs: str, out: str, backend: str = "auto") -> dict[str,
     labels = np.array([r.label for r in results], dtype=np.int64)  # [N]
     exits = np.array([r.exit_index for r in results], dtype=np.int64)  # [N]
 
-    interps = runner.raw_stage_interpreters()
+    # fresh interpreters for the raw outputs: the Runner's keep zero-copy views and cannot use set_tensor/invoke
+    interps = [create_interpreter(f, runner.backend) for f in runner.bundle.stage_files]
     specs = runner.manifest.stages
     tensors = [check_stage_tensors(it, spec) for it, spec in zip(interps, specs)]
     raw: dict[str, list[np.ndarray]] = {f"out/stage{k}/{name}": [] for k, t in enumerate(tensors)
