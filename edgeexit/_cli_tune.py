@@ -20,9 +20,15 @@ def _summary(result: TuneResult, name: str, dry_run: bool) -> str:
              f"  accuracy        {100 * c.accuracy:.2f}% (final exit alone: {100 * result.final_accuracy:.2f}%)",
              f"  average cost    {100 * c.avg_macs_fraction:.1f}% of the full MACs, {c.est_latency_ms:.4g} ms "
              f"estimated{energy}",
-             f"  exits           {', '.join(f'{100 * f:.1f}%' for f in c.exit_fractions)}",
-             f"  front           {len(result.front)} points, searched in {result.search_s:.2f} s "
-             f"({result.evaluated} threshold vectors)"]
+             f"  exits           {', '.join(f'{100 * f:.1f}%' for f in c.exit_fractions)}"]
+    if result.reference is not None:
+        r = result.reference
+        kept = " (kept: no cheaper point is as accurate)" if c is r else ""
+        lines.append(f"  reference       '{result.reference_name}' {r.rule} "
+                     f"{', '.join(f'{t:.6g}' for t in r.thresholds)}: {100 * r.accuracy:.2f}% at "
+                     f"{100 * r.avg_macs_fraction:.1f}% of the MACs{kept}")
+    lines.append(f"  front           {len(result.front)} points, searched in {result.search_s:.2f} s "
+                 f"({result.evaluated} threshold vectors)")
     return "\n".join(lines)
 
 
@@ -37,6 +43,9 @@ def _summary(result: TuneResult, name: str, dry_run: bool) -> str:
               help="Rule to tune (default: the bundle's own rule if tunable, else max_softmax).")
 @click.option("--max-drop", type=float, default=None, metavar="PP",
               help="Cheapest point within PP percentage points of the final exit's accuracy (default 0.5).")
+@click.option("--no-worse-than", default=None, metavar="POINT",
+              help="Cheapest point at least as accurate as POINT on the same data: 'current' (the bundle's exit "
+                   "rule) or a stored operating point such as 'original'.")
 @click.option("--budget-macs", type=float, default=None, metavar="FRACTION",
               help="Most accurate point with average MACs <= FRACTION of the full network.")
 @click.option("--budget-latency-ms", type=float, default=None, metavar="MS",
@@ -52,13 +61,14 @@ def _summary(result: TuneResult, name: str, dry_run: bool) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the result (chosen point and front) as JSON.")
 @click.pass_context
 def tune(ctx: click.Context, bundle: str, data: str, split: str, limit: int | None, rule: str | None,
-         max_drop: float | None, budget_macs: float | None, budget_latency_ms: float | None,
-         budget_energy_mj: float | None, name: str, levels: int, backend: str, dry_run: bool, as_json: bool) -> None:
+         max_drop: float | None, no_worse_than: str | None, budget_macs: float | None,
+         budget_latency_ms: float | None, budget_energy_mj: float | None, name: str, levels: int, backend: str, dry_run: bool, as_json: bool) -> None:
     """Search per-exit thresholds of BUNDLE for an accuracy or budget target and store the trade-off front."""
-    if max_drop is None and budget_macs is None and budget_latency_ms is None and budget_energy_mj is None:
+    if (max_drop is None and no_worse_than is None and budget_macs is None and budget_latency_ms is None
+            and budget_energy_mj is None):
         max_drop = 0.5
-    target = Target(max_drop_pp=max_drop, budget_macs=budget_macs, budget_latency_ms=budget_latency_ms,
-                    budget_energy_mj=budget_energy_mj)
+    target = Target(max_drop_pp=max_drop, no_worse_than=no_worse_than, budget_macs=budget_macs,
+                    budget_latency_ms=budget_latency_ms, budget_energy_mj=budget_energy_mj)
     quiet = bool((ctx.find_root().obj or {}).get("quiet"))
     progress: Any = None
     if not quiet and not as_json:

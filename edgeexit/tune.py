@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .errors import DatasetError, EdgeExitError, TuningError, UsageError
+from .errors import BundleError, DatasetError, EdgeExitError, TuningError, UsageError
 from .manifest import EXIT_RULES, ExitRuleSpec, Manifest
 from .energy import stages_ops_mj
 from .rules import RULES, Trace, rule_from_spec
@@ -145,6 +145,10 @@ class Target:
     Attributes:
         max_drop_pp: accuracy may fall at most this many percentage points below the final exit's accuracy
             on the same data; the cheapest such point (by ``cost_kind``) is chosen.
+        min_accuracy: an absolute accuracy floor (fraction in [0, 1]); the cheapest point reaching it.
+        no_worse_than: the name of a rule to beat: an operating point stored in the bundle, or "current" (the
+            bundle's exit rule). :func:`tune_bundle` evaluates it on the same trace and turns it into
+            ``min_accuracy``; it keeps the reference when no cheaper point is at least as accurate.
         budget_macs: average MACs as a fraction of the full network; the most accurate point within it.
         budget_latency_ms: average estimated latency per input in ms.
         budget_energy_mj: average energy per input in mJ.
@@ -154,17 +158,45 @@ class Target:
     budget_macs: float | None = None
     budget_latency_ms: float | None = None
     budget_energy_mj: float | None = None
+    min_accuracy: float | None = None
+    no_worse_than: str | None = None
 
     def __post_init__(self) -> None:
         given = {k: v for k, v in self.__dict__.items() if v is not None}
         if len(given) != 1:
-            raise UsageError(f"give exactly one tuning target (--max-drop, --budget-macs, --budget-latency-ms or "
-                             f"--budget-energy-mj), got {sorted(given) or 'none'}")
+            raise UsageError(f"give exactly one tuning target (--max-drop, --no-worse-than, --budget-macs, "
+                             f"--budget-latency-ms or --budget-energy-mj), got {sorted(given) or 'none'}")
         (key, value), = given.items()
+        if key == "no_worse_than":
+            if not isinstance(value, str) or not value:
+                raise UsageError(f"no_worse_than must name an operating point or 'current', got {value!r}")
+            return
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
             raise UsageError(f"target {key}={value!r} must be a finite number >= 0")
-        if key != "max_drop_pp" and value == 0:
+        if key == "min_accuracy" and value > 1:
+            raise UsageError(f"target min_accuracy={value!r} is a fraction of correct answers; give a number in [0, 1]")
+        if key not in ("max_drop_pp", "min_accuracy") and value == 0:
             raise UsageError(f"target {key}=0 cannot be met by any network; give a positive budget")
+
+    @property
+    def is_accuracy_target(self) -> bool:
+        """True for an accuracy floor (cheapest point that meets it), False for a cost budget."""
+        return self.max_drop_pp is not None or self.min_accuracy is not None or self.no_worse_than is not None
+
+    def floor(self, final_accuracy: float) -> float | None:
+        """The accuracy the chosen point must reach, given the final exit's; None for a cost budget.
+
+        Raises:
+            UsageError: a ``no_worse_than`` target that :func:`tune_bundle` has not resolved yet.
+        """
+        if self.no_worse_than is not None:
+            raise UsageError(f"target 'no worse than {self.no_worse_than}' needs the reference evaluated on the same "
+                             "data: use tune_bundle, or pass Target(min_accuracy=<its accuracy>)")
+        if self.min_accuracy is not None:
+            return float(self.min_accuracy)
+        if self.max_drop_pp is not None:
+            return final_accuracy - self.max_drop_pp / 100.0
+        return None
 
     @property
     def cost_kind(self) -> str:
@@ -186,10 +218,14 @@ class Target:
     def describe(self) -> str:
         if self.max_drop_pp is not None:
             return f"accuracy drop <= {self.max_drop_pp:g} pp"
+        if self.min_accuracy is not None:
+            return f"accuracy >= {100 * self.min_accuracy:.2f}%"
+        if self.no_worse_than is not None:
+            return f"accuracy no worse than '{self.no_worse_than}', fewer MACs"
         return f"average {_cost_label(self.cost_kind)} <= {_fmt_cost(self.cost_kind, self.budget or 0.0)}"
 
-    def to_dict(self) -> dict[str, float]:
-        return {k: float(v) for k, v in self.__dict__.items() if v is not None}
+    def to_dict(self) -> dict[str, float | str]:
+        return {k: (v if isinstance(v, str) else float(v)) for k, v in self.__dict__.items() if v is not None}
 
 
 @dataclass(frozen=True)
@@ -206,6 +242,10 @@ class TuneResult:
         data: where the tuning data came from.
         search_s: wall time of the search itself (not the trace).
         evaluated: number of threshold vectors evaluated.
+        reference: for a ``no_worse_than`` target, the reference rule evaluated on the same data (``chosen``
+            is the reference itself when no cheaper point is at least as accurate); ``target`` then holds
+            the resolved ``min_accuracy``.
+        reference_name: the name the reference was asked for by.
     """
 
     chosen: OperatingPoint
@@ -218,10 +258,19 @@ class TuneResult:
     search_s: float = 0.0
     evaluated: int = 0
     exit_costs: ExitCosts | None = None
+    reference: OperatingPoint | None = None
+    reference_name: str | None = None
+
+    def target_dict(self) -> dict[str, Any]:
+        """The target as asked and as resolved (with the reference point for ``no_worse_than``)."""
+        d: dict[str, Any] = dict(self.target.to_dict())
+        if self.reference is not None:
+            d.update(no_worse_than=self.reference_name, reference=self.reference.to_dict())
+        return d
 
     def to_dict(self) -> dict[str, Any]:
         return {"chosen": self.chosen.to_dict(), "cost_kind": self.cost_kind,
-                "final_accuracy": round(self.final_accuracy, 6), "target": self.target.to_dict(), "n": self.n,
+                "final_accuracy": round(self.final_accuracy, 6), "target": self.target_dict(), "n": self.n,
                 "data": self.data, "search_s": round(self.search_s, 4), "evaluated": self.evaluated,
                 "front": [p.to_dict() for p in self.front]}
 
@@ -561,9 +610,8 @@ def search_front(trace: Trace, costs: ExitCosts, rule: str, target: Target, *,
 def _objective(target: Target, final_accuracy: float) -> Callable[[float, float, float, float], bool]:
     """better(acc, cost, best_acc, best_cost): feasible first, then cheaper (accuracy target) or more accurate."""
     eps = 1e-12
-    if target.max_drop_pp is not None:
-        floor = final_accuracy - target.max_drop_pp / 100.0
-
+    floor = target.floor(final_accuracy)
+    if floor is not None:
         def better(a: float, c: float, ba: float, bc: float) -> bool:
             ok, bok = a >= floor - eps, ba >= floor - eps
             if ok != bok:
@@ -587,8 +635,8 @@ def _objective(target: Target, final_accuracy: float) -> Callable[[float, float,
 def _choose_key(front: Sequence[tuple[tuple[int, ...], float, float, Any]], target: Target,
                 final_accuracy: float) -> tuple[int, ...] | None:
     eps = 1e-12
-    if target.max_drop_pp is not None:
-        floor = final_accuracy - target.max_drop_pp / 100.0
+    floor = target.floor(final_accuracy)
+    if floor is not None:
         ok = [p for p in front if p[1] >= floor - eps]
         return ok[0][0] if ok else None            # front is sorted by cost: first = cheapest
     ok = [p for p in front if p[2] <= (target.budget or 0.0) + eps]
@@ -597,11 +645,14 @@ def _choose_key(front: Sequence[tuple[tuple[int, ...], float, float, Any]], targ
 
 def _unmet_message(front: Sequence[tuple[tuple[int, ...], float, float, Any]], target: Target,
                    final_accuracy: float, kind: str) -> str:
-    if target.max_drop_pp is not None:
+    floor = target.floor(final_accuracy)
+    if floor is not None:
         _, acc, cost, _ = max(front, key=lambda p: (p[1], -p[2]))
-        return (f"no operating point keeps the accuracy within {target.max_drop_pp:g} pp of the final exit's "
-                f"{100 * final_accuracy:.2f}%: the most accurate point reaches {100 * acc:.2f}% at "
-                f"{_fmt_cost(kind, cost)}; allow a larger --max-drop")
+        wanted = (f"within {target.max_drop_pp:g} pp of the final exit's {100 * final_accuracy:.2f}%"
+                  if target.max_drop_pp is not None else f"at {100 * floor:.2f}% or more")
+        fix = "allow a larger --max-drop" if target.max_drop_pp is not None else "ask for a lower accuracy"
+        return (f"no operating point keeps the accuracy {wanted}: the most accurate point reaches {100 * acc:.2f}% "
+                f"at {_fmt_cost(kind, cost)}; {fix}")
     _, acc, cost, _ = min(front, key=lambda p: (p[2], -p[1]))
     return (f"no operating point fits the budget of {_fmt_cost(kind, target.budget or 0.0)}: the cheapest point "
             f"costs {_fmt_cost(kind, cost)} (accuracy {100 * acc:.2f}%); raise the budget")
@@ -691,7 +742,7 @@ def updated_manifest(manifest: Manifest, result: TuneResult, name: str, original
             entry.update({"data": result.data, "n": result.n})
         points["original"] = entry
     points[name] = {**result.chosen.to_dict(), "data": result.data, "n": result.n,
-                    "target": result.target.to_dict(), "final_accuracy": round(result.final_accuracy, 6)}
+                    "target": result.target_dict(), "final_accuracy": round(result.final_accuracy, 6)}
     points["front"] = [p.to_dict() for p in thin_front(result.front, result.cost_kind, max_front)]
     if result.exit_costs is not None:
         c = result.exit_costs
@@ -762,7 +813,11 @@ def tune_bundle(bundle: str | os.PathLike[str], data: str, target: Target, *, ru
     log.info("tracing %d images through %d stages", len(images), manifest.num_exits)
     trace = runner.trace(seq, images.labels)
     costs = exit_costs(manifest, trace)
-    result = dataclasses.replace(search_front(trace, costs, kind, target, levels=levels), data=images.name)
+    if target.no_worse_than is not None:
+        result = _beat_reference(trace, costs, kind, target.no_worse_than, manifest, levels)
+    else:
+        result = search_front(trace, costs, kind, target, levels=levels)
+    result = dataclasses.replace(result, data=images.name)
     if not dry_run:
         original = None
         if "original" not in manifest.operating_points:
@@ -772,6 +827,38 @@ def tune_bundle(bundle: str | os.PathLike[str], data: str, target: Target, *, ru
                 log.warning("the bundle's own rule cannot be evaluated on this trace: %s", exc)
         path = write_manifest_atomic(loaded.path, updated_manifest(manifest, result, name, original))
         log.info("wrote operating point %r to %s", name, path)
+    return result
+
+
+def reference_rule(manifest: Manifest, name: str) -> ExitRuleSpec:
+    """The rule called ``name``: "current" (the bundle's exit rule) or one of its stored operating points.
+
+    Raises:
+        UsageError: no such operating point (the message lists the names there are).
+    """
+    if name == "current":
+        return manifest.exit_rule
+    points = manifest.operating_points
+    entry = points.get(name) if name not in RESERVED_NAMES or name == "original" else None
+    if not isinstance(entry, Mapping):
+        names = sorted(k for k, v in points.items() if isinstance(v, Mapping) and k not in ("exit_costs",))
+        raise UsageError(f"--no-worse-than {name!r}: the bundle has no such operating point; use 'current' or one "
+                         f"of {names or 'none (tune once first)'}")
+    try:
+        return ExitRuleSpec.from_dict(entry.get("exit_rule", entry), f"operating_points.{name}")
+    except BundleError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _beat_reference(trace: Trace, costs: ExitCosts, kind: str, name: str, manifest: Manifest,
+                    levels: int) -> TuneResult:
+    """Cheapest point at least as accurate as the reference rule on this trace (or the reference itself)."""
+    reference = evaluate_rule(trace, reference_rule(manifest, name), costs)
+    result = search_front(trace, costs, kind, Target(min_accuracy=reference.accuracy), levels=levels)
+    result = dataclasses.replace(result, reference=reference, reference_name=name)
+    if reference.avg_macs_fraction <= result.chosen.avg_macs_fraction:
+        log.info("no point of the %s front is cheaper than %r at its accuracy; keeping the reference", kind, name)
+        result = dataclasses.replace(result, chosen=reference)
     return result
 
 
