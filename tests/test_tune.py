@@ -64,6 +64,20 @@ def test_target_needs_exactly_one_goal():
         Target()
 
 
+def test_min_accuracy_target_chooses_the_cheapest_point_at_or_above_the_floor():
+    trace = synthetic_trace()
+    floor = search_front(trace, COSTS, "confidence", Target(max_drop_pp=1.0)).chosen.accuracy
+    result = search_front(trace, COSTS, "confidence", Target(min_accuracy=floor))
+    assert result.chosen.accuracy >= floor
+    assert all(p.accuracy < floor for p in result.front if p.avg_macs_fraction < result.chosen.avg_macs_fraction)
+    with pytest.raises(TuningError, match=r"at 100\.00% or more: the most accurate point reaches"):
+        search_front(trace, COSTS, "confidence", Target(min_accuracy=1.0))
+    with pytest.raises(UsageError, match=r"give a number in \[0, 1\]"):
+        Target(min_accuracy=99.0)
+    with pytest.raises(UsageError, match="needs the reference evaluated"):
+        search_front(trace, COSTS, "confidence", Target(no_worse_than="original"))
+
+
 def test_select_by_budget_from_stored_points():
     result = search_front(synthetic_trace(), COSTS, "confidence", Target(max_drop_pp=1.0))
     points = OperatingPoints(front=result.front)
@@ -130,6 +144,32 @@ def test_tune_bundle_writes_recoverable_points(tiny_bundle_copy, tiny_npz):
     assert set(again.operating_points) >= {"original", "tuned", "cheap", "front"}
 
 
+def test_no_worse_than_a_stored_rule_on_the_same_data(tiny_bundle_copy, tiny_npz):
+    from edgeexit.bundle import load_bundle
+    from edgeexit.runner import Runner
+
+    result = tune_bundle(tiny_bundle_copy, str(tiny_npz), Target(no_worse_than="current"), rule="confidence")
+    ref = result.reference
+    assert ref is not None and result.reference_name == "current"
+    # on the tuning data: at least the reference's accuracy, at most its MACs
+    assert result.chosen.accuracy >= ref.accuracy
+    assert result.chosen.avg_macs_fraction <= ref.avg_macs_fraction
+    assert result.target.min_accuracy == pytest.approx(ref.accuracy)
+    manifest = load_bundle(tiny_bundle_copy).manifest
+    stored = manifest.operating_points["tuned"]["target"]
+    assert stored["no_worse_than"] == "current" and stored["reference"]["accuracy"] == pytest.approx(ref.accuracy)
+    # the reference, re-run on the device with the stored "original" rule, is what the search compared against
+    images, labels = np.load(tiny_npz)["images"], np.load(tiny_npz)["labels"]
+    runner = Runner(tiny_bundle_copy, rule="original", power_sensor=None)
+    assert np.mean([runner.classify(im).label == y for im, y in zip(images, labels)]) == pytest.approx(ref.accuracy)
+    # against "original" again (now stored): the same answer, and a name that does not exist is refused
+    again = tune_bundle(tiny_bundle_copy, str(tiny_npz), Target(no_worse_than="original"), rule="confidence",
+                        dry_run=True)
+    assert again.reference.accuracy == pytest.approx(ref.accuracy)
+    with pytest.raises(UsageError, match=r"no such operating point; use 'current' or one of \['original'"):
+        tune_bundle(tiny_bundle_copy, str(tiny_npz), Target(no_worse_than="fast"), dry_run=True)
+
+
 def test_interrupted_tune_leaves_the_bundle_unchanged(tiny_bundle_copy, tiny_npz, monkeypatch):
     from edgeexit import tune as tune_module
     from edgeexit.bundle import load_bundle
@@ -185,11 +225,20 @@ def test_cli_tune(tiny_bundle_copy, tiny_npz, tmp_path):
     _one_error(cli("-q", "tune", tiny_bundle_copy, "--data", tiny_npz, "--max-drop", "1", "--budget-macs", "0.5"),
                2, "exactly one")
     _one_error(cli("-q", "tune", tiny_bundle_copy, "--data", tiny_npz, "--name", "front"), 2, "not usable")
+    _one_error(cli("-q", "tune", tiny_bundle_copy, "--data", tiny_npz, "--no-worse-than", "current", "--max-drop", "1"),
+               2, "exactly one")
+    _one_error(cli("-q", "tune", tiny_bundle_copy, "--data", tiny_npz, "--no-worse-than", "nope"), 2,
+               "no such operating point")
     assert (tiny_bundle_copy / "manifest.json").read_bytes() == before
     proc = cli("-q", "tune", tiny_bundle_copy, "--data", tiny_npz, "--rule", "entropy", "--max-drop", "1", "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["written"] and out["chosen"]["kind"] == "entropy"
+    proc = cli("-q", "tune", tiny_bundle_copy, "--data", tiny_npz, "--no-worse-than", "original", "--dry-run", "--json")
+    assert proc.returncode == 0, proc.stderr
+    beat = json.loads(proc.stdout)
+    assert beat["target"]["no_worse_than"] == "original"
+    assert beat["chosen"]["accuracy"] >= beat["target"]["reference"]["accuracy"]
     info = json.loads(cli("info", tiny_bundle_copy, "--json").stdout)
     assert info["exit_rule"]["thresholds"] == out["chosen"]["thresholds"]
     assert {"original", "tuned", "front"} <= set(info["operating_points"])
