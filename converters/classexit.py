@@ -1,9 +1,9 @@
 """Class-based early exit (seed 002): candidate-class exclusion and the authors' beta search.
 
-Every early exit has a :class:`~converters.heads.ClassHead` (one independent sigmoid score per class). At
-run time the candidate set shrinks exit by exit, ``R_k = R_{k-1} ∩ {c : s_c > beta_k * max s}``; an input
-stops as soon as one class is left, else the final classifier answers argmax over R (rule
-``class_exclusion`` of :mod:`edgeexit.rules`).
+Every early exit has a :class:`~converters.heads.ClassHead` or :class:`~converters.heads.SpatialClassHead`
+(one independent sigmoid score per class). At run time the candidate set shrinks exit by exit,
+``R_k = R_{k-1} ∩ {c : s_c > beta_k * max s}``; an input stops as soon as one class is left, else the final
+classifier answers argmax over R (rule ``class_exclusion`` of :mod:`edgeexit.rules`).
 
 Models: EENet-style networks built with class heads (``head="class"``, trained with the class loss) or a
 frozen backbone with class exits (:func:`attach_class_exits`, trained with :func:`train_class_exits`).
@@ -170,18 +170,32 @@ def exclusion_stats(trace: Trace, betas: Sequence[float]) -> ExclusionStats:
     return ExclusionStats(reached, exited, excluded, left)
 
 
-def attach_class_exits(backbone: Any, input_shape: Sequence[int], labels: Sequence[str], **kwargs: Any) -> Any:
-    """A frozen backbone with class-based exits (pool + per-class sigmoid logits) at the exit points.
+def attach_class_exits(backbone: Any, input_shape: Sequence[int], labels: Sequence[str], head: str = "pool",
+                       hidden: int | None = None, **kwargs: Any) -> Any:
+    """A frozen backbone with class-based exits (per-class sigmoid logits) at the exit points.
 
-    Same arguments as :func:`converters.pteenet.attach_branches` (``exits_after`` or ``placement`` and
-    ``num_exits``, ``features_end``, ``mean``/``std``, ``backbone_desc``); the final exit is the backbone's
-    own classifier.
+    Args:
+        backbone, input_shape, labels: as :func:`converters.pteenet.attach_branches`.
+        head: "pool" (global average pool + Linear(C, K), :class:`~converters.heads.ClassHead`) or "spatial"
+            (whole-map conv -> BN -> ReLU -> Linear(hidden, K), :class:`~converters.heads.SpatialClassHead`;
+            for the early maps of narrow networks, where C pooled numbers say too little).
+        hidden: width of the "spatial" head (None: the feature map's channels); not allowed with "pool".
+        **kwargs: the other arguments of :func:`converters.pteenet.attach_branches` (``exits_after`` or
+            ``placement`` and ``num_exits``, ``features_end``, ``mean``/``std``, ``backbone_desc``).
+
+    Returns:
+        A StagedModel whose final exit is the backbone's own classifier; its spec records ``head`` and
+        ``hidden``, so ``converters.registry.build(model.spec)`` rebuilds it.
+
+    Raises:
+        UsageError: an unknown head kind, a bad ``hidden``, or ``branch`` other than "class" in kwargs.
     """
     from .pteenet import attach_branches
 
     if kwargs.pop("branch", "class") != "class":
         raise UsageError("attach_class_exits always attaches class heads; use pteenet.attach_branches for others")
-    return attach_branches(backbone, input_shape, labels, branch="class", **kwargs)
+    return attach_branches(backbone, input_shape, labels, branch="class", class_head_kind=head, hidden=hidden,
+                           **kwargs)
 
 
 def train_class_exits(model: Any, train_set: Any, val_set: Any, epochs: int = 3, pos_weight: float | None = None,

@@ -1,12 +1,15 @@
 """``edgeexit post-train``: attach early exits to an already trained network and train only the exits.
 
-PTEENet branches (``--branch conv1|conv2|conv3``, EENet loss v2) or class-based exits (``--branch class``,
-class loss) on a FROZEN backbone: a zoo architecture with a torchvision-style weights file, or a checkpoint
+PTEENet branches (``--branch conv1|conv2|conv3|spatial``, EENet loss v2) or class-based exits (``--branch
+class``, class loss; ``--class-head pool|spatial``) on a FROZEN backbone: a zoo architecture with a torchvision-style weights file, or a checkpoint
 written by ``edgeexit train``. The backbone is checked bit-identical after training. Example::
 
     edgeexit post-train --backbone resnet18 --backbone-weights resnet18_cifar.pth \\
         --backbone-option num_classes=10 --dataset cifar10:data/cifar-10-batches-py \\
         --mean 0.4914,0.4822,0.4465 --std 0.247,0.2435,0.2616 --exits-after layer1,layer2 -o pte.pt
+
+Whole-map heads for narrow networks: ``--branch spatial --hidden 16`` (EENet exits) or ``--branch class
+--class-head spatial --hidden 16`` (class exits).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from edgeexit.errors import UsageError
 
 from . import zoo
 from .checkpoint import load_checkpoint, save_checkpoint
+from .heads import CLASS_HEAD_KINDS
 from .placement import SCHEMES
 from .pteenet import BRANCH_KINDS, attach_branches, train_branches
 from .staged import MonolithicExport
@@ -93,6 +97,12 @@ def load_backbone(backbone: str, weights: str | None, options: dict[str, Any], n
 @click.option("--features-end", default=None, help="Submodule where the features end (default: found).")
 @click.option("--branch", type=click.Choice(BRANCH_KINDS), default="conv1", show_default=True,
               help="PTEENet branch (convN = N x conv3x3+BN+ReLU), pool/bnpool, or class (class-based exits).")
+@click.option("--class-head", "class_head_kind", type=click.Choice(CLASS_HEAD_KINDS), default="pool",
+              show_default=True, help="Class-exit kind for --branch class: pool (pool + per-class logits) or spatial "
+              "(whole-map conv of --hidden channels first).")
+@click.option("--hidden", type=int, default=None,
+              help="Width of a whole-map head (--branch spatial, or --class-head spatial); default: the feature "
+              "map's channels.")
 @click.option("--lambda", "lam", type=float, default=0.9, show_default=True, help="EENet v2 cost weight.")
 @click.option("--epochs", type=int, default=3, show_default=True)
 @click.option("--batch-size", type=int, default=128, show_default=True)
@@ -108,12 +118,19 @@ def load_backbone(backbone: str, weights: str | None, options: dict[str, Any], n
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write metrics here.")
 def post_train(backbone: str, backbone_weights: str | None, backbone_options: tuple[str, ...], dataset: str,
                exits_after: str | None, placement: str, exits: int, features_end: str | None, branch: str,
-               lam: float, epochs: int, batch_size: int, lr: float, seed: int, val_fraction: float,
+               class_head_kind: str, hidden: int | None, lam: float, epochs: int, batch_size: int, lr: float, seed: int, val_fraction: float,
                train_limit: int | None, mean: str | None, std: str | None, threshold: float, output: str,
                force: bool, json_path: str | None) -> None:
     """Attach early exits to a trained, frozen network and train only the exits; write a checkpoint."""
     if Path(output).exists() and not force:
         raise UsageError(f"{output} already exists; pass --force to overwrite it or choose another --output")
+    if class_head_kind != "pool" and branch != "class":
+        raise UsageError(f"--class-head {class_head_kind} applies only to --branch class, got --branch {branch}")
+    if hidden is not None and not (branch == "spatial" or (branch == "class" and class_head_kind == "spatial")):
+        raise UsageError(f"--hidden applies only to --branch spatial or --branch class --class-head spatial, got "
+                         f"--branch {branch}" + (f" --class-head {class_head_kind}" if branch == "class" else ""))
+    if hidden is not None and hidden < 1:
+        raise UsageError(f"--hidden {hidden} must be a positive integer (the whole-map head's width), e.g. 16")
     full = load_dataset(dataset, "train", limit=train_limit)
     train_set, val_set = train_val_split(full, val_fraction, seed=seed)
     has_test = dataset in ("mnist", "fashion-mnist") or dataset.split(":")[0] in ("cifar10", "svhn")
@@ -128,7 +145,8 @@ def post_train(backbone: str, backbone_weights: str | None, backbone_options: tu
                             exits_after=exits_after.split(",") if exits_after else None, placement=placement,
                             num_exits=exits, branch=branch, features_end=features_end,
                             mean=parse_floats(mean, "--mean") or hints["mean"],
-                            std=parse_floats(std, "--std") or hints["std"], backbone_desc=desc)
+                            std=parse_floats(std, "--std") or hints["std"], backbone_desc=desc,
+                            class_head_kind=class_head_kind, hidden=hidden)
     loss = "class" if branch == "class" else "v2"
     cfg = TrainConfig(loss=loss, lam=lam, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                       class_pos_weight=float(len(full.classes) - 1), freeze_trunk=True)
@@ -139,7 +157,8 @@ def post_train(backbone: str, backbone_weights: str | None, backbone_options: tu
                "history": result.history, "train_seconds": result.seconds,
                "backbone_sha256": result.model.spec.extra["backbone_sha256"]}
     save_checkpoint(result.model, output, metrics, force=force)
-    click.echo(f"{branch} exits after {', '.join(result.model.spec.extra['exits_after'])} on a frozen {backbone} "
+    kind = f"class ({class_head_kind})" if branch == "class" else branch
+    click.echo(f"{kind} exits after {', '.join(result.model.spec.extra['exits_after'])} on a frozen {backbone} "
                f"(backbone unchanged, sha256 {metrics['backbone_sha256'][:12]}), loss {loss}, {epochs} epochs in "
                f"{result.seconds:.0f} s")
     click.echo(test.table())

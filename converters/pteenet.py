@@ -30,15 +30,16 @@ from edgeexit.datasets import ImageSet
 from edgeexit.errors import EdgeExitError, UsageError
 
 from . import zoo
-from .heads import EENET_HEAD_KINDS, ClassHead, EENetHead
+from .heads import CLASS_HEAD_KINDS, EENET_HEAD_KINDS, EENetHead, check_hidden, class_head
 from .placement import SCHEMES, place_exits
 from .split import CutPoint, cut_points, split_module, staged_from_split
 from .staged import ModelSpec, StagedModel
 
 log = logging.getLogger(__name__)
 
-#: "conv1".."conv3" are PTEENet's branches, "pool"/"bnpool" lighter EENet exits, "class" the class-based
-#: exit of seed 002 (pool + per-class sigmoid logits, see :mod:`converters.classexit`).
+#: "conv1".."conv3" are PTEENet's branches, "pool"/"bnpool" lighter EENet exits, "spatial" an EENet exit that
+#: reads the whole feature map, "class" the class-based exit of seed 002 (per-class sigmoid logits, pooled or
+#: whole-map: ``class_head``; see :mod:`converters.classexit`).
 BRANCH_KINDS = EENET_HEAD_KINDS + ("class",)
 
 
@@ -149,7 +150,8 @@ def attach_branches(backbone: nn.Module, input_shape: Sequence[int], labels: Seq
                     exits_after: Sequence[str] | None = None, placement: str = "pareto", num_exits: int = 3,
                     branch: str = "conv1", features_end: str | None = None,
                     mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.5,), color_mode: str | None = None,
-                    backbone_desc: dict[str, Any] | None = None) -> StagedModel:
+                    backbone_desc: dict[str, Any] | None = None, class_head_kind: str = "pool",
+                    hidden: int | None = None) -> StagedModel:
     """Freeze ``backbone``, cut it into segments and attach a PTEENet branch at every exit point.
 
     Args:
@@ -166,12 +168,28 @@ def attach_branches(backbone: nn.Module, input_shape: Sequence[int], labels: Seq
         mean, std, color_mode: preprocessing stored in the spec (color_mode from C if None).
         backbone_desc: how to rebuild the backbone (see :func:`build_backbone_module`); without it the model
             works but a checkpoint of it cannot rebuild itself.
+        class_head_kind: for ``branch="class"``: "pool" (global pool + per-class logits) or "spatial" (a
+            whole-map convolution of ``hidden`` channels first; :class:`converters.heads.SpatialClassHead`).
+        hidden: width of a whole-map head (branch "spatial", or class head "spatial"); None: the feature
+            map's channels. Recorded in the spec, so the model rebuilds with it.
+
+    Raises:
+        UsageError: unknown branch or class head kind, ``hidden`` for a head without a whole-map convolution,
+            a bad ``hidden``, or a backbone whose output does not match ``labels``.
 
     Returns:
         A StagedModel (eval mode) whose segments and final head are the frozen backbone pieces.
     """
     if branch not in BRANCH_KINDS:
         raise UsageError(f"unknown branch '{branch}'; expected one of {', '.join(BRANCH_KINDS)}")
+    if class_head_kind not in CLASS_HEAD_KINDS:
+        raise UsageError(f"unknown class head kind '{class_head_kind}'; expected one of {', '.join(CLASS_HEAD_KINDS)}")
+    whole_map = branch == "spatial" or (branch == "class" and class_head_kind == "spatial")
+    check_hidden(hidden)
+    if hidden is not None and not whole_map:
+        raise UsageError(f"hidden={hidden} applies only to whole-map heads (branch 'spatial', or branch 'class' with "
+                         f"class head 'spatial'), got branch '{branch}'" + (f" with class head '{class_head_kind}'"
+                                                                             if branch == "class" else ""))
     backbone.eval()
     example = torch.zeros(1, *input_shape)
     with torch.no_grad():
@@ -189,17 +207,25 @@ def attach_branches(backbone: nn.Module, input_shape: Sequence[int], labels: Seq
         for seg in pieces[:-2]:
             x = seg(x)
             ch = int(x.shape[1])
-            size = (int(x.shape[2]), int(x.shape[3])) if branch == "spatial" else None  # the head sees the whole map
-            heads.append(ClassHead(ch, len(labels)) if branch == "class"
-                         else EENetHead(ch, len(labels), kind=branch, spatial_size=size))
+            size = (int(x.shape[2]), int(x.shape[3])) if whole_map else None  # the head sees the whole map
+            heads.append(class_head(ch, len(labels), class_head_kind, spatial_size=size, hidden=hidden)
+                         if branch == "class" else
+                         EENetHead(ch, len(labels), kind=branch, spatial_size=size, hidden=hidden))
     channels = int(input_shape[0])
-    spec = ModelSpec(builder="pteenet",
-                     kwargs={"backbone": backbone_desc or {}, "input_shape": [int(v) for v in input_shape],
-                             "labels": list(labels), "exits_after": points, "features_end": end, "branch": branch},
-                     input_shape=tuple(int(v) for v in input_shape), labels=list(labels), mean=list(mean),
-                     std=list(std), color_mode=color_mode or ("L" if channels == 1 else "RGB"),
-                     extra={"method": "classexit" if branch == "class" else "pteenet", "branch": branch,
-                            "exits_after": points})
+    kwargs: dict[str, Any] = {"backbone": backbone_desc or {}, "input_shape": [int(v) for v in input_shape],
+                              "labels": list(labels), "exits_after": points, "features_end": end, "branch": branch}
+    if branch == "class":
+        kwargs["class_head_kind"] = class_head_kind
+    if hidden is not None:
+        kwargs["hidden"] = int(hidden)
+    extra = {"method": "classexit" if branch == "class" else "pteenet", "branch": branch, "exits_after": points}
+    if branch == "class":
+        extra["class_head_kind"] = class_head_kind
+    if whole_map:
+        extra["hidden"] = int(hidden) if hidden is not None else None
+    spec = ModelSpec(builder="pteenet", kwargs=kwargs, input_shape=tuple(int(v) for v in input_shape),
+                     labels=list(labels), mean=list(mean), std=list(std),
+                     color_mode=color_mode or ("L" if channels == 1 else "RGB"), extra=extra)
     model = staged_from_split(pieces, heads, spec).eval()
     freeze(model)
     spec.extra["backbone_sha256"] = backbone_digest(model)
@@ -208,14 +234,19 @@ def attach_branches(backbone: nn.Module, input_shape: Sequence[int], labels: Seq
 
 
 def build_pteenet(backbone: dict[str, Any], input_shape: Sequence[int], labels: Sequence[str],
-                  exits_after: Sequence[str], features_end: str, branch: str = "conv1") -> StagedModel:
-    """Registry builder "pteenet": rebuild an (untrained) PTEENet model from its spec's kwargs."""
+                  exits_after: Sequence[str], features_end: str, branch: str = "conv1",
+                  class_head_kind: str = "pool", hidden: int | None = None) -> StagedModel:
+    """Registry builder "pteenet": rebuild an (untrained) PTEENet model from its spec's kwargs.
+
+    Specs written before ``class_head_kind``/``hidden`` existed rebuild with the defaults they were made with.
+    """
     if not backbone:
         raise UsageError("this PTEENet spec does not say how to rebuild its backbone (no backbone description); "
                          "re-create it with attach_branches(..., backbone_desc=...)")
     module = build_backbone_module(backbone)
     return attach_branches(module, input_shape, labels, exits_after=exits_after, branch=branch,
-                           features_end=features_end, backbone_desc=backbone)
+                           features_end=features_end, backbone_desc=backbone, class_head_kind=class_head_kind,
+                           hidden=hidden)
 
 
 def train_branches(model: StagedModel, train_set: ImageSet, val_set: ImageSet, config: Any = None,

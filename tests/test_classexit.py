@@ -83,3 +83,135 @@ def test_search_needs_labels():
     trace = _trace(_confident_exit(labels), labels)
     with pytest.raises(UsageError, match="labelled"):
         beta_search(Trace(trace.logits, trace.confidence, trace.scores, labels=None))
+
+
+# ---- class exits on a frozen backbone: the whole-map ("spatial") head ----------------------------------------
+
+LABELS = [str(i) for i in range(10)]
+DESC = {"arch": "resnet18", "options": {"num_classes": 10, "in_channels": 1, "small_input": True, "base_width": 4}}
+
+
+def _backbone(seed: int = 0):
+    import torch
+
+    from converters import zoo
+
+    torch.manual_seed(seed)
+    return zoo.build_backbone(DESC["arch"], **DESC["options"]).eval()
+
+
+def _spatial_class_model(exits_after=("layer1", "layer2"), hidden=6):
+    import torch
+
+    from converters.classexit import attach_class_exits
+
+    model = attach_class_exits(_backbone(), (1, 28, 28), LABELS, head="spatial", hidden=hidden,
+                               exits_after=list(exits_after), backbone_desc=DESC)
+    torch.manual_seed(1)
+    with torch.no_grad():  # non-default BatchNorm statistics, so a rebuild that dropped them would show
+        for stage in model.stages[:-1]:
+            bn = stage.head.body[1]
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def test_spatial_class_exits_read_the_whole_map_and_rebuild_from_spec_and_checkpoint(tmp_path):
+    import torch
+
+    from converters.checkpoint import load_checkpoint, save_checkpoint
+    from converters.heads import SpatialClassHead
+    from converters.registry import build
+
+    model = _spatial_class_model()
+    x = torch.randn(3, 1, 28, 28)
+    feats = model.stages[0].segment(x)
+    head = model.stages[0].head
+    assert isinstance(head, SpatialClassHead) and head.scores == "sigmoid" and not head.has_confidence
+    assert head.body[0].kernel_size == tuple(feats.shape[2:]) and head.body[0].out_channels == 6
+    assert model.spec.kwargs["class_head_kind"] == "spatial" and model.spec.kwargs["hidden"] == 6
+    save_checkpoint(model, tmp_path / "ce.pt")
+    for rebuilt in (build(model.spec), load_checkpoint(tmp_path / "ce.pt")):
+        assert [type(s.head) for s in rebuilt.stages[:-1]] == [SpatialClassHead, SpatialClassHead]
+        rebuilt.load_state_dict(model.state_dict(), strict=True)
+        rebuilt.eval()
+        with torch.no_grad():
+            for a, b in zip(model(x), rebuilt(x)):
+                assert torch.equal(a["logits"], b["logits"])
+
+
+@pytest.mark.parametrize("hidden", [0, -3, 2.5, "16", True], ids=["zero", "negative", "float", "str", "bool"])
+def test_bad_hidden_width_is_a_one_line_usage_error(hidden):
+    from converters.classexit import attach_class_exits
+
+    with pytest.raises(UsageError, match="hidden") as info:
+        attach_class_exits(_backbone(), (1, 28, 28), LABELS, head="spatial", hidden=hidden, exits_after=["layer1"])
+    assert "\n" not in str(info.value)
+
+
+def test_hidden_or_an_unknown_kind_on_a_pooled_class_head_is_refused():
+    from converters.classexit import attach_class_exits
+
+    with pytest.raises(UsageError, match="hidden=8 applies only"):
+        attach_class_exits(_backbone(), (1, 28, 28), LABELS, head="pool", hidden=8, exits_after=["layer1"])
+    with pytest.raises(UsageError, match="unknown class head kind 'conv'"):
+        attach_class_exits(_backbone(), (1, 28, 28), LABELS, head="conv", exits_after=["layer1"])
+
+
+def test_post_train_cli_builds_spatial_class_exits(tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+    from click.testing import CliRunner
+
+    from converters.checkpoint import load_checkpoint
+    from converters.heads import SpatialClassHead
+    from converters.method_cli import post_train
+    from synthetic import synthetic_digits
+
+    images, labels = synthetic_digits(160, seed=5)
+    np.savez(tmp_path / "tiny.npz", images=images, labels=labels)
+    torch.save(_backbone().state_dict(), tmp_path / "bb.pth")
+    common = ["--backbone", "resnet18", "--backbone-weights", str(tmp_path / "bb.pth"),
+              "--backbone-option", "small_input=true", "--backbone-option", "base_width=4",
+              "--dataset", str(tmp_path / "tiny.npz"), "--exits-after", "layer1", "--branch", "class",
+              "--class-head", "spatial", "--epochs", "1", "--batch-size", "64"]
+    result = CliRunner().invoke(post_train, common + ["--hidden", "5", "-o", str(tmp_path / "ce.pt")])
+    assert result.exit_code == 0, result.output
+    model = load_checkpoint(tmp_path / "ce.pt")
+    assert isinstance(model.stages[0].head, SpatialClassHead) and model.stages[0].head.body[0].out_channels == 5
+    # a bad width, as a user runs it: one line on stderr, the usage exit code, no traceback
+    proc = subprocess.run([sys.executable, "-m", "edgeexit.cli", "post-train", *common, "--hidden", "0",
+                           "-o", str(tmp_path / "bad.pt")], capture_output=True, text=True)
+    assert proc.returncode == UsageError.exit_code
+    assert proc.stderr.strip().startswith("error: --hidden 0 must be a positive integer")
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_spatial_class_exits_convert_and_run_on_the_device_path(tmp_path):
+    pytest.importorskip("onnx2tf")
+    import torch
+
+    from converters.classexit import tune_bundle_betas
+    from converters.convert import convert
+    from edgeexit.runner import Runner
+    from synthetic import synthetic_digits
+
+    model = _spatial_class_model(exits_after=("layer2",), hidden=8)
+    calib, _ = synthetic_digits(32, seed=3)
+    images, labels = synthetic_digits(40, seed=4)
+    convert(model, calib, tmp_path / "bundle", verify_images=images, verify_labels=labels, monolithic=False,
+            exit_rule="class_exclusion", thresholds=[0.5], name="classexit-spatial-test")
+    runner = Runner(tmp_path / "bundle", power_sensor=None)
+    assert [s.scores for s in runner.manifest.stages] == ["sigmoid", "softmax"]
+    trace = runner.trace(list(images), labels)
+    with torch.no_grad():
+        x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
+        float_early = torch.sigmoid(model(x)[0]["logits"]).numpy()
+    int8_early = 1 / (1 + np.exp(-trace.logits[0]))
+    # the int8 spatial class exit answers like the float one (per-class sigmoid scores within a few steps)
+    assert np.max(np.abs(int8_early - float_early)) < 0.1
+    assert np.mean(int8_early.argmax(1) == float_early.argmax(1)) >= 0.9
+    result, _ = tune_bundle_betas(tmp_path / "bundle", images, labels)
+    assert Runner(tmp_path / "bundle", power_sensor=None).manifest.exit_rule.thresholds == result.betas

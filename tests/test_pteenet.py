@@ -127,3 +127,19 @@ def test_spatial_branches_see_the_whole_map_and_rebuild_from_their_spec():
     with torch.no_grad():
         for a, b in zip(model(x), rebuilt(x)):
             assert torch.equal(a["logits"], b["logits"])
+
+
+def test_spatial_branch_width_is_recorded_and_rebuilt():
+    from converters.registry import build
+
+    model = pteenet.attach_branches(_backbone(), (1, 28, 28), LABELS, exits_after=["layer1"], branch="spatial",
+                                    hidden=5, backbone_desc=DESC)
+    assert model.stages[0].head.body[0].out_channels == 5 and model.spec.kwargs["hidden"] == 5
+    rebuilt = build(model.spec)
+    rebuilt.load_state_dict(model.state_dict(), strict=True)  # a width mismatch would fail here
+    rebuilt.eval()
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(model(x)[0]["confidence"], rebuilt(x)[0]["confidence"])
+    with pytest.raises(UsageError, match="hidden=5 applies only to whole-map heads"):
+        pteenet.attach_branches(_backbone(), (1, 28, 28), LABELS, exits_after=["layer1"], branch="conv1", hidden=5)
