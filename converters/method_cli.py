@@ -1,8 +1,9 @@
 """``edgeexit post-train``: attach early exits to an already trained network and train only the exits.
 
 PTEENet branches (``--branch conv1|conv2|conv3|spatial``, EENet loss v2) or class-based exits (``--branch
-class``, class loss; ``--class-head pool|spatial``) on a FROZEN backbone: a zoo architecture with a torchvision-style weights file, or a checkpoint
-written by ``edgeexit train``. The backbone is checked bit-identical after training. Example::
+class``, class loss; ``--class-head pool|spatial``) on a FROZEN backbone: a zoo architecture with a
+torchvision-style weights file, or a checkpoint written by ``edgeexit train``. The backbone is checked
+bit-identical after training. Example::
 
     edgeexit post-train --backbone resnet18 --backbone-weights resnet18_cifar.pth \\
         --backbone-option num_classes=10 --dataset cifar10:data/cifar-10-batches-py \\
@@ -118,9 +119,9 @@ def load_backbone(backbone: str, weights: str | None, options: dict[str, Any], n
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write metrics here.")
 def post_train(backbone: str, backbone_weights: str | None, backbone_options: tuple[str, ...], dataset: str,
                exits_after: str | None, placement: str, exits: int, features_end: str | None, branch: str,
-               class_head_kind: str, hidden: int | None, lam: float, epochs: int, batch_size: int, lr: float, seed: int, val_fraction: float,
-               train_limit: int | None, mean: str | None, std: str | None, threshold: float, output: str,
-               force: bool, json_path: str | None) -> None:
+               class_head_kind: str, hidden: int | None, lam: float, epochs: int, batch_size: int, lr: float,
+               seed: int, val_fraction: float, train_limit: int | None, mean: str | None, std: str | None,
+               threshold: float, output: str, force: bool, json_path: str | None) -> None:
     """Attach early exits to a trained, frozen network and train only the exits; write a checkpoint."""
     if Path(output).exists() and not force:
         raise UsageError(f"{output} already exists; pass --force to overwrite it or choose another --output")
