@@ -16,11 +16,15 @@ experimental_delegates)``, ``allocate_tensors``, ``get_input_details``, ``get_ou
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import importlib
 import logging
 import os
+import sys
+import tempfile
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .errors import InterpreterError, UsageError
 
@@ -118,6 +122,46 @@ def edgetpu_delegate(backend: Backend, library: str = EDGETPU_LIBRARY) -> Any:
                                "without --edgetpu") from None
 
 
+#: Lines the interpreter's native logger prints on every creation; dropped instead of cluttering the CLI.
+_ROUTINE_NATIVE_LINES = ("Created TensorFlow Lite XNNPACK delegate for CPU.",)
+
+
+def _flush_c_streams() -> None:
+    """fflush(NULL): write out every C stdio buffer of this process (a no-op where libc cannot be found)."""
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):
+        pass
+
+
+@contextlib.contextmanager
+def _native_stderr_to_log() -> Iterator[None]:
+    """Route what native code writes to file descriptor 2 into ``logging`` while the block runs.
+
+    The interpreter's C++ logger writes "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." to stderr
+    for every interpreter; anything else it says (errors, warnings) is kept and logged as a warning.
+    """
+    try:
+        saved = os.dup(2)
+    except OSError:  # no usable stderr (daemon): nothing to redirect
+        yield
+        return
+    with tempfile.TemporaryFile() as capture:
+        sys.stderr.flush()
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            _flush_c_streams()  # the native logger's stream is buffered when stderr is not a terminal
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            for line in capture.read().decode("utf-8", "replace").splitlines():
+                text = line.removeprefix("INFO: ").strip()
+                if text and text not in _ROUTINE_NATIVE_LINES:
+                    log.warning("interpreter: %s", line.strip())
+
+
 def create_interpreter(model_path: str | os.PathLike[str], backend: Backend, *, num_threads: int = 1,
                        delegates: list[Any] | None = None) -> Any:
     """Create and allocate an interpreter for one .tflite file.
@@ -132,8 +176,9 @@ def create_interpreter(model_path: str | os.PathLike[str], backend: Backend, *, 
     if delegates:
         kwargs["experimental_delegates"] = delegates
     try:
-        interp = backend.interpreter_class(**kwargs)
-        interp.allocate_tensors()
+        with _native_stderr_to_log():
+            interp = backend.interpreter_class(**kwargs)
+            interp.allocate_tensors()
     except (ValueError, RuntimeError) as exc:
         msg = " ".join(str(exc).split())
         raise InterpreterError(f"{os.path.basename(os.fspath(model_path))}: the {backend.name} interpreter "
