@@ -75,6 +75,10 @@ def test_mnist_default_costs_suit_early_exit():
     assert 5e6 <= costs.full_macs <= 20e6          # big enough that compute dominates per-stage overhead
     assert costs.cumulative()[0] <= 0.10           # the first exit is cheap
     assert len(costs.segment_macs) == 4
+    # the early heads are what a bundle forced to its last exit pays on top of the monolithic network
+    assert sum(costs.head_macs[:-1]) <= 0.02 * costs.full_macs
+    wide = model_costs(create("eenet-small", head_width=None))
+    assert sum(wide.head_macs[:-1]) > 4 * sum(costs.head_macs[:-1])
 
 
 @pytest.mark.parametrize("call,match", [
@@ -83,7 +87,8 @@ def test_mnist_default_costs_suit_early_exit():
     (lambda: create("eenet-small", exits=9), "need at least 9 blocks"),
     (lambda: create("eenet-small", placement=[3, 1]), "strictly increasing"),
     (lambda: create("resnet20", num_classes=3, labels=["a"]), "one label per class"),
-], ids=["model", "head", "exits", "cuts", "labels"])
+    (lambda: create("eenet-small", head_width=0), "head_width must be a positive integer"),
+], ids=["model", "head", "exits", "cuts", "labels", "head_width"])
 def test_builder_errors(call, match):
     with pytest.raises(UsageError, match=match):
         call()
