@@ -831,14 +831,15 @@ def tune_bundle(bundle: str | os.PathLike[str], data: str, target: Target, *, ru
 
 
 def reference_rule(manifest: Manifest, name: str) -> ExitRuleSpec:
-    """The rule called ``name``: "current" (the bundle's exit rule) or one of its stored operating points.
+    """The rule called ``name``: "current" (the bundle's exit rule) or one of its stored operating points
+    ("original" is the current rule until the bundle is tuned for the first time).
 
     Raises:
         UsageError: no such operating point (the message lists the names there are).
     """
-    if name == "current":
-        return manifest.exit_rule
     points = manifest.operating_points
+    if name == "current" or (name == "original" and "original" not in points):  # not tuned yet: still the original
+        return manifest.exit_rule
     entry = points.get(name) if name not in RESERVED_NAMES or name == "original" else None
     if not isinstance(entry, Mapping):
         names = sorted(k for k, v in points.items() if isinstance(v, Mapping) and k not in ("exit_costs",))
