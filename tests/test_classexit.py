@@ -189,6 +189,7 @@ def test_post_train_cli_builds_spatial_class_exits(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow  # two real stage conversions: well over 30 s on a 2-core machine
 def test_spatial_class_exits_convert_and_run_on_the_device_path(tmp_path):
     pytest.importorskip("onnx2tf")
     import torch
