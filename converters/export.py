@@ -3,16 +3,21 @@
 Every stage becomes a :class:`~converters.staged.StageExport` (NHWC hand-off in and out, outputs named
 ``features``, ``logits`` and optionally ``confidence``); the network without exits becomes a
 :class:`~converters.staged.MonolithicExport` (NCHW image in, ``logits`` out). Both are exported with the
-TorchScript-based exporter at a fixed batch size of 1.
+TorchScript-based exporter at a fixed batch size of 1. Adaptive average pools whose output size does not
+divide their input size (refused by that exporter; torchvision's VGG on small images has one) are exported
+as exact slice means.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -63,6 +68,7 @@ def monolithic_unit(model: StagedModel) -> ExportUnit:
 
 _OP_PATTERNS = (
     re.compile(r"Exporting the operator '?([\w:.]+)'? to ONNX"),
+    re.compile(r"Unsupported: ONNX export of operator ([\w:.]+)"),
     re.compile(r"Unsupported: ONNX export of ([\w:. ]+?)(?: in opset| is|\.|$)"),
 )
 
@@ -75,6 +81,71 @@ def _failed_op(message: str) -> str | None:
     return None
 
 
+class _SliceMeanAdaptiveAvgPool2d(nn.Module):
+    """``nn.AdaptiveAvgPool2d`` for one fixed input size, as slice means (exported as Slice/ReduceMean/Concat).
+
+    The ONNX exporter refuses adaptive average pooling whose output size does not divide the input size
+    (torchvision's VGG on 32x32 images pools a 1x1 map to 7x7). Each output bin is the mean of a rectangle,
+    rows [floor(i*H/oh), ceil((i+1)*H/oh)) by columns likewise, so pooling rows then columns gives the same values.
+    """
+
+    def __init__(self, in_hw: tuple[int, int], out_hw: tuple[int, int]):
+        super().__init__()
+        self.rows = [(i * in_hw[0] // out_hw[0], math.ceil((i + 1) * in_hw[0] / out_hw[0])) for i in range(out_hw[0])]
+        self.cols = [(j * in_hw[1] // out_hw[1], math.ceil((j + 1) * in_hw[1] / out_hw[1])) for j in range(out_hw[1])]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([x[:, :, a:b].mean(2, keepdim=True) for a, b in self.rows], 2)        # [N, C, oh, W]
+        return torch.cat([x[:, :, :, a:b].mean(3, keepdim=True) for a, b in self.cols], 3)  # [N, C, oh, ow]
+
+
+def _pool_sizes(pool: nn.AdaptiveAvgPool2d, in_hw: tuple[int, int]) -> tuple[int, int]:
+    size = pool.output_size
+    out = (size, size) if isinstance(size, int) else tuple(size)
+    return tuple(in_hw[i] if out[i] is None else int(out[i]) for i in range(2))  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _exportable_adaptive_pools(unit: ExportUnit) -> Iterator[None]:
+    """Swap every ``nn.AdaptiveAvgPool2d`` of ``unit`` the exporter refuses for an exact slice-mean equivalent.
+
+    The swap lasts for the export only; the unit's modules are restored afterwards (they are the user's).
+    """
+    seen: dict[nn.Module, tuple[int, int]] = {}
+
+    def record(module: nn.Module, args: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
+        seen[module] = (int(args[0].shape[-2]), int(args[0].shape[-1]))
+
+    pools = [m for m in unit.module.modules() if isinstance(m, nn.AdaptiveAvgPool2d)]
+    if not pools:
+        yield
+        return
+    hooks = [m.register_forward_hook(record) for m in pools]
+    try:
+        with torch.no_grad():
+            unit.module(unit.example)
+    finally:
+        for h in hooks:
+            h.remove()
+    swapped = []
+    for parent in unit.module.modules():
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, nn.AdaptiveAvgPool2d) or child not in seen:
+                continue
+            in_hw = seen[child]
+            out_hw = _pool_sizes(child, in_hw)
+            if in_hw[0] % out_hw[0] == 0 and in_hw[1] % out_hw[1] == 0:
+                continue  # exported as AveragePool / GlobalAveragePool
+            setattr(parent, name, _SliceMeanAdaptiveAvgPool2d(in_hw, out_hw))
+            swapped.append((parent, name, child))
+            log.debug("%s: adaptive average pool %s %s -> %s exported as slice means", unit.name, name, in_hw, out_hw)
+    try:
+        yield
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
+
+
 def export_onnx(unit: ExportUnit, path: Path) -> Path:
     """Export one unit to ONNX (opset 17, batch 1, input ``input``, outputs named as the unit says).
 
@@ -85,7 +156,7 @@ def export_onnx(unit: ExportUnit, path: Path) -> Path:
     from .quantize import quiet_tool  # imported here: quantize imports this module
 
     try:
-        with torch.no_grad(), warnings.catch_warnings(), quiet_tool():
+        with torch.no_grad(), warnings.catch_warnings(), quiet_tool(), _exportable_adaptive_pools(unit):
             warnings.simplefilter("ignore")
             torch.onnx.export(unit.module, (unit.example,), str(path), input_names=[INPUT_NAME],
                               output_names=unit.output_names, opset_version=OPSET, dynamo=False,
