@@ -79,8 +79,9 @@ def load_dataset(spec: str, split: str = "test", limit: int | None = None) -> Im
 
     Args:
         spec: "mnist", "fashion-mnist", "cifar10:DIR", "svhn:DIR", a ``.npz`` path or an image-folder path,
-            optionally followed by a slice of the split, ``[START:STOP]`` (e.g. ``mnist[:5000]`` and
-            ``mnist[5000:]`` are disjoint halves of the test set: tune on one, benchmark on the other).
+            optionally followed by a slice of the split, ``[START:STOP]`` or ``[START:STOP:STEP]`` (e.g.
+            ``mnist[0::2]`` and ``mnist[1::2]`` are disjoint, interleaved halves of the test set: tune on one,
+            benchmark on the other).
         split: "train" or "test" (ignored for ``.npz`` files and image folders, which are one set).
         limit: keep only the first ``limit`` images (None = all).
 
@@ -113,7 +114,9 @@ def load_dataset(spec: str, split: str = "test", limit: int | None = None) -> Im
                            f"expected one of: {', '.join(NAMED_DATASETS)}")
     if part is not None:
         data = data.subset(np.arange(len(data))[part])
-        data = ImageSet(data.images, data.labels, data.classes, f"{data.name}[{part.start or ''}:{part.stop or ''}]")
+        step = f":{part.step}" if part.step is not None else ""
+        data = ImageSet(data.images, data.labels, data.classes,
+                        f"{data.name}[{part.start or ''}:{part.stop or ''}{step}]")
     if limit is not None:
         data = data.subset(np.arange(min(limit, len(data))))
     log.info("loaded %s: %d images of %s", data.name, len(data), data.image_shape)
@@ -121,20 +124,22 @@ def load_dataset(spec: str, split: str = "test", limit: int | None = None) -> Im
 
 
 def _split_slice(spec: str) -> tuple[str, slice | None]:
-    """"mnist[100:200]" -> ("mnist", slice(100, 200)); a spec without a trailing [..] -> (spec, None)."""
+    """"mnist[100:200]" -> ("mnist", slice(100, 200)), "mnist[1::2]" -> ("mnist", slice(1, None, 2)); a spec
+    without a trailing [..] -> (spec, None)."""
     if not spec.endswith("]") or "[" not in spec:
         return spec, None
     base, _, inner = spec[:-1].rpartition("[")
-    start, colon, stop = inner.partition(":")
+    fields = inner.split(":")
     try:
-        if not colon:
+        if not 2 <= len(fields) <= 3:
             raise ValueError
-        part = slice(int(start) if start.strip() else None, int(stop) if stop.strip() else None)
+        start, stop, step = (int(f) if f.strip() else None for f in fields + [""] * (3 - len(fields)))
     except ValueError:
-        raise DatasetError(f"bad slice '[{inner}]' in dataset '{spec}'; use SPEC[START:STOP] with whole numbers, "
-                           "e.g. mnist[:5000]") from None
-    if (part.start or 0) < 0 or (part.stop is not None and part.stop <= (part.start or 0)):
-        raise DatasetError(f"slice '[{inner}]' of dataset '{base}' selects nothing; use 0 <= START < STOP")
+        raise DatasetError(f"bad slice '[{inner}]' in dataset '{spec}'; use SPEC[START:STOP] or SPEC[START:STOP:STEP] "
+                           "with whole numbers, e.g. mnist[:5000] or mnist[1::2]") from None
+    part = slice(start, stop, step)
+    if (start or 0) < 0 or (stop is not None and stop <= (start or 0)) or (step is not None and step < 1):
+        raise DatasetError(f"slice '[{inner}]' of dataset '{base}' selects nothing; use 0 <= START < STOP and STEP >= 1")
     return base, part
 
 

@@ -67,6 +67,22 @@ def test_npz_with_both_key_styles(tmp_path):
     np.testing.assert_array_equal(a.images, b.images)
 
 
+def test_slices_give_disjoint_parts_for_tuning_and_held_out_evaluation(tmp_path):
+    x = np.arange(10 * 2 * 2, dtype=np.uint8).reshape(10, 2, 2)
+    np.savez(tmp_path / "s.npz", images=x, labels=np.arange(10) % 3)
+    path = str(tmp_path / "s.npz")
+    even, odd = load_dataset(path + "[0::2]"), load_dataset(path + "[1::2]")
+    np.testing.assert_array_equal(even.images[..., 0], x[0::2])
+    np.testing.assert_array_equal(odd.labels, (np.arange(10) % 3)[1::2])
+    assert even.name.endswith("[:2]") is False and even.name.endswith("[::2]") and odd.name.endswith("[1::2]")
+    middle = load_dataset(path + "[2:5]")
+    np.testing.assert_array_equal(middle.images[..., 0], x[2:5])
+    for bad, match in (("[5:2]", "selects nothing"), ("[0::0]", "STEP >= 1"), ("[a:3]", "bad slice"),
+                       ("[3]", "bad slice"), ("[1:2:3:4]", "bad slice")):
+        with pytest.raises(DatasetError, match=match):
+            load_dataset(path + bad)
+
+
 @pytest.mark.parametrize("arrays,match", [
     ({"pixels": np.zeros((2, 3, 3), np.uint8)}, "expected 'images'"),
     ({"images": np.zeros((2, 3, 3), np.float32), "labels": np.zeros(2, np.int64)}, "expected uint8"),
