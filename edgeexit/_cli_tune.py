@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from .interpreter import BACKENDS
-from .tune import DEFAULT_LEVELS, TUNABLE_RULES, Target, TuneResult, tune_bundle
+from .tune import DEFAULT_LEVELS, DEFAULT_MARGIN_PP, TUNABLE_RULES, Target, TuneResult, tune_bundle
 
 
 def _summary(result: TuneResult, name: str, dry_run: bool) -> str:
@@ -26,7 +26,7 @@ def _summary(result: TuneResult, name: str, dry_run: bool) -> str:
         kept = " (kept: no cheaper point is as accurate)" if c is r else ""
         lines.append(f"  reference       '{result.reference_name}' {r.rule} "
                      f"{', '.join(f'{t:.6g}' for t in r.thresholds)}: {100 * r.accuracy:.2f}% at "
-                     f"{100 * r.avg_macs_fraction:.1f}% of the MACs{kept}")
+                     f"{100 * r.avg_macs_fraction:.1f}% of the MACs (floor +{result.margin_pp:g} pp){kept}")
     lines.append(f"  front           {len(result.front)} points, searched in {result.search_s:.2f} s "
                  f"({result.evaluated} threshold vectors)")
     return "\n".join(lines)
@@ -39,13 +39,17 @@ def _summary(result: TuneResult, name: str, dry_run: bool) -> str:
 @click.option("--split", type=click.Choice(["train", "test"]), default="test", show_default=True,
               help="Split of a named dataset.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N images.")
-@click.option("--rule", type=click.Choice(TUNABLE_RULES), default=None,
-              help="Rule to tune (default: the bundle's own rule if tunable, else max_softmax).")
+@click.option("--rule", type=click.Choice([*TUNABLE_RULES, "any"]), default=None,
+              help="Rule to tune (default: the bundle's own rule if tunable, else max_softmax); 'any' searches "
+                   "every rule and keeps the best for the target.")
 @click.option("--max-drop", type=float, default=None, metavar="PP",
               help="Cheapest point within PP percentage points of the final exit's accuracy (default 0.5).")
 @click.option("--no-worse-than", default=None, metavar="POINT",
               help="Cheapest point at least as accurate as POINT on the same data: 'current' (the bundle's exit "
                    "rule) or a stored operating point such as 'original'.")
+@click.option("--margin", type=float, default=DEFAULT_MARGIN_PP, show_default=True, metavar="PP",
+              help="With --no-worse-than: beat the reference by PP percentage points on the tuning data, so "
+                   "that the advantage holds on data the search did not see.")
 @click.option("--budget-macs", type=float, default=None, metavar="FRACTION",
               help="Most accurate point with average MACs <= FRACTION of the full network.")
 @click.option("--budget-latency-ms", type=float, default=None, metavar="MS",
@@ -61,7 +65,7 @@ def _summary(result: TuneResult, name: str, dry_run: bool) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the result (chosen point and front) as JSON.")
 @click.pass_context
 def tune(ctx: click.Context, bundle: str, data: str, split: str, limit: int | None, rule: str | None,
-         max_drop: float | None, no_worse_than: str | None, budget_macs: float | None,
+         max_drop: float | None, no_worse_than: str | None, margin: float, budget_macs: float | None,
          budget_latency_ms: float | None, budget_energy_mj: float | None, name: str, levels: int, backend: str, dry_run: bool, as_json: bool) -> None:
     """Search per-exit thresholds of BUNDLE for an accuracy or budget target and store the trade-off front."""
     if (max_drop is None and no_worse_than is None and budget_macs is None and budget_latency_ms is None
@@ -76,7 +80,7 @@ def tune(ctx: click.Context, bundle: str, data: str, split: str, limit: int | No
             with click.progressbar(images, label="tracing", file=click.get_text_stream("stderr")) as bar:
                 yield from bar
     result = tune_bundle(bundle, data, target, rule=rule, name=name, split=split, limit=limit, dry_run=dry_run,
-                         levels=levels, backend=backend, progress=progress)
+                         levels=levels, backend=backend, margin_pp=margin, progress=progress)
     if as_json:
         click.echo(json.dumps({"name": name, "written": not dry_run, **result.to_dict()}))
     else:

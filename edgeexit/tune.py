@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 #: Rules whose per-exit parameters can be tuned.
 TUNABLE_RULES = ("confidence", "max_softmax", "entropy", "class_exclusion")
+#: Default margin (percentage points) of a ``no_worse_than`` target over its reference on the tuning data.
+DEFAULT_MARGIN_PP = 0.1
 #: Average costs a front can be built against.
 COST_KINDS = ("macs", "latency", "energy")
 #: Names in ``operating_points`` that are not tuned points.
@@ -246,6 +248,7 @@ class TuneResult:
             is the reference itself when no cheaper point is at least as accurate); ``target`` then holds
             the resolved ``min_accuracy``.
         reference_name: the name the reference was asked for by.
+        margin_pp: how far above the reference's accuracy the floor was set.
     """
 
     chosen: OperatingPoint
@@ -260,12 +263,13 @@ class TuneResult:
     exit_costs: ExitCosts | None = None
     reference: OperatingPoint | None = None
     reference_name: str | None = None
+    margin_pp: float = 0.0
 
     def target_dict(self) -> dict[str, Any]:
         """The target as asked and as resolved (with the reference point for ``no_worse_than``)."""
         d: dict[str, Any] = dict(self.target.to_dict())
         if self.reference is not None:
-            d.update(no_worse_than=self.reference_name, reference=self.reference.to_dict())
+            d.update(no_worse_than=self.reference_name, margin_pp=self.margin_pp, reference=self.reference.to_dict())
         return d
 
     def to_dict(self) -> dict[str, Any]:
@@ -772,7 +776,7 @@ def thin_front(front: Sequence[OperatingPoint], cost_kind: str, max_points: int)
 
 def tune_bundle(bundle: str | os.PathLike[str], data: str, target: Target, *, rule: str | None = None,
                 name: str = "tuned", split: str = "test", limit: int | None = None, dry_run: bool = False,
-                levels: int = DEFAULT_LEVELS, backend: str = "auto",
+                levels: int = DEFAULT_LEVELS, backend: str = "auto", margin_pp: float = DEFAULT_MARGIN_PP,
                 progress: Callable[[Any], Any] | None = None) -> TuneResult:
     """Trace a labelled validation set once, search the front, and store the chosen point in the bundle.
 
@@ -780,13 +784,16 @@ def tune_bundle(bundle: str | os.PathLike[str], data: str, target: Target, *, ru
         bundle: the bundle directory.
         data: a dataset spec for :func:`edgeexit.datasets.load_dataset`.
         target: accuracy floor or cost budget.
-        rule: rule kind to tune (default: the bundle's own kind when tunable, else max_softmax).
+        rule: rule kind to tune (default: the bundle's own kind when tunable, else max_softmax), or "any":
+            search every tunable kind and keep the one whose chosen point is best for the target.
         name: name of the stored operating point.
         split: dataset split ("train" or "test") for named datasets.
         limit: use only the first ``limit`` images.
         dry_run: search and report, but do not write the manifest.
         levels: candidate thresholds per exit.
         backend: interpreter backend.
+        margin_pp: for a ``no_worse_than`` target, the chosen point must beat the reference by this many
+            percentage points on the tuning data (a finite tuning set overstates what carries over).
         progress: wraps the image iterable (e.g. a progress bar); None = no wrapper.
 
     Returns:
@@ -801,11 +808,13 @@ def tune_bundle(bundle: str | os.PathLike[str], data: str, target: Target, *, ru
     from .runner import Runner  # noqa: PLC0415
 
     check_point_name(name)
+    if not (isinstance(margin_pp, (int, float)) and math.isfinite(margin_pp) and margin_pp >= 0):
+        raise UsageError(f"margin must be a finite number of percentage points >= 0, got {margin_pp!r}")
     loaded = load_bundle(bundle, backend=backend)
     manifest = loaded.manifest
     kind = rule or (manifest.exit_rule.kind if manifest.exit_rule.kind in TUNABLE_RULES else "max_softmax")
-    if kind not in TUNABLE_RULES:
-        raise UsageError(f"--rule {kind} cannot be tuned; choose one of {', '.join(TUNABLE_RULES)}")
+    if kind != "any" and kind not in TUNABLE_RULES:
+        raise UsageError(f"--rule {kind} cannot be tuned; choose one of {', '.join(TUNABLE_RULES)} or any")
     images = load_dataset(data, split=split, limit=limit)
     check_data_fits(manifest, images.classes, images.image_shape, images.name)
     runner = Runner(loaded, backend=backend, rule=ExitRuleSpec("final", ()), power_sensor=None)
@@ -813,11 +822,21 @@ def tune_bundle(bundle: str | os.PathLike[str], data: str, target: Target, *, ru
     log.info("tracing %d images through %d stages", len(images), manifest.num_exits)
     trace = runner.trace(seq, images.labels)
     costs = exit_costs(manifest, trace)
-    if target.no_worse_than is not None:
-        result = _beat_reference(trace, costs, kind, target.no_worse_than, manifest, levels)
-    else:
-        result = search_front(trace, costs, kind, target, levels=levels)
-    result = dataclasses.replace(result, data=images.name)
+    results, errors = [], []
+    for k in (TUNABLE_RULES if kind == "any" else (kind,)):
+        try:
+            if target.no_worse_than is not None:
+                results.append(_beat_reference(trace, costs, k, target.no_worse_than, manifest, levels, margin_pp))
+            else:
+                results.append(search_front(trace, costs, k, target, levels=levels))
+        except (TuningError, UsageError) as exc:
+            if kind != "any":
+                raise
+            errors.append(exc)
+            log.info("rule %s: %s", k, exc)
+    if not results:
+        raise errors[0]
+    result = dataclasses.replace(_best(results, target), data=images.name)
     if not dry_run:
         original = None
         if "original" not in manifest.operating_points:
@@ -852,15 +871,27 @@ def reference_rule(manifest: Manifest, name: str) -> ExitRuleSpec:
 
 
 def _beat_reference(trace: Trace, costs: ExitCosts, kind: str, name: str, manifest: Manifest,
-                    levels: int) -> TuneResult:
-    """Cheapest point at least as accurate as the reference rule on this trace (or the reference itself)."""
+                    levels: int, margin_pp: float = 0.0) -> TuneResult:
+    """Cheapest point at least ``margin_pp`` more accurate than the reference rule on this trace, or the
+    reference itself when no point is cheaper (the margin keeps the advantage on data the search did not see)."""
     reference = evaluate_rule(trace, reference_rule(manifest, name), costs)
-    result = search_front(trace, costs, kind, Target(min_accuracy=reference.accuracy), levels=levels)
-    result = dataclasses.replace(result, reference=reference, reference_name=name)
+    floor = min(1.0, reference.accuracy + margin_pp / 100.0)
+    result = dataclasses.replace(search_front(trace, costs, kind, Target(min_accuracy=floor), levels=levels),
+                                 reference=reference, reference_name=name, margin_pp=float(margin_pp))
     if reference.avg_macs_fraction <= result.chosen.avg_macs_fraction:
         log.info("no point of the %s front is cheaper than %r at its accuracy; keeping the reference", kind, name)
         result = dataclasses.replace(result, chosen=reference)
     return result
+
+
+def _best(results: Sequence[TuneResult], target: Target) -> TuneResult:
+    """Of several rules' results: the cheapest chosen point (accuracy target) or the most accurate (budget)."""
+    if len(results) == 1:
+        return results[0]
+    kind = results[0].cost_kind
+    if target.is_accuracy_target:
+        return min(results, key=lambda r: (r.chosen.cost(kind), -r.chosen.accuracy))
+    return max(results, key=lambda r: (r.chosen.accuracy, -r.chosen.cost(kind)))
 
 
 # ------------------------------------------------------------------------------ run-time point switching

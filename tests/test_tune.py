@@ -154,7 +154,8 @@ def test_no_worse_than_a_stored_rule_on_the_same_data(tiny_bundle_copy, tiny_npz
     # on the tuning data: at least the reference's accuracy, at most its MACs
     assert result.chosen.accuracy >= ref.accuracy
     assert result.chosen.avg_macs_fraction <= ref.avg_macs_fraction
-    assert result.target.min_accuracy == pytest.approx(ref.accuracy)
+    assert result.target.min_accuracy == pytest.approx(ref.accuracy + 0.001)  # default margin 0.1 pp
+    assert result.margin_pp == 0.1
     manifest = load_bundle(tiny_bundle_copy).manifest
     stored = manifest.operating_points["tuned"]["target"]
     assert stored["no_worse_than"] == "current" and stored["reference"]["accuracy"] == pytest.approx(ref.accuracy)
@@ -168,6 +169,20 @@ def test_no_worse_than_a_stored_rule_on_the_same_data(tiny_bundle_copy, tiny_npz
     assert again.reference.accuracy == pytest.approx(ref.accuracy)
     with pytest.raises(UsageError, match=r"no such operating point; use 'current' or one of \['original'"):
         tune_bundle(tiny_bundle_copy, str(tiny_npz), Target(no_worse_than="fast"), dry_run=True)
+    with pytest.raises(UsageError, match="margin must be"):
+        tune_bundle(tiny_bundle_copy, str(tiny_npz), Target(no_worse_than="original"), margin_pp=-1, dry_run=True)
+
+
+def test_rule_any_keeps_the_best_rule_for_the_target(tiny_bundle_copy, tiny_npz):
+    target = Target(no_worse_than="current")
+    best = tune_bundle(tiny_bundle_copy, str(tiny_npz), target, rule="any", margin_pp=0.0, dry_run=True)
+    for kind in ("confidence", "max_softmax", "entropy", "class_exclusion"):
+        one = tune_bundle(tiny_bundle_copy, str(tiny_npz), target, rule=kind, margin_pp=0.0, dry_run=True)
+        assert best.chosen.avg_macs_fraction <= one.chosen.avg_macs_fraction + 1e-12
+    assert best.chosen.accuracy >= best.reference.accuracy
+    budget = tune_bundle(tiny_bundle_copy, str(tiny_npz), Target(budget_macs=0.9), rule="any", dry_run=True)
+    entropy = tune_bundle(tiny_bundle_copy, str(tiny_npz), Target(budget_macs=0.9), rule="entropy", dry_run=True)
+    assert budget.chosen.accuracy >= entropy.chosen.accuracy
 
 
 def test_interrupted_tune_leaves_the_bundle_unchanged(tiny_bundle_copy, tiny_npz, monkeypatch):
