@@ -21,12 +21,11 @@ edgeexit train --model eenet-small --dataset mnist --output "$out/mnist.pt" --fo
 step "2/4 convert it to a bundle of per-stage int8 TFLite files (+ the monolithic int8 model)"
 edgeexit convert "$out/mnist.pt" --calib mnist --out "$out/mnist-bundle" --force
 
-step "3/4 tune per-exit thresholds on MNIST test[:5000]: as accurate as the converter's T=0.5, and at most 0.3 pp below the final exit"
-edgeexit tune "$out/mnist-bundle" --data 'mnist[:5000]' --no-worse-than original --name as-accurate
-edgeexit tune "$out/mnist-bundle" --data 'mnist[:5000]' --max-drop 0.3 --name tuned
+step "3/4 tune per-exit thresholds on MNIST test[0::2] (every other image): fewest MACs, no less accurate than the converter's T=0.5"
+edgeexit tune "$out/mnist-bundle" --data 'mnist[0::2]' --no-worse-than original --rule any --name tuned
 
-step "4/4 benchmark on MNIST test[5000:] (held out from tuning), batch 1, one thread, vs the monolithic int8 model"
-edgeexit bench "$out/mnist-bundle" --data 'mnist[5000:]' --threads 1 --sweep --out "$out/bench" \
+step "4/4 benchmark on MNIST test[1::2] (the other half, held out from tuning), batch 1, one thread, vs the monolithic int8 model"
+edgeexit bench "$out/mnist-bundle" --data 'mnist[1::2]' --threads 1 --sweep --out "$out/bench" \
   --float-checkpoint "$out/mnist.pt"
 
 step "done"
