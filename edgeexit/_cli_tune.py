@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from .interpreter import BACKENDS
-from .tune import DEFAULT_LEVELS, DEFAULT_MARGIN_PP, TUNABLE_RULES, Target, TuneResult, tune_bundle
+from .tune import DEFAULT_LEVELS, TUNABLE_RULES, Target, TuneResult, tune_bundle
 
 
 def _summary(result: TuneResult, name: str, dry_run: bool) -> str:
@@ -26,7 +26,7 @@ def _summary(result: TuneResult, name: str, dry_run: bool) -> str:
         kept = " (kept: no cheaper point is as accurate)" if c is r else ""
         lines.append(f"  reference       '{result.reference_name}' {r.rule} "
                      f"{', '.join(f'{t:.6g}' for t in r.thresholds)}: {100 * r.accuracy:.2f}% at "
-                     f"{100 * r.avg_macs_fraction:.1f}% of the MACs (floor +{result.margin_pp:g} pp){kept}")
+                     f"{100 * r.avg_macs_fraction:.1f}% of the MACs (floor +{result.margin_pp:.3g} pp){kept}")
     lines.append(f"  front           {len(result.front)} points, searched in {result.search_s:.2f} s "
                  f"({result.evaluated} threshold vectors)")
     return "\n".join(lines)
@@ -47,9 +47,10 @@ def _summary(result: TuneResult, name: str, dry_run: bool) -> str:
 @click.option("--no-worse-than", default=None, metavar="POINT",
               help="Cheapest point at least as accurate as POINT on the same data: 'current' (the bundle's exit "
                    "rule) or a stored operating point such as 'original'.")
-@click.option("--margin", type=float, default=DEFAULT_MARGIN_PP, show_default=True, metavar="PP",
-              help="With --no-worse-than: beat the reference by PP percentage points on the tuning data, so "
-                   "that the advantage holds on data the search did not see.")
+@click.option("--margin", type=float, default=None, metavar="PP",
+              help="With --no-worse-than: beat the reference by PP percentage points on the tuning data, so that "
+                   "the advantage holds on data the search did not see (default: one standard error of the "
+                   "reference's accuracy on the tuning data).")
 @click.option("--budget-macs", type=float, default=None, metavar="FRACTION",
               help="Most accurate point with average MACs <= FRACTION of the full network.")
 @click.option("--budget-latency-ms", type=float, default=None, metavar="MS",
@@ -65,7 +66,7 @@ def _summary(result: TuneResult, name: str, dry_run: bool) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the result (chosen point and front) as JSON.")
 @click.pass_context
 def tune(ctx: click.Context, bundle: str, data: str, split: str, limit: int | None, rule: str | None,
-         max_drop: float | None, no_worse_than: str | None, margin: float, budget_macs: float | None,
+         max_drop: float | None, no_worse_than: str | None, margin: float | None, budget_macs: float | None,
          budget_latency_ms: float | None, budget_energy_mj: float | None, name: str, levels: int, backend: str, dry_run: bool, as_json: bool) -> None:
     """Search per-exit thresholds of BUNDLE for an accuracy or budget target and store the trade-off front."""
     if (max_drop is None and no_worse_than is None and budget_macs is None and budget_latency_ms is None

@@ -41,8 +41,6 @@ log = logging.getLogger(__name__)
 
 #: Rules whose per-exit parameters can be tuned.
 TUNABLE_RULES = ("confidence", "max_softmax", "entropy", "class_exclusion")
-#: Default margin (percentage points) of a ``no_worse_than`` target over its reference on the tuning data.
-DEFAULT_MARGIN_PP = 0.1
 #: Average costs a front can be built against.
 COST_KINDS = ("macs", "latency", "energy")
 #: Names in ``operating_points`` that are not tuned points.
@@ -776,7 +774,7 @@ def thin_front(front: Sequence[OperatingPoint], cost_kind: str, max_points: int)
 
 def tune_bundle(bundle: str | os.PathLike[str], data: str, target: Target, *, rule: str | None = None,
                 name: str = "tuned", split: str = "test", limit: int | None = None, dry_run: bool = False,
-                levels: int = DEFAULT_LEVELS, backend: str = "auto", margin_pp: float = DEFAULT_MARGIN_PP,
+                levels: int = DEFAULT_LEVELS, backend: str = "auto", margin_pp: float | None = None,
                 progress: Callable[[Any], Any] | None = None) -> TuneResult:
     """Trace a labelled validation set once, search the front, and store the chosen point in the bundle.
 
@@ -793,7 +791,8 @@ def tune_bundle(bundle: str | os.PathLike[str], data: str, target: Target, *, ru
         levels: candidate thresholds per exit.
         backend: interpreter backend.
         margin_pp: for a ``no_worse_than`` target, the chosen point must beat the reference by this many
-            percentage points on the tuning data (a finite tuning set overstates what carries over).
+            percentage points on the tuning data (a finite tuning set overstates what carries over); None =
+            one binomial standard error of the reference's accuracy there (0.14 pp at 99 % on 5,000 inputs).
         progress: wraps the image iterable (e.g. a progress bar); None = no wrapper.
 
     Returns:
@@ -808,7 +807,8 @@ def tune_bundle(bundle: str | os.PathLike[str], data: str, target: Target, *, ru
     from .runner import Runner  # noqa: PLC0415
 
     check_point_name(name)
-    if not (isinstance(margin_pp, (int, float)) and math.isfinite(margin_pp) and margin_pp >= 0):
+    if margin_pp is not None and not (isinstance(margin_pp, (int, float)) and math.isfinite(margin_pp)
+                                      and margin_pp >= 0):
         raise UsageError(f"margin must be a finite number of percentage points >= 0, got {margin_pp!r}")
     loaded = load_bundle(bundle, backend=backend)
     manifest = loaded.manifest
@@ -870,11 +870,19 @@ def reference_rule(manifest: Manifest, name: str) -> ExitRuleSpec:
         raise UsageError(str(exc)) from None
 
 
+def standard_error_pp(accuracy: float, n: int) -> float:
+    """The binomial standard error of an accuracy measured on ``n`` inputs, in percentage points."""
+    return 100.0 * math.sqrt(max(accuracy * (1.0 - accuracy), 0.0) / max(n, 1))
+
+
 def _beat_reference(trace: Trace, costs: ExitCosts, kind: str, name: str, manifest: Manifest,
-                    levels: int, margin_pp: float = 0.0) -> TuneResult:
+                    levels: int, margin_pp: float | None = None) -> TuneResult:
     """Cheapest point at least ``margin_pp`` more accurate than the reference rule on this trace, or the
-    reference itself when no point is cheaper (the margin keeps the advantage on data the search did not see)."""
+    reference itself when no point is cheaper. The margin (default: one standard error of the reference's
+    accuracy on this trace) keeps the advantage on data the search did not see."""
     reference = evaluate_rule(trace, reference_rule(manifest, name), costs)
+    if margin_pp is None:
+        margin_pp = standard_error_pp(reference.accuracy, trace.num_inputs)
     floor = min(1.0, reference.accuracy + margin_pp / 100.0)
     result = dataclasses.replace(search_front(trace, costs, kind, Target(min_accuracy=floor), levels=levels),
                                  reference=reference, reference_name=name, margin_pp=float(margin_pp))
