@@ -2,7 +2,7 @@
 to int8 TFLite stages and run by the device Runner.
 
 Each network keeps its architecture's depth and module tree but is narrow (width options) and sees 3x32x32
-images, so a conversion takes about a minute. The weights are random; two changes make the numeric checks
+images; a conversion still takes one to several minutes (graph size, not width, sets the time). The weights are random; two changes make the numeric checks
 meaningful without training: the BatchNorm statistics are measured on the calibration images (as a trained
 network's would be), and the linear layers get a 1/sqrt(fan_in) init (the zoo's N(0, 0.01) classifier init
 gives near-constant logits, whose argmax is a tie-break between quantization steps).
@@ -23,12 +23,16 @@ LABELS = [f"class{i}" for i in range(10)]
 SIZE = 32
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
-# arch -> (zoo options of a narrow variant with the same depth and keys, where the early branch goes)
+# arch -> (zoo options of a variant with the same depth and keys, where the early branch goes). Very narrow
+# variants (ResNet-50 base width 4, MobileNetV2 x0.25) lose too much to per-tensor int8 noise with random
+# weights (final-logit correlation 0.93 / 0.82) for a check that tells noise from a broken graph.
+# DenseNet: num_init_features=16 keeps the hand-off [1, 16, 16, 20]; with 8 it is [1, 16, 16, 16] (H == W == C),
+# which onnx2tf converts wrongly when the next op concatenates the input (float32 graph already off).
 ARCHS = {
     "vgg11": (dict(width_div=16, hidden=16), "features.5"),
-    "densenet121": (dict(small_input=True, growth_rate=4, num_init_features=8), "features.transition1"),
-    "mobilenet_v2": (dict(width_mult=0.25, small_input=True), "features.3"),
-    "resnet50": (dict(small_input=True, base_width=4), "layer2"),
+    "densenet121": (dict(small_input=True, growth_rate=4, num_init_features=16), "features.transition1"),
+    "mobilenet_v2": (dict(width_mult=1.0, small_input=True), "features.3"),
+    "resnet50": (dict(small_input=True, base_width=16), "layer2"),
 }
 
 
@@ -115,7 +119,6 @@ def test_zoo_network_with_a_branch_converts_to_int8_and_runs(arch, tmp_path):
         rel_err = float(np.max(np.abs(q - flt))) / span
         corr = float(np.corrcoef(flt.reshape(-1), q.reshape(-1))[0, 1])
         agree = float(np.mean(flt.argmax(1) == q.argmax(1)))
-        print(arch, name, rel_err, corr, agree, span)
         assert rel_err < 0.1 and corr > 0.99 and agree >= 0.9, (name, rel_err, corr, agree)
 
     # the Runner answers with a valid label at one of the two exits, with that exit's cumulative MACs
