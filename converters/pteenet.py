@@ -149,8 +149,8 @@ def default_features_end(backbone: nn.Module, desc: dict[str, Any] | None, examp
 def attach_branches(backbone: nn.Module, input_shape: Sequence[int], labels: Sequence[str],
                     exits_after: Sequence[str] | None = None, placement: str = "pareto", num_exits: int = 3,
                     branch: str = "conv1", features_end: str | None = None,
-                    mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.5,), color_mode: str | None = None,
-                    backbone_desc: dict[str, Any] | None = None, class_head_kind: str = "pool",
+                    mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                    color_mode: str | None = None, backbone_desc: dict[str, Any] | None = None, class_head_kind: str = "pool",
                     hidden: int | None = None) -> StagedModel:
     """Freeze ``backbone``, cut it into segments and attach a PTEENet branch at every exit point.
 
@@ -165,7 +165,8 @@ def attach_branches(backbone: nn.Module, input_shape: Sequence[int], labels: Seq
         branch: "conv1", "conv2", "conv3" (PTEENet's 1-3 conv blocks), "pool"/"bnpool", or "class"
             (class-based exits, trained with the class loss).
         features_end: where the features end (default: from the zoo table or found by tracing).
-        mean, std, color_mode: preprocessing stored in the spec (color_mode from C if None).
+        mean, std, color_mode: preprocessing stored in the spec, one mean/std per input channel (None: 0.5 for
+            every channel; color_mode from C if None).
         backbone_desc: how to rebuild the backbone (see :func:`build_backbone_module`); without it the model
             works but a checkpoint of it cannot rebuild itself.
         class_head_kind: for ``branch="class"``: "pool" (global pool + per-class logits) or "spatial" (a
@@ -190,6 +191,12 @@ def attach_branches(backbone: nn.Module, input_shape: Sequence[int], labels: Seq
         raise UsageError(f"hidden={hidden} applies only to whole-map heads (branch 'spatial', or branch 'class' with "
                          f"class head 'spatial'), got branch '{branch}'" + (f" with class head '{class_head_kind}'"
                                                                              if branch == "class" else ""))
+    channels = int(input_shape[0])
+    mean = [0.5] * channels if mean is None else list(mean)
+    std = [0.5] * channels if std is None else list(std)
+    if len(mean) != channels or len(std) != channels:
+        raise UsageError(f"mean {mean} and std {std} must give one value per input channel ({channels} for input "
+                         f"shape {list(input_shape)}); e.g. mean={[0.5] * channels}")
     backbone.eval()
     example = torch.zeros(1, *input_shape)
     with torch.no_grad():

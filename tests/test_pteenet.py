@@ -87,6 +87,9 @@ def test_bad_arguments_give_one_line_errors():
         pteenet.attach_branches(_backbone(), (1, 28, 28), ["a", "b", "c"], exits_after=["layer1"])
     with pytest.raises(UsageError, match="unknown branch"):
         pteenet.attach_branches(_backbone(), (1, 28, 28), LABELS, exits_after=["layer1"], branch="conv9")
+    # preprocessing that cannot describe the input is refused here, not after a minute of conversion
+    with pytest.raises(UsageError, match=r"one value per input channel \(1 for input shape"):
+        pteenet.attach_branches(_backbone(), (1, 28, 28), LABELS, exits_after=["layer1"], mean=[0.5] * 3, std=[0.5] * 3)
 
 
 @pytest.mark.slow
