@@ -45,8 +45,11 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess:
 
 # ---- the session bundle --------------------------------------------------------------------------------
 
-def test_manifest_round_trips_through_json(tiny_bundle, tiny_conversion):
-    on_disk = _read_manifest(tiny_bundle)
+def test_manifest_round_trips_through_json(tiny_conversion):
+    # the manifest written into the bundle is the one the conversion reported. Compared within one conversion:
+    # two conversions of the same model (another process, or after other conversions in this one) gave stage
+    # files a few bytes apart with identical tensors and quantization.
+    on_disk = _read_manifest(tiny_conversion.out_dir)
     assert on_disk == tiny_conversion.manifest
     assert Manifest.from_json(on_disk.to_json()) == on_disk
 
