@@ -86,12 +86,8 @@ def run_dataset(dataset: str, args: argparse.Namespace) -> dict[str, Any]:
     config = {k: getattr(args, k) for k in ("epochs", "train_limit", "width", "head")}
     config["hidden"] = args.hidden if args.head == "spatial" else None
     bundle = RUNS / f"{dataset}-classexit-bundle"
-    trained = common.reusable_state(bundle, config) if args.reuse else None
-    if trained is None:
-        trained = train_and_convert(dataset, splits, args, bundle)
-        common.save_state(bundle, config, trained)
-    else:
-        log.info("%s: reusing %s (same settings)", dataset, bundle)
+    trained = common.built_or_reused(bundle, config, args.reuse,
+                                     lambda: train_and_convert(dataset, splits, args, bundle))
     runner = Runner(bundle, power_sensor=None)  # the manifest holds the searched betas
     costs = exit_costs(runner.manifest)
     full_macs = runner.manifest.full_macs

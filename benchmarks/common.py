@@ -15,7 +15,7 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -115,19 +115,19 @@ def calibration_images(train_set: ImageSet, n: int = CALIB_SIZE) -> np.ndarray:
     return train_set.images[rng.choice(len(train_set.labels), n, replace=False)]
 
 
-def reusable_state(bundle: Path, config: dict[str, Any]) -> dict[str, Any] | None:
-    """The training record stored beside ``bundle`` if it was built with ``config``, else None."""
+def built_or_reused(bundle: Path, config: dict[str, Any], reuse: bool,
+                    build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The training record of ``bundle``: reused when ``reuse`` and it was built with ``config`` (recorded in
+    ``<bundle>.state.json``), else ``build()`` (train + convert) and remember the record for the next ``--reuse``."""
     path = bundle.with_name(bundle.name + ".state.json")
-    if not (path.is_file() and (bundle / "manifest.json").is_file()):
-        return None
-    state = json.loads(path.read_text())
-    return state["record"] if state.get("config") == config else None
-
-
-def save_state(bundle: Path, config: dict[str, Any], record: dict[str, Any]) -> None:
-    """Remember how ``bundle`` was built (``config``) and its training record, for ``--reuse``."""
-    bundle.with_name(bundle.name + ".state.json").write_text(json.dumps({"config": config, "record": record},
-                                                                        indent=2))
+    if reuse and path.is_file() and (bundle / "manifest.json").is_file():
+        state = json.loads(path.read_text())
+        if state.get("config") == config:
+            log.info("reusing %s (same settings)", bundle)
+            return state["record"]
+    record = build()
+    path.write_text(json.dumps({"config": config, "record": record}, indent=2))
+    return record
 
 
 def trace_set(runner: Runner, data: ImageSet, start: int = 0, stop: int | None = None) -> Trace:

@@ -121,12 +121,8 @@ def run_dataset(dataset: str, args: argparse.Namespace) -> dict[str, Any]:
                                             "branch_epochs", "lam")}
     config["hidden"] = args.hidden if spatial else None
     bundle = RUNS / f"{dataset}-bundle"
-    trained = common.reusable_state(bundle, config) if args.reuse else None
-    if trained is None:
-        trained = train_and_convert(dataset, splits, args, bundle)
-        common.save_state(bundle, config, trained)
-    else:
-        log.info("%s: reusing %s (same settings)", dataset, bundle)
+    trained = common.built_or_reused(bundle, config, args.reuse,
+                                     lambda: train_and_convert(dataset, splits, args, bundle))
     t0 = time.perf_counter()
     runner = Runner(bundle, power_sensor=None)
     costs = exit_costs(runner.manifest)
