@@ -289,10 +289,8 @@ def sweep_tradeoff(trace: Trace, manifest: Manifest, run_rule: ExitRule | None =
     for name, value in manifest.operating_points.items():
         if name == "front" or not isinstance(value, dict):
             continue
-        spec_dict = value.get("exit_rule", value)
         try:
-            add(f"point '{name}'", "operating_point", rule_from_spec(ExitRuleSpec.from_dict(spec_dict,
-                                                                                           f"operating_points.{name}")))
+            add(f"point '{name}'", "operating_point", rule_from_spec(manifest.point_rule(name)))
         except EdgeExitError as exc:
             log.warning("sweep: operating point %r skipped (%s)", name, exc)
     for name, source, rule in extra_rules:

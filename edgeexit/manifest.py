@@ -273,6 +273,18 @@ class Manifest:
     def num_classes(self) -> int:
         return len(self.labels)
 
+    def point_rule(self, name: str) -> ExitRuleSpec | None:
+        """The exit rule stored as operating point ``name`` (a rule dict, or a point with ``exit_rule``); None
+        when there is no such entry or it is not a point (e.g. the stored ``front`` list).
+
+        Raises:
+            BundleError: the entry is malformed.
+        """
+        entry = self.operating_points.get(name)
+        if not isinstance(entry, Mapping):
+            return None
+        return ExitRuleSpec.from_dict(entry.get("exit_rule", entry), f"operating_points.{name}")
+
     def cumulative_macs(self) -> tuple[int, ...]:
         """MACs paid by an input that leaves at exit i: every segment up to i and every head up to i."""
         total, out = 0, []

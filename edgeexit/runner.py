@@ -207,15 +207,14 @@ class Runner:
             UsageError: no such operating point.
         """
         points: Mapping[str, Any] = self.manifest.operating_points
-        if name not in points:
-            raise UsageError(f"the bundle has no operating point {name!r}; it has {sorted(points) or 'none'} "
-                             "(create them with `edgeexit tune`)")
-        point = points[name]
-        spec = point.get("exit_rule", point) if isinstance(point, Mapping) else point
         try:
-            return ExitRuleSpec.from_dict(spec, f"operating_points.{name}")
+            rule = self.manifest.point_rule(name)
         except BundleError as exc:
             raise UsageError(str(exc)) from None
+        if rule is None:
+            raise UsageError(f"the bundle has no operating point {name!r}; it has {sorted(points) or 'none'} "
+                             "(create them with `edgeexit tune`)")
+        return rule
 
     def set_rule(self, rule: ExitRule | ExitRuleSpec | str) -> None:
         """Use another exit rule from the next input on (no reload)."""

@@ -859,15 +859,15 @@ def reference_rule(manifest: Manifest, name: str) -> ExitRuleSpec:
     points = manifest.operating_points
     if name == "current" or (name == "original" and "original" not in points):  # not tuned yet: still the original
         return manifest.exit_rule
-    entry = points.get(name) if name not in RESERVED_NAMES or name == "original" else None
-    if not isinstance(entry, Mapping):
+    try:
+        rule = manifest.point_rule(name) if name not in RESERVED_NAMES or name == "original" else None
+    except BundleError as exc:
+        raise UsageError(str(exc)) from None
+    if rule is None:
         names = sorted(k for k, v in points.items() if isinstance(v, Mapping) and k not in ("exit_costs",))
         raise UsageError(f"--no-worse-than {name!r}: the bundle has no such operating point; use 'current' or one "
                          f"of {names or 'none (tune once first)'}")
-    try:
-        return ExitRuleSpec.from_dict(entry.get("exit_rule", entry), f"operating_points.{name}")
-    except BundleError as exc:
-        raise UsageError(str(exc)) from None
+    return rule
 
 
 def standard_error_pp(accuracy: float, n: int) -> float:
@@ -953,7 +953,7 @@ class OperatingPoints:
             if not isinstance(value, Mapping):
                 continue
             try:
-                specs[key] = ExitRuleSpec.from_dict(value.get("exit_rule", value), f"operating_points.{key}")
+                specs[key] = manifest.point_rule(key)
             except EdgeExitError as exc:
                 log.warning("operating point %r is unusable: %s", key, exc)
                 continue
