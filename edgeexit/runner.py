@@ -84,12 +84,12 @@ class _Stage:
     """
 
     __slots__ = ("interp", "run", "inp", "feat", "logits_q", "conf_q", "has_confidence", "logits_lut", "conf_lut",
-                 "scores", "tensors")
+                 "scores")
 
     def __init__(self, interp: Any, manifest: Manifest, k: int):
         spec = manifest.stages[k]
-        self.tensors = where = check_stage_tensors(interp, spec)
-        self.interp, self.run = interp, native_invoke(interp)
+        where = check_stage_tensors(interp, spec)
+        self.interp, self.run = interp, native_invoke(interp)  # interp keeps its delegates and buffers alive
         self.inp = interp.tensor(where.input_index)()                              # [1, H, W, C] int8
         features = where.output_index.get("features")
         self.feat = interp.tensor(features)() if features is not None else None  # [1, h, w, c] int8

@@ -822,11 +822,13 @@ def tune_bundle(bundle: str | os.PathLike[str], data: str, target: Target, *, ru
     log.info("tracing %d images through %d stages", len(images), manifest.num_exits)
     trace = runner.trace(seq, images.labels)
     costs = exit_costs(manifest, trace)
+    reference = (evaluate_rule(trace, reference_rule(manifest, target.no_worse_than), costs)
+                 if target.no_worse_than is not None else None)
     results, errors = [], []
     for k in (TUNABLE_RULES if kind == "any" else (kind,)):
         try:
-            if target.no_worse_than is not None:
-                results.append(_beat_reference(trace, costs, k, target.no_worse_than, manifest, levels, margin_pp))
+            if reference is not None:
+                results.append(_beat_reference(trace, costs, k, reference, target.no_worse_than, levels, margin_pp))
             else:
                 results.append(search_front(trace, costs, k, target, levels=levels))
         except (TuningError, UsageError) as exc:
@@ -875,12 +877,11 @@ def standard_error_pp(accuracy: float, n: int) -> float:
     return 100.0 * math.sqrt(max(accuracy * (1.0 - accuracy), 0.0) / max(n, 1))
 
 
-def _beat_reference(trace: Trace, costs: ExitCosts, kind: str, name: str, manifest: Manifest,
+def _beat_reference(trace: Trace, costs: ExitCosts, kind: str, reference: OperatingPoint, name: str,
                     levels: int, margin_pp: float | None = None) -> TuneResult:
-    """Cheapest point at least ``margin_pp`` more accurate than the reference rule on this trace, or the
-    reference itself when no point is cheaper. The margin (default: one standard error of the reference's
-    accuracy on this trace) keeps the advantage on data the search did not see."""
-    reference = evaluate_rule(trace, reference_rule(manifest, name), costs)
+    """Cheapest point at least ``margin_pp`` more accurate than ``reference`` (the rule called ``name``, evaluated
+    on this trace), or the reference itself when no point is cheaper. The margin (default: one standard error
+    of the reference's accuracy on this trace) keeps the advantage on data the search did not see."""
     if margin_pp is None:
         margin_pp = standard_error_pp(reference.accuracy, trace.num_inputs)
     floor = min(1.0, reference.accuracy + margin_pp / 100.0)
