@@ -28,7 +28,7 @@ setup(
     long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=find_packages(include=["edgeexit", "edgeexit.*", "converters", "converters.*"]),
+    packages=find_packages(include=["edgeexit", "edgeexit.*"]),
     package_data={"edgeexit": ["py.typed"]},
     install_requires=requirements("base.in"),
     extras_require={
@@ -37,7 +37,7 @@ setup(
         "workstation": requirements("workstation.in"),
         "test": requirements("test.in"),
     },
-    entry_points={"console_scripts": ["edgeexit=edgeexit.cli:entry_point"]},
+    entry_points={"console_scripts": ["edgeexit=edgeexit.cli.main:entry_point"]},
     license="Apache-2.0",
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -26,9 +26,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from converters.convert import convert  # noqa: E402
-from converters.costs import count_params  # noqa: E402
-from edgeexit.envinfo import cpu_model  # noqa: E402
+from edgeexit.workstation.convert.convert import convert  # noqa: E402
+from edgeexit.workstation.convert.costs import count_params  # noqa: E402
+from edgeexit.bench.envinfo import cpu_model  # noqa: E402
 
 
 def _version(name: str) -> str | None:
@@ -41,9 +41,9 @@ def _version(name: str) -> str | None:
 def build(model_name: str, exits: int) -> torch.nn.Module:
     """The registry's model, or a one-line explanation of what is missing."""
     try:
-        from converters.registry import create
+        from edgeexit.workstation.models.registry import create
     except ImportError as exc:
-        raise SystemExit(f"bench_convert: converters.registry is not available ({exc}); nothing to benchmark")
+        raise SystemExit(f"bench_convert: edgeexit.workstation.models.registry is not available ({exc}); nothing to benchmark")
     torch.manual_seed(0)
     return create(model_name, num_classes=10, exits=exits).eval()
 

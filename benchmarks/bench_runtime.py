@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edgeexit import FinalExitRule, Runner  # noqa: E402
-from edgeexit.boards import cpu_model  # noqa: E402
+from edgeexit.energy.boards import cpu_model  # noqa: E402
 
 IMPORT_PROBE = r"""
 import json, resource, sys, time

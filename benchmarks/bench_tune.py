@@ -27,9 +27,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from edgeexit.rules import RULES, Trace  # noqa: E402
-from edgeexit.tune import ExitCosts, Target, evaluate_rule, exit_costs, search_front  # noqa: E402
-from edgeexit.manifest import ExitRuleSpec  # noqa: E402
+from edgeexit.runtime.rules import RULES
+from edgeexit.runtime.trace import Trace  # noqa: E402
+from edgeexit.tuning.tune import ExitCosts, Target, evaluate_rule, exit_costs, search_front  # noqa: E402
+from edgeexit.runtime.manifest import ExitRuleSpec  # noqa: E402
 from synthetic import synthetic_trace  # noqa: E402 (the tests' synthetic trace, numpy only)
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -65,9 +66,9 @@ def bench_search(repeats: int) -> dict:
 
 
 def bench_mnist(bundle: Path, rule: str, seed: int = 0) -> dict:
-    from edgeexit.bundle import load_bundle
-    from edgeexit.datasets import load_dataset
-    from edgeexit.runner import Runner
+    from edgeexit.runtime.bundle import load_bundle
+    from edgeexit.bench.datasets import load_dataset
+    from edgeexit.runtime.runner import Runner
 
     loaded = load_bundle(bundle)
     manifest = loaded.manifest
@@ -114,7 +115,7 @@ def main() -> None:
     (RESULTS / "tune_search.json").write_text(json.dumps(search, indent=2) + "\n")
     log.info("wrote %s", RESULTS / "tune_search.json")
     if (args.bundle / "manifest.json").is_file():
-        from edgeexit.bundle import read_manifest
+        from edgeexit.runtime.bundle import read_manifest
         kind = args.rule or read_manifest(args.bundle)[1].exit_rule.kind
         kind = kind if kind in RULES and kind not in ("final", "fixed") else "max_softmax"
         mnist = bench_mnist(args.bundle, kind)

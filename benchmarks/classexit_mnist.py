@@ -34,13 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import MEAN, RUNS, STD  # noqa: E402
 
-from converters.classexit import attach_class_exits, exclusion_stats, train_class_exits, tune_bundle_betas  # noqa: E402
-from converters.convert import convert  # noqa: E402
-from converters.pteenet import backbone_digest  # noqa: E402
-from edgeexit.manifest import ExitRuleSpec  # noqa: E402
-from edgeexit.rules import Trace  # noqa: E402
-from edgeexit.runner import Runner  # noqa: E402
-from edgeexit.tune import ExitCosts, evaluate_rule, exit_costs  # noqa: E402
+from edgeexit.workstation.methods.classexit import attach_class_exits, exclusion_stats, train_class_exits, tune_bundle_betas  # noqa: E402
+from edgeexit.workstation.convert.convert import convert  # noqa: E402
+from edgeexit.workstation.methods.pteenet import backbone_digest  # noqa: E402
+from edgeexit.runtime.manifest import ExitRuleSpec  # noqa: E402
+from edgeexit.runtime.trace import Trace  # noqa: E402
+from edgeexit.runtime.runner import Runner  # noqa: E402
+from edgeexit.tuning.tune import ExitCosts, evaluate_rule, exit_costs  # noqa: E402
 
 log = logging.getLogger("classexit_mnist")
 EXITS_AFTER = ["layer1", "layer2"]

@@ -1,6 +1,6 @@
 """What the frozen-backbone benchmarks share (``pteenet_mnist.py``, ``classexit_mnist.py``).
 
-* the backbone: a torchvision-layout ResNet-18 (``converters.zoo``, 3x3 stem, 1 channel, base width 8) trained
+* the backbone: a torchvision-layout ResNet-18 (``edgeexit.workstation.models.zoo``, 3x3 stem, 1 channel, base width 8) trained
   as a plain classifier once per dataset and cached under ``runs/pteenet/`` (a torchvision-style weights file);
 * the data: the last :data:`VAL_SIZE` training images are the validation set (never the test set), the test
   set is cut into a tuning half ``test[:TUNE_SIZE]`` and a held-out half ``test[TUNE_SIZE:]``;
@@ -24,14 +24,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from converters import zoo  # noqa: E402
-from converters.split import split_module, staged_from_split  # noqa: E402
-from converters.staged import ModelSpec, StagedModel  # noqa: E402
-from converters.train import TrainConfig, train  # noqa: E402
-from edgeexit.datasets import ImageSet, load_dataset  # noqa: E402
-from edgeexit.runner import Runner  # noqa: E402
-from edgeexit.rules import Trace  # noqa: E402
-from edgeexit.tune import OperatingPoint  # noqa: E402
+from edgeexit.workstation.models import zoo  # noqa: E402
+from edgeexit.workstation.methods.split import split_module, staged_from_split  # noqa: E402
+from edgeexit.workstation.models.staged import ModelSpec, StagedModel  # noqa: E402
+from edgeexit.workstation.training.train import TrainConfig, train  # noqa: E402
+from edgeexit.bench.datasets import ImageSet, load_dataset  # noqa: E402
+from edgeexit.runtime.runner import Runner  # noqa: E402
+from edgeexit.runtime.trace import Trace  # noqa: E402
+from edgeexit.tuning.tune import OperatingPoint  # noqa: E402
 
 log = logging.getLogger("benchmarks.common")
 

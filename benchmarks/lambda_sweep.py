@@ -20,8 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from converters.train import TrainConfig  # noqa: E402
-from converters.train_cli import (SWEEP_FIELDS, machine_info, parse_lambdas, run_training, sweep_rows,  # noqa: E402
+from edgeexit.workstation.training.train import TrainConfig  # noqa: E402
+from edgeexit.workstation.cli.train import (SWEEP_FIELDS, machine_info, parse_lambdas, run_training, sweep_rows,  # noqa: E402
                                   sweep_table)
 
 

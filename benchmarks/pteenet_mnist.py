@@ -2,7 +2,7 @@
 
 For each dataset (MNIST, Fashion-MNIST):
 
-1. train a small torchvision-layout ResNet-18 (``converters.zoo``, 3x3 stem, width 8, 1 channel) as a plain
+1. train a small torchvision-layout ResNet-18 (``edgeexit.workstation.models.zoo``, 3x3 stem, width 8, 1 channel) as a plain
    classifier (or reuse the one cached under runs/);
 2. freeze it, attach branches after ``layer1`` and ``layer2`` (default: EENet "spatial" heads with 16 units;
    PTEENet's pooled "conv1" branches read 8-16 pooled numbers of these early maps and stayed at 20-30%
@@ -14,7 +14,7 @@ For each dataset (MNIST, Fashion-MNIST):
    test[:5000] with the other half for tuning):
 
    * the confidence rule at the global T = 0.5 (the authors' rule);
-   * per-exit thresholds searched by ``edgeexit.tune.search_front`` on the tuning half with the target "no
+   * per-exit thresholds searched by ``edgeexit.tuning.tune.search_front`` on the tuning half with the target "no
      worse than T = 0.5 on the tuning half, fewest MACs" (``Target(min_accuracy=<T=0.5 accuracy>)``);
    * per-exit thresholds searched for at most 0.25 / 0.5 / 1 pp below the backbone on the tuning half.
 
@@ -45,13 +45,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import MEAN, RUNS, STD  # noqa: E402
 
-from converters.convert import convert  # noqa: E402
-from converters.pteenet import attach_branches, backbone_digest, train_branches  # noqa: E402
-from converters.train import TrainConfig  # noqa: E402
-from edgeexit.manifest import ExitRuleSpec  # noqa: E402
-from edgeexit.rules import Trace  # noqa: E402
-from edgeexit.runner import Runner  # noqa: E402
-from edgeexit.tune import ExitCosts, Target, evaluate_rule, exit_costs, search_front  # noqa: E402
+from edgeexit.workstation.convert.convert import convert  # noqa: E402
+from edgeexit.workstation.methods.pteenet import attach_branches, backbone_digest, train_branches  # noqa: E402
+from edgeexit.workstation.training.train import TrainConfig  # noqa: E402
+from edgeexit.runtime.manifest import ExitRuleSpec  # noqa: E402
+from edgeexit.runtime.trace import Trace  # noqa: E402
+from edgeexit.runtime.runner import Runner  # noqa: E402
+from edgeexit.tuning.tune import ExitCosts, Target, evaluate_rule, exit_costs, search_front  # noqa: E402
 
 log = logging.getLogger("pteenet_mnist")
 DROPS_PP = (0.25, 0.5, 1.0)

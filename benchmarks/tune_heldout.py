@@ -21,11 +21,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edgeexit.boards import cpu_model  # noqa: E402
-from edgeexit.bundle import load_bundle  # noqa: E402
-from edgeexit.datasets import load_dataset  # noqa: E402
-from edgeexit.runner import Runner  # noqa: E402
-from edgeexit.tune import Target, evaluate_rule, exit_costs, reference_rule, tune_bundle  # noqa: E402
+from edgeexit.energy.boards import cpu_model  # noqa: E402
+from edgeexit.runtime.bundle import load_bundle  # noqa: E402
+from edgeexit.bench.datasets import load_dataset  # noqa: E402
+from edgeexit.runtime.runner import Runner  # noqa: E402
+from edgeexit.tuning.tune import Target, evaluate_rule, exit_costs, reference_rule, tune_bundle  # noqa: E402
 
 
 def main() -> None:

@@ -8,13 +8,14 @@ Imports only the standard library, numpy, Pillow (lazily, for image files) and a
     result = runner("image.png")   # label, exit_index, macs, latency_ms, energy
 """
 
-from .bundle import Bundle, load_bundle, write_manifest_atomic
-from .energy import Energy
+from .runtime.bundle import Bundle, load_bundle, write_manifest_atomic
+from .energy.proxy import Energy
 from .errors import (BundleError, EdgeExitError, InputError, InterpreterError, TuningError, UsageError)
-from .manifest import Manifest
-from .rules import (ClassExclusionRule, ConfidenceRule, EntropyRule, ExitRule, FinalExitRule, FixedExitRule,
-                    MaxSoftmaxRule, Trace, rule_from_spec)
-from .runner import MonolithicResult, Result, Runner
+from .runtime.manifest import Manifest
+from .runtime.rules import (ClassExclusionRule, ConfidenceRule, EntropyRule, ExitRule, FinalExitRule, FixedExitRule,
+                            MaxSoftmaxRule, rule_from_spec)
+from .runtime.trace import Trace
+from .runtime.runner import MonolithicResult, Result, Runner
 
 __version__ = "0.1.0"
 

@@ -65,9 +65,9 @@ def dump(bundle: str, inputs: str, out: str, backend: str = "auto") -> dict[str,
     stage k and output name ``out/stage<k>/<name>`` [N, ...] with the raw int8 values; ``meta`` is a JSON
     string describing the machine and interpreter.
     """
-    from edgeexit.bundle import check_stage_tensors
-    from edgeexit.interpreter import create_interpreter
-    from edgeexit.runner import Runner
+    from edgeexit.runtime.bundle import check_stage_tensors
+    from edgeexit.runtime.interpreter import create_interpreter
+    from edgeexit.runtime.runner import Runner
 
     with np.load(inputs) as data:
         images = data["images"]  # [N, H, W(, C)] uint8
@@ -149,7 +149,7 @@ def compare(ref_path: str, other_path: str, max_lsb: int) -> dict[str, Any]:
 # ---- prepare (workstation side) -----------------------------------------------------------------------------
 def prepare(out_dir: str, count: int, bundle: str | None) -> None:
     """Write OUT/inputs.npz (first ``count`` MNIST test images) and OUT/bundle (given or built)."""
-    from edgeexit.datasets import load_dataset
+    from edgeexit.bench.datasets import load_dataset
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -168,12 +168,12 @@ def prepare(out_dir: str, count: int, bundle: str | None) -> None:
 def _build_bundle(target: Path, images: np.ndarray) -> None:
     """A tiny seeded 3-exit MNIST-shaped network, converted to a bundle, thresholds at median exit scores."""
     sys.path.insert(0, str(HERE / "tests"))
-    from converters.convert import convert  # workstation only
+    from edgeexit.workstation.convert.convert import convert  # workstation only
     from tinymodels import synthetic_digits, tiny_staged_model, train_tiny  # the tests' seeded tiny networks
 
-    from edgeexit.bundle import read_manifest, write_manifest_atomic
-    from edgeexit.manifest import ExitRuleSpec
-    from edgeexit.runner import Runner
+    from edgeexit.runtime.bundle import read_manifest, write_manifest_atomic
+    from edgeexit.runtime.manifest import ExitRuleSpec
+    from edgeexit.runtime.runner import Runner
 
     model = train_tiny(tiny_staged_model(seed=0), steps=80)
     calib, _ = synthetic_digits(48, seed=3)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgeexit.rules import Trace
+from edgeexit.runtime.trace import Trace
 
 TINY_SIZE = 28
 TINY_CLASSES = 10

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeexit.bench import RESULT_FIELDS, SWEEP_COLUMNS, BenchSettings, check_dataset, result_stem, run_benchmark, \
+from edgeexit.bench.bench import RESULT_FIELDS, SWEEP_COLUMNS, BenchSettings, check_dataset, result_stem, run_benchmark, \
     write_results
-from edgeexit.bundle import read_manifest
-from edgeexit.datasets import ImageSet, load_dataset
-from edgeexit.envinfo import EnvPaths, collect_environment, slug
+from edgeexit.runtime.bundle import read_manifest
+from edgeexit.bench.datasets import ImageSet, load_dataset
+from edgeexit.bench.envinfo import EnvPaths, collect_environment, slug
 from edgeexit.errors import DatasetError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ def manifest(bundle_dir):
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edgeexit.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "edgeexit", *map(str, args)], capture_output=True, text=True,
                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
 
 
@@ -267,9 +267,9 @@ def test_invalid_bundle_fails_with_one_line(bundle_dir, data_npz, tmp_path):
 @pytest.mark.workstation
 def test_float_checkpoint_accuracy_beside_the_int8_run(tiny_bundle, tiny_model, data_npz, tmp_path, monkeypatch):
     torch = pytest.importorskip("torch")
-    from converters import registry
-    from converters.checkpoint import save_checkpoint
-    from converters.data import to_tensors
+    from edgeexit.workstation.models import registry
+    from edgeexit.workstation.training.checkpoint import save_checkpoint
+    from edgeexit.workstation.training.data import to_tensors
     from tinymodels import tiny_staged_model
 
     # the tiny test network is not a registry model: register its builder for this test only
@@ -287,8 +287,8 @@ def test_float_checkpoint_accuracy_beside_the_int8_run(tiny_bundle, tiny_model, 
 
 def test_bench_loads_no_workstation_module(bundle_dir, data_npz, tmp_path):
     script = ("import json, sys\n"
-              "from edgeexit.bench import BenchSettings, run_benchmark, write_results\n"
-              "from edgeexit.datasets import load_dataset\n"
+              "from edgeexit.bench.bench import BenchSettings, run_benchmark, write_results\n"
+              "from edgeexit.bench.datasets import load_dataset\n"
               "r = run_benchmark(sys.argv[1], load_dataset(sys.argv[2], limit=10), BenchSettings(warmup=1))\n"
               "write_results(r, sys.argv[3])\n"
               "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n")
@@ -297,4 +297,4 @@ def test_bench_loads_no_workstation_module(bundle_dir, data_npz, tmp_path):
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     loaded = set(json.loads(proc.stdout.strip().splitlines()[-1]))
-    assert not loaded & {"torch", "tensorflow", "onnx", "onnx2tf", "onnxruntime", "converters"}
+    assert not loaded & {"torch", "tensorflow", "onnx", "onnx2tf", "onnxruntime", "edgeexit.workstation"}

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from edgeexit import BundleError, Manifest, load_bundle, write_manifest_atomic
-from edgeexit.bundle import Requantization, plan_handoffs
-from edgeexit.manifest import Quantization
+from edgeexit.runtime.bundle import Requantization, plan_handoffs
+from edgeexit.runtime.manifest import Quantization
 
 
 @pytest.fixture

@@ -7,9 +7,9 @@ import pytest
 
 pytest.importorskip("torch")  # workstation-only tests: skipped in the device environments
 
-from converters.classexit import beta_search, exclusion_stats
+from edgeexit.workstation.methods.classexit import beta_search, exclusion_stats
 from edgeexit.errors import UsageError
-from edgeexit.rules import Trace
+from edgeexit.runtime.trace import Trace
 
 K = 3
 N = 1000
@@ -94,7 +94,7 @@ DESC = {"arch": "resnet18", "options": {"num_classes": 10, "in_channels": 1, "sm
 def _backbone(seed: int = 0):
     import torch
 
-    from converters import zoo
+    from edgeexit.workstation.models import zoo
 
     torch.manual_seed(seed)
     return zoo.build_backbone(DESC["arch"], **DESC["options"]).eval()
@@ -103,7 +103,7 @@ def _backbone(seed: int = 0):
 def _spatial_class_model(exits_after=("layer1", "layer2"), hidden=6):
     import torch
 
-    from converters.classexit import attach_class_exits
+    from edgeexit.workstation.methods.classexit import attach_class_exits
 
     model = attach_class_exits(_backbone(), (1, 28, 28), LABELS, head="spatial", hidden=hidden,
                                exits_after=list(exits_after), backbone_desc=DESC)
@@ -119,9 +119,9 @@ def _spatial_class_model(exits_after=("layer1", "layer2"), hidden=6):
 def test_spatial_class_exits_read_the_whole_map_and_rebuild_from_spec_and_checkpoint(tmp_path):
     import torch
 
-    from converters.checkpoint import load_checkpoint, save_checkpoint
-    from converters.heads import SpatialClassHead
-    from converters.registry import build
+    from edgeexit.workstation.training.checkpoint import load_checkpoint, save_checkpoint
+    from edgeexit.workstation.models.heads import SpatialClassHead
+    from edgeexit.workstation.models.registry import build
 
     model = _spatial_class_model()
     x = torch.randn(3, 1, 28, 28)
@@ -142,7 +142,7 @@ def test_spatial_class_exits_read_the_whole_map_and_rebuild_from_spec_and_checkp
 
 @pytest.mark.parametrize("hidden", [0, -3, 2.5, "16", True], ids=["zero", "negative", "float", "str", "bool"])
 def test_bad_hidden_width_is_a_one_line_usage_error(hidden):
-    from converters.classexit import attach_class_exits
+    from edgeexit.workstation.methods.classexit import attach_class_exits
 
     with pytest.raises(UsageError, match="hidden") as info:
         attach_class_exits(_backbone(), (1, 28, 28), LABELS, head="spatial", hidden=hidden, exits_after=["layer1"])
@@ -150,7 +150,7 @@ def test_bad_hidden_width_is_a_one_line_usage_error(hidden):
 
 
 def test_hidden_or_an_unknown_kind_on_a_pooled_class_head_is_refused():
-    from converters.classexit import attach_class_exits
+    from edgeexit.workstation.methods.classexit import attach_class_exits
 
     with pytest.raises(UsageError, match="hidden=8 applies only"):
         attach_class_exits(_backbone(), (1, 28, 28), LABELS, head="pool", hidden=8, exits_after=["layer1"])
@@ -165,9 +165,9 @@ def test_post_train_cli_builds_spatial_class_exits(tmp_path):
     import torch
     from click.testing import CliRunner
 
-    from converters.checkpoint import load_checkpoint
-    from converters.heads import SpatialClassHead
-    from converters.method_cli import post_train
+    from edgeexit.workstation.training.checkpoint import load_checkpoint
+    from edgeexit.workstation.models.heads import SpatialClassHead
+    from edgeexit.workstation.cli.methods import post_train
     from synthetic import synthetic_digits
 
     images, labels = synthetic_digits(160, seed=5)
@@ -182,7 +182,7 @@ def test_post_train_cli_builds_spatial_class_exits(tmp_path):
     model = load_checkpoint(tmp_path / "ce.pt")
     assert isinstance(model.stages[0].head, SpatialClassHead) and model.stages[0].head.body[0].out_channels == 5
     # a bad width, as a user runs it: one line on stderr, the usage exit code, no traceback
-    proc = subprocess.run([sys.executable, "-m", "edgeexit.cli", "post-train", *common, "--hidden", "0",
+    proc = subprocess.run([sys.executable, "-m", "edgeexit", "post-train", *common, "--hidden", "0",
                            "-o", str(tmp_path / "bad.pt")], capture_output=True, text=True)
     assert proc.returncode == UsageError.exit_code
     assert proc.stderr.strip().startswith("error: --hidden 0 must be a positive integer")
@@ -194,9 +194,9 @@ def test_spatial_class_exits_convert_and_run_on_the_device_path(tmp_path):
     pytest.importorskip("onnx2tf")
     import torch
 
-    from converters.classexit import tune_bundle_betas
-    from converters.convert import convert
-    from edgeexit.runner import Runner
+    from edgeexit.workstation.methods.classexit import tune_bundle_betas
+    from edgeexit.workstation.convert.convert import convert
+    from edgeexit.runtime.runner import Runner
     from synthetic import synthetic_digits
 
     model = _spatial_class_model(exits_after=("layer2",), hidden=8)

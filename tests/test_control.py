@@ -12,10 +12,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from test_tune import COSTS, synthetic_trace  # noqa: E402
 
-from edgeexit.control import BudgetController  # noqa: E402
+from edgeexit.tuning.control import BudgetController  # noqa: E402
 from edgeexit.errors import TuningError, UsageError  # noqa: E402
-from edgeexit.rules import RULES  # noqa: E402
-from edgeexit.tune import Target, search_front  # noqa: E402
+from edgeexit.runtime.rules import RULES  # noqa: E402
+from edgeexit.tuning.tune import Target, search_front  # noqa: E402
 
 STAGE_MS = np.array([0.1, 0.12, 0.15, 0.2])  # the simulated board's per-stage latency before throttling
 
@@ -120,8 +120,8 @@ def test_bad_parameters(front):
 
 
 def test_controller_drives_a_runner(tiny_bundle_copy, tiny_data, tmp_path):
-    from edgeexit.runner import Runner
-    from edgeexit.tune import tune_bundle
+    from edgeexit.runtime.runner import Runner
+    from edgeexit.tuning.tune import tune_bundle
 
     images, labels = tiny_data
     np.savez(tmp_path / "val.npz", images=images, labels=labels)

@@ -18,13 +18,13 @@ pytestmark = pytest.mark.workstation
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from converters import bundle_writer  # noqa: E402
-from converters import convert as convert_mod  # noqa: E402
-from converters.convert import convert, resolve_exit_rule  # noqa: E402
-from converters.staged import ModelSpec, Stage, StagedModel  # noqa: E402
-from converters.verify import Tolerances  # noqa: E402
+from edgeexit.workstation.convert import bundle_writer  # noqa: E402
+from edgeexit.workstation.convert import convert as convert_mod  # noqa: E402
+from edgeexit.workstation.convert.convert import convert, resolve_exit_rule  # noqa: E402
+from edgeexit.workstation.models.staged import ModelSpec, Stage, StagedModel  # noqa: E402
+from edgeexit.workstation.convert.verify import Tolerances  # noqa: E402
 from edgeexit.errors import ConversionError, UsageError  # noqa: E402
-from edgeexit.manifest import MANIFEST_FILE, Manifest  # noqa: E402
+from edgeexit.runtime.manifest import MANIFEST_FILE, Manifest  # noqa: E402
 from tinymodels import TinyHead, synthetic_digits, tiny_staged_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,7 +39,7 @@ def _one_stage_model(seed: int = 1) -> StagedModel:
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edgeexit.cli", *args], capture_output=True, text=True, cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "edgeexit", *args], capture_output=True, text=True, cwd=REPO,
                           timeout=600)
 
 
@@ -110,7 +110,7 @@ def test_int8_agrees_with_float(tiny_conversion):
 
 
 def test_bundle_loads_on_the_device_side(tiny_bundle):
-    bundle_mod = pytest.importorskip("edgeexit.bundle")
+    bundle_mod = pytest.importorskip("edgeexit.runtime.bundle")
     bundle = bundle_mod.load_bundle(tiny_bundle)
     assert bundle.manifest.num_exits == 3
     assert all(h is None for h in bundle.handoffs)  # raw int8 hand-offs, no requantization
@@ -273,5 +273,5 @@ def test_layer_without_int8_kernel_is_named(tmp_path):
 
 
 def test_convert_rejects_a_plain_module(tmp_path):
-    with pytest.raises(UsageError, match="needs a converters.staged.StagedModel, got Sequential"):
+    with pytest.raises(UsageError, match="needs an edgeexit.workstation.models.staged.StagedModel, got Sequential"):
         convert(nn.Sequential(nn.Conv2d(1, 4, 3)), np.zeros((8, 28, 28, 1), np.uint8), tmp_path / "b")

@@ -7,11 +7,11 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from converters.costs import count_macs, model_costs
-from converters.heads import EENetHead, PlainHead
-from converters.placement import place_exits, target_fractions
-from converters.registry import create
-from converters.staged import ModelSpec, Stage, StagedModel
+from edgeexit.workstation.convert.costs import count_macs, model_costs
+from edgeexit.workstation.models.heads import EENetHead, PlainHead
+from edgeexit.workstation.models.placement import place_exits, target_fractions
+from edgeexit.workstation.models.registry import create
+from edgeexit.workstation.models.staged import ModelSpec, Stage, StagedModel
 from edgeexit.errors import UsageError
 
 

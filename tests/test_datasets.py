@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgeexit import datasets
-from edgeexit.datasets import load_dataset, train_val_split
+from edgeexit.bench import datasets
+from edgeexit.bench.datasets import load_dataset, train_val_split
 from edgeexit.errors import DatasetError
 
 

@@ -1,4 +1,4 @@
-"""Edge TPU readiness of converted stages, and the Edge TPU compiler call (converters.edgetpu).
+"""Edge TPU readiness of converted stages, and the Edge TPU compiler call (edgeexit.workstation.convert.edgetpu).
 
 The compiler and the hardware are not needed: the readiness report reads the real converted .tflite files;
 the compile step is checked for its missing-compiler message and, with a stand-in executable that records
@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converters.edgetpu import SUPPORTED_OPS, compile_for_edgetpu, edgetpu_report, stage_report
+from edgeexit.workstation.convert.edgetpu import SUPPORTED_OPS, compile_for_edgetpu, edgetpu_report, stage_report
 from edgeexit.errors import BundleError, ConversionError
-from edgeexit.manifest import MANIFEST_FILE, Manifest
+from edgeexit.runtime.manifest import MANIFEST_FILE, Manifest
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_compiles_all_stages_in_one_call(bundle_dir, manifest, tmp_path):
     assert (out / "edgetpu_compiler.log").is_file()
     assert result["readiness"]["ready"] is True
     # the Edge TPU bundle: same manifest, compiled stage files (hashes match), report recorded
-    from edgeexit.bundle import load_bundle
+    from edgeexit.runtime.bundle import load_bundle
     tpu = load_bundle(tmp_path / "tpu", check_tensors=False)
     assert [s.file for s in tpu.manifest.stages] == [s.file for s in manifest.stages]
     assert tpu.manifest.edgetpu["compiled"] is True

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from edgeexit import Runner, UsageError
-from edgeexit.boards import BOARDS, detect_board, get_board
-from edgeexit.energy import DRAM_PJ_PER_BYTE, INT8_MAC_PJ, find_power_sensor, stage_ops_mj
+from edgeexit.energy.boards import BOARDS, detect_board, get_board
+from edgeexit.energy.proxy import DRAM_PJ_PER_BYTE, INT8_MAC_PJ, find_power_sensor, stage_ops_mj
 
 
 def _hwmon(root: Path, n: int, name: str, files: dict[str, str]) -> Path:
@@ -93,7 +93,7 @@ def test_runner_energy_without_sensor_says_so(bundle_dir, tmp_path):
 
 
 def test_ops_energy_grows_with_each_exit(bundle_dir):
-    from edgeexit.rules import FixedExitRule
+    from edgeexit.runtime.rules import FixedExitRule
 
     runner = Runner(bundle_dir, power_sensor=None, board="generic")
     ops = [runner.set_rule(FixedExitRule(k)) or runner(_image(runner)).energy.ops_mj for k in range(runner.num_exits)]

@@ -1,12 +1,12 @@
-"""MACs and parameter bytes counted on converted .tflite graphs (edgeexit.graph) against torch counts."""
+"""MACs and parameter bytes counted on converted .tflite graphs (edgeexit.runtime.tflite) against torch counts."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from edgeexit.graph import file_costs
-from edgeexit.manifest import MANIFEST_FILE, Manifest
+from edgeexit.runtime.tflite import file_costs
+from edgeexit.runtime.manifest import MANIFEST_FILE, Manifest
 
 pytest.importorskip("onnx2tf")
 pytestmark = pytest.mark.workstation
@@ -17,7 +17,7 @@ def _manifest(bundle) -> Manifest:
 
 
 def test_stage_macs_equal_torch_counts(tiny_bundle, tiny_model):
-    from converters.costs import model_costs
+    from edgeexit.workstation.convert.costs import model_costs
 
     torch_costs = model_costs(tiny_model)
     for i, stage in enumerate(_manifest(tiny_bundle).stages):
@@ -66,10 +66,10 @@ def test_without_boundary_everything_is_segment(tiny_bundle):
 
 
 def test_depthwise_convolution_macs(tmp_path):
-    from converters.convert import convert_unit
-    from converters.costs import count_macs
-    from converters.export import split_stages
-    from converters.quantize import stage_inputs
+    from edgeexit.workstation.convert.convert import convert_unit
+    from edgeexit.workstation.convert.costs import count_macs
+    from edgeexit.workstation.convert.export import split_stages
+    from edgeexit.workstation.convert.quantize import stage_inputs
     from tinymodels import synthetic_digits, tiny_staged_model
 
     model = tiny_staged_model(seed=2, widths=(4, 8), depthwise=True)

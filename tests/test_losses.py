@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("torch")  # workstation-only tests: skipped in the device environments
 import torch
 
-from converters.losses import class_based_loss, eenet_loss
+from edgeexit.workstation.training.losses import class_based_loss, eenet_loss
 from edgeexit.errors import UsageError
 
 

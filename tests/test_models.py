@@ -5,10 +5,10 @@ import pytest
 pytest.importorskip("torch")  # workstation-only tests: skipped in the device environments
 import torch
 
-from converters.costs import model_costs
-from converters.heads import ClassHead, EENetHead, PlainHead
-from converters.registry import BUILDERS, build, create
-from converters.staged import MonolithicExport, StageExport
+from edgeexit.workstation.convert.costs import model_costs
+from edgeexit.workstation.models.heads import ClassHead, EENetHead, PlainHead
+from edgeexit.workstation.models.registry import BUILDERS, build, create
+from edgeexit.workstation.models.staged import MonolithicExport, StageExport
 from edgeexit.errors import UsageError
 
 SMALL = {

@@ -7,9 +7,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from converters import pteenet, zoo  # noqa: E402
-from converters.train import TrainConfig  # noqa: E402
-from edgeexit.datasets import ImageSet  # noqa: E402
+from edgeexit.workstation.methods import pteenet
+from edgeexit.workstation.models import zoo  # noqa: E402
+from edgeexit.workstation.training.train import TrainConfig  # noqa: E402
+from edgeexit.bench.datasets import ImageSet  # noqa: E402
 from edgeexit.errors import UsageError  # noqa: E402
 
 LABELS = [str(i) for i in range(10)]
@@ -59,7 +60,7 @@ def test_digest_notices_a_changed_batchnorm_statistic():
 
 
 def test_final_exit_is_the_backbone_and_the_spec_rebuilds_the_model():
-    from converters.registry import BUILDERS
+    from edgeexit.workstation.models.registry import BUILDERS
 
     backbone = _backbone()
     model = pteenet.attach_branches(backbone, (1, 28, 28), LABELS, exits_after=["layer1"], backbone_desc=DESC)
@@ -95,8 +96,8 @@ def test_bad_arguments_give_one_line_errors():
 @pytest.mark.slow
 def test_split_zoo_network_converts_and_runs_on_the_device_path(tmp_path):
     pytest.importorskip("onnx2tf")
-    from converters.convert import convert
-    from edgeexit.runner import Runner
+    from edgeexit.workstation.convert.convert import convert
+    from edgeexit.runtime.runner import Runner
     from synthetic import synthetic_digits
 
     model = pteenet.attach_branches(_backbone(), (1, 28, 28), LABELS, exits_after=["layer2"], branch="conv1",
@@ -119,7 +120,7 @@ def test_split_zoo_network_converts_and_runs_on_the_device_path(tmp_path):
 
 
 def test_spatial_branches_see_the_whole_map_and_rebuild_from_their_spec():
-    from converters.registry import build
+    from edgeexit.workstation.models.registry import build
 
     model = pteenet.attach_branches(_backbone(), (1, 28, 28), LABELS, exits_after=["layer1", "layer2"],
                                     branch="spatial", backbone_desc=DESC)
@@ -133,7 +134,7 @@ def test_spatial_branches_see_the_whole_map_and_rebuild_from_their_spec():
 
 
 def test_spatial_branch_width_is_recorded_and_rebuilt():
-    from converters.registry import build
+    from edgeexit.workstation.models.registry import build
 
     model = pteenet.attach_branches(_backbone(), (1, 28, 28), LABELS, exits_after=["layer1"], branch="spatial",
                                     hidden=5, backbone_desc=DESC)

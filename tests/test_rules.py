@@ -7,8 +7,8 @@ import pytest
 
 from edgeexit import (ClassExclusionRule, ConfidenceRule, EntropyRule, FinalExitRule, FixedExitRule, MaxSoftmaxRule,
                       Trace, UsageError, rule_from_spec)
-from edgeexit.manifest import ExitRuleSpec
-from edgeexit.rules import CONTINUE
+from edgeexit.runtime.manifest import ExitRuleSpec
+from edgeexit.runtime.rules import CONTINUE
 
 
 def _trace(n=300, k=6, exits=3, scores=("sigmoid", "sigmoid", "softmax"), seed=0) -> Trace:

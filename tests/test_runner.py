@@ -74,7 +74,7 @@ def _mixing_rules(trace):
 
 
 def _reference(rule, trace, i):
-    """Plain-numpy re-computation of rule on input i from the trace (independent of edgeexit.rules)."""
+    """Plain-numpy re-computation of rule on input i from the trace (independent of edgeexit.runtime.rules)."""
     E = trace.num_exits
     kind = rule.kind
     remaining = np.ones(trace.logits[0].shape[1], bool)

@@ -6,7 +6,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from converters import split, zoo  # noqa: E402
+from edgeexit.workstation.methods import split
+from edgeexit.workstation.models import zoo  # noqa: E402
 from edgeexit.errors import CheckpointError, UsageError  # noqa: E402
 
 # torchvision's state_dict of each architecture: number of entries, parameters at 1000 classes (published
@@ -77,8 +78,8 @@ def test_split_reproduces_the_network_exactly(arch):
 
 
 def test_split_finds_features_end_and_builds_a_staged_model():
-    from converters.heads import PlainHead
-    from converters.staged import ModelSpec
+    from edgeexit.workstation.models.heads import PlainHead
+    from edgeexit.workstation.models.staged import ModelSpec
 
     torch.manual_seed(0)
     model = zoo.resnet18(num_classes=5, small_input=True, base_width=4).eval()

@@ -11,11 +11,11 @@ import pytest
 pytest.importorskip("torch")  # workstation-only tests: skipped in the device environments
 import torch
 
-from converters.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from converters.costs import ModelCosts
-from converters.registry import create
-from converters.train import ExitTrace, TrainConfig, evaluate, summarize, train
-from edgeexit.datasets import load_dataset, train_val_split
+from edgeexit.workstation.training.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from edgeexit.workstation.convert.costs import ModelCosts
+from edgeexit.workstation.models.registry import create
+from edgeexit.workstation.training.train import ExitTrace, TrainConfig, evaluate, summarize, train
+from edgeexit.bench.datasets import load_dataset, train_val_split
 from edgeexit.errors import CheckpointError, UsageError
 
 TINY = dict(layers=[[8, 2, 0], [16, 2, 0], [16, 1, 0]], placement=[0, 1, 2])
@@ -114,7 +114,7 @@ def test_checkpoint_errors(trained, tmp_path):
 
 def _cli(*args, cwd=None):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "edgeexit.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "edgeexit", *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=300)
 
 
@@ -171,7 +171,7 @@ def test_cli_sweep_writes_csv_and_json(tmp_path, tiny_npz):
 
 
 def test_random_shift_moves_images_and_pads_with_fill():
-    from converters.data import random_shift
+    from edgeexit.workstation.training.data import random_shift
 
     x = torch.arange(2 * 16, dtype=torch.float32).reshape(2, 1, 4, 4) + 1
     gen = torch.Generator().manual_seed(0)

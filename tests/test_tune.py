@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from edgeexit.errors import DatasetError, TuningError, UsageError
-from edgeexit.rules import RULES
-from edgeexit.tune import (Budget, ExitCosts, OperatingPoints, Target, search_front, tune_bundle,
+from edgeexit.runtime.rules import RULES
+from edgeexit.tuning.tune import (Budget, ExitCosts, OperatingPoints, Target, search_front, tune_bundle,
                            use_operating_point)
 
 from synthetic import synthetic_trace  # noqa: E402,F401 (also used by test_control)
@@ -102,8 +102,8 @@ def tiny_npz(tiny_data, tmp_path) -> Path:
 
 
 def test_tune_bundle_writes_recoverable_points(tiny_bundle_copy, tiny_npz):
-    from edgeexit.bundle import load_bundle
-    from edgeexit.runner import Runner
+    from edgeexit.runtime.bundle import load_bundle
+    from edgeexit.runtime.runner import Runner
 
     before = load_bundle(tiny_bundle_copy).manifest
     result = tune_bundle(tiny_bundle_copy, str(tiny_npz), Target(max_drop_pp=1.0), rule="max_softmax")
@@ -145,8 +145,8 @@ def test_tune_bundle_writes_recoverable_points(tiny_bundle_copy, tiny_npz):
 
 
 def test_no_worse_than_a_stored_rule_on_the_same_data(tiny_bundle_copy, tiny_npz):
-    from edgeexit.bundle import load_bundle
-    from edgeexit.runner import Runner
+    from edgeexit.runtime.bundle import load_bundle
+    from edgeexit.runtime.runner import Runner
 
     result = tune_bundle(tiny_bundle_copy, str(tiny_npz), Target(no_worse_than="current"), rule="confidence")
     ref = result.reference
@@ -187,8 +187,8 @@ def test_rule_any_keeps_the_best_rule_for_the_target(tiny_bundle_copy, tiny_npz)
 
 
 def test_interrupted_tune_leaves_the_bundle_unchanged(tiny_bundle_copy, tiny_npz, monkeypatch):
-    from edgeexit import tune as tune_module
-    from edgeexit.bundle import load_bundle
+    from edgeexit.tuning import tune as tune_module
+    from edgeexit.runtime.bundle import load_bundle
 
     original = (tiny_bundle_copy / "manifest.json").read_bytes()
 
@@ -222,7 +222,7 @@ def test_data_that_does_not_fit_the_bundle(tiny_bundle_copy, tmp_path, shape, cl
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edgeexit.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "edgeexit", *map(str, args)], capture_output=True, text=True,
                           cwd=REPO, timeout=300)
 
 

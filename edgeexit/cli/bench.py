@@ -1,0 +1,104 @@
+"""``edgeexit bench``: benchmark a bundle on a labelled set against its monolithic int8 model."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from .device import _build_rule, _parse_thresholds
+from ..energy.boards import BOARDS
+from ..runtime.interpreter import BACKENDS
+from ..runtime.manifest import EXIT_RULES
+
+
+class _StderrProgress:
+    """Progress of the benchmark passes on stderr: one updating line on a terminal, a line per phase otherwise."""
+
+    LABELS = {"timed": "timed pass (early exit / forced last / monolithic)", "trace": "trace pass (every stage)",
+              "float": "float network"}
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+        self.phase: str | None = None
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        label = self.LABELS.get(phase, phase)
+        if self.tty:
+            end = "\n" if done >= total else ""
+            click.echo(f"\r{label}: {done}/{total}", err=True, nl=False)
+            if end:
+                click.echo("", err=True)
+        elif phase != self.phase:
+            click.echo(f"{label}: {total} inputs ...", err=True)
+        self.phase = phase
+
+
+@click.command()
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--data", "data_spec", required=True, metavar="SPEC",
+              help="Labelled set: mnist, fashion-mnist, cifar10:DIR, svhn:DIR, a .npz file or an image folder.")
+@click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True,
+              help="Split of a named dataset.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N images.")
+@click.option("--warmup", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Warm-up inputs (per model) before timing.")
+@click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Timed passes; each input's latency is its median over them.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="Interpreter threads.")
+@click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default="auto", show_default=True,
+              help="TFLite interpreter package.")
+@click.option("--rule", default=None, metavar="KIND|POINT",
+              help=f"Exit rule kind ({', '.join(EXIT_RULES)}) or an operating point stored in the bundle "
+                   "(default: the bundle's own rule).")
+@click.option("--thresholds", default=None, metavar="T0,T1,...", help="One threshold per exit except the last.")
+@click.option("--exit", "exit_index", type=int, default=None, help="Exit index for --rule fixed.")
+@click.option("--board", type=click.Choice(["auto", *BOARDS]), default="auto", show_default=True,
+              help="Board power profile for the energy estimate.")
+@click.option("--sweep/--no-sweep", default=True, show_default=True,
+              help="Trace every stage once per input and sweep the exit thresholds (accuracy vs MACs/latency).")
+@click.option("--resize", is_flag=True,
+              help="Convert images of another size or colour mode with Pillow instead of refusing them.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/bench", show_default=True,
+              help="Directory for <board>_<bundle>_<time>.json/.csv/.png.")
+@click.option("--no-save", is_flag=True, help="Do not write result files.")
+@click.option("--no-plot", is_flag=True, help="Do not draw the PNG plot.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result JSON on stdout instead of the tables.")
+@click.option("--float-checkpoint", default=None, type=click.Path(dir_okay=False), metavar="CKPT",
+              help="Also evaluate this checkpoint's float network on the same images (needs torch).")
+@click.pass_context
+def bench(ctx: click.Context, bundle: str, data_spec: str, split: str, limit: int | None, warmup: int, repeat: int,
+          threads: int, backend: str, rule: str | None, thresholds: str | None, exit_index: int | None, board: str,
+          sweep: bool, resize: bool, out_dir: str, no_save: bool, no_plot: bool, as_json: bool,
+          float_checkpoint: str | None) -> None:
+    """Benchmark BUNDLE on a labelled set: per-exit and overall accuracy, MACs, latency and energy against
+    the monolithic int8 model measured in the same run, plus an accuracy/cost threshold sweep."""
+    from ..bench.bench import BenchSettings, format_report, run_benchmark, write_results
+    from ..runtime.bundle import load_bundle
+    from ..bench.datasets import load_dataset
+
+    quiet = bool((ctx.find_root().obj or {}).get("quiet"))
+    loaded = load_bundle(bundle, backend=backend, check_tensors=False)
+    chosen = _build_rule(loaded, rule, _parse_thresholds(thresholds), exit_index)
+    data = load_dataset(data_spec, split=split, limit=limit)
+    settings = BenchSettings(warmup=warmup, repeat=repeat, num_threads=threads, backend=backend, rule=chosen,
+                             board=board, sweep=sweep, resize=resize, float_checkpoint=float_checkpoint)
+    result: dict[str, Any] = run_benchmark(loaded, data, settings, progress=_StderrProgress(not quiet),
+                                           dataset_spec=data_spec)
+    files = None
+    if not no_save:
+        files = write_results(result, out_dir, plot=not no_plot)
+    if as_json:
+        click.echo(json.dumps(result, indent=1))
+    else:
+        click.echo(format_report(result))
+    if files is not None and not quiet:
+        written = [files[k] for k in ("json", "csv", "png") if files[k]]
+        click.echo(f"wrote {', '.join(written)}", err=True)
+        if files["plot_skipped"] and not no_plot:
+            click.echo(f"plot skipped: {files['plot_skipped']}", err=True)

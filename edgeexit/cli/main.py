@@ -1,0 +1,101 @@
+"""The ``edgeexit`` command line.
+
+Device commands (``run``, ``info``, ``bench``, ``tune``) need only the device install. Workstation
+commands (``train``, ``sweep``, ``convert``) live in :mod:`edgeexit.workstation.cli.train` and :mod:`edgeexit.workstation.cli.convert` and are imported only when
+they are invoked, so ``edgeexit --help`` and the device commands never load torch or TensorFlow.
+
+Every :class:`~edgeexit.errors.EdgeExitError` becomes one line ``error: ...`` on stderr and the error's
+exit code; no traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+import click
+
+from ..errors import EdgeExitError, UsageError
+
+# name -> ("module:attribute", one-line help). The help is here so that listing commands imports nothing.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("edgeexit.workstation.cli.train:train", "Train an early-exit network (workstation, needs torch)."),
+    "sweep": ("edgeexit.workstation.cli.train:sweep", "Train one network per lambda and tabulate accuracy vs cost (workstation)."),
+    "post-train": ("edgeexit.workstation.cli.methods:post_train",
+                   "Attach early exits to a trained, frozen network and train only the exits (workstation)."),
+    "convert": ("edgeexit.workstation.cli.convert:convert", "Convert a trained network into an int8 TFLite bundle (workstation)."),
+    "run": ("edgeexit.cli.device:run", "Classify images with a bundle: label, exit, MACs, latency, energy."),
+    "info": ("edgeexit.cli.device:info", "Show a bundle's stages, costs, thresholds and verification report."),
+    "bench": ("edgeexit.cli.bench:bench", "Benchmark a bundle on a labelled dataset against the monolithic model."),
+    "tune": ("edgeexit.cli.tune:tune", "Search per-exit thresholds for an accuracy or budget target."),
+}
+
+WORKSTATION_HINT = ("this command needs the workstation install (torch, TensorFlow, onnx2tf): run "
+                    "`bash scripts/env.sh workstation` in an edgeexit checkout and use .venv/bin/edgeexit (see README)")
+
+
+class LazyGroup(click.Group):
+    """A click group whose subcommands are imported only when used."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module_name, attr = COMMANDS[name][0].split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            missing = exc.name or ""
+            if missing.split(".")[0] in ("torch", "tensorflow", "onnx", "onnx2tf", "onnxruntime"):
+                raise EdgeExitError(f"'edgeexit {name}' cannot import {missing}: {WORKSTATION_HINT}") from None
+            raise
+        return getattr(module, attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # `edgeexit --help` lists commands from COMMANDS, importing nothing.
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, short) for name, (_, short) in COMMANDS.items()])
+
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="edgeexit", message="edgeexit %(version)s")
+@click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr; no progress bars.")
+@click.pass_context
+def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
+    """edgeexit: early-exit neural networks on edge devices.
+
+    Workstation: train -> convert.  Device: run, info, bench, tune.
+    """
+    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    ctx.ensure_object(dict)
+    ctx.obj["quiet"] = quiet
+
+
+def entry_point(argv: list[str] | None = None) -> None:
+    """Console-script entry: one-line errors, documented exit codes, never a traceback for user errors."""
+    try:
+        rv = main.main(args=argv, prog_name="edgeexit", standalone_mode=False)
+    except EdgeExitError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("error: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        # bad options and arguments: click's own one-line message
+        click.echo(f"error: {exc.format_message()}", err=True)
+        sys.exit(UsageError.exit_code)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted; nothing was written", err=True)
+        sys.exit(130)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+if __name__ == "__main__":  # python -m edgeexit.cli.main (or python -m edgeexit)
+    entry_point()

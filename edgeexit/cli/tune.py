@@ -1,0 +1,88 @@
+"""``edgeexit tune``: search per-exit thresholds on a validation set and store the operating points."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from ..runtime.interpreter import BACKENDS
+from ..tuning.tune import DEFAULT_LEVELS, TUNABLE_RULES, Target, TuneResult, tune_bundle
+
+
+def _summary(result: TuneResult, name: str, dry_run: bool) -> str:
+    c = result.chosen
+    energy = f", {c.energy_mj:.4g} mJ (op proxy)" if c.energy_mj is not None else ""
+    where = "not written (--dry-run)" if dry_run else f"stored as operating point '{name}' and set as the exit rule"
+    lines = [f"tuned {c.rule} on {result.n} images of {result.data} for {result.target.describe()}: {where}",
+             f"  thresholds      {', '.join(f'{t:.6g}' for t in c.thresholds)}",
+             f"  accuracy        {100 * c.accuracy:.2f}% (final exit alone: {100 * result.final_accuracy:.2f}%)",
+             f"  average cost    {100 * c.avg_macs_fraction:.1f}% of the full MACs, {c.est_latency_ms:.4g} ms "
+             f"estimated{energy}",
+             f"  exits           {', '.join(f'{100 * f:.1f}%' for f in c.exit_fractions)}"]
+    if result.reference is not None:
+        r = result.reference
+        kept = " (kept: no cheaper point is as accurate)" if c is r else ""
+        lines.append(f"  reference       '{result.reference_name}' {r.rule} "
+                     f"{', '.join(f'{t:.6g}' for t in r.thresholds)}: {100 * r.accuracy:.2f}% at "
+                     f"{100 * r.avg_macs_fraction:.1f}% of the MACs (floor +{result.margin_pp:.3g} pp){kept}")
+    lines.append(f"  front           {len(result.front)} points, searched in {result.search_s:.2f} s "
+                 f"({result.evaluated} threshold vectors)")
+    return "\n".join(lines)
+
+
+@click.command()
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--data", required=True, metavar="VALIDATION",
+              help="Labelled validation set: mnist, fashion-mnist, cifar10:DIR, svhn:DIR, PATH.npz or an image folder.")
+@click.option("--split", type=click.Choice(["train", "test"]), default="test", show_default=True,
+              help="Split of a named dataset.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N images.")
+@click.option("--rule", type=click.Choice([*TUNABLE_RULES, "any"]), default=None,
+              help="Rule to tune (default: the bundle's own rule if tunable, else max_softmax); 'any' searches "
+                   "every rule and keeps the best for the target.")
+@click.option("--max-drop", type=float, default=None, metavar="PP",
+              help="Cheapest point within PP percentage points of the final exit's accuracy (default 0.5).")
+@click.option("--no-worse-than", default=None, metavar="POINT",
+              help="Cheapest point at least as accurate as POINT on the same data: 'current' (the bundle's exit "
+                   "rule) or a stored operating point such as 'original'.")
+@click.option("--margin", type=float, default=None, metavar="PP",
+              help="With --no-worse-than: beat the reference by PP percentage points on the tuning data, so that "
+                   "the advantage holds on data the search did not see (default: one standard error of the "
+                   "reference's accuracy on the tuning data).")
+@click.option("--budget-macs", type=float, default=None, metavar="FRACTION",
+              help="Most accurate point with average MACs <= FRACTION of the full network.")
+@click.option("--budget-latency-ms", type=float, default=None, metavar="MS",
+              help="Most accurate point with estimated average latency <= MS.")
+@click.option("--budget-energy-mj", type=float, default=None, metavar="MJ",
+              help="Most accurate point with average op-proxy energy <= MJ.")
+@click.option("--name", default="tuned", show_default=True, help="Name of the stored operating point.")
+@click.option("--levels", type=click.IntRange(min=1), default=DEFAULT_LEVELS, show_default=True,
+              help="Candidate thresholds per exit (quantiles of each exit's score).")
+@click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default="auto", show_default=True,
+              help="TFLite interpreter package.")
+@click.option("--dry-run", is_flag=True, help="Search and report; do not change the bundle.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result (chosen point and front) as JSON.")
+@click.pass_context
+def tune(ctx: click.Context, bundle: str, data: str, split: str, limit: int | None, rule: str | None,
+         max_drop: float | None, no_worse_than: str | None, margin: float | None, budget_macs: float | None,
+         budget_latency_ms: float | None, budget_energy_mj: float | None, name: str, levels: int, backend: str, dry_run: bool, as_json: bool) -> None:
+    """Search per-exit thresholds of BUNDLE for an accuracy or budget target and store the trade-off front."""
+    if (max_drop is None and no_worse_than is None and budget_macs is None and budget_latency_ms is None
+            and budget_energy_mj is None):
+        max_drop = 0.5
+    target = Target(max_drop_pp=max_drop, no_worse_than=no_worse_than, budget_macs=budget_macs,
+                    budget_latency_ms=budget_latency_ms, budget_energy_mj=budget_energy_mj)
+    quiet = bool((ctx.find_root().obj or {}).get("quiet"))
+    progress: Any = None
+    if not quiet and not as_json:
+        def progress(images: Any) -> Any:  # noqa: E306
+            with click.progressbar(images, label="tracing", file=click.get_text_stream("stderr")) as bar:
+                yield from bar
+    result = tune_bundle(bundle, data, target, rule=rule, name=name, split=split, limit=limit, dry_run=dry_run,
+                         levels=levels, backend=backend, margin_pp=margin, progress=progress)
+    if as_json:
+        click.echo(json.dumps({"name": name, "written": not dry_run, **result.to_dict()}))
+    else:
+        click.echo(_summary(result, name, dry_run))

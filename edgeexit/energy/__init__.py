@@ -1,0 +1,1 @@
+"""Energy per inference: the operation proxy, board power profiles and power sensors."""

@@ -1,0 +1,1 @@
+"""The device runtime: bundle format and loading, the TFLite interpreter, preprocessing, exit rules, the Runner."""

@@ -1,0 +1,206 @@
+"""Choosing and creating a TFLite interpreter: ai-edge-litert, tflite-runtime or tensorflow.lite.
+
+The three packages expose the same ``Interpreter`` class. They are tried in this order by
+``backend="auto"``:
+
+* ``ai-edge-litert``  -- ``ai_edge_litert.interpreter`` (x86-64, aarch64 / 64-bit Raspberry Pi OS);
+* ``tflite-runtime``  -- ``tflite_runtime.interpreter`` (the legacy runtime; the only one with wheels for
+  32-bit armv7 Raspberry Pi OS; needs numpy<2);
+* ``tensorflow``      -- ``tensorflow.lite`` (a workstation with full TensorFlow; heavy, never preferred).
+
+Only APIs that tflite-runtime 2.14 also has are used: ``Interpreter(model_path, num_threads,
+experimental_delegates)``, ``allocate_tensors``, ``get_input_details``, ``get_output_details``,
+``tensor``, ``invoke`` and ``load_delegate``, plus the native ``Invoke`` behind ``invoke`` (see
+:func:`native_invoke`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib
+import logging
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+from ..errors import InterpreterError, UsageError
+
+log = logging.getLogger(__name__)
+
+#: backend name -> module that provides ``Interpreter`` and ``load_delegate``, in "auto" order.
+BACKENDS: dict[str, str] = {
+    "ai-edge-litert": "ai_edge_litert.interpreter",
+    "tflite-runtime": "tflite_runtime.interpreter",
+    "tensorflow": "tensorflow.lite",
+}
+#: Shared library of the Edge TPU runtime (libedgetpu1-std / -max Debian packages) on Linux.
+EDGETPU_LIBRARY = "libedgetpu.so.1"
+
+INSTALL_HINT = ("pip install ai-edge-litert (64-bit Raspberry Pi OS, x86-64 Linux, macOS) or "
+                "pip install tflite-runtime 'numpy<2' (32-bit armv7 Raspberry Pi OS, which has no "
+                "ai-edge-litert wheels)")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """An importable interpreter implementation."""
+
+    name: str                                  # one of BACKENDS
+    version: str                               # package version, "unknown" if it does not say
+    interpreter_class: Callable[..., Any]      # the Interpreter class
+    load_delegate: Callable[..., Any] | None   # load_delegate(library, options) or None
+
+
+def _import_backend(name: str) -> Backend:
+    module_name = BACKENDS[name]
+    module = importlib.import_module(module_name)  # ImportError handled by the caller
+    if name == "tensorflow":
+        interp_cls, delegate = module.Interpreter, getattr(module.experimental, "load_delegate", None)
+        top = importlib.import_module("tensorflow")
+    else:
+        interp_cls, delegate = module.Interpreter, getattr(module, "load_delegate", None)
+        top = importlib.import_module(module_name.split(".")[0])
+    version = str(getattr(top, "__version__", "unknown"))
+    return Backend(name=name, version=version, interpreter_class=interp_cls, load_delegate=delegate)
+
+
+def resolve_backend(backend: str = "auto") -> Backend:
+    """Import the interpreter package named by ``backend``, or the first importable one for "auto".
+
+    Args:
+        backend: "auto", "ai-edge-litert", "tflite-runtime" or "tensorflow".
+
+    Returns:
+        The :class:`Backend`.
+
+    Raises:
+        UsageError: an unknown backend name.
+        InterpreterError: the requested package (or, for "auto", every package) cannot be imported.
+    """
+    if backend != "auto" and backend not in BACKENDS:
+        raise UsageError(f"unknown interpreter backend {backend!r}; expected auto, {', '.join(BACKENDS)}")
+    names = list(BACKENDS) if backend == "auto" else [backend]
+    failures = []
+    for name in names:
+        try:
+            found = _import_backend(name)
+        except ImportError as exc:
+            # tflite-runtime built against numpy 1 raises ImportError('numpy.core.multiarray failed ...')
+            failures.append(f"{name}: {exc}".replace("\n", " "))
+            continue
+        log.debug("interpreter backend %s %s", found.name, found.version)
+        return found
+    if backend == "auto":
+        raise InterpreterError(f"no TFLite interpreter is installed; {INSTALL_HINT}")
+    raise InterpreterError(f"interpreter backend {backend!r} cannot be imported ({failures[0]:.160}); "
+                           f"install it or use --backend auto; {INSTALL_HINT}")
+
+
+def edgetpu_delegate(backend: Backend, library: str = EDGETPU_LIBRARY) -> Any:
+    """Load the Edge TPU delegate.
+
+    Raises:
+        InterpreterError: the backend cannot load delegates, the Edge TPU runtime library is not
+            installed, or no Edge TPU device is attached.
+    """
+    if backend.load_delegate is None:
+        raise InterpreterError(f"interpreter backend {backend.name} cannot load delegates; use ai-edge-litert "
+                               "or tflite-runtime for the Edge TPU")
+    try:
+        return backend.load_delegate(library)
+    except (ValueError, OSError, RuntimeError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "not found" in msg.lower() or "cannot open" in msg.lower() or "no such file" in msg.lower():
+            raise InterpreterError(f"Edge TPU runtime library {library} is not installed ({msg:.120}); install "
+                                   "libedgetpu1-std from the Coral apt repository, or run without --edgetpu"
+                                   ) from None
+        raise InterpreterError(f"Edge TPU delegate {library} could not be loaded ({msg:.120}); is an Edge TPU "
+                               "attached and accessible (USB cable, udev rules, user in plugdev)? Or run "
+                               "without --edgetpu") from None
+
+
+#: Lines the interpreter's native logger prints on every creation; dropped instead of cluttering the CLI.
+_ROUTINE_NATIVE_LINES = ("Created TensorFlow Lite XNNPACK delegate for CPU.",)
+
+
+def _flush_c_streams() -> None:
+    """fflush(NULL): write out every C stdio buffer of this process (a no-op where libc cannot be found)."""
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):
+        pass
+
+
+@contextlib.contextmanager
+def _native_stderr_to_log() -> Iterator[None]:
+    """Route what native code writes to file descriptor 2 into ``logging`` while the block runs.
+
+    The interpreter's C++ logger writes "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." to stderr
+    for every interpreter; anything else it says (errors, warnings) is kept and logged as a warning.
+    """
+    try:
+        saved = os.dup(2)
+    except OSError:  # no usable stderr (daemon): nothing to redirect
+        yield
+        return
+    with tempfile.TemporaryFile() as capture:
+        sys.stderr.flush()
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            _flush_c_streams()  # the native logger's stream is buffered when stderr is not a terminal
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            for line in capture.read().decode("utf-8", "replace").splitlines():
+                text = line.removeprefix("INFO: ").strip()
+                if text and text not in _ROUTINE_NATIVE_LINES:
+                    log.warning("interpreter: %s", line.strip())
+
+
+def create_interpreter(model_path: str | os.PathLike[str], backend: Backend, *, num_threads: int = 1,
+                       delegates: list[Any] | None = None) -> Any:
+    """Create and allocate an interpreter for one .tflite file.
+
+    Raises:
+        UsageError: ``num_threads`` < 1.
+        InterpreterError: the interpreter rejects the file (not a TFLite model, unsupported op, ...).
+    """
+    if not isinstance(num_threads, int) or isinstance(num_threads, bool) or num_threads < 1:
+        raise UsageError(f"num_threads must be an integer >= 1, got {num_threads!r}")
+    kwargs: dict[str, Any] = {"model_path": os.fspath(model_path), "num_threads": num_threads}
+    if delegates:
+        kwargs["experimental_delegates"] = delegates
+    try:
+        with _native_stderr_to_log():
+            interp = backend.interpreter_class(**kwargs)
+            interp.allocate_tensors()
+    except (ValueError, RuntimeError) as exc:
+        msg = " ".join(str(exc).split())
+        raise InterpreterError(f"{os.path.basename(os.fspath(model_path))}: the {backend.name} interpreter "
+                               f"cannot load it ({msg:.160}); the file is corrupt or needs a newer "
+                               "interpreter: re-copy the bundle or upgrade the interpreter") from None
+    return interp
+
+
+def native_invoke(interp: Any) -> Callable[[], None]:
+    """The interpreter's native ``Invoke``: ``invoke()`` without the Python wrapper's live-view check.
+
+    The public ``invoke()`` refuses to run while any numpy view of the interpreter's tensors is alive,
+    because ``allocate_tensors()`` / ``resize_tensor_input()`` could move the buffers under it. The Runner
+    calls neither after creating an interpreter (bundles have static shapes), so it keeps one view per
+    input / output tensor for the interpreter's lifetime and invokes through this function. All three
+    backends (ai-edge-litert, tflite-runtime 2.14, tensorflow.lite) wrap the same native object.
+
+    Raises:
+        InterpreterError: this interpreter has no native ``Invoke`` (an unknown interpreter build).
+    """
+    invoke = getattr(getattr(interp, "_interpreter", None), "Invoke", None)
+    if not callable(invoke):
+        raise InterpreterError(f"{type(interp).__module__}.{type(interp).__name__} has no native Invoke; install "
+                               "a supported interpreter: " + INSTALL_HINT)
+    return invoke

@@ -1,0 +1,376 @@
+"""The bundle manifest: a typed, versioned description of a converted early-exit network.
+
+A bundle is a directory::
+
+    bundle/
+      manifest.json        # this module's Manifest, as JSON
+      stage_0.tflite       # backbone segment 0 + exit head 0   (int8 in, int8 out)
+      stage_1.tflite       # backbone segment 1 + exit head 1   (input = stage 0's "features")
+      ...
+      monolithic.tflite    # optional: the same network without early exits, one int8 model
+
+Every stage file has up to three outputs, found by name:
+
+* ``features``   -- the hand-off to the next stage, NHWC int8 (absent on the last stage);
+* ``logits``     -- the exit's class scores before softmax/sigmoid, [1, K] int8;
+* ``confidence`` -- the exit's confidence logit before the sigmoid, [1, 1] int8 (EENet-style exits only).
+
+``Manifest.from_dict`` checks every field and type; :mod:`edgeexit.runtime.bundle` checks the files against it.
+Only the standard library is used here, so the manifest can be read anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from ..errors import BundleError
+
+FORMAT_NAME = "edgeexit-bundle"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+
+#: Exit rules a bundle may name; see :mod:`edgeexit.runtime.rules`.
+EXIT_RULES = ("confidence", "max_softmax", "entropy", "class_exclusion", "final", "fixed")
+#: How an exit's logits become class scores: softmax (EENet, PTEENet, final exits) or per-class sigmoid
+#: (class-based early exit, seed 002).
+SCORE_KINDS = ("softmax", "sigmoid")
+DTYPES = ("int8", "uint8", "float32", "int32")
+
+
+def _need(d: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if not isinstance(d, Mapping):
+        raise BundleError(f"manifest: {where} must be an object, got {type(d).__name__}; re-create the bundle "
+                          "with `edgeexit convert`")
+    if key not in d:
+        raise BundleError(f"manifest: missing field '{where}.{key}'; the manifest is incomplete or from another "
+                          "tool: re-create the bundle with `edgeexit convert`")
+    value = d[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise BundleError(f"manifest: field '{where}.{key}' must be {names}, got {type(value).__name__} "
+                          f"({value!r:.60}); re-create the bundle with `edgeexit convert`")
+    return value
+
+
+def _opt(d: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any = None) -> Any:
+    if d.get(key) is None:
+        return default
+    return _need(d, key, kind, where)
+
+
+def _ints(seq: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(seq, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in seq):
+        raise BundleError(f"manifest: '{where}' must be a list of integers, got {seq!r:.60}")
+    return tuple(seq)
+
+
+def _floats(seq: Any, where: str) -> tuple[float, ...]:
+    if not isinstance(seq, (list, tuple)) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in seq):
+        raise BundleError(f"manifest: '{where}' must be a list of finite numbers, got {seq!r:.60}")
+    return tuple(float(v) for v in seq)
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """Affine int8 quantization: ``real = scale * (q - zero_point)``."""
+
+    scale: float
+    zero_point: int
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str) -> "Quantization":
+        scale = _need(d, "scale", float, where)
+        if not (math.isfinite(scale) and scale > 0):
+            raise BundleError(f"manifest: '{where}.scale' must be a positive finite number, got {scale}")
+        return cls(scale=scale, zero_point=_need(d, "zero_point", int, where))
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output tensor of a stage file, as the interpreter reports it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    quantization: Quantization | None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str) -> "TensorSpec":
+        dtype = _need(d, "dtype", str, where)
+        if dtype not in DTYPES:
+            raise BundleError(f"manifest: '{where}.dtype' is {dtype!r}; expected one of {', '.join(DTYPES)}")
+        q = d.get("quantization")
+        return cls(name=_need(d, "name", str, where), shape=_ints(_need(d, "shape", list, where), f"{where}.shape"),
+                   dtype=dtype, quantization=None if q is None else Quantization.from_dict(q, f"{where}.quantization"))
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a raw image becomes the first stage's input.
+
+    ``x = (pixel * pixel_scale - mean) / std`` per channel, after converting to ``color_mode`` ("L" or "RGB")
+    and resizing to ``size`` = (height, width); then quantized with the input tensor's quantization.
+    """
+
+    size: tuple[int, int]
+    color_mode: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    pixel_scale: float = 1.0 / 255.0
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.color_mode == "L" else 3
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "input.preprocessing") -> "Preprocessing":
+        size = _ints(_need(d, "size", list, where), f"{where}.size")
+        mode = _need(d, "color_mode", str, where)
+        if len(size) != 2 or min(size) < 1:
+            raise BundleError(f"manifest: '{where}.size' must be [height, width], got {list(size)}")
+        if mode not in ("L", "RGB"):
+            raise BundleError(f"manifest: '{where}.color_mode' must be 'L' or 'RGB', got {mode!r}")
+        mean = _floats(_need(d, "mean", list, where), f"{where}.mean")
+        std = _floats(_need(d, "std", list, where), f"{where}.std")
+        channels = 1 if mode == "L" else 3
+        if len(mean) != channels or len(std) != channels or min(std) <= 0:
+            raise BundleError(f"manifest: '{where}' needs {channels} mean and {channels} positive std values for "
+                              f"color mode {mode}, got mean={list(mean)} std={list(std)}")
+        return cls(size=(size[0], size[1]), color_mode=mode, mean=mean, std=std,
+                   pixel_scale=_opt(d, "pixel_scale", float, where, 1.0 / 255.0))
+
+
+@dataclass(frozen=True)
+class StageCosts:
+    """Costs of one stage, counted on the converted .tflite graph and cross-checked against torch.
+
+    MACs count multiply-accumulates of CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED (and other matmul-like
+    ops); element-wise ops, pooling and activations are not MACs and are not counted.
+    """
+
+    segment_macs: int
+    head_macs: int
+    segment_param_bytes: int
+    head_param_bytes: int
+    torch_segment_macs: int | None = None
+    torch_head_macs: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str) -> "StageCosts":
+        vals = {k: _need(d, k, int, where) for k in ("segment_macs", "head_macs", "segment_param_bytes",
+                                                      "head_param_bytes")}
+        if min(vals.values()) < 0:
+            raise BundleError(f"manifest: '{where}' has a negative cost: {vals}")
+        return cls(**vals, torch_segment_macs=_opt(d, "torch_segment_macs", int, where),
+                   torch_head_macs=_opt(d, "torch_head_macs", int, where))
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage file: a backbone segment followed by its exit head."""
+
+    index: int
+    file: str
+    sha256: str
+    size_bytes: int
+    input: TensorSpec
+    outputs: Mapping[str, TensorSpec]  # "features" (not on the last stage), "logits", optional "confidence"
+    scores: str  # "softmax" or "sigmoid": how the exit's logits become class scores
+    costs: StageCosts
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str) -> "StageSpec":
+        outs = _need(d, "outputs", dict, where)
+        outputs = {k: TensorSpec.from_dict(v, f"{where}.outputs.{k}") for k, v in outs.items()}
+        unknown = set(outputs) - {"features", "logits", "confidence"}
+        if "logits" not in outputs or unknown:
+            raise BundleError(f"manifest: '{where}.outputs' must name 'logits' and may name 'features' and "
+                              f"'confidence'; got {sorted(outputs)}")
+        scores = _need(d, "scores", str, where)
+        if scores not in SCORE_KINDS:
+            raise BundleError(f"manifest: '{where}.scores' is {scores!r}; expected one of {SCORE_KINDS}")
+        return cls(index=_need(d, "index", int, where), file=_need(d, "file", str, where),
+                   sha256=_need(d, "sha256", str, where), size_bytes=_need(d, "size_bytes", int, where),
+                   input=TensorSpec.from_dict(_need(d, "input", dict, where), f"{where}.input"),
+                   outputs=outputs, scores=scores, costs=StageCosts.from_dict(_need(d, "costs", dict, where),
+                                                                           f"{where}.costs"))
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """A single-file model in the bundle (the monolithic int8 baseline)."""
+
+    file: str
+    sha256: str
+    size_bytes: int
+    input: TensorSpec
+    output: TensorSpec
+    macs: int
+    param_bytes: int
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str) -> "ModelFile":
+        return cls(file=_need(d, "file", str, where), sha256=_need(d, "sha256", str, where),
+                   size_bytes=_need(d, "size_bytes", int, where),
+                   input=TensorSpec.from_dict(_need(d, "input", dict, where), f"{where}.input"),
+                   output=TensorSpec.from_dict(_need(d, "output", dict, where), f"{where}.output"),
+                   macs=_need(d, "macs", int, where), param_bytes=_need(d, "param_bytes", int, where))
+
+
+@dataclass(frozen=True)
+class ExitRuleSpec:
+    """The exit rule a bundle runs with by default, and its per-exit parameters.
+
+    ``thresholds`` has one value per exit except the last (which always exits). Their meaning depends on
+    ``kind``: confidence ``c_i > T_i``; max_softmax ``max p_i >= T_i``; entropy ``H(p_i) < T_i`` (nats);
+    class_exclusion: ``beta_i`` of the candidate-set rule; final/fixed: unused (``fixed`` uses ``exit``).
+    """
+
+    kind: str
+    thresholds: tuple[float, ...]
+    exit: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "exit_rule") -> "ExitRuleSpec":
+        kind = _need(d, "kind", str, where)
+        if kind not in EXIT_RULES:
+            raise BundleError(f"manifest: '{where}.kind' is {kind!r}; expected one of {', '.join(EXIT_RULES)}")
+        return cls(kind=kind, thresholds=_floats(_need(d, "thresholds", list, where), f"{where}.thresholds"),
+                   exit=_opt(d, "exit", int, where))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything the device needs to know about a bundle, validated on load."""
+
+    format_version: int
+    producer: str
+    name: str
+    input: TensorSpec
+    preprocessing: Preprocessing
+    labels: tuple[str, ...]
+    stages: tuple[StageSpec, ...]
+    exit_rule: ExitRuleSpec
+    monolithic: ModelFile | None = None
+    full_macs: int = 0  # MACs of the network without early exits (backbone + final head), from the tflite graphs
+    operating_points: Mapping[str, Any] = field(default_factory=dict)  # named exit rules (threshold tuning)
+    verification: Mapping[str, Any] = field(default_factory=dict)  # conversion report (torch vs int8)
+    training: Mapping[str, Any] = field(default_factory=dict)  # method, loss, lambda, dataset, accuracy...
+    edgetpu: Mapping[str, Any] = field(default_factory=dict)  # Edge TPU readiness / compilation report
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.stages)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def point_rule(self, name: str) -> ExitRuleSpec | None:
+        """The exit rule stored as operating point ``name`` (a rule dict, or a point with ``exit_rule``); None
+        when there is no such entry or it is not a point (e.g. the stored ``front`` list).
+
+        Raises:
+            BundleError: the entry is malformed.
+        """
+        entry = self.operating_points.get(name)
+        if not isinstance(entry, Mapping):
+            return None
+        return ExitRuleSpec.from_dict(entry.get("exit_rule", entry), f"operating_points.{name}")
+
+    def cumulative_macs(self) -> tuple[int, ...]:
+        """MACs paid by an input that leaves at exit i: every segment up to i and every head up to i."""
+        total, out = 0, []
+        for s in self.stages:
+            total += s.costs.segment_macs + s.costs.head_macs
+            out.append(total)
+        return tuple(out)
+
+    def kappa(self) -> tuple[float, ...]:
+        """The EENets authors' cost of exit i: trunk up to i plus head i only, as a fraction of ``full_macs``."""
+        trunk, out = 0, []
+        for s in self.stages:
+            trunk += s.costs.segment_macs
+            out.append((trunk + s.costs.head_macs) / max(self.full_macs, 1))
+        return tuple(out)
+
+    # ---- (de)serialisation -------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Manifest":
+        if not isinstance(d, Mapping) or d.get("format") != FORMAT_NAME:
+            raise BundleError(f"manifest: not an edgeexit bundle manifest (field 'format' is "
+                              f"{d.get('format') if isinstance(d, Mapping) else None!r}, expected {FORMAT_NAME!r})")
+        version = _need(d, "format_version", int, "manifest")
+        if version > FORMAT_VERSION:
+            raise BundleError(f"bundle format version {version} is newer than this edgeexit supports "
+                              f"({FORMAT_VERSION}); upgrade edgeexit on this device (pip install -U edgeexit)")
+        if version < 1:
+            raise BundleError(f"bundle format version {version} is not valid; re-create the bundle")
+        inp = _need(d, "input", dict, "manifest")
+        stages = tuple(StageSpec.from_dict(s, f"stages[{i}]")
+                       for i, s in enumerate(_need(d, "stages", list, "manifest")))
+        labels = _need(d, "labels", list, "manifest")
+        if not stages:
+            raise BundleError("manifest: 'stages' is empty; a bundle needs at least one stage")
+        if not labels or not all(isinstance(x, str) for x in labels):
+            raise BundleError("manifest: 'labels' must be a non-empty list of strings")
+        mono = d.get("monolithic")
+        return cls(format_version=version, producer=_need(d, "producer", str, "manifest"),
+                   name=_need(d, "name", str, "manifest"),
+                   input=TensorSpec.from_dict(_need(inp, "tensor", dict, "input"), "input.tensor"),
+                   preprocessing=Preprocessing.from_dict(_need(inp, "preprocessing", dict, "input")),
+                   labels=tuple(labels), stages=stages,
+                   exit_rule=ExitRuleSpec.from_dict(_need(d, "exit_rule", dict, "manifest")),
+                   monolithic=None if mono is None else ModelFile.from_dict(mono, "monolithic"),
+                   full_macs=_need(d, "full_macs", int, "manifest"),
+                   operating_points=_opt(d, "operating_points", dict, "manifest", {}),
+                   verification=_opt(d, "verification", dict, "manifest", {}),
+                   training=_opt(d, "training", dict, "manifest", {}),
+                   edgetpu=_opt(d, "edgetpu", dict, "manifest", {}))
+
+    def to_dict(self) -> dict[str, Any]:
+        def plain(obj: Any) -> Any:
+            if dataclasses.is_dataclass(obj):
+                return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+            if isinstance(obj, Mapping):
+                return {k: plain(v) for k, v in obj.items()}
+            if isinstance(obj, (list, tuple)):
+                return [plain(v) for v in obj]
+            return obj
+
+        d = plain(self)
+        out: dict[str, Any] = {"format": FORMAT_NAME, "format_version": d.pop("format_version")}
+        out["producer"] = d.pop("producer")
+        out["name"] = d.pop("name")
+        out["input"] = {"tensor": d.pop("input"), "preprocessing": d.pop("preprocessing")}
+        out.update(d)
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> "Manifest":
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BundleError(f"manifest.json is not valid JSON ({exc}); the bundle is corrupt: re-copy or "
+                              "re-create it") from None
+        return cls.from_dict(data)
+
+    def replace(self, **changes: Any) -> "Manifest":
+        return dataclasses.replace(self, **changes)
+
+
+def tensor_spec(name: str, shape: Sequence[int], dtype: str, scale: float | None = None,
+                zero_point: int | None = None) -> TensorSpec:
+    """Convenience constructor used by the converter and tests."""
+    q = None if scale is None else Quantization(float(scale), int(zero_point or 0))
+    return TensorSpec(name=name, shape=tuple(int(s) for s in shape), dtype=dtype, quantization=q)

@@ -1,0 +1,149 @@
+"""Turning an image into the first stage's int8 input tensor.
+
+Accepted inputs (:data:`ImageLike`):
+
+* an image file path (``str`` or ``os.PathLike``) -- opened with Pillow, converted to the bundle's colour
+  mode ("L" or "RGB") and resized to its (height, width) with bilinear filtering;
+* a ``PIL.Image.Image`` -- converted and resized the same way;
+* a numpy array of shape ``[H, W, C]`` or ``[1, H, W, C]`` (``[H, W]`` is accepted for "L" bundles), where
+  H, W and C must already equal the bundle's size and channels (arrays are never resized; pass a PIL image
+  or a file to have them resized), and dtype is either
+
+  - ``uint8``: raw pixels 0..255, or
+  - ``float32`` / ``float64``: pixels already multiplied by ``pixel_scale`` (usually 1/255, i.e. in [0, 1]),
+    BEFORE mean/std normalisation.
+
+Then ``x = (pixel * pixel_scale - mean) / std`` per channel and ``q = clip(round(x / scale) + zero_point)``
+with the input tensor's quantization. For uint8 inputs both steps are one precomputed 256-entry lookup
+table per channel, straight to int8.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Union
+
+import numpy as np
+
+from ..errors import InputError
+from .manifest import Preprocessing, TensorSpec
+
+ImageLike = Union[str, "os.PathLike[str]", np.ndarray, Any]  # Any: PIL.Image.Image (Pillow imported lazily)
+
+#: Float inputs may exceed the nominal pixel range by this much (resampling overshoot) before being refused.
+FLOAT_RANGE_TOLERANCE = 1e-3
+
+
+class Preprocessor:
+    """Converts one image to the quantized ``[H, W, C]`` input of a bundle's first stage."""
+
+    def __init__(self, prep: Preprocessing, tensor: TensorSpec):
+        self.prep = prep
+        self.height, self.width = prep.size
+        self.channels = prep.channels
+        if tensor.dtype not in ("int8", "uint8") or tensor.quantization is None:
+            raise InputError(f"the bundle's input tensor is {tensor.dtype} without int8 quantization; edgeexit runs "
+                             "full-integer bundles only: re-create it with `edgeexit convert`")
+        self.dtype = np.dtype(tensor.dtype)
+        self.scale = float(tensor.quantization.scale)
+        self.zero_point = int(tensor.quantization.zero_point)
+        self._mean = np.asarray(prep.mean, np.float64)  # [C]
+        self._std = np.asarray(prep.std, np.float64)    # [C]
+        self._max_float = 255.0 * prep.pixel_scale
+        info = np.iinfo(self.dtype)
+        self._qmin, self._qmax = info.min, info.max
+        pixels = np.arange(256, dtype=np.float64)[None, :]                       # [1, 256]
+        real = (pixels * prep.pixel_scale - self._mean[:, None]) / self._std[:, None]  # [C, 256]
+        self.lut = self._quantize(real)                                          # [C, 256] int8
+        self._channel = np.arange(self.channels)                                 # [C] for lut[channel, pixel]
+
+    def _quantize(self, real: np.ndarray) -> np.ndarray:
+        q = np.rint(real / self.scale) + self.zero_point
+        return np.clip(q, self._qmin, self._qmax).astype(self.dtype)
+
+    def __call__(self, image: ImageLike) -> np.ndarray:
+        """Return the quantized input, ``[H, W, C]`` of the input tensor's dtype.
+
+        Raises:
+            InputError: a missing file, a file that is not an image, or an array of the wrong shape,
+                channels or dtype, or with NaN/Inf or out-of-range values.
+        """
+        if isinstance(image, np.ndarray):
+            arr = self._check_array(image)
+        elif isinstance(image, (str, os.PathLike)):
+            arr = self._load_file(image)
+        elif _is_pil_image(image):
+            arr = self._from_pil(image)
+        else:
+            raise InputError(f"cannot classify a {type(image).__name__}; pass an image file path, a PIL image or a "
+                             f"numpy array [{self.height}, {self.width}, {self.channels}] (uint8 pixels or float "
+                             "pixels in [0, 1])")
+        if arr.dtype == np.uint8:
+            if self.channels == 1:
+                return self.lut[0][arr]                       # [H, W, 1]
+            return self.lut[self._channel, arr]               # [H, W, C]
+        return self._quantize((arr - self._mean) / self._std)  # float [H, W, C] -> int8
+
+    # ---- input kinds ----------------------------------------------------------------------------------
+    def _check_array(self, a: np.ndarray) -> np.ndarray:
+        want = f"[{self.height}, {self.width}, {self.channels}] or [1, {self.height}, {self.width}, {self.channels}]"
+        if a.ndim == 4:
+            if a.shape[0] != 1:
+                raise InputError(f"got a batch of {a.shape[0]} images {list(a.shape)}; the Runner takes one image "
+                                 f"at a time ({want}): loop over the batch or use runner.trace(images)")
+            a = a[0]
+        elif a.ndim == 2 and self.channels == 1:
+            a = a[:, :, None]
+        if a.ndim != 3:
+            raise InputError(f"got an array of shape {list(a.shape)}; expected {want}")
+        if a.shape[2] != self.channels:
+            raise InputError(f"got {a.shape[2]} channels (shape {list(a.shape)}); this bundle takes {self.channels} "
+                             f"({self.prep.color_mode}): expected {want}")
+        if a.shape[:2] != (self.height, self.width):
+            raise InputError(f"got an image of {a.shape[0]}x{a.shape[1]} pixels; this bundle takes "
+                             f"{self.height}x{self.width}: resize it, or pass a PIL image or file path "
+                             "(resized automatically)")
+        if a.dtype == np.uint8:
+            return a
+        if a.dtype not in (np.float32, np.float64):
+            raise InputError(f"got dtype {a.dtype}; expected uint8 pixels (0..255) or float32 pixels scaled to "
+                             f"[0, {self._max_float:g}]")
+        if not np.isfinite(a).all():
+            raise InputError("the input contains NaN or Inf values; expected finite pixels")
+        lo, hi = float(a.min()), float(a.max())
+        if lo < -FLOAT_RANGE_TOLERANCE or hi > self._max_float + FLOAT_RANGE_TOLERANCE:
+            raise InputError(f"float pixels range over [{lo:g}, {hi:g}]; expected [0, {self._max_float:g}] (pixels "
+                             "times pixel_scale, before mean/std); for raw 0..255 values pass uint8")
+        return a
+
+    def _load_file(self, path: str | os.PathLike[str]) -> np.ndarray:
+        from PIL import Image, UnidentifiedImageError
+
+        name = os.fspath(path)
+        if not os.path.exists(name):
+            raise InputError(f"{name}: no such file; check the path")
+        if os.path.isdir(name):
+            raise InputError(f"{name}: is a directory; pass image files")
+        try:
+            with Image.open(name) as img:
+                return self._from_pil(img)
+        except UnidentifiedImageError:
+            raise InputError(f"{name}: not an image Pillow can read (PNG, JPEG, BMP, ...)") from None
+        except (OSError, SyntaxError, ValueError) as exc:  # truncated / corrupt image data
+            raise InputError(f"{name}: cannot decode the image ({' '.join(str(exc).split()):.100}); the file is "
+                             "corrupt or truncated") from None
+
+    def _from_pil(self, img: Any) -> np.ndarray:
+        from PIL import Image
+
+        if img.mode != self.prep.color_mode:
+            img = img.convert(self.prep.color_mode)
+        if img.size != (self.width, self.height):
+            img = img.resize((self.width, self.height), Image.BILINEAR)
+        arr = np.asarray(img, dtype=np.uint8)
+        return arr[:, :, None] if arr.ndim == 2 else arr  # [H, W, C] uint8
+
+
+def _is_pil_image(obj: Any) -> bool:
+    # Avoid importing Pillow for array inputs: a PIL image's class lives in a PIL module.
+    return type(obj).__module__.startswith("PIL.") and hasattr(obj, "convert") and hasattr(obj, "resize")

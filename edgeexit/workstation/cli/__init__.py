@@ -1,0 +1,1 @@
+"""The workstation commands of the ``edgeexit`` CLI: train, sweep, post-train, convert."""

@@ -1,0 +1,167 @@
+"""Step 5 of the conversion pipeline: describe the converted files in a Manifest and write the bundle atomically.
+
+The bundle is assembled in a sibling temporary directory ``<out>.tmp-XXXX`` and renamed into place only when
+it is complete, so an interrupted or failed conversion leaves nothing at the target. Replacing an existing
+bundle (``force``) renames the old one away first, renames the new one in, then deletes the old one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from edgeexit.errors import UsageError
+from edgeexit.runtime.manifest import (FORMAT_VERSION, MANIFEST_FILE, ExitRuleSpec, Manifest, ModelFile, Preprocessing,
+                               Quantization, StageCosts, StageSpec, TensorSpec)
+
+log = logging.getLogger(__name__)
+
+PRODUCER = "edgeexit 0.1.0"
+#: Relative tolerance under which two int8 scales count as equal (float32 rounding), as the runtime uses.
+SCALE_RTOL = 1e-6
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tensor_from_detail(detail: Mapping[str, Any], name: str | None = None) -> TensorSpec:
+    """A manifest TensorSpec from an interpreter tensor detail (per-tensor quantization; None if float)."""
+    scale, zero_point = detail["quantization"]
+    q = Quantization(float(scale), int(zero_point)) if scale else None
+    return TensorSpec(name=name or str(detail["name"]), shape=tuple(int(v) for v in detail["shape"]),
+                      dtype=np.dtype(detail["dtype"]).name, quantization=q)
+
+
+def quant_equal(a: Quantization | None, b: Quantization | None) -> bool:
+    """Same zero point and the same scale up to float32 rounding."""
+    if a is None or b is None:
+        return a is None and b is None
+    return a.zero_point == b.zero_point and math.isclose(a.scale, b.scale, rel_tol=SCALE_RTOL)
+
+
+def stage_tensors(interpreter: Any, path: Path) -> tuple[TensorSpec, dict[str, TensorSpec]]:
+    """The single input and the named outputs (features/logits/confidence) of a stage interpreter."""
+    from edgeexit.errors import ConversionError
+
+    inputs = interpreter.get_input_details()
+    if len(inputs) != 1:
+        raise ConversionError(f"{path.name}: converted graph has {len(inputs)} inputs, expected 1")
+    outputs = {str(d["name"]): tensor_from_detail(d) for d in interpreter.get_output_details()}
+    unknown = set(outputs) - {"features", "logits", "confidence"}
+    if "logits" not in outputs or unknown:
+        raise ConversionError(f"{path.name}: converted graph has outputs {sorted(outputs)}, expected features, logits "
+                              "and optionally confidence; the output names were not kept by the converter")
+    ordered = {k: outputs[k] for k in ("features", "logits", "confidence") if k in outputs}
+    return tensor_from_detail(inputs[0]), ordered
+
+
+def model_file(path: Path, interpreter: Any, macs: int, param_bytes: int) -> ModelFile:
+    """The manifest entry of a single-file model (the monolithic baseline)."""
+    inp = tensor_from_detail(interpreter.get_input_details()[0])
+    out = tensor_from_detail(interpreter.get_output_details()[0])
+    return ModelFile(file=path.name, sha256=sha256_file(path), size_bytes=path.stat().st_size, input=inp,
+                     output=out, macs=macs, param_bytes=param_bytes)
+
+
+def stage_spec(index: int, path: Path, interpreter: Any, scores: str, costs: StageCosts) -> StageSpec:
+    """The manifest entry of one stage file."""
+    inp, outputs = stage_tensors(interpreter, path)
+    return StageSpec(index=index, file=path.name, sha256=sha256_file(path), size_bytes=path.stat().st_size,
+                     input=inp, outputs=outputs, scores=scores, costs=costs)
+
+
+def build_manifest(name: str, stages: Sequence[StageSpec], preprocessing: Preprocessing, labels: Sequence[str],
+                   exit_rule: ExitRuleSpec, full_macs: int, monolithic: ModelFile | None,
+                   verification: Mapping[str, Any], training: Mapping[str, Any]) -> Manifest:
+    """Assemble the Manifest and check it survives a JSON round trip."""
+    manifest = Manifest(format_version=FORMAT_VERSION, producer=PRODUCER, name=name, input=stages[0].input,
+                        preprocessing=preprocessing, labels=tuple(labels), stages=tuple(stages),
+                        exit_rule=exit_rule, monolithic=monolithic, full_macs=int(full_macs),
+                        verification=dict(verification), training=dict(training))
+    Manifest.from_json(manifest.to_json())  # validates every field the way the device will
+    return manifest
+
+
+def check_target(out_dir: Path, force: bool) -> None:
+    """UsageError if ``out_dir`` exists and ``force`` is not set, or is not a directory we may replace."""
+    if out_dir.exists() or out_dir.is_symlink():
+        if not force:
+            raise UsageError(f"output {out_dir} already exists; pass --force (force=True) to replace it, or choose "
+                             "another --out")
+        if not out_dir.is_dir() or out_dir.is_symlink():
+            raise UsageError(f"output {out_dir} exists and is not a directory; remove it or choose another --out")
+    if not out_dir.parent.is_dir():
+        raise UsageError(f"output's parent directory {out_dir.parent} does not exist; create it first")
+
+
+@contextmanager
+def staging_dir(out_dir: Path) -> Iterator[Path]:
+    """A sibling temporary directory ``<out>.tmp-XXXX`` that is removed unless it was moved into place."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(staged: Path, manifest: Manifest) -> Path:
+    """Write manifest.json into the staging directory, flushed to disk."""
+    path = staged / MANIFEST_FILE
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(manifest.to_json())
+        f.flush()
+        os.fsync(f.fileno())
+    return path
+
+
+def publish(staged: Path, out_dir: Path, force: bool) -> Path:
+    """Move a complete staging directory to ``out_dir`` atomically (replacing it when ``force``).
+
+    Returns:
+        ``out_dir``.
+    """
+    for f in staged.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    _fsync_dir(staged)
+    check_target(out_dir, force)
+    old = None
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.old-", dir=out_dir.parent))
+        os.rmdir(old)
+        os.rename(out_dir, old)
+    try:
+        os.rename(staged, out_dir)
+    except OSError:
+        if old is not None:
+            os.rename(old, out_dir)  # put the previous bundle back
+        raise
+    _fsync_dir(out_dir.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    log.info("bundle written to %s", out_dir)
+    return out_dir

@@ -1,0 +1,390 @@
+"""Convert a trained :class:`~edgeexit.workstation.models.staged.StagedModel` into an edgeexit bundle.
+
+The pipeline, one function per step::
+
+    check inputs -> split into stages -> export ONNX -> int8 TFLite (calibrated per stage)
+      -> check the graphs are full-int8 -> check hand-offs -> count costs on the graphs
+      -> verify int8 vs float -> write the bundle atomically
+
+Example::
+
+    from edgeexit.workstation.convert.convert import convert
+    report = convert(model, calib_images, "runs/mnist-bundle", verify_images=x_test, verify_labels=y_test)
+    print(report.verification.passed, report.manifest.full_macs)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from edgeexit.errors import ConversionError, UsageError
+from edgeexit.runtime.tflite import GraphCosts, graph_costs
+from edgeexit.runtime.interpreter import create_interpreter, resolve_backend
+from edgeexit.runtime.manifest import EXIT_RULES, ExitRuleSpec, Manifest, Preprocessing, StageCosts
+
+from . import bundle_writer as bw
+from .export import ExportUnit, export_onnx, monolithic_unit, split_stages
+from .quantize import check_calibration_images, onnx_to_int8_tflite, stage_inputs
+from ..models.staged import StagedModel
+from .verify import (Tolerances, VerificationReport, compare, float_outputs, format_table, int8_outputs)
+
+log = logging.getLogger(__name__)
+
+#: Default threshold of the confidence rule at every early exit (the EENet authors' T = 0.5).
+DEFAULT_CONFIDENCE_THRESHOLD = 0.5
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class ConversionReport:
+    """What a conversion produced and measured."""
+
+    out_dir: Path
+    manifest: Manifest
+    verification: VerificationReport | None
+    handoffs: list[dict[str, Any]]
+    costs: list[dict[str, Any]]          # per stage: tflite and torch MACs, agreement
+    timings_s: dict[str, float]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return float(sum(self.timings_s.values()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"out_dir": str(self.out_dir), "name": self.manifest.name, "stages": len(self.manifest.stages),
+                "full_macs": self.manifest.full_macs,
+                "files": {s.file: s.size_bytes for s in self.manifest.stages} | (
+                    {self.manifest.monolithic.file: self.manifest.monolithic.size_bytes}
+                    if self.manifest.monolithic else {}),
+                "verification": None if self.verification is None else self.verification.to_dict(),
+                "handoffs": self.handoffs, "costs": self.costs, "timings_s": self.timings_s,
+                "seconds": self.seconds, "warnings": self.warnings}
+
+    def summary(self) -> str:
+        """A text summary: per-stage costs, then the verification table."""
+        lines = [f"bundle {self.out_dir} ({self.manifest.name}): {len(self.manifest.stages)} stages, "
+                 f"full network {self.manifest.full_macs:,} MACs, converted in {self.seconds:.1f} s",
+                 "stage  file            bytes  segment_MACs  head_MACs  torch_agree  handoff_equal"]
+        for s, c in zip(self.manifest.stages, self.costs):
+            h = self.handoffs[s.index]["equal"] if s.index < len(self.handoffs) else None
+            lines.append(f"{s.index:>5}  {s.file:<14} {s.size_bytes:>6}  {s.costs.segment_macs:>12,}  "
+                         f"{s.costs.head_macs:>9,}  {str(c['agree']):>11}  {'-' if h is None else str(h):>13}")
+        if self.manifest.monolithic is not None:
+            m = self.manifest.monolithic
+            lines.append(f"   mono  {m.file:<14} {m.size_bytes:>6}  {m.macs:>12,} MACs")
+        if self.verification is not None:
+            lines.append(format_table(self.verification))
+        else:
+            lines.append("verification: skipped (no verification images)")
+        return "\n".join(lines)
+
+
+class _Steps:
+    """Times each pipeline step and reports it (one line per step) to the progress callback and the log."""
+
+    def __init__(self, progress: Progress | None):
+        self.progress = progress
+        self.timings: dict[str, float] = {}
+
+    def run(self, name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        result = fn(*args, **kwargs)
+        seconds = time.perf_counter() - start
+        self.timings[name] = round(seconds, 3)
+        line = f"{name:<28} {seconds:7.1f} s"
+        log.info(line)
+        if self.progress is not None:
+            self.progress(line)
+        return result
+
+
+# ---- step 0: inputs ----------------------------------------------------------------------------------------
+
+def resolve_exit_rule(model: StagedModel, exit_rule: str, thresholds: Sequence[float] | None) -> ExitRuleSpec:
+    """The bundle's default exit rule: ``exit_rule`` with ``thresholds``, or the model's / the rule's default.
+
+    Defaults: confidence -> T = 0.5 at every early exit; final -> none; other kinds take
+    ``model.spec.extra["thresholds"]`` (``"betas"`` for class_exclusion) when the training recorded them.
+
+    Raises:
+        UsageError: an unknown rule, the wrong number of thresholds, a confidence rule for heads without a
+            confidence output, or a rule that needs thresholds nobody gave.
+    """
+    if exit_rule not in EXIT_RULES:
+        raise UsageError(f"unknown exit rule {exit_rule!r}; expected one of {', '.join(EXIT_RULES)}")
+    early = model.num_exits - 1
+    if exit_rule == "confidence":
+        missing = [i for i, s in enumerate(model.stages[:-1]) if not s.head.has_confidence]
+        if missing:
+            raise UsageError(f"exit rule 'confidence' needs a confidence output at every early exit, exits {missing} "
+                             "have none: pass exit_rule max_softmax, entropy or class_exclusion with thresholds")
+    if exit_rule == "fixed":
+        raise UsageError("exit rule 'fixed' is a run-time choice, not a bundle default; use confidence, "
+                         "max_softmax, entropy, class_exclusion or final")
+    if thresholds is None:
+        extra = model.spec.extra or {}
+        if exit_rule == "confidence":
+            thresholds = [DEFAULT_CONFIDENCE_THRESHOLD] * early
+        elif exit_rule == "final":
+            thresholds = []
+        elif exit_rule == "class_exclusion" and extra.get("betas") is not None:
+            thresholds = list(extra["betas"])
+        elif extra.get("thresholds") is not None:
+            thresholds = list(extra["thresholds"])
+        else:
+            raise UsageError(f"exit rule {exit_rule!r} needs {early} thresholds (one per early exit) and the model "
+                             "records none; pass thresholds=[...] (--thresholds)")
+    values = tuple(float(t) for t in thresholds)
+    if exit_rule != "final" and len(values) != early:
+        raise UsageError(f"exit rule {exit_rule!r} got {len(values)} thresholds but the model has {early} early "
+                         f"exits; give {early} values")
+    return ExitRuleSpec(kind=exit_rule, thresholds=values if exit_rule != "final" else ())
+
+
+def check_inputs(model: StagedModel, calib_images: np.ndarray, verify_images: np.ndarray | None,
+                 verify_labels: np.ndarray | None) -> None:
+    """UsageError for a non-StagedModel, or images/labels that do not fit the model."""
+    if not isinstance(model, StagedModel):
+        raise UsageError(f"convert() needs an edgeexit.workstation.models.staged.StagedModel, got {type(model).__name__}; build the "
+                         "model with edgeexit.workstation.models.registry or load a checkpoint")
+    check_calibration_images(model, calib_images, "calibration")
+    if verify_images is not None:
+        check_calibration_images(model, verify_images, "verification")
+        if verify_labels is not None and (np.ndim(verify_labels) != 1 or len(verify_labels) != len(verify_images)):
+            raise UsageError(f"verify_labels has shape {np.shape(verify_labels)}; expected [{len(verify_images)}] "
+                             "(one label per verification image)")
+
+
+# ---- steps 1-3: split, export, quantize --------------------------------------------------------------------
+
+def convert_unit(unit: ExportUnit, calibration: np.ndarray, workdir: Path, out_path: Path) -> Path:
+    """Export one unit to ONNX in ``workdir`` and convert it into a full-int8 .tflite at ``out_path``."""
+    onnx_path = export_onnx(unit, workdir / f"{unit.name}.onnx")
+    return onnx_to_int8_tflite(unit.name, onnx_path, calibration, out_path, keep_nhwc_input=not unit.first)
+
+
+# ---- step 4: the graphs are full-int8, hand-offs fit, costs ------------------------------------------------
+
+#: Ops that legitimately touch float32 in a full-int8 graph: none between input and outputs; these convert.
+_CONVERSION_OPS = ("QUANTIZE", "DEQUANTIZE", "DELEGATE")
+
+
+def check_int8_graph(interpreter: Any, name: str) -> None:
+    """ConversionError if an op of the graph computes in float32 (a layer without an int8 kernel).
+
+    The TFLite converter keeps such layers as a float island (DEQUANTIZE -> op -> QUANTIZE) instead of failing;
+    they run slowly on CPUs and not at all on int8-only accelerators, so they are refused here, named.
+    """
+    details = {int(d["index"]): d for d in interpreter.get_tensor_details()}
+    for op in interpreter._get_ops_details():
+        if op["op_name"] in _CONVERSION_OPS:
+            continue
+        types = [np.dtype(t).name for t in list(op.get("operand_types", [])) + list(op.get("result_types", []))]
+        if "float32" in types:
+            outs = [str(details[int(i)]["name"]) for i in op["outputs"] if int(i) in details]
+            raise ConversionError(f"{name}: op {op['op_name']} (tensor {outs[0] if outs else '?'}) has no int8 kernel "
+                                  "and would run in float32 inside the int8 graph; replace that layer with one TFLite "
+                                  "quantizes (conv, linear, pooling, ReLU/ReLU6, sigmoid, tanh, add, mul, concat)")
+
+
+# ---- hand-offs and costs ---------------------------------------------------------------------------
+
+def check_handoffs(interpreters: Sequence[Any]) -> list[dict[str, Any]]:
+    """Compare stage k's ``features`` quantization with stage k+1's input; log loudly when they differ."""
+    result = []
+    for k in range(len(interpreters) - 1):
+        _, outs = bw.stage_tensors(interpreters[k], Path(f"stage_{k}.tflite"))
+        nxt, _ = bw.stage_tensors(interpreters[k + 1], Path(f"stage_{k + 1}.tflite"))
+        feats = outs.get("features")
+        if feats is None or feats.shape != nxt.shape:
+            raise ConversionError(f"hand-off {k}->{k + 1}: stage {k} features "
+                                  f"{None if feats is None else list(feats.shape)} do not fit stage {k + 1} input "
+                                  f"{list(nxt.shape)}; the converter changed a tensor layout")
+        equal = bw.quant_equal(feats.quantization, nxt.quantization)
+        fq, nq = feats.quantization, nxt.quantization
+        entry = {"from": k, "to": k + 1, "equal": equal,
+                 "features": None if fq is None else {"scale": fq.scale, "zero_point": fq.zero_point},
+                 "input": None if nq is None else {"scale": nq.scale, "zero_point": nq.zero_point}}
+        if not equal:
+            log.warning("HAND-OFF QUANTIZATION DIFFERS %d->%d: features %s vs next input %s; the runtime will "
+                        "requantize (slower)", k, k + 1, fq, nq)
+        result.append(entry)
+    return result
+
+
+def count_costs(model: StagedModel, interpreters: Sequence[Any],
+                mono_interpreter: Any | None) -> tuple[list[StageCosts], list[dict[str, Any]], int, GraphCosts | None]:
+    """MACs and parameter bytes per stage from the graphs, cross-checked against torch hooks.
+
+    The full network's MACs are those of the network without exits: every segment plus the final head's
+    logits part (the monolithic model has no confidence output); the monolithic graph must count the same.
+
+    Returns:
+        (StageCosts per stage, per-stage comparison records, full-network MACs, monolithic GraphCosts).
+    """
+    from .costs import model_costs
+
+    torch_costs = model_costs(model)
+    stage_costs, records = [], []
+    for i, interp in enumerate(interpreters):
+        g = graph_costs(interp, "features")
+        ts, th = int(torch_costs.segment_macs[i]), int(torch_costs.head_macs[i])
+        agree = (g.segment_macs, g.head_macs) == (ts, th)
+        if not agree:
+            log.warning("stage %d: tflite MACs segment %d / head %d differ from torch %d / %d", i, g.segment_macs,
+                        g.head_macs, ts, th)
+        stage_costs.append(StageCosts(segment_macs=g.segment_macs, head_macs=g.head_macs,
+                                      segment_param_bytes=g.segment_param_bytes, head_param_bytes=g.head_param_bytes,
+                                      torch_segment_macs=ts, torch_head_macs=th))
+        records.append({"stage": i, "segment_macs": g.segment_macs, "head_macs": g.head_macs,
+                        "torch_segment_macs": ts, "torch_head_macs": th, "agree": agree, "mac_ops": dict(g.mac_ops)})
+        last_logits_macs = g.head_output_macs.get("logits", g.head_macs)
+    # the network without exits: every segment + the part of the final head that computes the logits
+    full = sum(c.segment_macs for c in stage_costs) + last_logits_macs
+    mono = graph_costs(mono_interpreter, None) if mono_interpreter is not None else None
+    if mono is not None and mono.macs != full:
+        log.warning("monolithic graph has %d MACs, the stages' segments + final logits head %d", mono.macs, full)
+    return stage_costs, records, full, mono
+
+
+# ---- step 5: verification ----------------------------------------------------------------------------------
+
+def verify_bundle(model: StagedModel, stage_paths: Sequence[Path], mono_path: Path | None, images: np.ndarray,
+                  labels: np.ndarray | None, rule: ExitRuleSpec, tolerances: Tolerances) -> VerificationReport:
+    """Run float torch and the chained int8 files over the same held-out images and compare them."""
+    flt = float_outputs(model, images)
+    q = int8_outputs(stage_paths, images, model.spec.mean, model.spec.std, mono_path)
+    scores = [s.head.scores for s in model.stages]
+    return compare(flt, q, None if labels is None else np.asarray(labels, np.int64), scores, rule, tolerances)
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(d, default=str))
+
+
+def training_info(model: StagedModel) -> dict[str, Any]:
+    """The manifest's ``training`` section: builder, its arguments, and what training recorded in spec.extra."""
+    spec = model.spec
+    return _jsonable({"builder": spec.builder, "kwargs": spec.kwargs, **(spec.extra or {})})
+
+
+# ---- the pipeline ------------------------------------------------------------------------------------------
+
+def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *,
+            verify_images: np.ndarray | None = None, verify_labels: np.ndarray | None = None,
+            thresholds: Sequence[float] | None = None, exit_rule: str = "confidence", monolithic: bool = True,
+            force: bool = False, strict: bool = False, tolerances: Tolerances = Tolerances(),
+            name: str | None = None, training: dict[str, Any] | None = None,
+            progress: Progress | None = None) -> ConversionReport:
+    """Convert ``model`` into a bundle at ``out_dir``: one full-int8 .tflite per stage (+ monolithic.tflite).
+
+    Args:
+        model: the trained early-exit network.
+        calib_images: [N, H, W, C] uint8 calibration images (N >= 8; a few hundred is typical).
+        out_dir: the bundle directory to create.
+        verify_images: [M, H, W, C] uint8 held-out images (distinct from the calibration images) to check
+            int8 against float; None skips verification.
+        verify_labels: [M] int labels of ``verify_images`` (for accuracies), or None.
+        thresholds: the default exit rule's per-exit thresholds (one per early exit).
+        exit_rule: the bundle's default exit rule (see :func:`resolve_exit_rule`).
+        monolithic: also convert the network without exits (the baseline) into monolithic.tflite.
+        force: replace an existing ``out_dir``.
+        strict: a verification that misses the tolerances raises ConversionError and writes nothing.
+        tolerances: the verification tolerances.
+        name: the bundle's name (default: the model's builder name).
+        training: extra facts for the manifest's ``training`` section (checkpoint metrics, calibration set).
+        progress: called with one line per finished step (its name and seconds).
+
+    Returns:
+        The :class:`ConversionReport`.
+
+    Raises:
+        UsageError: bad inputs, an unknown rule, or an existing ``out_dir`` without ``force``.
+        ConversionError: a layer that cannot be exported or converted (named), broken graph outputs, or a
+            failed verification with ``strict``.
+    """
+    out = Path(out_dir).absolute()
+    check_inputs(model, calib_images, verify_images, verify_labels)
+    rule = resolve_exit_rule(model, exit_rule, thresholds)
+    bw.check_target(out, force)
+    was_training = model.training
+    model.eval()
+    steps = _Steps(progress)
+    try:
+        with bw.staging_dir(out) as staged, tempfile.TemporaryDirectory(prefix="edgeexit-onnx-") as work:
+            workdir = Path(work)
+            units = steps.run("split into stages", split_stages, model)
+            calibration = steps.run("calibration features", stage_inputs, model, calib_images)
+            stage_paths = []
+            for unit, calib in zip(units, calibration):
+                path = staged / f"{unit.name}.tflite"
+                stage_paths.append(steps.run(f"convert {unit.name}", convert_unit, unit, calib, workdir, path))
+            mono_path = None
+            if monolithic:
+                mono_path = steps.run("convert monolithic", convert_unit, monolithic_unit(model), calibration[0],
+                                      workdir, staged / "monolithic.tflite")
+            backend = resolve_backend("auto")
+            interps = [create_interpreter(p, backend) for p in stage_paths]
+            mono_interp = None if mono_path is None else create_interpreter(mono_path, backend)
+            named = [(f"stage_{i}", it) for i, it in enumerate(interps)] + (
+                [("monolithic", mono_interp)] if mono_interp is not None else [])
+            steps.run("check int8 graphs", lambda: [check_int8_graph(it, n) for n, it in named])
+            handoffs = steps.run("check hand-offs", check_handoffs, interps)
+            stage_costs, cost_records, full_macs, mono_costs = steps.run("count costs", count_costs, model, interps,
+                                                                         mono_interp)
+            report_v = None
+            if verify_images is not None:
+                report_v = steps.run("verify int8 vs float", verify_bundle, model, stage_paths, mono_path,
+                                     verify_images, verify_labels, rule, tolerances)
+                report_v.handoffs = handoffs
+                if not report_v.passed:
+                    log.warning("VERIFICATION FAILED: %s", "; ".join(report_v.failures))
+                    if strict:
+                        raise ConversionError(f"int8 verification failed ({'; '.join(report_v.failures)}); nothing "
+                                              "was written: use more/better calibration images, retrain, or drop "
+                                              "--strict to keep the bundle anyway")
+            verification = report_v.to_dict() if report_v is not None else {"skipped": "no verification images"}
+            manifest = steps.run("write bundle", _write, model, staged, out, force, stage_paths, interps, stage_costs,
+                                 rule, full_macs, mono_path, mono_interp, mono_costs, verification,
+                                 name or model.spec.builder, training or {})
+    finally:
+        model.train(was_training)
+    warnings = [f"hand-off {h['from']}->{h['to']} quantization differs" for h in handoffs if not h["equal"]]
+    warnings += [f"stage {c['stage']}: tflite MACs differ from torch" for c in cost_records if not c["agree"]]
+    if mono_costs is not None and mono_costs.macs != full_macs:
+        warnings.append(f"monolithic MACs {mono_costs.macs} != segments + final logits head {full_macs}")
+    if report_v is not None and not report_v.passed:
+        warnings += report_v.failures
+    return ConversionReport(out_dir=out, manifest=manifest, verification=report_v, handoffs=handoffs,
+                            costs=cost_records, timings_s=steps.timings, warnings=warnings)
+
+
+def _write(model: StagedModel, staged: Path, out: Path, force: bool, stage_paths: Sequence[Path],
+           interps: Sequence[Any], stage_costs: Sequence[StageCosts], rule: ExitRuleSpec, full_macs: int,
+           mono_path: Path | None, mono_interp: Any | None, mono_costs: GraphCosts | None,
+           verification: dict[str, Any], name: str, training: dict[str, Any]) -> Manifest:
+    """Build the manifest, write it next to the files and move the whole directory into place."""
+    stages = [bw.stage_spec(i, p, it, model.stages[i].head.scores, c)
+              for i, (p, it, c) in enumerate(zip(stage_paths, interps, stage_costs))]
+    spec = model.spec
+    _, h, w = spec.input_shape
+    pre = Preprocessing(size=(h, w), color_mode=spec.color_mode, mean=tuple(float(v) for v in spec.mean),
+                        std=tuple(float(v) for v in spec.std))
+    mono = None
+    if mono_path is not None and mono_interp is not None and mono_costs is not None:
+        mono = bw.model_file(mono_path, mono_interp, mono_costs.macs, mono_costs.param_bytes)
+    manifest = bw.build_manifest(name, stages, pre, spec.labels, rule, full_macs, mono, _jsonable(verification),
+                                 {**training_info(model), **_jsonable(training)})
+    bw.write_manifest(staged, manifest)
+    bw.publish(staged, out, force)
+    return manifest

@@ -1,0 +1,122 @@
+"""MACs and parameters of every segment and exit head, counted on the torch modules.
+
+What is counted: multiply-accumulates of ``nn.Conv2d`` (``output elements * in_channels / groups *
+kernel_h * kernel_w``) and ``nn.Linear`` (``output elements * in_features``), for one input (batch 1).
+BatchNorm (folded into the convolution at conversion), activations, pooling, additions and the global
+mean are NOT counted; this matches what the int8 graph spends its multiplies on (CONV_2D,
+DEPTHWISE_CONV_2D, FULLY_CONNECTED).
+
+Two cost views per exit ``i`` (as a fraction of the full network = every segment + the final head):
+
+* :meth:`ModelCosts.kappa` -- the EENet authors' definition: trunk up to exit ``i`` + head ``i``;
+* :meth:`ModelCosts.cumulative` -- what an input that stops at exit ``i`` really paid: trunk up to ``i``
+  + every head ``0..i``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..models.staged import StagedModel
+
+
+def count_macs(module: nn.Module, example: torch.Tensor) -> tuple[int, Any]:
+    """MACs of ``module(example)`` for one input, counted with forward hooks on Conv2d and Linear.
+
+    Args:
+        module: any module; it is run once under ``torch.no_grad()``.
+        example: its input, batch size B (the count is divided by B).
+
+    Returns:
+        (MACs per input, the module's output).
+    """
+    total = 0
+
+    def conv_hook(m: nn.Conv2d, _inp: tuple, out: torch.Tensor) -> None:
+        nonlocal total
+        kh, kw = m.kernel_size
+        total += out.numel() * (m.in_channels // m.groups) * kh * kw
+
+    def linear_hook(m: nn.Linear, _inp: tuple, out: torch.Tensor) -> None:
+        nonlocal total
+        total += out.numel() * m.in_features
+
+    handles = []
+    for sub in module.modules():
+        if isinstance(sub, nn.Conv2d):
+            handles.append(sub.register_forward_hook(conv_hook))
+        elif isinstance(sub, nn.Linear):
+            handles.append(sub.register_forward_hook(linear_hook))
+    try:
+        with torch.no_grad():
+            out = module(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return total // int(example.shape[0]), out
+
+
+def count_params(module: nn.Module) -> int:
+    """Number of parameters (weights and biases, BatchNorm affine included; buffers excluded)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+@dataclass(frozen=True)
+class ModelCosts:
+    """Per-stage costs of a :class:`~edgeexit.workstation.models.staged.StagedModel` (MACs for one input)."""
+
+    segment_macs: tuple[int, ...]
+    head_macs: tuple[int, ...]
+    segment_params: tuple[int, ...]
+    head_params: tuple[int, ...]
+
+    @property
+    def full_macs(self) -> int:
+        """The network without early exits: every segment + the final head."""
+        return sum(self.segment_macs) + self.head_macs[-1]
+
+    def kappa(self) -> list[float]:
+        """EENet's kappa_i = MACs(trunk to exit i + head i) / full; the last one is exactly 1."""
+        trunk = 0
+        out = []
+        for seg, head in zip(self.segment_macs, self.head_macs):
+            trunk += seg
+            out.append((trunk + head) / self.full_macs)
+        return out
+
+    def cumulative(self) -> list[float]:
+        """Honest cost of stopping at exit i = (trunk to i + heads 0..i) / full; >= kappa."""
+        spent = 0
+        out = []
+        for seg, head in zip(self.segment_macs, self.head_macs):
+            spent += seg + head
+            out.append(spent / self.full_macs)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(full_macs=self.full_macs, kappa=self.kappa(), cumulative=self.cumulative())
+        return d
+
+
+def model_costs(model: StagedModel) -> ModelCosts:
+    """Count the MACs and parameters of every segment and head of ``model`` on one example input."""
+    was_training = model.training
+    model.eval()
+    x = model.example_input(1)
+    seg_macs, head_macs = [], []
+    try:
+        for stage in model.stages:
+            macs, x = count_macs(stage.segment, x)
+            seg_macs.append(macs)
+            hmacs, _ = count_macs(stage.head, x)
+            head_macs.append(hmacs)
+    finally:
+        model.train(was_training)
+    return ModelCosts(tuple(seg_macs), tuple(head_macs),
+                      tuple(count_params(s.segment) for s in model.stages),
+                      tuple(count_params(s.head) for s in model.stages))

@@ -1,0 +1,172 @@
+"""Step 1-2 of the conversion pipeline: split a StagedModel into exportable stages and write them as ONNX.
+
+Every stage becomes a :class:`~edgeexit.workstation.models.staged.StageExport` (NHWC hand-off in and out, outputs named
+``features``, ``logits`` and optionally ``confidence``); the network without exits becomes a
+:class:`~edgeexit.workstation.models.staged.MonolithicExport` (NCHW image in, ``logits`` out). Both are exported with the
+TorchScript-based exporter at a fixed batch size of 1. Adaptive average pools whose output size does not
+divide their input size (refused by that exporter; torchvision's VGG on small images has one) are exported
+as exact slice means.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from edgeexit.errors import ConversionError
+
+from ..models.staged import MonolithicExport, StagedModel, StageExport
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+INPUT_NAME = "input"
+
+
+@dataclass
+class ExportUnit:
+    """One module to convert into one .tflite file."""
+
+    name: str                        # "stage_0", ..., "monolithic"
+    module: nn.Module                # StageExport or MonolithicExport, eval mode
+    example: torch.Tensor            # the batch-1 input it is exported with (NCHW image or NHWC features)
+    output_names: list[str]
+    first: bool                      # takes the image (NCHW in ONNX, NHWC after conversion)
+
+
+def split_stages(model: StagedModel) -> list[ExportUnit]:
+    """Cut ``model`` into one ExportUnit per stage, with example inputs of the right hand-off shape.
+
+    Returns:
+        One unit per stage; stage k > 0 takes stage k-1's features in NHWC, shape [1, H, W, C].
+    """
+    model = model.eval()
+    units = []
+    x = model.example_input(1)  # [1, C, H, W]
+    with torch.no_grad():
+        for i, stage in enumerate(model.stages):
+            module = StageExport(stage, first=(i == 0)).eval()
+            outs = module(x)
+            units.append(ExportUnit(f"stage_{i}", module, x, module.output_names, first=(i == 0)))
+            x = outs[0]  # features, NHWC [1, H, W, C]
+    return units
+
+
+def monolithic_unit(model: StagedModel) -> ExportUnit:
+    """The network without early exits as one ExportUnit (image in, final ``logits`` out)."""
+    return ExportUnit("monolithic", MonolithicExport(model).eval(), model.example_input(1), ["logits"], first=True)
+
+
+_OP_PATTERNS = (
+    re.compile(r"Exporting the operator '?([\w:.]+)'? to ONNX"),
+    re.compile(r"Unsupported: ONNX export of operator ([\w:.]+)"),
+    re.compile(r"Unsupported: ONNX export of ([\w:. ]+?)(?: in opset| is|\.|$)"),
+)
+
+
+def _failed_op(message: str) -> str | None:
+    for pattern in _OP_PATTERNS:
+        m = pattern.search(message)
+        if m:
+            return m.group(1)
+    return None
+
+
+class _SliceMeanAdaptiveAvgPool2d(nn.Module):
+    """``nn.AdaptiveAvgPool2d`` for one fixed input size, as slice means (exported as Slice/ReduceMean/Concat).
+
+    The ONNX exporter refuses adaptive average pooling whose output size does not divide the input size
+    (torchvision's VGG on 32x32 images pools a 1x1 map to 7x7). Each output bin is the mean of a rectangle,
+    rows [floor(i*H/oh), ceil((i+1)*H/oh)) by columns likewise, so pooling rows then columns gives the same values.
+    """
+
+    def __init__(self, in_hw: tuple[int, int], out_hw: tuple[int, int]):
+        super().__init__()
+        self.rows = [(i * in_hw[0] // out_hw[0], math.ceil((i + 1) * in_hw[0] / out_hw[0])) for i in range(out_hw[0])]
+        self.cols = [(j * in_hw[1] // out_hw[1], math.ceil((j + 1) * in_hw[1] / out_hw[1])) for j in range(out_hw[1])]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([x[:, :, a:b].mean(2, keepdim=True) for a, b in self.rows], 2)        # [N, C, oh, W]
+        return torch.cat([x[:, :, :, a:b].mean(3, keepdim=True) for a, b in self.cols], 3)  # [N, C, oh, ow]
+
+
+def _pool_sizes(pool: nn.AdaptiveAvgPool2d, in_hw: tuple[int, int]) -> tuple[int, int]:
+    size = pool.output_size
+    out = (size, size) if isinstance(size, int) else tuple(size)
+    return tuple(in_hw[i] if out[i] is None else int(out[i]) for i in range(2))  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _exportable_adaptive_pools(unit: ExportUnit) -> Iterator[None]:
+    """Swap every ``nn.AdaptiveAvgPool2d`` of ``unit`` the exporter refuses for an exact slice-mean equivalent.
+
+    The swap lasts for the export only; the unit's modules are restored afterwards (they are the user's).
+    """
+    seen: dict[nn.Module, tuple[int, int]] = {}
+
+    def record(module: nn.Module, args: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
+        seen[module] = (int(args[0].shape[-2]), int(args[0].shape[-1]))
+
+    pools = [m for m in unit.module.modules() if isinstance(m, nn.AdaptiveAvgPool2d)]
+    if not pools:
+        yield
+        return
+    hooks = [m.register_forward_hook(record) for m in pools]
+    try:
+        with torch.no_grad():
+            unit.module(unit.example)
+    finally:
+        for h in hooks:
+            h.remove()
+    swapped = []
+    for parent in unit.module.modules():
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, nn.AdaptiveAvgPool2d) or child not in seen:
+                continue
+            in_hw = seen[child]
+            out_hw = _pool_sizes(child, in_hw)
+            if in_hw[0] % out_hw[0] == 0 and in_hw[1] % out_hw[1] == 0:
+                continue  # exported as AveragePool / GlobalAveragePool
+            setattr(parent, name, _SliceMeanAdaptiveAvgPool2d(in_hw, out_hw))
+            swapped.append((parent, name, child))
+            log.debug("%s: adaptive average pool %s %s -> %s exported as slice means", unit.name, name, in_hw, out_hw)
+    try:
+        yield
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
+
+
+def export_onnx(unit: ExportUnit, path: Path) -> Path:
+    """Export one unit to ONNX (opset 17, batch 1, input ``input``, outputs named as the unit says).
+
+    Raises:
+        ConversionError: the module cannot be exported (an operator without an ONNX equivalent, a
+            data-dependent control flow, ...), naming the operator when torch reports one.
+    """
+    from .quantize import quiet_tool  # imported here: quantize imports this module
+
+    try:
+        with torch.no_grad(), warnings.catch_warnings(), quiet_tool(), _exportable_adaptive_pools(unit):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(unit.module, (unit.example,), str(path), input_names=[INPUT_NAME],
+                              output_names=unit.output_names, opset_version=OPSET, dynamo=False,
+                              do_constant_folding=True)
+    except Exception as exc:  # torch raises many unrelated types for export failures; re-raised as one
+        message = " ".join(str(exc).split())
+        op = _failed_op(message)
+        what = f"operator {op}" if op else "a layer"
+        raise ConversionError(f"{unit.name}: {what} cannot be exported to ONNX ({message[:300]}); replace it with "
+                              "standard conv/linear/pool/activation layers or rewrite it without "
+                              "data-dependent control flow") from exc
+    log.debug("%s: exported ONNX to %s", unit.name, path)
+    return path

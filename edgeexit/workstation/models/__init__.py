@@ -1,0 +1,1 @@
+"""Staged early-exit models: the representation, backbones, exit heads, exit placement, the builder registry."""

@@ -1,0 +1,1 @@
+"""Training early-exit models: losses, data batches, the training loop, checkpoints."""
