@@ -8,42 +8,104 @@ import pytest
 from edgeexit import (ClassExclusionRule, ConfidenceRule, EntropyRule, FinalExitRule, FixedExitRule, MaxSoftmaxRule,
                       Trace, UsageError, rule_from_spec)
 from edgeexit.runtime.manifest import ExitRuleSpec
-from edgeexit.runtime.rules import CONTINUE
+from edgeexit.runtime.rules import CONTINUE, ForcedExitRule
+from edgeexit.runtime.trace import ExitQuant, RawOutputs
 
 
-def _trace(n=300, k=6, exits=3, scores=("sigmoid", "sigmoid", "softmax"), seed=0) -> Trace:
+def _raw_trace(n=400, k=6, exits=3, scores=("sigmoid", "sigmoid", "softmax"), dtype="int8", seed=0) -> Trace:
+    """A trace as a Runner records it: raw integer outputs with their quantization, plus dequantized floats."""
     rng = np.random.default_rng(seed)
-    logits = tuple((rng.normal(0, 1 + 2 * e, (n, k))).astype(np.float32) for e in range(exits))
-    conf = tuple(rng.normal(0, 2, n).astype(np.float32) for _ in range(exits))
-    return Trace(logits=logits, confidence=conf, scores=tuple(scores[:exits]))
+    lo, hi = (-128, 128) if dtype == "int8" else (0, 256)
+    quant, logits_q, conf_q = [], [], []
+    for e in range(exits):
+        scale = float(rng.uniform(0.02, 0.3))
+        zp = int(rng.integers(lo + 20, hi - 20))
+        centre = rng.normal(zp, 10, (n, 1))
+        q = np.clip(np.rint(centre + rng.normal(0, 3 + 12 * e, (n, k))), lo, hi - 1).astype(dtype)
+        c_scale, c_zp = float(rng.uniform(0.01, 0.1)), int(rng.integers(lo + 20, hi - 20))
+        c = np.clip(np.rint(rng.normal(c_zp, 40, n)), lo, hi - 1).astype(dtype)
+        quant.append(ExitQuant(scale=scale, zero_point=zp, dtype=dtype, num_classes=k, scores=scores[e],
+                               confidence=(c_scale, c_zp, dtype)))
+        logits_q.append(q)
+        conf_q.append(c)
+    raw = RawOutputs(tuple(logits_q), tuple(conf_q), tuple(quant))
+    return Trace(logits=tuple((x.byte_values()[q.view(np.uint8)]).astype(np.float32) for x, q in zip(quant, logits_q)),
+                 confidence=tuple(x.confidence_byte_values()[c.view(np.uint8)].astype(np.float32)
+                                  for x, c in zip(quant, conf_q)),
+                 scores=tuple(scores[:exits]), raw=raw)
 
 
 def _per_input(rule, trace):
-    rule.prepare(trace.num_exits, trace.scores, [True] * trace.num_exits)
+    """The device's decisions: the compiled decider, one input at a time, on raw bytes."""
+    decider = rule.compile(trace.raw.quant)
     out = []
     for i in range(trace.num_inputs):
-        state = rule.begin(trace.logits[0].shape[1])
+        state = decider.start()
         for k in range(trace.num_exits):
-            label = rule.decide(k, trace.logits[k][i].copy(), trace.confidence[k][i:i + 1].copy(), state)
+            if not decider.inspects[k]:
+                continue
+            conf = trace.raw.confidence[k][i:i + 1].copy()
+            label, state = decider.decide(k, trace.raw.logits[k][i].tolist(), conf, state)
             if label != CONTINUE:
                 out.append((k, label))
                 break
     return out
 
 
-RULES = [ConfidenceRule([0.6, 0.7]), MaxSoftmaxRule([0.5, 0.6]), EntropyRule([1.0, 0.8]),
-         ClassExclusionRule([0.5, 0.8]), ClassExclusionRule([0.0, 1.0]), FinalExitRule(), FixedExitRule(1)]
+RULES = [ConfidenceRule([0.6, 0.7]), MaxSoftmaxRule([0.5, 0.6]), MaxSoftmaxRule([0.0, 1.0]), EntropyRule([1.0, 0.8]),
+         EntropyRule([0.0, 5.0]), ClassExclusionRule([0.5, 0.8]), ClassExclusionRule([0.0, 1.0]),
+         ClassExclusionRule([0.05, 0.3]), FinalExitRule(), FixedExitRule(1),
+         ForcedExitRule(ClassExclusionRule([0.5, 0.8]), 2), ForcedExitRule(EntropyRule([1.0, 0.8]), 1)]
 
 
+@pytest.mark.parametrize("dtype, k", [("int8", 6), ("uint8", 6), ("int8", 70)])
 @pytest.mark.parametrize("rule", RULES, ids=lambda r: repr(r))
-def test_decide_equals_simulate(rule):
-    trace = _trace()
+def test_per_input_decisions_equal_simulate_on_raw_outputs(rule, dtype, k):
+    trace = _raw_trace(dtype=dtype, k=k)
     exit_index, prediction = rule.simulate(trace)
     assert _per_input(rule, trace) == list(zip(exit_index.tolist(), prediction.tolist()))
     assert exit_index.max() <= trace.num_exits - 1  # the last exit always exits
 
 
+def _float64_reference(rule, trace):
+    """Independent float64 re-computation on the dequantized values (the definitions in the rules' docstring)."""
+    out = []
+    for i in range(trace.num_inputs):
+        remaining = np.ones(trace.logits[0].shape[1], bool)
+        for k in range(trace.num_exits):
+            z = trace.logits[k][i].astype(np.float64)
+            if k == trace.num_exits - 1:
+                out.append((k, int(np.argmax(np.where(remaining, z, -np.inf)))))
+                break
+            e = np.exp(z - z.max())
+            if rule.kind == "confidence" and 1 / (1 + np.exp(-float(trace.confidence[k][i]))) > rule.thresholds[k]:
+                out.append((k, int(np.argmax(z)))); break
+            if rule.kind == "max_softmax" and 1 / e.sum() >= rule.thresholds[k]:
+                out.append((k, int(np.argmax(z)))); break
+            if rule.kind == "entropy" and np.log(e.sum()) - (e * (z - z.max())).sum() / e.sum() < rule.thresholds[k]:
+                out.append((k, int(np.argmax(z)))); break
+            if rule.kind == "class_exclusion":
+                s = 1 / (1 + np.exp(-z)) if trace.scores[k] == "sigmoid" else e / e.sum()
+                keep = remaining & (s > rule.thresholds[k] * s.max())
+                if keep.any():
+                    remaining = keep
+                if remaining.sum() == 1:
+                    out.append((k, int(np.argmax(remaining)))); break
+    return out
+
+
+@pytest.mark.parametrize("rule", [r for r in RULES if r.kind in ("confidence", "max_softmax", "entropy",
+                                                                 "class_exclusion")], ids=lambda r: repr(r))
+def test_fixed_point_decisions_equal_float64_away_from_ties(rule):
+    """The integer tables decide as float64 maths does; at most a value within 1e-6 of a threshold may differ."""
+    trace = _raw_trace(n=600)
+    got = _per_input(rule, trace)
+    want = _float64_reference(rule, trace)
+    assert sum(a != b for a, b in zip(got, want)) <= 1
+
+
 def test_class_exclusion_candidate_sets():
+    """Float traces (a float network) follow the same definition in float64."""
     rule = ClassExclusionRule([0.5, 0.5])
     big = 6.0
     # input 0: exit 0 leaves classes {0, 1}; exit 1 keeps only class 1 -> answer 1 at exit 1
@@ -77,7 +139,7 @@ def test_invalid_thresholds_raise_usage_error(make, match):
 
 
 def test_rules_check_that_they_fit_the_bundle():
-    trace = _trace()
+    trace = _raw_trace()
     with pytest.raises(UsageError, match="has 1 thresholds.*give 2"):
         ConfidenceRule([0.5]).simulate(trace)
     no_conf = Trace(logits=trace.logits, confidence=(None, None, None), scores=trace.scores)
@@ -88,13 +150,15 @@ def test_rules_check_that_they_fit_the_bundle():
 
 
 def test_rule_from_spec_round_trip():
-    for rule in RULES:
+    for rule in (r for r in RULES if r.kind != "forced"):
         again = rule_from_spec(rule.to_spec())
         assert type(again) is type(rule) and again.thresholds == rule.thresholds
     assert EntropyRule([2.0, 3.5]).thresholds == (2.0, 3.5)  # entropy has no upper bound
+    with pytest.raises(UsageError, match="cannot be stored"):
+        ForcedExitRule(FinalExitRule(), 0).to_spec()
 
 
 def test_confidence_thresholds_at_the_ends():
-    trace = _trace()
+    trace = _raw_trace()
     assert (ConfidenceRule([0.0, 0.0]).simulate(trace)[0] == 0).all()
     assert (ConfidenceRule([1.0, 1.0]).simulate(trace)[0] == 2).all()

@@ -125,8 +125,7 @@ def test_macs_are_the_manifest_costs_of_the_stages_that_ran(runner, images):
         r = runner(images[0])
         want = sum(s.costs.segment_macs + s.costs.head_macs for s in m.stages[:k + 1])
         assert (r.exit_index, r.stages_run, r.macs) == (k, k + 1, want)
-        assert len(r.stage_latency_ms) == k + 1
-        assert r.latency_ms == pytest.approx(sum(r.stage_latency_ms), rel=1e-9)
+        assert r.latency_ms > 0
     assert r.macs == m.cumulative_macs()[-1]
 
 
@@ -147,7 +146,7 @@ def test_thresholds_changed_at_run_time_take_effect(runner, images, trace):
 
 def test_probabilities_and_score_match_the_trace(runner, images, trace):
     runner.set_rule(FinalExitRule())
-    r = runner.classify(images[3], probabilities=True)
+    r = runner.classify(images[3])
     p = _softmax(trace.logits[-1][3]) if trace.scores[-1] == "softmax" else _sigmoid(trace.logits[-1][3])
     np.testing.assert_allclose(r.probabilities, p, rtol=1e-5, atol=1e-6)
     assert r.score == pytest.approx(float(p[r.label]), rel=1e-5)
@@ -243,3 +242,56 @@ def test_bundle_rule_and_operating_points(bundle_dir):
 def test_public_api_is_small_and_explicit():
     assert {"Runner", "Result", "Energy", "load_bundle", "Bundle", "Manifest", "Trace", "rule_from_spec",
             "ConfidenceRule", "ClassExclusionRule", "BundleError", "__version__"} <= set(edgeexit.__all__)
+
+
+def test_batch_answers_equal_one_by_one_for_every_rule(runner, images, trace):
+    batch = np.stack(images)                                   # [B, H, W, C] uint8
+    for name, rule in _mixing_rules(trace).items():
+        runner.set_rule(rule)
+        one = [runner(img) for img in images]
+        for got in (runner.classify_batch(batch), runner.classify_batch(list(images))):
+            assert got.labels.tolist() == [r.label for r in one], name
+            assert got.exit_index.tolist() == [r.exit_index for r in one], name
+            assert got.macs.tolist() == [r.macs for r in one], name
+            np.testing.assert_allclose(got[7].probabilities, one[7].probabilities, rtol=1e-6)
+            assert got[7].label_name == one[7].label_name
+    assert len(runner.classify_batch(batch[:0])) == 0
+
+
+def test_fast_input_path_equals_the_preprocessor(runner, images):
+    """uint8 arrays of the bundle's size skip the general preprocessing; the int8 input must be identical."""
+    stage0 = runner._stages[0].inp
+    h, w = runner.manifest.preprocessing.size
+    for img in images[:5]:
+        for variant in (img, img[None]) + ((img[:, :, 0],) if img.shape[2] == 1 else ()):
+            stage0.fill(0)
+            runner._input.write(variant)
+            np.testing.assert_array_equal(stage0[0], runner.preprocess(img))
+    noncontig = np.asfortranarray(images[0])
+    assert runner(noncontig).label == runner(np.ascontiguousarray(images[0])).label
+
+
+def test_one_runner_shared_by_threads_answers_like_one_thread(runner, images, trace):
+    import threading
+
+    runner.set_rule(_mixing_rules(trace)["class_exclusion"])
+    want = [(r.label, r.exit_index) for r in (runner(img) for img in images)]
+    wrong, errors = [], []
+
+    def work(seed: int) -> None:
+        order = np.random.default_rng(seed).permutation(len(images))
+        try:
+            for _ in range(60):
+                for i in order:
+                    r = runner(images[i])
+                    if (r.label, r.exit_index) != want[i]:
+                        wrong.append(i)
+        except Exception as exc:  # noqa: BLE001 - any failure in a thread fails the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and not wrong   # 2 threads x 2,400 calls, every answer as in one thread

@@ -1,7 +1,7 @@
 """Exit rules: when an input may leave the network at an exit, and what it answers there.
 
-One class per kind in :data:`edgeexit.runtime.manifest.EXIT_RULES`. Exits are numbered 0..E-1; thresholds have one
-value per exit except the last, which always exits.
+One class per kind in :data:`edgeexit.runtime.manifest.EXIT_RULES`. Exits are numbered 0..E-1; thresholds have
+one value per exit except the last, which always exits.
 
 =================  =====================================================================================
 kind               input leaves at exit i (< E-1) when ...
@@ -17,66 +17,160 @@ fixed              i == the configured exit
 =================  =====================================================================================
 
 The answer at an exit is the argmax of its logits (class_exclusion: the remaining class, or the argmax over
-R of the final logits). Each rule has a per-input :meth:`ExitRule.decide` (the Runner's hot path) and a
-vectorised :meth:`ExitRule.simulate` over a :class:`Trace`; both compute the same comparisons on the same
-float32 values, so they agree exactly (a test keeps them equal).
+R of the last exit's logits).
+
+**Deciding on the device.** A rule is compiled once per bundle (:meth:`ExitRule.compile`) into a
+:class:`Decider` that works on the exits' raw int8 (or uint8) outputs: every threshold is mapped into the
+quantized domain once, as tables over the 256 byte values, so deciding an input costs a few Python integer
+operations on its K logit bytes and no numpy call. The same tables drive the vectorised
+:meth:`Decider.decide_many` (``simulate``, tuning, ``Runner.classify_batch``), and sums are exact integers,
+so the per-input and the vectorised decisions are equal bit for bit (tests keep them equal).
+
+With ``x_j = s (q_j - z)`` the dequantized logits, ``d_j = q_max - q_j >= 0`` (steps below the top logit) and
+``F = 32`` fraction bits, the tables are ``E(d) = round(2^F exp(-s d))`` and ``G(d) = round(2^F s d exp(-s d))``:
+
+* max_softmax: ``1 / max softmax = sum_j exp(x_j - x_max)``, so stop iff ``sum_j E(d_j) <= floor(2^F / T)``;
+* entropy: ``H = ln Z - sum_j e_j z_j / Z`` with ``z = x - x_max``, so with ``A = sum_j E(d_j)`` and
+  ``B = sum_j G(d_j)``, stop iff ``ln A + B / A < T + F ln 2`` (float64, from the exact integers A and B);
+* confidence: stop iff the confidence byte's value ``s_c (q_c - z_c) > ln(T / (1 - T))`` (a 256-entry table);
+* class_exclusion: class c is kept iff ``exp(x_c - x_max) > beta`` (softmax) or
+  ``sigmoid(x_c) > beta sigmoid(x_max)`` (sigmoid): a table over (top byte, class byte) pairs.
+
+A trace of a float network (no raw outputs) is decided with the same formulas in float64.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
 from ..errors import UsageError
 from .manifest import ExitRuleSpec
-from .trace import Trace
+from .trace import ExitQuant, RawOutputs, Trace
 
-CONTINUE = -1  # decide() result: go on to the next stage
-
-
-# ---- score functions shared by decide and simulate (same float32 ops on [..., K]) ---------------------------
-def _softmax_sum(logits: np.ndarray) -> np.ndarray:
-    """sum(exp(x - max x)) over the last axis; max softmax = 1 / this."""
-    return np.exp(logits - logits.max(axis=-1, keepdims=True)).sum(axis=-1)
+CONTINUE = -1  # a decision that lets the input go on to the next stage
+FRACTION_BITS = 32
+_ONE = 1 << FRACTION_BITS
 
 
-def _entropy(logits: np.ndarray) -> np.ndarray:
-    """Entropy (nats) of softmax(logits) over the last axis: log Z - sum(e * z) / Z, z = x - max x."""
-    z = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    total = e.sum(axis=-1)
-    return np.log(total) - (e * z).sum(axis=-1) / total
-
-
-def _scores(logits: np.ndarray, kind: str) -> np.ndarray:
+def exit_scores(logits: np.ndarray, kind: str) -> np.ndarray:
+    """Class scores of logits ``[..., K]``: softmax over the last axis, or an elementwise sigmoid."""
+    z = np.asarray(logits, dtype=np.float64)
     if kind == "sigmoid":
-        return 1.0 / (1.0 + np.exp(-logits))
-    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        return 1.0 / (1.0 + np.exp(-z))
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def _argmax(q: list[int]) -> int:
+    return q.index(max(q))
+
+
+def _ordered(raw: np.ndarray) -> np.ndarray:
+    """Raw int8/uint8 outputs as int16 values that order like the real values (scales are positive)."""
+    return raw.astype(np.int16)
+
+
+def _exp_tables(scale: float) -> tuple[list[int], list[int]]:
+    """E(d) and G(d) for d = 0..255 quantization steps below the top logit (see the module docstring)."""
+    d = np.arange(256, dtype=np.float64) * float(scale)
+    e = np.exp(-d)
+    return ([int(v) for v in np.rint(e * _ONE)], [int(v) for v in np.rint(d * e * _ONE)])
+
+
+class Decider:
+    """An exit rule compiled for the exits of one bundle (see the module docstring).
+
+    ``inspects[k]`` tells whether :meth:`decide` must be asked at exit k; where it is False the input goes on
+    without its outputs being read. Per input: ``label, state = decide(k, q, conf, state)`` with ``q`` the
+    exit's logits as a list of ints (``tolist()`` of the int8/uint8 output), ``conf`` the confidence output
+    (a one-element integer array, or None) and ``state`` from :meth:`start`; ``label`` is the answer or
+    :data:`CONTINUE`. :meth:`decide_many` does the same for ``[n, K]`` arrays.
+    """
+
+    def __init__(self, rule: "ExitRule", quant: Sequence[ExitQuant]):
+        self.rule = rule
+        self.quant = tuple(quant)
+        self.num_exits = len(self.quant)
+        self.last = self.num_exits - 1
+        self.inspects: tuple[bool, ...] = tuple(True for _ in self.quant)
+
+    def start(self) -> Any:
+        return None
+
+    def start_many(self, n: int) -> np.ndarray | None:
+        return None
+
+    def decide(self, k: int, q: list[int], conf: Any, state: Any) -> tuple[int, Any]:
+        raise NotImplementedError
+
+    def decide_many(self, k: int, logits: np.ndarray, conf: np.ndarray | None,
+                    state: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Decide at exit k for n inputs: ``logits`` [n, K] and ``conf`` [n] raw; returns (labels [n], state)."""
+        raise NotImplementedError
+
+    def simulate(self, raw: RawOutputs) -> tuple[np.ndarray, np.ndarray]:
+        """``(exit_index [N], prediction [N])`` (int64) for raw outputs of every exit."""
+        n = int(raw.logits[0].shape[0])
+        exit_index = np.full(n, self.last, dtype=np.int64)
+        prediction = np.zeros(n, dtype=np.int64)
+        alive = np.arange(n)
+        state = self.start_many(n)
+        for k in range(self.num_exits):
+            if alive.size == 0:
+                break
+            if not self.inspects[k]:
+                continue
+            conf = raw.confidence[k]
+            labels, state = self.decide_many(k, raw.logits[k][alive], None if conf is None else conf[alive], state)
+            stop = labels != CONTINUE
+            exit_index[alive[stop]] = k
+            prediction[alive[stop]] = labels[stop]
+            alive = alive[~stop]
+            if state is not None:
+                state = state[~stop]
+        return exit_index, prediction
+
+
+class _ThresholdDecider(Decider):
+    """Stateless rules: each exit stops an input on its own statistic (confidence, max_softmax, entropy)."""
+
+    def __init__(self, rule: "ExitRule", quant: Sequence[ExitQuant]):
+        super().__init__(rule, quant)
+        self.tables = [rule._tables(k, quant[k]) for k in range(self.last)]
+
+    def decide(self, k: int, q: list[int], conf: Any, state: Any) -> tuple[int, Any]:
+        if k == self.last or self.rule._stop_one(self.tables[k], q, conf):
+            return q.index(max(q)), state
+        return CONTINUE, state
+
+    def decide_many(self, k: int, logits: np.ndarray, conf: np.ndarray | None,
+                    state: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        values = _ordered(logits)
+        labels = values.argmax(axis=-1).astype(np.int64)
+        if k < self.last:
+            labels[~self.rule._stop_many(self.tables[k], values, conf)] = CONTINUE
+        return labels, state
+
+
 class ExitRule:
-    """Base class. Subclasses implement ``_stop`` (threshold rules) or override decide/simulate."""
+    """Base class: validation, the float-trace path, compilation into a :class:`Decider`."""
 
     kind: str = ""
     uses_confidence: bool = False
-    #: False when the rule never looks at an exit's outputs before it stops (final, fixed): the Runner then
-    #: skips dequantizing them and only reads the outputs of ``stop_exit`` / the last exit.
-    inspects_exits: bool = True
-    stop_exit: int = -1
+    _range: tuple[float, float] = (0.0, 1.0)
+    _decider = _ThresholdDecider
 
     def __init__(self, thresholds: Sequence[float] = ()):
         self.thresholds = _check_thresholds(self.kind, thresholds, self._range)
         self.num_exits: int | None = None
-
-    _range: tuple[float, float] = (0.0, 1.0)
+        self._compiled: dict[tuple[ExitQuant, ...], Decider] = {}
 
     # ---- configuration -------------------------------------------------------------------------------
     def prepare(self, num_exits: int, scores: Sequence[str], has_confidence: Sequence[bool]) -> None:
-        """Bind the rule to a network with ``num_exits`` exits; UsageError if it does not fit."""
+        """Check that the rule fits a network with ``num_exits`` exits; UsageError if it does not."""
         if self.uses_thresholds and len(self.thresholds) != num_exits - 1:
             raise UsageError(f"rule '{self.kind}' has {len(self.thresholds)} thresholds but the bundle has "
                              f"{num_exits} exits: give {num_exits - 1} (one per exit except the last)")
@@ -85,7 +179,15 @@ class ExitRule:
             raise UsageError(f"rule 'confidence' needs a confidence output at every early exit, exits {missing} "
                              "have none: use max_softmax, entropy or class_exclusion for this bundle")
         self.num_exits = num_exits
-        self._score_kinds = tuple(scores)
+
+    def compile(self, quant: Sequence[ExitQuant]) -> Decider:
+        """This rule for exits with the given output quantization (checked, then cached)."""
+        key = tuple(quant)
+        decider = self._compiled.get(key)
+        if decider is None:
+            self.prepare(len(key), [x.scores for x in key], [x.confidence is not None for x in key])
+            decider = self._compiled[key] = self._decider(self, key)
+        return decider
 
     @property
     def uses_thresholds(self) -> bool:
@@ -102,53 +204,43 @@ class ExitRule:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({list(self.thresholds)})"
 
-    # ---- per input (Runner) --------------------------------------------------------------------------
-    def begin(self, num_classes: int) -> Any:
-        """Per-input state before exit 0 (None for stateless rules)."""
-        return None
-
-    def decide(self, k: int, logits: np.ndarray, confidence: np.ndarray | None, state: Any) -> int:
-        """Decide at exit ``k`` for one input.
-
-        Args:
-            k: exit index.
-            logits: ``[K]`` float32 dequantized logits of exit k.
-            confidence: ``[1]`` float32 dequantized confidence logit, or None.
-            state: what :meth:`begin` returned (mutated in place by stateful rules).
-
-        Returns:
-            The predicted class if the input leaves here, else :data:`CONTINUE`.
-        """
-        if k == self._last() or self._stop(k, logits, confidence):
-            return int(logits.argmax())
-        return CONTINUE
-
-    def _stop(self, k: int, logits: np.ndarray, confidence: np.ndarray | None) -> bool | np.ndarray:
-        raise NotImplementedError
-
-    def _last(self) -> int:
-        if self.num_exits is None:
-            raise UsageError(f"rule '{self.kind}' is not bound to a bundle; Runner.set_rule() binds it")
-        return self.num_exits - 1
-
-    # ---- vectorised (tuning, benchmarks) -------------------------------------------------------------
+    # ---- many inputs ---------------------------------------------------------------------------------
     def simulate(self, trace: Trace) -> tuple[np.ndarray, np.ndarray]:
-        """Apply the rule to every input of a trace.
+        """Apply the rule to every input of a trace: ``(exit_index [N] int64, prediction [N] int64)``.
 
-        Returns:
-            ``(exit_index [N] int64, prediction [N] int64)``.
+        A Runner's trace is decided on its raw outputs, exactly as the device decides; a float network's
+        trace with the float64 formulas.
         """
+        if trace.raw is not None:
+            return self.compile(trace.raw.quant).simulate(trace.raw)
         self.prepare(trace.num_exits, trace.scores, [c is not None for c in trace.confidence])
+        return self._simulate_float(trace)
+
+    def _simulate_float(self, trace: Trace) -> tuple[np.ndarray, np.ndarray]:
         n, last = trace.num_inputs, trace.num_exits - 1
         exit_index = np.full(n, last, dtype=np.int64)
-        prediction = trace.logits[last].argmax(axis=-1).astype(np.int64)
+        prediction = np.asarray(trace.logits[last]).argmax(axis=-1).astype(np.int64)
         done = np.zeros(n, dtype=bool)
         for k in range(last):
-            stop = np.asarray(self._stop(k, trace.logits[k], trace.confidence[k]), dtype=bool) & ~done
+            logits = np.asarray(trace.logits[k], dtype=np.float64)
+            stop = self._stop_float(k, logits, trace.confidence[k]) & ~done
             exit_index[stop] = k
-            prediction[stop] = trace.logits[k][stop].argmax(axis=-1)
+            prediction[stop] = logits[stop].argmax(axis=-1)
             done |= stop
         return exit_index, prediction
+
+    # ---- per kind ------------------------------------------------------------------------------------
+    def _tables(self, k: int, quant: ExitQuant) -> Any:
+        raise NotImplementedError
+
+    def _stop_one(self, tables: Any, q: list[int], conf: Any) -> bool:
+        raise NotImplementedError
+
+    def _stop_many(self, tables: Any, values: np.ndarray, conf: np.ndarray | None) -> np.ndarray:
+        raise NotImplementedError
+
+    def _stop_float(self, k: int, logits: np.ndarray, conf: np.ndarray | None) -> np.ndarray:
+        raise NotImplementedError
 
 
 def _check_thresholds(kind: str, values: Sequence[float], valid: tuple[float, float]) -> tuple[float, ...]:
@@ -166,27 +258,30 @@ def _check_thresholds(kind: str, values: Sequence[float], valid: tuple[float, fl
     return tuple(out)
 
 
+def _logit(t: float) -> float:
+    return -math.inf if t == 0 else math.inf if t == 1 else math.log(t / (1 - t))
+
+
 class ConfidenceRule(ExitRule):
     """Leave at exit i when ``sigmoid(c_i) > T_i`` (c_i = the confidence head's logit), T_i in [0, 1]."""
 
     kind = "confidence"
     uses_confidence = True
 
-    def __init__(self, thresholds: Sequence[float]):
-        super().__init__(thresholds)
-        # sigmoid(c) > T  <=>  c > log(T / (1 - T)): one exact comparison on the float32 logit.
-        self._logit = tuple(-math.inf if t == 0 else math.inf if t == 1 else math.log(t / (1 - t))
-                            for t in self.thresholds)
+    def _tables(self, k: int, quant: ExitQuant) -> tuple[bytes, np.ndarray]:
+        stop = quant.confidence_byte_values() > _logit(self.thresholds[k])   # [256] by confidence byte
+        return bytes(stop.astype(np.uint8)), stop
 
-    def _stop(self, k: int, logits: np.ndarray, confidence: np.ndarray | None) -> bool | np.ndarray:
-        if confidence is None:
+    def _stop_one(self, tables: tuple[bytes, np.ndarray], q: list[int], conf: Any) -> bool:
+        return tables[0][conf[0]] == 1   # a signed byte indexes the table modulo 256, like its uint8 view
+
+    def _stop_many(self, tables: tuple[bytes, np.ndarray], values: np.ndarray, conf: np.ndarray | None) -> np.ndarray:
+        return tables[1][np.asarray(conf).reshape(-1).view(np.uint8)]
+
+    def _stop_float(self, k: int, logits: np.ndarray, conf: np.ndarray | None) -> np.ndarray:
+        if conf is None:
             raise UsageError(f"rule 'confidence': exit {k} has no confidence output")
-        return confidence.reshape(-1) > self._logit[k] if confidence.ndim > 1 else confidence > self._logit[k]
-
-    def decide(self, k: int, logits: np.ndarray, confidence: np.ndarray | None, state: Any) -> int:
-        if k == self._last() or bool(confidence[0] > self._logit[k]):  # type: ignore[index]
-            return int(logits.argmax())
-        return CONTINUE
+        return np.asarray(conf, dtype=np.float64).reshape(-1) > _logit(self.thresholds[k])
 
 
 class MaxSoftmaxRule(ExitRule):
@@ -194,12 +289,27 @@ class MaxSoftmaxRule(ExitRule):
 
     kind = "max_softmax"
 
-    def _stop(self, k: int, logits: np.ndarray, confidence: np.ndarray | None) -> bool | np.ndarray:
+    def _tables(self, k: int, quant: ExitQuant) -> tuple[list[int], np.ndarray, float]:
+        e, _ = _exp_tables(quant.scale)
+        t = self.thresholds[k]
+        limit = math.inf if t == 0 else math.floor(_ONE / t)
+        return e, np.asarray(e, dtype=np.int64), limit
+
+    def _stop_one(self, tables: tuple[list[int], np.ndarray, float], q: list[int], conf: Any) -> bool:
+        e, _, limit = tables
+        m = max(q)
+        return sum([e[m - v] for v in q]) <= limit
+
+    def _stop_many(self, tables: tuple[list[int], np.ndarray, float], values: np.ndarray,
+                   conf: np.ndarray | None) -> np.ndarray:
+        _, e, limit = tables
+        return e[values.max(axis=-1, keepdims=True) - values].sum(axis=-1) <= limit
+
+    def _stop_float(self, k: int, logits: np.ndarray, conf: np.ndarray | None) -> np.ndarray:
         t = self.thresholds[k]
         if t == 0:
-            return np.ones(logits.shape[:-1], dtype=bool)
-        # max p = 1 / sum(exp(x - max x))  >= T  <=>  sum(...) <= 1 / T
-        return _softmax_sum(logits) <= np.float32(1.0 / t)
+            return np.ones(logits.shape[0], dtype=bool)
+        return np.exp(logits - logits.max(axis=-1, keepdims=True)).sum(axis=-1) <= 1.0 / t
 
 
 class EntropyRule(ExitRule):
@@ -208,41 +318,110 @@ class EntropyRule(ExitRule):
     kind = "entropy"
     _range = (0.0, math.inf)
 
-    def _stop(self, k: int, logits: np.ndarray, confidence: np.ndarray | None) -> bool | np.ndarray:
-        return _entropy(logits) < np.float32(self.thresholds[k])
+    def _tables(self, k: int, quant: ExitQuant) -> tuple[list[int], list[int], np.ndarray, np.ndarray, float]:
+        e, g = _exp_tables(quant.scale)
+        return e, g, np.asarray(e, dtype=np.int64), np.asarray(g, dtype=np.int64), \
+            self.thresholds[k] + FRACTION_BITS * math.log(2.0)
+
+    def _stop_one(self, tables: Any, q: list[int], conf: Any) -> bool:
+        e, g, _, _, limit = tables
+        m = max(q)
+        a = sum([e[m - v] for v in q])
+        b = sum([g[m - v] for v in q])
+        return math.log(a) + b / a < limit
+
+    def _stop_many(self, tables: Any, values: np.ndarray, conf: np.ndarray | None) -> np.ndarray:
+        _, _, e, g, limit = tables
+        d = values.max(axis=-1, keepdims=True) - values
+        a, b = e[d].sum(axis=-1).tolist(), g[d].sum(axis=-1).tolist()
+        # the same float64 expression on the same integers as _stop_one (math.log, int / int)
+        h = np.fromiter((math.log(x) + y / x for x, y in zip(a, b)), dtype=np.float64, count=len(a))
+        return h < limit
+
+    def _stop_float(self, k: int, logits: np.ndarray, conf: np.ndarray | None) -> np.ndarray:
+        z = logits - logits.max(axis=-1, keepdims=True)
+        e = np.exp(z)
+        total = e.sum(axis=-1)
+        return np.log(total) - (e * z).sum(axis=-1) / total < self.thresholds[k]
+
+
+class _ClassExclusionDecider(Decider):
+    """Candidate sets per input: a Python int with byte c = 1 while class c remains (per input), or an
+    ``[n, K]`` bool array (many inputs)."""
+
+    def __init__(self, rule: "ClassExclusionRule", quant: Sequence[ExitQuant]):
+        super().__init__(rule, quant)
+        self.keep = [rule.keep_table(k, quant[k]) for k in range(self.last)]   # [256, 256] bool: [top, class]
+        self.rows = [[bytes(row.astype(np.uint8)) for row in t] for t in self.keep]
+        self.every_class = int.from_bytes(b"\x01" * self.quant[0].num_classes, "little")
+
+    def start(self) -> int:
+        return self.every_class
+
+    def decide(self, k: int, q: list[int], conf: Any, state: int) -> tuple[int, int]:
+        if k == self.last:
+            if state == self.every_class:
+                return q.index(max(q)), state
+            best, label = None, -1
+            for c, v in enumerate(q):
+                if (state >> (c << 3)) & 1 and (best is None or v > best):
+                    best, label = v, c
+            return label, state
+        row = self.rows[k][max(q)]   # int8 tops index the table modulo 256, like their uint8 view
+        keep = int.from_bytes(bytes([row[v] for v in q]), "little") & state
+        if keep:
+            state = keep
+        if state & (state - 1) == 0:   # one class left
+            return (state.bit_length() - 1) >> 3, state
+        return CONTINUE, state
+
+    def start_many(self, n: int) -> np.ndarray:
+        return np.ones((n, self.quant[0].num_classes), dtype=bool)
+
+    def decide_many(self, k: int, logits: np.ndarray, conf: np.ndarray | None,
+                    state: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        values = _ordered(logits)
+        if k == self.last:
+            return np.where(state, values, np.int16(-32768)).argmax(axis=-1).astype(np.int64), state
+        top = values.max(axis=-1) & 0xFF                                         # [n] byte of the top logit
+        keep = self.keep[k][top[:, None], logits.view(np.uint8)] & state         # [n, K]
+        state = np.where(keep.any(axis=-1)[:, None], keep, state)
+        labels = np.where(np.count_nonzero(state, axis=-1) == 1, state.argmax(axis=-1), CONTINUE).astype(np.int64)
+        return labels, state
 
 
 class ClassExclusionRule(ExitRule):
     """Class-based early exit with candidate sets (one beta in [0, 1] per early exit)."""
 
     kind = "class_exclusion"
+    _decider = _ClassExclusionDecider
 
-    def begin(self, num_classes: int) -> np.ndarray:
-        """A fresh candidate set: every class, ``[K]`` bool (narrowed in place by :meth:`decide`)."""
-        return np.ones(num_classes, dtype=bool)
+    def keep_table(self, k: int, quant: ExitQuant) -> np.ndarray:
+        """[256, 256] bool: class byte c is kept at exit k when the top logit's byte is m (``[m, c]``)."""
+        v = quant.byte_values()
+        beta = self.thresholds[k]
+        if quant.scores == "sigmoid":
+            s = 1.0 / (1.0 + np.exp(-v))
+            return s[None, :] > beta * s[:, None]
+        return np.exp(np.minimum(v[None, :] - v[:, None], 0.0)) > beta
 
-    def decide(self, k: int, logits: np.ndarray, confidence: np.ndarray | None, state: Any) -> int:
-        remaining = state
-        if k == self._last():
-            return int(np.where(remaining, logits, -np.inf).argmax())
-        s = _scores(logits, self._score_kinds[k])
-        keep = remaining & (s > np.float32(self.thresholds[k]) * s.max())
-        if keep.any():
-            remaining[:] = keep
-        if np.count_nonzero(remaining) == 1:
-            return int(remaining.argmax())
-        return CONTINUE
+    def keep_float(self, k: int, logits: np.ndarray, scores: str, beta: float | None = None) -> np.ndarray:
+        """[N, K] bool: the classes kept at exit k on float logits (the float64 form of :meth:`keep_table`)."""
+        beta = self.thresholds[k] if beta is None else beta
+        z = np.asarray(logits, dtype=np.float64)
+        if scores == "sigmoid":
+            s = 1.0 / (1.0 + np.exp(-z))
+            return s > beta * s.max(axis=-1, keepdims=True)
+        return np.exp(z - z.max(axis=-1, keepdims=True)) > beta
 
-    def simulate(self, trace: Trace) -> tuple[np.ndarray, np.ndarray]:
-        self.prepare(trace.num_exits, trace.scores, [c is not None for c in trace.confidence])
+    def _simulate_float(self, trace: Trace) -> tuple[np.ndarray, np.ndarray]:
         n, last = trace.num_inputs, trace.num_exits - 1
         remaining = np.ones(trace.logits[0].shape, dtype=bool)  # [N, K]
         exit_index = np.full(n, last, dtype=np.int64)
         prediction = np.zeros(n, dtype=np.int64)
         done = np.zeros(n, dtype=bool)
         for k in range(last):
-            s = _scores(trace.logits[k], trace.scores[k])                      # [N, K]
-            keep = remaining & (s > np.float32(self.thresholds[k]) * s.max(axis=-1, keepdims=True))
+            keep = remaining & self.keep_float(k, trace.logits[k], trace.scores[k])
             nonempty = keep.any(axis=-1) & ~done
             remaining[nonempty] = keep[nonempty]
             single = (np.count_nonzero(remaining, axis=-1) == 1) & ~done
@@ -254,11 +433,27 @@ class ClassExclusionRule(ExitRule):
         return exit_index, prediction
 
 
+class _OneExitDecider(Decider):
+    """Rules that never look at an exit before the one they stop at (final, fixed)."""
+
+    def __init__(self, rule: "ExitRule", quant: Sequence[ExitQuant]):
+        super().__init__(rule, quant)
+        self.stop = rule.exit if isinstance(rule, FixedExitRule) else self.last
+        self.inspects = tuple(k == self.stop for k in range(self.num_exits))
+
+    def decide(self, k: int, q: list[int], conf: Any, state: Any) -> tuple[int, Any]:
+        return q.index(max(q)), state
+
+    def decide_many(self, k: int, logits: np.ndarray, conf: np.ndarray | None,
+                    state: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        return _ordered(logits).argmax(axis=-1).astype(np.int64), state
+
+
 class FinalExitRule(ExitRule):
     """Every input runs to the last exit (the network without early exits)."""
 
     kind = "final"
-    inspects_exits = False
+    _decider = _OneExitDecider
 
     def __init__(self, thresholds: Sequence[float] = ()):
         super().__init__(())
@@ -271,8 +466,8 @@ class FinalExitRule(ExitRule):
         raise UsageError("rule 'final' has no thresholds; choose a threshold rule (confidence, max_softmax, "
                          "entropy, class_exclusion) first")
 
-    def _stop(self, k: int, logits: np.ndarray, confidence: np.ndarray | None) -> bool | np.ndarray:
-        return np.zeros(logits.shape[:-1], dtype=bool)
+    def _stop_float(self, k: int, logits: np.ndarray, conf: np.ndarray | None) -> np.ndarray:
+        return np.zeros(logits.shape[0], dtype=bool)
 
     def __repr__(self) -> str:
         return "FinalExitRule()"
@@ -282,14 +477,13 @@ class FixedExitRule(ExitRule):
     """Every input leaves at exit ``exit`` (0-based)."""
 
     kind = "fixed"
-    inspects_exits = False
+    _decider = _OneExitDecider
 
     def __init__(self, exit: int):
         super().__init__(())
         if isinstance(exit, bool) or not isinstance(exit, (int, np.integer)) or exit < 0:
             raise UsageError(f"rule 'fixed': exit must be an integer >= 0, got {exit!r}")
         self.exit = int(exit)
-        self.stop_exit = self.exit
 
     @property
     def uses_thresholds(self) -> bool:
@@ -303,14 +497,91 @@ class FixedExitRule(ExitRule):
     def with_thresholds(self, thresholds: Sequence[float]) -> "ExitRule":
         raise UsageError("rule 'fixed' has no thresholds; use FixedExitRule(exit) to choose another exit")
 
-    def _stop(self, k: int, logits: np.ndarray, confidence: np.ndarray | None) -> bool | np.ndarray:
-        return np.full(logits.shape[:-1], k == self.exit, dtype=bool)
+    def _stop_float(self, k: int, logits: np.ndarray, conf: np.ndarray | None) -> np.ndarray:
+        return np.full(logits.shape[0], k == self.exit, dtype=bool)
 
     def to_spec(self) -> ExitRuleSpec:
         return ExitRuleSpec(kind=self.kind, thresholds=(), exit=self.exit)
 
     def __repr__(self) -> str:
         return f"FixedExitRule({self.exit})"
+
+
+class _ForcedDecider(Decider):
+    def __init__(self, rule: "ForcedExitRule", quant: Sequence[ExitQuant]):
+        super().__init__(rule, quant)
+        self.inner = rule.rule.compile(quant)
+        self.stop = rule.exit
+        self.inspects = tuple(k == self.stop or (k < self.stop and self.inner.inspects[k])
+                              for k in range(self.num_exits))
+
+    def start(self) -> Any:
+        return self.inner.start()
+
+    def start_many(self, n: int) -> np.ndarray | None:
+        return self.inner.start_many(n)
+
+    def decide(self, k: int, q: list[int], conf: Any, state: Any) -> tuple[int, Any]:
+        label, state = self.inner.decide(k, q, conf, state) if self.inner.inspects[k] else (CONTINUE, state)
+        if k < self.stop:
+            return CONTINUE, state
+        return (q.index(max(q)) if label == CONTINUE else label), state
+
+    def decide_many(self, k: int, logits: np.ndarray, conf: np.ndarray | None,
+                    state: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.inner.inspects[k]:
+            labels, state = self.inner.decide_many(k, logits, conf, state)
+        else:
+            labels = np.full(logits.shape[0], CONTINUE, dtype=np.int64)
+        if k < self.stop:
+            return np.full(logits.shape[0], CONTINUE, dtype=np.int64), state
+        fallback = _ordered(logits).argmax(axis=-1).astype(np.int64)
+        return np.where(labels == CONTINUE, fallback, labels), state
+
+
+class ForcedExitRule(ExitRule):
+    """``rule`` evaluated at every exit up to ``exit`` (all of its decision work), but never allowed to stop
+    before ``exit``; at ``exit`` it answers what ``rule`` answers there, or the exit's argmax.
+
+    Benchmarks use it to time what an input leaving at ``exit`` costs under ``rule``; ``ForcedExitRule(rule,
+    E - 1)`` is the network "forced to the last exit" with the real rule's decision cost at every exit.
+    """
+
+    kind = "forced"
+    _decider = _ForcedDecider
+
+    def __init__(self, rule: ExitRule, exit: int):
+        super().__init__(())
+        if not isinstance(rule, ExitRule):
+            raise UsageError(f"ForcedExitRule needs an ExitRule, got {type(rule).__name__}")
+        if isinstance(exit, bool) or not isinstance(exit, (int, np.integer)) or exit < 0:
+            raise UsageError(f"ForcedExitRule: exit must be an integer >= 0, got {exit!r}")
+        self.rule, self.exit = rule, int(exit)
+        self.uses_confidence = rule.uses_confidence
+
+    @property
+    def uses_thresholds(self) -> bool:
+        return False
+
+    def prepare(self, num_exits: int, scores: Sequence[str], has_confidence: Sequence[bool]) -> None:
+        if self.exit >= num_exits:
+            raise UsageError(f"ForcedExitRule: exit {self.exit} does not exist; the bundle has exits "
+                             f"0..{num_exits - 1}")
+        self.rule.prepare(num_exits, scores, has_confidence)
+        self.num_exits = num_exits
+
+    def with_thresholds(self, thresholds: Sequence[float]) -> "ExitRule":
+        return ForcedExitRule(self.rule.with_thresholds(thresholds), self.exit)
+
+    def to_spec(self) -> ExitRuleSpec:
+        raise UsageError("a forced-exit rule is a benchmark device and cannot be stored in a manifest")
+
+    def _simulate_float(self, trace: Trace) -> tuple[np.ndarray, np.ndarray]:
+        exit_index = np.full(trace.num_inputs, self.exit, dtype=np.int64)
+        return exit_index, np.asarray(trace.logits[self.exit]).argmax(axis=-1).astype(np.int64)
+
+    def __repr__(self) -> str:
+        return f"ForcedExitRule({self.rule!r}, {self.exit})"
 
 
 RULES: dict[str, type[ExitRule]] = {r.kind: r for r in (ConfidenceRule, MaxSoftmaxRule, EntropyRule,

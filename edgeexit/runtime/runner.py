@@ -1,129 +1,268 @@
 """The on-device runtime: run a bundle stage by stage and stop at the first exit the rule accepts.
 
-Everything is checked and prepared when the :class:`Runner` is created (bundle files, tensors, hand-off
-plan, tensor indices, dequantization parameters, lookup tables). The hot path then only copies the input
-into stage 0's input tensor through a zero-copy view, invokes, dequantizes the small ``logits`` /
-``confidence`` outputs, asks the rule, and copies the int8 features straight into the next stage's input
-tensor (requantizing only where the bundle's hand-off quantization differs).
+Everything is checked and prepared when the :class:`Runner` is created: bundle files and tensors, zero-copy
+views of every tensor the hot path touches, the hand-off plan, and the exit rule compiled into tables over
+the exits' int8 output bytes (:mod:`edgeexit.runtime.rules`). A call then costs, besides the invokes of the
+stages that run: writing the image into stage 0's input tensor (one numpy call for a uint8 array of the
+bundle's size), per stage that may stop the input a ``tolist()`` of its K logit bytes and a few integer
+operations, one copy per hand-off, two clock reads and a small result object. Scores, probabilities and
+energy are computed only when a result's attribute is read.
 
     >>> runner = Runner("bundle/")
     >>> result = runner("cat.png")
     >>> result.label_name, result.exit_index, result.macs, result.latency_ms
+
+**Threads.** One Runner may be shared by several threads: every inference holds the Runner's lock, so calls
+are serialised (and answered correctly). For inferences in parallel, create one Runner per thread.
+
+**Latency.** ``Result.latency_ms`` covers the call from the image as given to the decision (preprocessing
+included); ``edgeexit bench`` times the whole public call from outside, the same way for the early-exit and
+the monolithic model.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
 from ..energy.boards import DEVICE_TREE_MODEL, Board, get_board
-from .bundle import Bundle, Requantization, check_model_tensors, check_stage_tensors, load_bundle
 from ..energy.proxy import OPS_SOURCE, Energy, HwmonSensor, find_power_sensor, stages_ops_mj
-from ..errors import BundleError, UsageError
+from ..errors import BundleError, InputError, UsageError
+from .bundle import Bundle, Requantization, check_model_tensors, check_stage_tensors, load_bundle
 from .interpreter import create_interpreter, edgetpu_delegate, native_invoke, resolve_backend
-from .manifest import ExitRuleSpec, Manifest
+from .manifest import ExitRuleSpec, Manifest, TensorSpec
 from .preprocess import ImageLike, Preprocessor
-from .rules import CONTINUE, ExitRule, rule_from_spec
-from .trace import Trace
+from .rules import CONTINUE, Decider, ExitRule, exit_scores, rule_from_spec
 from .stats import RunnerStats
+from .trace import ExitQuant, RawOutputs, Trace
 
 log = logging.getLogger(__name__)
 
+_clock = time.perf_counter_ns
+_NDARRAY = np.ndarray
+_U8 = np.dtype(np.uint8)
+_XOR_SIGN = np.uint8(0x80)
 
-@dataclass(frozen=True)
+
+class _Context:
+    """What a result needs to answer its lazily computed attributes (shared, read-only)."""
+
+    __slots__ = ("labels", "cum_macs", "quant", "cum_ops_mj", "board", "board_source", "measured_source")
+
+    def __init__(self, manifest: Manifest, quant: tuple[ExitQuant, ...], board: Board, measured_source: str):
+        self.labels = manifest.labels
+        self.cum_macs = manifest.cumulative_macs()
+        self.quant = quant
+        ops = stages_ops_mj(manifest)
+        self.cum_ops_mj = tuple(float(np.sum(ops[:k + 1])) for k in range(len(ops)))
+        self.board = board
+        self.board_source = f"latency x {board.title} active power {board.active_w:g} W ({board.source})"
+        self.measured_source = measured_source
+
+    def scores(self, exit_index: int, q: Sequence[int]) -> np.ndarray:
+        x = self.quant[exit_index]
+        return exit_scores(x.scale * (np.asarray(q, dtype=np.float64) - x.zero_point), x.scores)
+
+    def energy(self, exit_index: int, latency_ms: float) -> Energy:
+        return Energy(ops_mj=self.cum_ops_mj[exit_index], board_mj=latency_ms * self.board.active_w,
+                      measured_mj=None, ops_source=OPS_SOURCE, board_source=self.board_source,
+                      measured_source=self.measured_source)
+
+
 class Result:
     """The answer for one input.
 
-    ``macs`` is the sum of ``segment_macs + head_macs`` over the stages that ran (every head paid for).
-    ``latency_ms`` covers stage 0's input copy through the last decision (preprocessing excluded);
-    ``stage_latency_ms[i]`` is stage i's share (invoke + dequantize + decide + hand-off).
+    ``label``, ``exit_index`` and ``latency_ms`` (the call, from the image as given to the decision) are set
+    by the call; ``label_name``, ``stages_run``, ``macs`` (every segment and head up to the exit), ``score``
+    (the exit's softmax / sigmoid score of ``label``), ``probabilities`` (all K scores) and ``energy`` are
+    computed when read.
     """
 
-    label: int
-    label_name: str
-    score: float                       # the exit's softmax / sigmoid score of ``label``
-    exit_index: int
-    stages_run: int
-    macs: int
-    latency_ms: float
-    stage_latency_ms: tuple[float, ...]
-    energy: Energy
-    probabilities: np.ndarray | None = None  # [K] float32 scores of the exit, if asked for
+    __slots__ = ("label", "exit_index", "latency_ms", "_q", "_ctx")
+
+    def __init__(self, label: int, exit_index: int, latency_ms: float, q: list[int], ctx: _Context):
+        self.label, self.exit_index, self.latency_ms, self._q, self._ctx = label, exit_index, latency_ms, q, ctx
+
+    @property
+    def label_name(self) -> str:
+        return self._ctx.labels[self.label]
+
+    @property
+    def stages_run(self) -> int:
+        return self.exit_index + 1
+
+    @property
+    def macs(self) -> int:
+        return self._ctx.cum_macs[self.exit_index]
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        """[K] float32 class scores of the exit (softmax, or sigmoid for sigmoid exits)."""
+        return self._ctx.scores(self.exit_index, self._q).astype(np.float32)
+
+    @property
+    def score(self) -> float:
+        return float(self._ctx.scores(self.exit_index, self._q)[self.label])
+
+    @property
+    def energy(self) -> Energy:
+        return self._ctx.energy(self.exit_index, self.latency_ms)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
         d = {k: getattr(self, k) for k in ("label", "label_name", "score", "exit_index", "stages_run", "macs",
                                            "latency_ms")}
-        d["stage_latency_ms"] = list(self.stage_latency_ms)
-        d["energy"] = {k: getattr(self.energy, k) for k in ("ops_mj", "board_mj", "measured_mj", "ops_source",
-                                                            "board_source", "measured_source")}
-        if self.probabilities is not None:
-            d["probabilities"] = [float(p) for p in self.probabilities]
+        e = self.energy
+        d["energy"] = {k: getattr(e, k) for k in ("ops_mj", "board_mj", "measured_mj", "ops_source",
+                                                  "board_source", "measured_source")}
+        d["probabilities"] = [float(p) for p in self.probabilities]
         return d
 
+    def __repr__(self) -> str:
+        return (f"Result(label={self.label}, label_name={self.label_name!r}, exit_index={self.exit_index}, "
+                f"macs={self.macs}, latency_ms={self.latency_ms:.4f})")
 
-@dataclass(frozen=True)
+
 class MonolithicResult:
     """The monolithic (no early exit) model's answer for one input."""
 
-    label: int
-    label_name: str
-    latency_ms: float
+    __slots__ = ("label", "latency_ms", "_labels")
+
+    def __init__(self, label: int, latency_ms: float, labels: Sequence[str]):
+        self.label, self.latency_ms, self._labels = label, latency_ms, labels
+
+    @property
+    def label_name(self) -> str:
+        return self._labels[self.label]
+
+    def __repr__(self) -> str:
+        return f"MonolithicResult(label={self.label}, label_name={self.label_name!r}, latency_ms={self.latency_ms:.4f})"
+
+
+class BatchResult(Sequence[Result]):
+    """The answers for a batch: ``labels`` and ``exit_index`` as ``[B]`` int64 arrays, ``latency_ms`` the
+    whole batch call; ``batch[i]`` is the :class:`Result` of image i (its ``latency_ms`` is the batch's time
+    per image)."""
+
+    def __init__(self, labels: np.ndarray, exit_index: np.ndarray, logits: np.ndarray, latency_ms: float,
+                 ctx: _Context):
+        self.labels, self.exit_index, self.latency_ms = labels, exit_index, latency_ms
+        self._logits, self._ctx = logits, ctx
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return Result(int(self.labels[i]), int(self.exit_index[i]), self.latency_ms / max(len(self), 1),
+                      self._logits[i].tolist(), self._ctx)
+
+    @property
+    def macs(self) -> np.ndarray:
+        """[B] int64 MACs each input paid."""
+        return np.asarray(self._ctx.cum_macs, dtype=np.int64)[self.exit_index]
+
+    @property
+    def label_names(self) -> list[str]:
+        return [self._ctx.labels[i] for i in self.labels.tolist()]
+
+
+class _Input:
+    """Writes an image into an int8 input tensor: one numpy call for uint8 arrays of the tensor's size."""
+
+    def __init__(self, prep: Preprocessor, tensor: np.ndarray):
+        self.prep = prep
+        self.hwc = tensor[0]                                                       # [H, W, C] view
+        lut = prep.lut                                                             # [C, 256]
+        same = bool((lut == lut[0]).all())
+        views = {tensor.shape: tensor, self.hwc.shape: self.hwc}
+        if prep.channels == 1:
+            views[self.hwc.shape[:2]] = self.hwc[:, :, 0]
+        self.fast: dict[tuple[int, ...], Callable[[np.ndarray], Any]] = {}
+        if not same:
+            return
+        if lut.dtype == np.int8 and np.array_equal(lut[0].view(np.uint8), np.arange(256) ^ 0x80):
+            # pixels map 1:1 onto int8 (the usual calibration): q = p - 128 is a sign-bit flip of the byte
+            for shape, view in views.items():
+                self.fast[shape] = _sign_flip_into(view.view(np.uint8))
+        else:
+            for shape, view in views.items():
+                self.fast[shape] = functools.partial(lut[0].take, out=view)
+
+    def write(self, image: ImageLike) -> None:
+        if type(image) is _NDARRAY and image.dtype is _U8:
+            fast = self.fast.get(image.shape)
+            if fast is not None:
+                fast(image)
+                return
+        np.copyto(self.hwc, self.prep(image))
+
+    def batch(self, images: Any) -> np.ndarray:
+        """[B, H, W, C] quantized inputs for a uint8 array [B, H, W(, C)] or any iterable of images."""
+        if isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim in (3, 4):
+            arr = images if images.ndim == 4 else images[..., None]
+            if arr.shape[1:] == self.hwc.shape:
+                lut = self.prep.lut
+                if lut.shape[0] == 1:
+                    return lut[0][arr]
+                return lut[np.arange(lut.shape[0]), arr]
+        try:
+            items = list(images)
+        except TypeError:
+            raise InputError(f"classify_batch takes a uint8 array [B, H, W, C] or a sequence of images, got "
+                             f"{type(images).__name__}") from None
+        if not items:
+            return np.empty((0, *self.hwc.shape), dtype=self.hwc.dtype)
+        return np.stack([self.prep(x) for x in items])
+
+
+def _sign_flip_into(out: np.ndarray) -> Callable[[np.ndarray], Any]:
+    xor = np.bitwise_xor
+
+    def write(image: np.ndarray) -> Any:
+        return xor(image, _XOR_SIGN, out)
+    return write
 
 
 class _Stage:
-    """Hot-path data of one stage: its native invoke and zero-copy views of its tensors, made once.
+    """One stage's native invoke and zero-copy views of its tensors, made once.
 
     The views stay valid because the interpreter is never re-allocated or resized after creation (see
-    :func:`~edgeexit.runtime.interpreter.native_invoke`); writing ``inp`` and reading ``feat`` / ``logits_q`` /
-    ``conf_q`` therefore costs no call into the interpreter at all.
+    :func:`~edgeexit.runtime.interpreter.native_invoke`).
     """
-
-    __slots__ = ("interp", "run", "inp", "feat", "logits_q", "conf_q", "has_confidence", "logits_lut", "conf_lut",
-                 "scores")
 
     def __init__(self, interp: Any, manifest: Manifest, k: int):
         spec = manifest.stages[k]
         where = check_stage_tensors(interp, spec)
         self.interp, self.run = interp, native_invoke(interp)  # interp keeps its delegates and buffers alive
-        self.inp = interp.tensor(where.input_index)()                              # [1, H, W, C] int8
+        self.inp = interp.tensor(where.input_index)()                                 # [1, H, W, C] int8
         features = where.output_index.get("features")
-        self.feat = interp.tensor(features)() if features is not None else None  # [1, h, w, c] int8
-        self.logits_q = interp.tensor(where.output_index["logits"])()[0].view(np.uint8)  # [K] raw bytes
+        self.feat = interp.tensor(features)() if features is not None else None       # [1, h, w, c] int8
+        self.logits = interp.tensor(where.output_index["logits"])()[0]                 # [K] int8 / uint8
         conf = where.output_index.get("confidence")
-        self.has_confidence = conf is not None
-        self.conf_q = interp.tensor(conf)().reshape(-1).view(np.uint8) if conf is not None else None  # [1]
-        self.logits_lut = _dequant_table(spec.outputs["logits"])
-        conf_spec = spec.outputs.get("confidence")
-        self.conf_lut = _dequant_table(conf_spec) if conf_spec is not None else None
-        self.scores = spec.scores
+        self.conf = interp.tensor(conf)().reshape(-1) if conf is not None else None    # [1] int8 / uint8
+        self.quant = _exit_quant(spec.outputs["logits"], spec.outputs.get("confidence"), spec.scores,
+                                 manifest.num_classes)
 
 
-def _dequant_table(tensor: Any) -> np.ndarray:
-    """[256] float32: the real value of every int8/uint8 byte, ``(q - zero_point) * scale`` in float32.
-
-    Indexed with the output's bytes viewed as uint8 (one fancy-index instead of three array operations);
-    classify and trace both use it, so their values are bit-identical.
-    """
-    if tensor is None or tensor.quantization is None or tensor.dtype not in ("int8", "uint8"):
-        raise BundleError(f"output {getattr(tensor, 'name', '?')!r} is not int8-quantized; edgeexit runs full-integer "
-                          "bundles only: re-create it with `edgeexit convert`")
-    q = np.arange(256, dtype=np.uint8)
-    values = q.view(np.int8) if tensor.dtype == "int8" else q
-    return (values.astype(np.float32) - np.float32(tensor.quantization.zero_point)) * np.float32(
-        tensor.quantization.scale)
+def _exit_quant(logits: TensorSpec, conf: TensorSpec | None, scores: str, num_classes: int) -> ExitQuant:
+    for t in (logits, conf):
+        if t is not None and (t.quantization is None or t.dtype not in ("int8", "uint8")):
+            raise BundleError(f"output {t.name!r} is not int8-quantized; edgeexit runs full-integer bundles only: "
+                              "re-create it with `edgeexit convert`")
+    c = None if conf is None else (conf.quantization.scale, conf.quantization.zero_point, conf.dtype)
+    return ExitQuant(scale=logits.quantization.scale, zero_point=logits.quantization.zero_point, dtype=logits.dtype,
+                     num_classes=num_classes, scores=scores, confidence=c)
 
 
-def _exit_scores(logits: np.ndarray, kind: str) -> np.ndarray:
-    if kind == "sigmoid":
-        return 1.0 / (1.0 + np.exp(-logits))
-    e = np.exp(logits - logits.max())
-    return e / e.sum()
+_PlanStep = tuple[Callable[[], None], bool, np.ndarray, Any, Callable[[], Any] | None]
 
 
 class Runner:
@@ -138,8 +277,11 @@ class Runner:
         board: a board profile name (see :data:`edgeexit.energy.boards.BOARDS`), a Board, or None to detect it.
         edgetpu: run the stages through the Edge TPU delegate (stage files compiled for the Edge TPU).
         power_sensor: "auto" (first hwmon power sensor, if any), None (none), a hwmon root directory,
-            or an :class:`~edgeexit.energy.proxy.HwmonSensor`.
+            or an :class:`~edgeexit.energy.proxy.HwmonSensor`; it is not read per inference (a sensor updates
+            every few ms; ``edgeexit bench`` measures energy over phases).
         device_tree_model: device-tree model file used for board detection (injectable for tests).
+
+    A Runner is safe to share between threads (calls are serialised by a lock).
 
     Raises:
         BundleError, InterpreterError, UsageError: with one-line messages.
@@ -155,26 +297,27 @@ class Runner:
         self.bundle = bundle
         self.manifest: Manifest = bundle.manifest
         self.num_threads = num_threads
+        self._lock = threading.Lock()
         self._delegates = [edgetpu_delegate(self.backend)] if edgetpu else None
         self._stages = [_Stage(create_interpreter(path, self.backend, num_threads=num_threads,
                                                   delegates=self._delegates), self.manifest, k)
                         for k, path in enumerate(bundle.stage_files)]
         self._handoffs: tuple[Requantization | None, ...] = bundle.handoffs
         self._prep = Preprocessor(self.manifest.preprocessing, self.manifest.input)
-        self._cum_macs = self.manifest.cumulative_macs()
-        ops = stages_ops_mj(self.manifest)
-        self._cum_ops_mj = tuple(float(np.sum(ops[:k + 1])) for k in range(len(ops)))
+        self._input = _Input(self._prep, self._stages[0].inp)
+        self.quant = tuple(s.quant for s in self._stages)
         self.board = get_board(board, edgetpu=edgetpu, model_path=device_tree_model)
-        self._board_source = (f"latency x {self.board.title} active power {self.board.active_w:g} W "
-                              f"({self.board.source})")
         self.sensor = self._open_sensor(power_sensor)
-        self._measured_source = (self.sensor.description if self.sensor is not None else
-                                 "no power sensor found (no hwmon power*_input or curr/in pair); energy is the "
-                                 f"{self.board.name} board-profile estimate only")
-        self._num_classes = self.manifest.num_classes
-        self._mono: tuple[Callable[[], None], np.ndarray, np.ndarray] | None = None
-        self.stats = RunnerStats(self.manifest.num_exits)
+        measured = ("per-inference energy is not read from a sensor (it updates every few ms); `edgeexit bench` "
+                    "measures it over phases" if self.sensor is not None else
+                    "no power sensor found (no hwmon power*_input or curr/in pair); energy is the "
+                    f"{self.board.name} board-profile estimate and the operation proxy only")
+        self._ctx = _Context(self.manifest, self.quant, self.board, measured)
+        self._mono: tuple[Callable[[], None], _Input, np.ndarray] | None = None
+        self.stats = RunnerStats(self.manifest.num_exits, self.manifest.cumulative_macs())
+        self._plans: dict[int, tuple[Decider, tuple[_PlanStep, ...]]] = {}
         self.rule: ExitRule = self._resolve_rule(rule)
+        self._decider, self._plan = self._compile(self.rule)
         log.info("runner: %d stages, backend %s %s, %d thread(s), rule %r, board %s", len(self._stages),
                  self.backend.name, self.backend.version, num_threads, self.rule, self.board.name)
 
@@ -197,9 +340,25 @@ class Runner:
         if not isinstance(rule, ExitRule):
             raise UsageError(f"rule must be an ExitRule, an ExitRuleSpec or an operating point name, got "
                              f"{type(rule).__name__}")
-        rule.prepare(self.manifest.num_exits, [s.scores for s in self.manifest.stages],
-                     [s.has_confidence for s in self._stages])
         return rule
+
+    def _compile(self, rule: ExitRule) -> tuple[Decider, tuple[_PlanStep, ...]]:
+        """The rule's decider for this bundle and the per-stage plan of the hot loop (cached per decider)."""
+        decider = rule.compile(self.quant)
+        cached = self._plans.get(id(decider))
+        if cached is not None and cached[0] is decider:
+            return cached
+        stages, last = self._stages, len(self._stages) - 1
+        plan = []
+        for k, st in enumerate(stages):
+            handoff = None
+            if k < last:
+                requant = self._handoffs[k]
+                handoff = (functools.partial(np.copyto, stages[k + 1].inp, st.feat) if requant is None else
+                           functools.partial(requant.apply, st.feat, stages[k + 1].inp))
+            plan.append((st.run, decider.inspects[k], st.logits, st.conf, handoff))
+        self._plans[id(decider)] = (decider, tuple(plan))
+        return decider, tuple(plan)
 
     def operating_point(self, name: str) -> ExitRuleSpec:
         """The exit rule stored under ``name`` in the bundle's operating points.
@@ -207,23 +366,27 @@ class Runner:
         Raises:
             UsageError: no such operating point.
         """
-        points: Mapping[str, Any] = self.manifest.operating_points
         try:
             rule = self.manifest.point_rule(name)
         except BundleError as exc:
             raise UsageError(str(exc)) from None
         if rule is None:
-            raise UsageError(f"the bundle has no operating point {name!r}; it has {sorted(points) or 'none'} "
+            names = sorted(k for k in self.manifest.operating_points if self.manifest.point_rule(k) is not None)
+            raise UsageError(f"the bundle has no operating point {name!r}; it has {names or 'none'} "
                              "(create them with `edgeexit tune`)")
         return rule
 
     def set_rule(self, rule: ExitRule | ExitRuleSpec | str) -> None:
-        """Use another exit rule from the next input on (no reload)."""
-        self.rule = self._resolve_rule(rule)
+        """Use another exit rule from the next input on (no reload; a rule used before is not recompiled)."""
+        resolved = self._resolve_rule(rule)
+        compiled = self._compile(resolved)
+        with self._lock:
+            self.rule = resolved
+            self._decider, self._plan = compiled
 
     def set_thresholds(self, thresholds: Sequence[float]) -> None:
         """Keep the rule's kind, change its thresholds (one per exit except the last)."""
-        self.rule = self._resolve_rule(self.rule.with_thresholds(thresholds))
+        self.set_rule(self.rule.with_thresholds(thresholds))
 
     def reset_stats(self) -> None:
         """Forget the per-exit statistics."""
@@ -245,114 +408,148 @@ class Runner:
     def __call__(self, image: ImageLike) -> Result:
         return self.classify(image)
 
-    def classify(self, image: ImageLike, probabilities: bool = False) -> Result:
+    def classify(self, image: ImageLike) -> Result:
         """Classify one image, stopping at the first exit the rule accepts.
 
         Args:
             image: file path, PIL image or numpy array (see :mod:`edgeexit.runtime.preprocess`).
-            probabilities: also return the exit's class scores.
 
         Raises:
             InputError: the image cannot be used (one-line message).
         """
-        q = self._prep(image)  # [H, W, C] int8
-        sensor = self.sensor
-        watts_before = sensor.read_watts() if sensor is not None else None
-        rule, stages, handoffs = self.rule, self._stages, self._handoffs
-        last = len(stages) - 1
-        state = rule.begin(self._num_classes)
-        marks = []
-        clock = time.perf_counter_ns
-        t0 = clock()
-        np.copyto(stages[0].inp[0], q)
-        label = CONTINUE
-        k = 0
-        inspect, use_conf, stop_at = rule.inspects_exits, rule.uses_confidence, rule.stop_exit
-        for k, st in enumerate(stages):
-            st.run()
-            if inspect or k == stop_at or k == last:
-                logits = st.logits_lut[st.logits_q]                                        # [K] float32
-                conf = st.conf_lut[st.conf_q] if use_conf and st.conf_lut is not None else None  # [1] float32
-                label = rule.decide(k, logits, conf, state)
-                if label != CONTINUE:
-                    marks.append(clock())
+        with self._lock:
+            t0 = _clock()
+            self._input.write(image)
+            decide, state = self._decider.decide, self._decider.start()
+            k, label, q = 0, CONTINUE, None
+            for run, inspect, logits, conf, handoff in self._plan:
+                run()
+                if inspect:
+                    q = logits.tolist()
+                    label, state = decide(k, q, conf, state)
+                    if label >= 0:
+                        break
+                handoff()
+                k += 1
+            dt = _clock() - t0
+            self.stats.record(k, dt)
+        return Result(label, k, dt * 1e-6, q, self._ctx)
+
+    def classify_batch(self, images: Any) -> BatchResult:
+        """Classify a batch: stage 0 runs for every image, each later stage only for the images still
+        undecided, with the exit decisions made for all survivors at once. Answers equal :meth:`classify`'s
+        image by image.
+
+        Args:
+            images: a uint8 array ``[B, H, W, C]`` (or ``[B, H, W]`` for one-channel bundles) or a sequence of
+                anything :meth:`classify` takes.
+
+        Raises:
+            InputError: an image cannot be used (one-line message).
+        """
+        with self._lock:
+            t0 = _clock()
+            x = self._input.batch(images)                                   # [B, H, W, C] quantized
+            n = x.shape[0]
+            decider, stages, last = self._decider, self._stages, len(self._stages) - 1
+            labels = np.full(n, CONTINUE, dtype=np.int64)
+            exits = np.full(n, last, dtype=np.int64)
+            exit_logits = np.zeros((n, self.manifest.num_classes), dtype=stages[-1].logits.dtype)
+            alive, state = np.arange(n), decider.start_many(n)
+            for k, st in enumerate(stages):
+                m = alive.size
+                if m == 0:
                     break
-            requant = handoffs[k]
-            if requant is None:
-                np.copyto(stages[k + 1].inp, st.feat)
-            else:
-                requant.apply(st.feat, stages[k + 1].inp)
-            marks.append(clock())
-        stage_ms = tuple((b - a) * 1e-6 for a, b in zip([t0] + marks[:-1], marks))
-        latency_ms = (marks[-1] - t0) * 1e-6
-        measured_mj = None
-        if sensor is not None:
-            watts_after = sensor.read_watts()
-            if watts_before is not None and watts_after is not None:
-                measured_mj = 0.5 * (watts_before + watts_after) * latency_ms
-        scores = _exit_scores(logits, stages[k].scores)
-        energy = Energy(ops_mj=self._cum_ops_mj[k], board_mj=latency_ms * self.board.active_w,
-                        measured_mj=measured_mj, ops_source=OPS_SOURCE, board_source=self._board_source,
-                        measured_source=self._measured_source)
-        result = Result(label=label, label_name=self.manifest.labels[label], score=float(scores[label]),
-                        exit_index=k, stages_run=k + 1, macs=self._cum_macs[k], latency_ms=latency_ms,
-                        stage_latency_ms=stage_ms, energy=energy,
-                        probabilities=scores.astype(np.float32) if probabilities else None)
-        self.stats.record(k, result.macs, latency_ms, energy.ops_mj, energy.board_mj, measured_mj)
-        return result
+                logits = np.empty((m, *st.logits.shape), dtype=st.logits.dtype)
+                conf = np.empty(m, dtype=st.conf.dtype) if st.conf is not None else None
+                feat = np.empty((m, *st.feat.shape[1:]), dtype=st.feat.dtype) if k < last else None
+                inp, run = st.inp[0], st.run
+                for j in range(m):
+                    np.copyto(inp, x[j])
+                    run()
+                    logits[j] = st.logits
+                    if conf is not None:
+                        conf[j] = st.conf[0]
+                    if feat is not None:
+                        feat[j] = st.feat[0]
+                if decider.inspects[k]:
+                    decided, state = decider.decide_many(k, logits, conf, state)
+                    stop = decided != CONTINUE
+                else:
+                    decided, stop = None, np.zeros(m, dtype=bool)
+                if stop.any():
+                    idx = alive[stop]
+                    labels[idx], exits[idx], exit_logits[idx] = decided[stop], k, logits[stop]
+                go = ~stop
+                alive = alive[go]
+                if state is not None:
+                    state = state[go]
+                if feat is not None:
+                    feat = feat[go]
+                    requant = self._handoffs[k]
+                    if requant is None:
+                        x = feat
+                    else:
+                        x = np.empty((feat.shape[0], *stages[k + 1].inp.shape[1:]), dtype=stages[k + 1].inp.dtype)
+                        requant.apply(feat, x)
+            dt = _clock() - t0
+            if n:
+                counts = np.bincount(exits, minlength=len(stages))
+                for k, c in enumerate(counts.tolist()):
+                    if c:
+                        self.stats.record_many(k, c, dt * c // n)
+        return BatchResult(labels, exits, exit_logits, dt * 1e-6, self._ctx)
 
     def trace(self, images: Iterable[ImageLike], labels: Sequence[int] | np.ndarray | None = None) -> Trace:
         """Run EVERY stage for each image and record every exit's outputs (for tuning and benchmarks).
 
         Returns:
-            A :class:`~edgeexit.runtime.trace.Trace` with ``[N, K]`` logits and ``[N]`` confidences per exit and
-            ``[N, E]`` per-stage latencies (invoke + hand-off, ms).
+            A :class:`~edgeexit.runtime.trace.Trace` with the exits' raw int8 outputs and their dequantized
+            values, and ``[N, E]`` per-stage latencies (invoke + hand-off, ms).
         """
         stages, handoffs = self._stages, self._handoffs
-        logits: list[list[np.ndarray]] = [[] for _ in stages]
-        confs: list[list[np.ndarray]] = [[] for _ in stages]
-        times: list[list[float]] = []
-        clock = time.perf_counter_ns
-        for image in images:
-            q = self._prep(image)
-            row = []
-            t = clock()
-            np.copyto(stages[0].inp[0], q)
-            for k, st in enumerate(stages):
-                st.run()
-                logits[k].append(st.logits_lut[st.logits_q])
-                if st.has_confidence:
-                    confs[k].append(st.conf_lut[st.conf_q])
-                if k + 1 < len(stages):
-                    if handoffs[k] is None:
-                        np.copyto(stages[k + 1].inp, st.feat)
-                    else:
-                        handoffs[k].apply(st.feat, stages[k + 1].inp)
-                now = clock()
-                row.append((now - t) * 1e-6)
-                t = now
-            times.append(row)
-        n = len(times)
-        k_classes = self._num_classes
+        raw_logits: list[list[np.ndarray]] = [[] for _ in stages]
+        raw_conf: list[list[np.ndarray]] = [[] for _ in stages]
+        times: list[list[int]] = []
+        with self._lock:
+            for image in images:
+                self._input.write(image)
+                row = []
+                t = _clock()
+                for k, st in enumerate(stages):
+                    st.run()
+                    raw_logits[k].append(st.logits.copy())
+                    if st.conf is not None:
+                        raw_conf[k].append(st.conf.copy())
+                    if k + 1 < len(stages):
+                        if handoffs[k] is None:
+                            np.copyto(stages[k + 1].inp, st.feat)
+                        else:
+                            handoffs[k].apply(st.feat, stages[k + 1].inp)
+                    now = _clock()
+                    row.append(now - t)
+                    t = now
+                times.append(row)
+        n, k_classes = len(times), self.manifest.num_classes
         lab = None
         if labels is not None:
             lab = np.asarray(labels, dtype=np.int64).reshape(-1)
             if lab.shape[0] != n:
                 raise UsageError(f"got {lab.shape[0]} labels for {n} images; pass one label per image")
+        logits_q = tuple(np.stack(v) if v else np.zeros((0, k_classes), st.logits.dtype)
+                         for v, st in zip(raw_logits, stages))
+        conf_q = tuple((np.concatenate(c) if c else np.zeros(0, st.conf.dtype)) if st.conf is not None else None
+                       for c, st in zip(raw_conf, stages))
+        raw = RawOutputs(logits=logits_q, confidence=conf_q, quant=self.quant)
         return Trace(
-            logits=tuple(np.stack(l) if l else np.zeros((0, k_classes), np.float32) for l in logits),
-            confidence=tuple((np.concatenate(c) if c else np.zeros(0, np.float32))
-                             if st.has_confidence else None for c, st in zip(confs, stages)),
-            scores=tuple(st.scores for st in stages),
-            stage_latency_ms=np.asarray(times, dtype=np.float64).reshape(n, len(stages)),
-            labels=lab)
+            logits=tuple(x.byte_values().astype(np.float32)[q.view(np.uint8)] for x, q in zip(self.quant, logits_q)),
+            confidence=tuple(None if c is None else np.asarray(x.confidence_byte_values(), np.float32)[c.view(np.uint8)]
+                             for x, c in zip(self.quant, conf_q)),
+            scores=tuple(x.scores for x in self.quant),
+            stage_latency_ms=np.asarray(times, dtype=np.float64).reshape(n, len(stages)) * 1e-6,
+            labels=lab, raw=raw)
 
-    def run_monolithic(self, image: ImageLike) -> MonolithicResult:
-        """Classify with the bundle's monolithic.tflite (the same network without early exits).
-
-        Raises:
-            BundleError: the bundle has no monolithic model.
-        """
+    def _monolithic(self) -> tuple[Callable[[], None], _Input, np.ndarray]:
         if self._mono is None:
             spec, path = self.manifest.monolithic, self.bundle.monolithic_file
             if spec is None or path is None:
@@ -361,15 +558,27 @@ class Runner:
             interp = create_interpreter(path, self.backend, num_threads=self.num_threads,
                                         delegates=self._delegates)
             in_idx, out_idx = check_model_tensors(interp, spec.input, spec.output, spec.file)
-            self._mono = (native_invoke(interp), interp.tensor(in_idx)(), interp.tensor(out_idx)())
-        run, inp, out = self._mono
-        q = self._prep(image)
-        t0 = time.perf_counter_ns()
-        np.copyto(inp[0], q)
-        run()
-        label = int(out[0].argmax())
-        latency_ms = (time.perf_counter_ns() - t0) * 1e-6
-        return MonolithicResult(label=label, label_name=self.manifest.labels[label], latency_ms=latency_ms)
+            inp = interp.tensor(in_idx)()
+            prep = Preprocessor(self.manifest.preprocessing, spec.input)
+            self._mono = (native_invoke(interp), _Input(prep, inp), interp.tensor(out_idx)()[0])
+        return self._mono
+
+    def run_monolithic(self, image: ImageLike) -> MonolithicResult:
+        """Classify with the bundle's monolithic.tflite (the same network without early exits), the same
+        way :meth:`classify` runs a stage: the image as given in, the argmax of the logits out.
+
+        Raises:
+            BundleError: the bundle has no monolithic model.
+        """
+        run, inp, out = self._mono or self._monolithic()
+        with self._lock:
+            t0 = _clock()
+            inp.write(image)
+            run()
+            q = out.tolist()
+            label = q.index(max(q))
+            dt = _clock() - t0
+        return MonolithicResult(label, dt * 1e-6, self.manifest.labels)
 
     def stage_invokers(self) -> list[Callable[[], None]]:
         """Each stage's bare invoke (for benchmarks that time the interpreters without the Runner around them)."""

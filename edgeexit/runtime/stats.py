@@ -1,67 +1,55 @@
-"""Per-exit statistics collected by a Runner: how many inputs left at each exit, and what they cost."""
+"""Per-exit statistics collected by a Runner: how many inputs left at each exit, and how long they took.
+
+Recording costs two list updates per call; MACs and energy per exit are the same for every input leaving
+there, so the summary derives them from the counts.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 
-@dataclass
-class ExitStats:
-    """Running totals for one exit."""
-
-    count: int = 0
-    macs: int = 0
-    latency_ms: float = 0.0
-    ops_mj: float = 0.0
-    board_mj: float = 0.0
-    measured_mj: float = 0.0
-    measured_count: int = 0
-
-    def mean(self, total: float) -> float:
-        return total / self.count if self.count else 0.0
-
-
-@dataclass
 class RunnerStats:
-    """Totals per exit since the last reset."""
+    """Counts and total call time (ns) per exit since the last :meth:`reset`."""
 
-    num_exits: int
-    exits: list[ExitStats] = field(default_factory=list)
+    __slots__ = ("num_exits", "cumulative_macs", "counts", "latency_ns")
 
-    def __post_init__(self) -> None:
-        if not self.exits:
-            self.exits = [ExitStats() for _ in range(self.num_exits)]
+    def __init__(self, num_exits: int, cumulative_macs: Sequence[int] | None = None):
+        self.num_exits = num_exits
+        self.cumulative_macs = tuple(cumulative_macs) if cumulative_macs is not None else None
+        self.counts = [0] * num_exits
+        self.latency_ns = [0] * num_exits
 
-    def record(self, exit_index: int, macs: int, latency_ms: float, ops_mj: float, board_mj: float,
-               measured_mj: float | None) -> None:
-        e = self.exits[exit_index]
-        e.count += 1
-        e.macs += macs
-        e.latency_ms += latency_ms
-        e.ops_mj += ops_mj
-        e.board_mj += board_mj
-        if measured_mj is not None:
-            e.measured_mj += measured_mj
-            e.measured_count += 1
+    def record(self, exit_index: int, latency_ns: int) -> None:
+        self.counts[exit_index] += 1
+        self.latency_ns[exit_index] += latency_ns
+
+    def record_many(self, exit_index: int, count: int, latency_ns: int) -> None:
+        self.counts[exit_index] += count
+        self.latency_ns[exit_index] += latency_ns
 
     @property
     def total(self) -> int:
-        return sum(e.count for e in self.exits)
+        return sum(self.counts)
 
     def reset(self) -> None:
-        self.exits = [ExitStats() for _ in range(self.num_exits)]
+        self.counts = [0] * self.num_exits
+        self.latency_ns = [0] * self.num_exits
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able summary: per exit count, share, mean MACs, latency (ms) and energy (mJ)."""
-        total = self.total
+        """JSON-able summary: per exit count, share, mean latency (ms) and, when the bundle's cumulative MACs
+        are known, MACs."""
+        total, cumulative_macs = self.total, self.cumulative_macs
         rows = []
-        for i, e in enumerate(self.exits):
-            rows.append({"exit": i, "count": e.count, "share": e.count / total if total else 0.0,
-                         "mean_macs": e.mean(e.macs), "mean_latency_ms": e.mean(e.latency_ms),
-                         "mean_ops_mj": e.mean(e.ops_mj), "mean_board_mj": e.mean(e.board_mj),
-                         "mean_measured_mj": e.measured_mj / e.measured_count if e.measured_count else None})
-        all_macs = sum(e.macs for e in self.exits)
-        return {"total": total, "mean_macs": all_macs / total if total else 0.0,
-                "mean_latency_ms": sum(e.latency_ms for e in self.exits) / total if total else 0.0,
-                "exits": rows}
+        for i, (count, ns) in enumerate(zip(self.counts, self.latency_ns)):
+            row: dict[str, Any] = {"exit": i, "count": count, "share": count / total if total else 0.0,
+                                   "mean_latency_ms": ns * 1e-6 / count if count else 0.0}
+            if cumulative_macs is not None:
+                row["macs"] = int(cumulative_macs[i])
+            rows.append(row)
+        out: dict[str, Any] = {"total": total,
+                               "mean_latency_ms": sum(self.latency_ns) * 1e-6 / total if total else 0.0,
+                               "exits": rows}
+        if cumulative_macs is not None:
+            out["mean_macs"] = (sum(c * m for c, m in zip(self.counts, cumulative_macs)) / total) if total else 0.0
+        return out
