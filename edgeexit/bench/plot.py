@@ -61,19 +61,17 @@ def _draw_marked(ax: Any, marked: list[tuple[float, float, str, str]]) -> None:
 
 
 def _typical(block: Mapping[str, Any]) -> float | None:
-    """A measured block's latency on the sweep's footing: the mean of per-exit medians (plain mean if absent)."""
-    lat = block.get("latency_ms") or {}
-    return lat.get("robust_mean", lat.get("mean"))
+    """A measured block's latency on the sweep's footing: the mean whole-call latency."""
+    return (block.get("latency_ms") or {}).get("mean")
 
 
 def plot_tradeoff(result: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     """Draw accuracy vs average MACs and accuracy vs estimated latency from a benchmark result.
 
     Left panel: the sweep's accuracy [%] against average MACs [% of the full network]. Right panel: the
-    same accuracy against mean latency [ms]: for sweep points estimated (each stage's median latency in the
-    trace, summed up to each input's exit, averaged); for the measured run the mean over inputs of the median
-    latency of the exit they took; for the monolithic model its median latency. Medians throughout, so that
-    inputs the OS delayed do not tilt the comparison. Marked and annotated: the bundle's rule, the run's rule,
+    same accuracy against mean whole-call latency [ms]: for sweep points estimated from the measured exit
+    costs (each exit's share x the whole-call latency of an input forced to leave there); for the measured
+    run and the monolithic model the measured mean (each input's median over the repeats). Marked and annotated: the bundle's rule, the run's rule,
     the bundle's operating points, every exit on its own, and the measured run. The monolithic int8 model is
     a point with reference lines (its accuracy horizontally; its MACs and latency vertically).
 
@@ -100,7 +98,7 @@ def plot_tradeoff(result: Mapping[str, Any], path: str | os.PathLike[str]) -> Pa
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
     for ax, xkey, xlabel in ((axes[0], "mac_fraction", "average MACs per input [% of the full network]"),
-                             (axes[1], "est_latency_ms", "mean latency per input [ms] (from per-stage / per-exit medians)")):
+                             (axes[1], "est_latency_ms", "mean whole-call latency per input [ms] (sweep: estimated from exit costs)")):
         scale = 100.0 if xkey == "mac_fraction" else 1.0
         if grid:
             xs = [p[xkey] * scale for p in grid]
@@ -123,7 +121,7 @@ def plot_tradeoff(result: Mapping[str, Any], path: str | os.PathLike[str]) -> Pa
             if mx is not None:
                 ax.axvline(mx, color="tab:red", linestyle=":", linewidth=1,
                            label="monolithic int8: MACs" if xkey == "mac_fraction" else
-                           "monolithic int8: median latency (measured)")
+                           "monolithic int8: mean latency (measured)")
                 points_here.append((mx, macc, "monolithic int8", "monolithic"))
         _draw_marked(ax, points_here)
         ax.set_xlabel(xlabel)
@@ -137,7 +135,7 @@ def plot_tradeoff(result: Mapping[str, Any], path: str | os.PathLike[str]) -> Pa
     fig.suptitle(f"{bundle} on {machine} (board profile {board}, {backend}, "
                  f"{result.get('settings', {}).get('threads', '?')} thread(s))\n"
                  f"accuracy vs cost on {dataset}, {n} images, batch 1; sweep latencies are estimated from "
-                 "per-stage measurements", fontsize=10)
+                 "the measured exit costs", fontsize=10)
     fig.tight_layout()
     out = Path(os.fspath(path))
     fig.savefig(out, dpi=120)

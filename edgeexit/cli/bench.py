@@ -78,7 +78,8 @@ def bench(ctx: click.Context, bundle: str, data_spec: str, split: str, limit: in
           float_checkpoint: str | None) -> None:
     """Benchmark BUNDLE on a labelled set: per-exit and overall accuracy, MACs, latency and energy against
     the monolithic int8 model measured in the same run, plus an accuracy/cost threshold sweep."""
-    from ..bench.bench import BenchSettings, format_report, run_benchmark, write_results
+    from ..bench.bench import BenchSettings, run_benchmark
+    from ..bench.report import format_report, write_results
     from ..runtime.bundle import load_bundle
     from ..bench.datasets import load_dataset
 

@@ -345,6 +345,15 @@ class EntropyRule(ExitRule):
         return np.log(total) - (e * z).sum(axis=-1) / total < self.thresholds[k]
 
 
+def _keep_table(quant: ExitQuant, beta: float) -> np.ndarray:
+    """[256, 256] bool over (top byte m, class byte c): ``s_c > beta * s_max`` in float64."""
+    v = quant.byte_values()
+    if quant.scores == "sigmoid":
+        s = 1.0 / (1.0 + np.exp(-v))
+        return s[None, :] > beta * s[:, None]
+    return np.exp(np.minimum(v[None, :] - v[:, None], 0.0)) > beta
+
+
 class _ClassExclusionDecider(Decider):
     """Candidate sets per input: a Python int with byte c = 1 while class c remains (per input), or an
     ``[n, K]`` bool array (many inputs)."""
@@ -398,18 +407,18 @@ class ClassExclusionRule(ExitRule):
 
     def keep_table(self, k: int, quant: ExitQuant) -> np.ndarray:
         """[256, 256] bool: class byte c is kept at exit k when the top logit's byte is m (``[m, c]``)."""
-        v = quant.byte_values()
-        beta = self.thresholds[k]
-        if quant.scores == "sigmoid":
-            s = 1.0 / (1.0 + np.exp(-v))
-            return s[None, :] > beta * s[:, None]
-        return np.exp(np.minimum(v[None, :] - v[:, None], 0.0)) > beta
+        return _keep_table(quant, self.thresholds[k])
 
-    def keep_float(self, k: int, logits: np.ndarray, scores: str, beta: float | None = None) -> np.ndarray:
-        """[N, K] bool: the classes kept at exit k on float logits (the float64 form of :meth:`keep_table`)."""
-        beta = self.thresholds[k] if beta is None else beta
-        z = np.asarray(logits, dtype=np.float64)
-        if scores == "sigmoid":
+    def kept(self, trace: Trace, k: int, beta: float | None = None) -> np.ndarray:
+        """[N, K] bool: the classes exit k keeps (before intersecting with the earlier candidate set), with
+        this rule's beta or ``beta``; decided on the trace's raw outputs when it has them, as on the device."""
+        beta = self.thresholds[k] if beta is None else float(beta)
+        if trace.raw is not None:
+            q = trace.raw.logits[k]
+            top = _ordered(q).max(axis=-1) & 0xFF
+            return _keep_table(trace.raw.quant[k], beta)[top[:, None], q.view(np.uint8)]
+        z = np.asarray(trace.logits[k], dtype=np.float64)
+        if trace.scores[k] == "sigmoid":
             s = 1.0 / (1.0 + np.exp(-z))
             return s > beta * s.max(axis=-1, keepdims=True)
         return np.exp(z - z.max(axis=-1, keepdims=True)) > beta
@@ -421,7 +430,7 @@ class ClassExclusionRule(ExitRule):
         prediction = np.zeros(n, dtype=np.int64)
         done = np.zeros(n, dtype=bool)
         for k in range(last):
-            keep = remaining & self.keep_float(k, trace.logits[k], trace.scores[k])
+            keep = remaining & self.kept(trace, k)
             nonempty = keep.any(axis=-1) & ~done
             remaining[nonempty] = keep[nonempty]
             single = (np.count_nonzero(remaining, axis=-1) == 1) & ~done

@@ -145,6 +145,22 @@ class MonolithicResult:
         return f"MonolithicResult(label={self.label}, label_name={self.label_name!r}, latency_ms={self.latency_ms:.4f})"
 
 
+class MonolithicBatchResult:
+    """The monolithic model's answers for a batch: ``labels`` [B] int64, ``latency_ms`` the whole batch call."""
+
+    __slots__ = ("labels", "latency_ms", "_labels")
+
+    def __init__(self, labels: np.ndarray, latency_ms: float, labels_names: Sequence[str]):
+        self.labels, self.latency_ms, self._labels = labels, latency_ms, labels_names
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def label_names(self) -> list[str]:
+        return [self._labels[i] for i in self.labels.tolist()]
+
+
 class BatchResult(Sequence[Result]):
     """The answers for a batch: ``labels`` and ``exit_index`` as ``[B]`` int64 arrays, ``latency_ms`` the
     whole batch call; ``batch[i]`` is the :class:`Result` of image i (its ``latency_ms`` is the batch's time
@@ -579,6 +595,33 @@ class Runner:
             label = q.index(max(q))
             dt = _clock() - t0
         return MonolithicResult(label, dt * 1e-6, self.manifest.labels)
+
+    def run_monolithic_batch(self, images: Any) -> "MonolithicBatchResult":
+        """The monolithic model on a batch, the way :meth:`classify_batch` runs stage 0 (for throughput
+        comparisons at the same batch size): labels ``[B]``, every input at the last exit.
+
+        Raises:
+            BundleError: the bundle has no monolithic model. InputError: an image cannot be used.
+        """
+        run, inp, out = self._mono or self._monolithic()
+        with self._lock:
+            t0 = _clock()
+            x = inp.batch(images)
+            n = x.shape[0]
+            logits = np.empty((n, *out.shape), dtype=out.dtype)
+            hwc = inp.hwc
+            for j in range(n):
+                np.copyto(hwc, x[j])
+                run()
+                logits[j] = out
+            labels = logits.astype(np.int16).argmax(axis=-1).astype(np.int64) if n else np.zeros(0, np.int64)
+            dt = _clock() - t0
+        return MonolithicBatchResult(labels, dt * 1e-6, self.manifest.labels)
+
+    @property
+    def has_monolithic(self) -> bool:
+        """Whether the bundle carries its monolithic model (the baseline of ``run_monolithic``)."""
+        return self.manifest.monolithic is not None and self.bundle.monolithic_file is not None
 
     def stage_invokers(self) -> list[Callable[[], None]]:
         """Each stage's bare invoke (for benchmarks that time the interpreters without the Runner around them)."""

@@ -35,7 +35,7 @@ import numpy as np
 from ..errors import BundleError, DatasetError, EdgeExitError, TuningError, UsageError
 from ..runtime.manifest import EXIT_RULES, ExitRuleSpec, Manifest
 from ..energy.proxy import stages_ops_mj
-from ..runtime.rules import RULES, rule_from_spec
+from ..runtime.rules import RULES, ClassExclusionRule, exit_scores, rule_from_spec
 from ..runtime.trace import Trace
 
 log = logging.getLogger(__name__)
@@ -322,9 +322,7 @@ class _LevelEvaluator:
         for i in range(last):
             values, strict, permissive, descending = _statistic(trace, kind, i)
             cands = _candidates(values, levels, strict, permissive, descending)
-            view = Trace(logits=(trace.logits[i], trace.logits[last]),
-                         confidence=(trace.confidence[i], trace.confidence[last]),
-                         scores=(trace.scores[i], trace.scores[last]))
+            view = trace.select([i, last])
             ok = np.stack([RULES[kind]((float(t),)).simulate(view)[0] == 0 for t in cands])  # [Q, N] bool
             first = np.where(ok.any(axis=0), ok.argmax(axis=0), len(cands))
             self.candidates.append(cands)
@@ -351,8 +349,9 @@ class _LevelEvaluator:
 class _ClassExclusionEvaluator:
     """The candidate-set rule for any beta vector, with every exit's "kept classes" precomputed per candidate.
 
-    Mirrors :meth:`edgeexit.runtime.rules.ClassExclusionRule.simulate` comparison for comparison (float32 scores,
-    ``s > float32(beta) * max s``, an empty set keeps the previous one); a test keeps the two equal. Candidate
+    Which classes an exit keeps for a candidate beta comes from the rule itself
+    (:meth:`~edgeexit.runtime.rules.ClassExclusionRule.kept`, on the trace's raw outputs as on the device); an
+    empty set keeps the previous one, as in the rule; a test keeps the two equal. Candidate
     sets are bit masks (one uint64 per input) when there are at most 63 classes, boolean [N, K] otherwise.
     """
 
@@ -366,13 +365,13 @@ class _ClassExclusionEvaluator:
         self._weights = np.left_shift(np.uint64(1), np.arange(self.num_classes, dtype=np.uint64))  # [K] uint64
         self.candidates: list[np.ndarray] = []
         self.keep: list[np.ndarray] = []         # per exit: [Q, N] uint64 masks, or [Q, N, K] bool
+        rule = ClassExclusionRule([0.0] * last)
         for i in range(last):
-            s = _class_scores(trace, i)                                         # [N, K] float32
-            top = s.max(axis=-1, keepdims=True)                                 # [N, 1]
-            srt = np.sort(s.astype(np.float64), axis=1)
+            s = exit_scores(trace.logits[i], trace.scores[i])                   # [N, K] float64
+            srt = np.sort(s, axis=1)
             ratio = srt[:, -2] / np.maximum(srt[:, -1], np.finfo(np.float64).tiny)  # beta >= ratio: one class left
             cands = _candidates(np.clip(ratio, *BETA_RANGE), levels, BETA_RANGE[0], BETA_RANGE[1], descending=False)
-            masks = [s > np.float32(beta) * top for beta in cands]              # Q x [N, K] bool
+            masks = [rule.kept(trace, i, beta) for beta in cands]               # Q x [N, K] bool, as on the device
             self.candidates.append(cands)
             self.keep.append(np.stack([self._pack(m) for m in masks]) if self.bits else np.stack(masks))
 
@@ -417,15 +416,6 @@ class _ClassExclusionEvaluator:
             alive = remaining_b[rest]
         prediction[rest] = np.where(alive, self.final_logits[rest], -np.inf).argmax(axis=-1)
         return exit_index, prediction == self.labels
-
-
-def _class_scores(trace: Trace, i: int) -> np.ndarray:
-    """[N, K] float32 class scores of exit i, computed as the rules compute them."""
-    z = np.asarray(trace.logits[i], dtype=np.float32)
-    if trace.scores[i] == "sigmoid":
-        return 1.0 / (1.0 + np.exp(-z))
-    e = np.exp(z - z.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def _statistic(trace: Trace, kind: str, i: int) -> tuple[np.ndarray, float, float, bool]:
