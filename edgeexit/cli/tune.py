@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from ..runtime.interpreter import BACKENDS
-from ..tuning.tune import DEFAULT_LEVELS, TUNABLE_RULES, Target, TuneResult, tune_bundle
+from ..tuning.tune import DEFAULT_COST_IMAGES, DEFAULT_LEVELS, TUNABLE_RULES, Target, TuneResult, tune_bundle
 
 
 def _summary(result: TuneResult, name: str, dry_run: bool) -> str:
@@ -54,7 +54,8 @@ def _summary(result: TuneResult, name: str, dry_run: bool) -> str:
 @click.option("--budget-macs", type=float, default=None, metavar="FRACTION",
               help="Most accurate point with average MACs <= FRACTION of the full network.")
 @click.option("--budget-latency-ms", type=float, default=None, metavar="MS",
-              help="Most accurate point with estimated average latency <= MS.")
+              help="Most accurate point with estimated mean whole-call latency <= MS (estimated from the exit costs "
+                   "timed on this device).")
 @click.option("--budget-energy-mj", type=float, default=None, metavar="MJ",
               help="Most accurate point with average op-proxy energy <= MJ.")
 @click.option("--name", default="tuned", show_default=True, help="Name of the stored operating point.")
@@ -62,12 +63,16 @@ def _summary(result: TuneResult, name: str, dry_run: bool) -> str:
               help="Candidate thresholds per exit (quantiles of each exit's score).")
 @click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default="auto", show_default=True,
               help="TFLite interpreter package.")
+@click.option("--cost-images", type=click.IntRange(min=0, max=1_000_000), default=DEFAULT_COST_IMAGES,
+              show_default=True, help="Images that time each exit's whole-call cost on this device (0: no latency "
+                                      "estimates).")
 @click.option("--dry-run", is_flag=True, help="Search and report; do not change the bundle.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result (chosen point and front) as JSON.")
 @click.pass_context
 def tune(ctx: click.Context, bundle: str, data: str, split: str, limit: int | None, rule: str | None,
          max_drop: float | None, no_worse_than: str | None, margin: float | None, budget_macs: float | None,
-         budget_latency_ms: float | None, budget_energy_mj: float | None, name: str, levels: int, backend: str, dry_run: bool, as_json: bool) -> None:
+         budget_latency_ms: float | None, budget_energy_mj: float | None, name: str, levels: int, backend: str, cost_images: int, dry_run: bool,
+         as_json: bool) -> None:
     """Search per-exit thresholds of BUNDLE for an accuracy or budget target and store the trade-off front."""
     if (max_drop is None and no_worse_than is None and budget_macs is None and budget_latency_ms is None
             and budget_energy_mj is None):
@@ -81,7 +86,8 @@ def tune(ctx: click.Context, bundle: str, data: str, split: str, limit: int | No
             with click.progressbar(images, label="tracing", file=click.get_text_stream("stderr")) as bar:
                 yield from bar
     result = tune_bundle(bundle, data, target, rule=rule, name=name, split=split, limit=limit, dry_run=dry_run,
-                         levels=levels, backend=backend, margin_pp=margin, progress=progress)
+                         levels=levels, backend=backend, margin_pp=margin, progress=progress,
+                         cost_images=cost_images)
     if as_json:
         click.echo(json.dumps({"name": name, "written": not dry_run, **result.to_dict()}))
     else:

@@ -181,6 +181,8 @@ class BudgetController:
         stored = runner.manifest.operating_points.get("exit_costs")
         key = "latency_ms" if cost == "latency" else "energy_mj"
         exit_costs = stored.get(key) if isinstance(stored, dict) else None
+        if isinstance(exit_costs, dict):  # measured whole-call costs per rule kind: the front's kind
+            exit_costs = exit_costs.get(points.front[0].rule)
         kwargs.setdefault("exit_costs", exit_costs)
         return cls(points.front, target, cost=cost, apply=lambda p: use_operating_point(runner, p), **kwargs)
 

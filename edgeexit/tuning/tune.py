@@ -46,6 +46,8 @@ TUNABLE_RULES = ("confidence", "max_softmax", "entropy", "class_exclusion")
 COST_KINDS = ("macs", "latency", "energy")
 #: Names in ``operating_points`` that are not tuned points.
 RESERVED_NAMES = ("original", "front", "exit_costs")
+#: Images that time the exit costs during tuning (see :func:`tune_bundle`).
+DEFAULT_COST_IMAGES = 500
 #: Candidate thresholds per exit (quantiles of the exit's statistic), not counting the two ends.
 DEFAULT_LEVELS = 64
 #: At most this many front points are written into a manifest (evenly spread over the cost range).
@@ -653,25 +655,25 @@ def _unmet_message(front: Sequence[tuple[tuple[int, ...], float, float, Any]], t
 
 # --------------------------------------------------------------------------------------- trace -> costs
 
-def exit_costs(manifest: Manifest, trace: Trace | None = None) -> ExitCosts:
+def exit_costs(manifest: Manifest, measured: Any = None, rule: str | None = None) -> ExitCosts:
     """Per-exit cumulative costs of a bundle.
 
-    MACs: :meth:`Manifest.cumulative_macs` / ``full_macs`` (every head paid for). Latency: the median over the
-    trace of each stage's measured time (invoke + hand-off), summed up to the exit; zeros without a trace.
-    Energy: the operation proxy of :mod:`edgeexit.energy.proxy`, summed up to the exit.
+    MACs: :meth:`Manifest.cumulative_macs` / ``full_macs`` (every head paid for). Latency: the measured whole-call
+    latency of an input leaving at each exit under a ``rule``-kind rule (an
+    :class:`~edgeexit.bench.timing.ExitCostTable`); zeros without one. Energy: the operation proxy of
+    :mod:`edgeexit.energy.proxy`, summed up to the exit.
 
     Raises:
-        TuningError: the trace has another number of exits than the bundle.
+        TuningError: the table has another number of exits than the bundle.
     """
     e = manifest.num_exits
     macs = np.asarray(manifest.cumulative_macs(), dtype=np.float64) / max(manifest.full_macs, 1)
     latency = np.zeros(e)
-    if trace is not None:
-        if trace.num_exits != e:
-            raise TuningError(f"the trace has {trace.num_exits} exits but the bundle has {e}; trace with this "
-                              "bundle's Runner")
-        if trace.stage_latency_ms is not None and trace.num_inputs > 0:
-            latency = np.cumsum(np.median(np.asarray(trace.stage_latency_ms, dtype=np.float64), axis=0))
+    if measured is not None and rule is not None:
+        latency = measured.for_rule(rule)
+        if latency.shape[0] != e:
+            raise TuningError(f"the exit costs have {latency.shape[0]} exits but the bundle has {e}; measure them "
+                              "with this bundle's Runner")
     energy = np.cumsum(np.asarray(stages_ops_mj(manifest), dtype=np.float64))
     return ExitCosts(macs_fraction=macs, latency_ms=latency, energy_mj=energy)
 
@@ -716,7 +718,7 @@ def check_data_fits(manifest: Manifest, classes: Sequence[str], image_shape: Seq
 
 
 def updated_manifest(manifest: Manifest, result: TuneResult, name: str, original: OperatingPoint | None = None,
-                     max_front: int = MAX_STORED_FRONT) -> Manifest:
+                     max_front: int = MAX_STORED_FRONT, table: Any = None) -> Manifest:
     """The manifest with the tuned point stored under ``name``, the front, and ``exit_rule`` = the chosen point.
 
     ``operating_points["original"]`` is set to the bundle's exit rule before its FIRST tuning and never
@@ -740,8 +742,8 @@ def updated_manifest(manifest: Manifest, result: TuneResult, name: str, original
     if result.exit_costs is not None:
         c = result.exit_costs
         points["exit_costs"] = {"macs_fraction": [round(float(v), 6) for v in c.macs_fraction],
-                                "latency_ms": [round(float(v), 6) for v in c.latency_ms],
-                                "energy_mj": None if c.energy_mj is None else [float(v) for v in c.energy_mj]}
+                                "energy_mj": None if c.energy_mj is None else [float(v) for v in c.energy_mj],
+                                **(table.to_dict() if table is not None else {"latency_ms": {}})}
     return manifest.replace(operating_points=points, exit_rule=result.chosen.rule_spec())
 
 
@@ -766,7 +768,7 @@ def thin_front(front: Sequence[OperatingPoint], cost_kind: str, max_points: int)
 def tune_bundle(bundle: str | os.PathLike[str], data: str, target: Target, *, rule: str | None = None,
                 name: str = "tuned", split: str = "test", limit: int | None = None, dry_run: bool = False,
                 levels: int = DEFAULT_LEVELS, backend: str = "auto", margin_pp: float | None = None,
-                progress: Callable[[Any], Any] | None = None) -> TuneResult:
+                progress: Callable[[Any], Any] | None = None, cost_images: int = DEFAULT_COST_IMAGES) -> TuneResult:
     """Trace a labelled validation set once, search the front, and store the chosen point in the bundle.
 
     Args:
@@ -785,6 +787,9 @@ def tune_bundle(bundle: str | os.PathLike[str], data: str, target: Target, *, ru
             percentage points on the tuning data (a finite tuning set overstates what carries over); None =
             one binomial standard error of the reference's accuracy there (0.14 pp at 99 % on 5,000 inputs).
         progress: wraps the image iterable (e.g. a progress bar); None = no wrapper.
+        cost_images: how many of the images time the exit costs (the whole-call latency of an input forced to
+            leave at each exit, per rule kind; :func:`edgeexit.bench.timing.measure_exit_costs`), which the
+            latency of every candidate point is estimated from; 0 = no latency estimates.
 
     Returns:
         The :class:`TuneResult`.
@@ -812,11 +817,14 @@ def tune_bundle(bundle: str | os.PathLike[str], data: str, target: Target, *, ru
     seq = images.images if progress is None else progress(images.images)
     log.info("tracing %d images through %d stages", len(images), manifest.num_exits)
     trace = runner.trace(seq, images.labels)
-    costs = exit_costs(manifest, trace)
-    reference = (evaluate_rule(trace, reference_rule(manifest, target.no_worse_than), costs)
-                 if target.no_worse_than is not None else None)
+    searched = TUNABLE_RULES if kind == "any" else (kind,)
+    ref_spec = reference_rule(manifest, target.no_worse_than) if target.no_worse_than is not None else None
+    table = _measure_costs(runner, images.images, searched, manifest, ref_spec, cost_images)
+    reference = (evaluate_rule(trace, ref_spec, exit_costs(manifest, table, ref_spec.kind))
+                 if ref_spec is not None else None)
     results, errors = [], []
-    for k in (TUNABLE_RULES if kind == "any" else (kind,)):
+    for k in searched:
+        costs = exit_costs(manifest, table, k)
         try:
             if reference is not None:
                 results.append(_beat_reference(trace, costs, k, reference, target.no_worse_than, levels, margin_pp))
@@ -834,12 +842,27 @@ def tune_bundle(bundle: str | os.PathLike[str], data: str, target: Target, *, ru
         original = None
         if "original" not in manifest.operating_points:
             try:
-                original = evaluate_rule(trace, manifest.exit_rule, costs)
+                original = evaluate_rule(trace, manifest.exit_rule, exit_costs(manifest, table, manifest.exit_rule.kind))
             except UsageError as exc:
                 log.warning("the bundle's own rule cannot be evaluated on this trace: %s", exc)
-        path = write_manifest_atomic(loaded.path, updated_manifest(manifest, result, name, original))
+        path = write_manifest_atomic(loaded.path, updated_manifest(manifest, result, name, original, table=table))
         log.info("wrote operating point %r to %s", name, path)
     return result
+
+
+def _measure_costs(runner: Any, images: np.ndarray, searched: Sequence[str], manifest: Manifest,
+                   reference: ExitRuleSpec | None, cost_images: int) -> Any:
+    """Time the exit costs of every rule kind tuning needs, on the first ``cost_images`` images (None if 0)."""
+    from ..bench.timing import COST_KINDS, measure_exit_costs  # noqa: PLC0415
+
+    if isinstance(cost_images, bool) or not isinstance(cost_images, int) or cost_images < 0:
+        raise UsageError(f"cost_images must be an integer >= 0, got {cost_images!r}")
+    if cost_images == 0:
+        return None
+    rules = [rule_from_spec(s) for s in (reference, manifest.exit_rule) if s is not None]
+    kinds = [k for k in COST_KINDS if k in {*searched, *(r.kind for r in rules)} or k == "fixed"]
+    log.info("timing exit costs (%s) on %d images", ", ".join(kinds), min(cost_images, len(images)))
+    return measure_exit_costs(runner, list(images[:cost_images]), kinds, rules=rules, repeat=3)
 
 
 def reference_rule(manifest: Manifest, name: str) -> ExitRuleSpec:
