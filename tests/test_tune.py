@@ -25,7 +25,7 @@ COSTS = ExitCosts(macs_fraction=np.array([0.2, 0.45, 0.7, 1.05]), latency_ms=np.
 @pytest.mark.parametrize("rule", ["confidence", "max_softmax", "entropy", "class_exclusion"])
 def test_front_is_monotone_and_matches_the_rule(rule):
     trace = synthetic_trace()
-    result = search_front(trace, COSTS, rule, Target(max_drop_pp=0.5))
+    result = search_front(trace, COSTS, rule, Target(max_drop_pp=0.5, minimize="macs"))
     costs = [p.avg_macs_fraction for p in result.front]
     accs = [p.accuracy for p in result.front]
     assert len(result.front) > 10
@@ -38,6 +38,20 @@ def test_front_is_monotone_and_matches_the_rule(rule):
         assert np.mean(prediction == trace.labels) == pytest.approx(point.accuracy, abs=1e-12)
         frac = np.bincount(exit_index, minlength=4) / trace.num_inputs
         assert float(frac @ COSTS.macs_fraction) == pytest.approx(point.avg_macs_fraction, abs=1e-9)
+
+
+def test_accuracy_targets_minimize_the_measured_latency_by_default():
+    """The whole-call latency a user waits for is the default cost, not MACs: with exit costs that make exit 1
+    nearly free after exit 0, the chosen point is the fastest one meeting the floor, not the one with fewest MACs."""
+    costs = ExitCosts(macs_fraction=COSTS.macs_fraction, latency_ms=np.array([0.10, 0.101, 0.5, 0.9]),
+                      energy_mj=COSTS.energy_mj)
+    by_latency = search_front(synthetic_trace(), costs, "max_softmax", Target(max_drop_pp=0.5))
+    by_macs = search_front(synthetic_trace(), costs, "max_softmax", Target(max_drop_pp=0.5, minimize="macs"))
+    assert by_latency.cost_kind == "latency" and by_macs.cost_kind == "macs"
+    floor = by_latency.final_accuracy - 0.005 - 1e-12
+    meeting = [p for p in by_latency.front if p.accuracy >= floor]
+    assert by_latency.chosen.est_latency_ms == min(p.est_latency_ms for p in meeting)
+    assert by_latency.chosen.est_latency_ms < by_macs.chosen.est_latency_ms
 
 
 @pytest.mark.parametrize("target,kind,budget", [(Target(budget_macs=0.5), "macs", 0.5),

@@ -51,6 +51,9 @@ def _summary(result: TuneResult, name: str, dry_run: bool) -> str:
               help="With --no-worse-than: beat the reference by PP percentage points on the tuning data, so that "
                    "the advantage holds on data the search did not see (default: one standard error of the "
                    "reference's accuracy on the tuning data).")
+@click.option("--minimize", type=click.Choice(["latency", "macs", "energy"]), default="latency", show_default=True,
+              help="With an accuracy target (--max-drop, --no-worse-than): the cost to minimize; latency is the "
+                   "whole call, estimated from exit costs timed on this device.")
 @click.option("--budget-macs", type=float, default=None, metavar="FRACTION",
               help="Most accurate point with average MACs <= FRACTION of the full network.")
 @click.option("--budget-latency-ms", type=float, default=None, metavar="MS",
@@ -70,7 +73,8 @@ def _summary(result: TuneResult, name: str, dry_run: bool) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the result (chosen point and front) as JSON.")
 @click.pass_context
 def tune(ctx: click.Context, bundle: str, data: str, split: str, limit: int | None, rule: str | None,
-         max_drop: float | None, no_worse_than: str | None, margin: float | None, budget_macs: float | None,
+         max_drop: float | None, no_worse_than: str | None, margin: float | None, minimize: str,
+         budget_macs: float | None,
          budget_latency_ms: float | None, budget_energy_mj: float | None, name: str, levels: int, backend: str, cost_images: int, dry_run: bool,
          as_json: bool) -> None:
     """Search per-exit thresholds of BUNDLE for an accuracy or budget target and store the trade-off front."""
@@ -78,7 +82,7 @@ def tune(ctx: click.Context, bundle: str, data: str, split: str, limit: int | No
             and budget_energy_mj is None):
         max_drop = 0.5
     target = Target(max_drop_pp=max_drop, no_worse_than=no_worse_than, budget_macs=budget_macs,
-                    budget_latency_ms=budget_latency_ms, budget_energy_mj=budget_energy_mj)
+                    budget_latency_ms=budget_latency_ms, budget_energy_mj=budget_energy_mj, minimize=minimize)
     quiet = bool((ctx.find_root().obj or {}).get("quiet"))
     progress: Any = None
     if not quiet and not as_json:

@@ -163,9 +163,12 @@ class Target:
     budget_energy_mj: float | None = None
     min_accuracy: float | None = None
     no_worse_than: str | None = None
+    minimize: str = "latency"
 
     def __post_init__(self) -> None:
-        given = {k: v for k, v in self.__dict__.items() if v is not None}
+        if self.minimize not in COST_KINDS:
+            raise UsageError(f"minimize must be one of {', '.join(COST_KINDS)}, got {self.minimize!r}")
+        given = {k: v for k, v in self.__dict__.items() if v is not None and k != "minimize"}
         if len(given) != 1:
             raise UsageError(f"give exactly one tuning target (--max-drop, --no-worse-than, --budget-macs, "
                              f"--budget-latency-ms or --budget-energy-mj), got {sorted(given) or 'none'}")
@@ -203,12 +206,14 @@ class Target:
 
     @property
     def cost_kind(self) -> str:
-        """The cost the front is built against: the budget's kind, MACs for an accuracy target."""
+        """The cost the front is built against: the budget's kind, or ``minimize`` for an accuracy target."""
         if self.budget_latency_ms is not None:
             return "latency"
         if self.budget_energy_mj is not None:
             return "energy"
-        return "macs"
+        if self.budget_macs is not None:
+            return "macs"
+        return self.minimize
 
     @property
     def budget(self) -> float | None:
@@ -224,11 +229,15 @@ class Target:
         if self.min_accuracy is not None:
             return f"accuracy >= {100 * self.min_accuracy:.2f}%"
         if self.no_worse_than is not None:
-            return f"accuracy no worse than '{self.no_worse_than}', fewer MACs"
+            return f"accuracy no worse than '{self.no_worse_than}', lowest {_cost_label(self.cost_kind)}"
         return f"average {_cost_label(self.cost_kind)} <= {_fmt_cost(self.cost_kind, self.budget or 0.0)}"
 
     def to_dict(self) -> dict[str, float | str]:
-        return {k: (v if isinstance(v, str) else float(v)) for k, v in self.__dict__.items() if v is not None}
+        out = {k: (v if isinstance(v, str) else float(v)) for k, v in self.__dict__.items()
+               if v is not None and k != "minimize"}
+        if self.is_accuracy_target:
+            out["minimize"] = self.minimize
+        return out
 
 
 @dataclass(frozen=True)
@@ -820,6 +829,11 @@ def tune_bundle(bundle: str | os.PathLike[str], data: str, target: Target, *, ru
     searched = TUNABLE_RULES if kind == "any" else (kind,)
     ref_spec = reference_rule(manifest, target.no_worse_than) if target.no_worse_than is not None else None
     table = _measure_costs(runner, images.images, searched, manifest, ref_spec, cost_images)
+    if table is None and target.cost_kind == "latency":
+        if target.budget_latency_ms is not None:
+            raise UsageError("a latency budget needs the exit costs timed on this device: give --cost-images > 0")
+        log.info("no exit costs timed (cost_images=0): minimizing MACs instead of latency")
+        target = dataclasses.replace(target, minimize="macs")
     reference = (evaluate_rule(trace, ref_spec, exit_costs(manifest, table, ref_spec.kind))
                  if ref_spec is not None else None)
     results, errors = [], []
@@ -901,7 +915,8 @@ def _beat_reference(trace: Trace, costs: ExitCosts, kind: str, reference: Operat
     floor = min(1.0, reference.accuracy + margin_pp / 100.0)
     result = dataclasses.replace(search_front(trace, costs, kind, Target(min_accuracy=floor), levels=levels),
                                  reference=reference, reference_name=name, margin_pp=float(margin_pp))
-    if reference.avg_macs_fraction <= result.chosen.avg_macs_fraction:
+    cost = result.cost_kind
+    if reference.cost(cost) <= result.chosen.cost(cost):
         log.info("no point of the %s front is cheaper than %r at its accuracy; keeping the reference", kind, name)
         result = dataclasses.replace(result, chosen=reference)
     return result
