@@ -233,19 +233,18 @@ def float_accuracy(checkpoint: str | os.PathLike[str], data: ImageSet, rule: Exi
 
 # --------------------------------------------------------------------------------------------- the passes
 
-def _invoke_ms(invoke: Any, reps: int = 2000, rounds: int = 5) -> float:
-    """A bare invoke's time (ms): the lowest of ``rounds`` tight-loop means (hot caches: a lower bound)."""
+def _invoke_ms(invoke: Any, reps: int = 3000) -> float:
+    """A bare invoke's time (ms): the median of ``reps`` invokes timed one by one, back to back (hot caches:
+    a lower bound of what it costs inside a call)."""
     clock = time.perf_counter_ns
-    for _ in range(reps // 4):
+    for _ in range(reps // 10):
         invoke()
-    best = None
-    for _ in range(rounds):
+    ns = np.empty(reps, dtype=np.int64)
+    for i in range(reps):
         t = clock()
-        for _ in range(reps):
-            invoke()
-        v = (clock() - t) / reps * 1e-6
-        best = v if best is None else min(best, v)
-    return float(best)
+        invoke()
+        ns[i] = clock() - t
+    return float(np.median(ns)) * 1e-6
 
 
 def _throughput(runner: Any, images: np.ndarray, batch: int, has_mono: bool) -> dict[str, Any]:

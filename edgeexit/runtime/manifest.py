@@ -77,6 +77,10 @@ def _floats(seq: Any, where: str) -> tuple[float, ...]:
     return tuple(float(v) for v in seq)
 
 
+#: Entries of ``operating_points`` that are not points: the tuned front and the measured exit costs.
+NOT_POINTS = ("front", "exit_costs")
+
+
 @dataclass(frozen=True)
 class Quantization:
     """Affine int8 quantization: ``real = scale * (q - zero_point)``."""
@@ -275,13 +279,13 @@ class Manifest:
 
     def point_rule(self, name: str) -> ExitRuleSpec | None:
         """The exit rule stored as operating point ``name`` (a rule dict, or a point with ``exit_rule``); None
-        when there is no such entry or it is not a point (e.g. the stored ``front`` list).
+        when there is no such entry or it is not a point (the stored ``front`` list, the ``exit_costs`` table).
 
         Raises:
             BundleError: the entry is malformed.
         """
         entry = self.operating_points.get(name)
-        if not isinstance(entry, Mapping):
+        if name in NOT_POINTS or not isinstance(entry, Mapping):
             return None
         return ExitRuleSpec.from_dict(entry.get("exit_rule", entry), f"operating_points.{name}")
 
