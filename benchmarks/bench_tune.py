@@ -81,13 +81,11 @@ def bench_mnist(bundle: Path, rule: str, seed: int = 0) -> dict:
     halves = {"tune": np.sort(perm[: len(data) // 2]), "eval": np.sort(perm[len(data) // 2:])}
 
     def part(idx: np.ndarray) -> Trace:
-        return Trace(tuple(z[idx] for z in trace.logits),
-                     tuple(None if c is None else c[idx] for c in trace.confidence), trace.scores,
-                     trace.stage_latency_ms[idx], trace.labels[idx])
+        return trace.select(range(trace.num_exits), idx)
 
     tune_part, eval_part = part(halves["tune"]), part(halves["eval"])
-    costs = exit_costs(manifest, tune_part)
-    result = search_front(tune_part, costs, rule, Target(max_drop_pp=0.5))
+    costs = exit_costs(manifest)
+    result = search_front(tune_part, costs, rule, Target(max_drop_pp=0.5, minimize="macs"))
     e = manifest.num_exits
     tuned = evaluate_rule(eval_part, result.chosen.rule_spec(), costs)
     global_05 = evaluate_rule(eval_part, ExitRuleSpec(rule, (0.5,) * (e - 1)), costs)

@@ -80,9 +80,10 @@ def test_runner_energy_with_measured_sensor(bundle_dir, tmp_path):
     r = runner(_image(runner))
     assert runner.board.name == "rpi4"
     assert r.energy.board_mj == pytest.approx(r.latency_ms * 5.4)  # W x ms = mJ
-    assert r.energy.measured_mj == pytest.approx(r.latency_ms * 4.0)
-    assert "ina260" in r.energy.measured_source and "Raspberry Pi 4" in r.energy.board_source
-    assert r.energy.best_mj == r.energy.measured_mj
+    assert runner.sensor is not None and "ina260" in runner.sensor.description
+    # a sensor updating every few ms cannot measure one inference: no per-call figure, and the result says why
+    assert r.energy.measured_mj is None and "bench" in r.energy.measured_source
+    assert "Raspberry Pi 4" in r.energy.board_source and r.energy.best_mj == r.energy.board_mj
 
 
 def test_runner_energy_without_sensor_says_so(bundle_dir, tmp_path):
