@@ -17,8 +17,8 @@ from ..runtime.manifest import EXIT_RULES
 class _StderrProgress:
     """Progress of the benchmark passes on stderr: one updating line on a terminal, a line per phase otherwise."""
 
-    LABELS = {"timed": "timed pass (early exit / forced last / monolithic)", "trace": "trace pass (every stage)",
-              "float": "float network"}
+    LABELS = {"timed": "timed pass (whole calls: early exit, monolithic, stored points, forced to each exit)",
+              "throughput": "throughput at batch sizes", "trace": "trace pass (every stage)", "float": "float network"}
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
@@ -39,6 +39,18 @@ class _StderrProgress:
         self.phase = phase
 
 
+def _parse_batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of integers, e.g. 1,8,32",
+                                 param_hint="--batch-sizes") from None
+    if not sizes or any(not 1 <= b <= 4096 for b in sizes):
+        raise click.BadParameter(f"{text!r}: give batch sizes between 1 and 4096, e.g. 1,8,32",
+                                 param_hint="--batch-sizes")
+    return sizes
+
+
 @click.command()
 @click.argument("bundle", type=click.Path(file_okay=False))
 @click.option("--data", "data_spec", required=True, metavar="SPEC",
@@ -48,7 +60,7 @@ class _StderrProgress:
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N images.")
 @click.option("--warmup", type=click.IntRange(min=0), default=20, show_default=True,
               help="Warm-up inputs (per model) before timing.")
-@click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--repeat", type=click.IntRange(min=1, max=1000), default=3, show_default=True,
               help="Timed passes; each input's latency is its median over them.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="Interpreter threads.")
 @click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default="auto", show_default=True,
@@ -71,11 +83,15 @@ class _StderrProgress:
 @click.option("--json", "as_json", is_flag=True, help="Print the result JSON on stdout instead of the tables.")
 @click.option("--float-checkpoint", default=None, type=click.Path(dir_okay=False), metavar="CKPT",
               help="Also evaluate this checkpoint's float network on the same images (needs torch).")
+@click.option("--batch-sizes", default="1,8,32", show_default=True, metavar="B1,B2,...",
+              help="Batch sizes of the throughput comparison (1 = single-image calls).")
+@click.option("--points/--no-points", default=True, show_default=True,
+              help="Also time every stored operating point (estimated vs measured latency).")
 @click.pass_context
 def bench(ctx: click.Context, bundle: str, data_spec: str, split: str, limit: int | None, warmup: int, repeat: int,
           threads: int, backend: str, rule: str | None, thresholds: str | None, exit_index: int | None, board: str,
           sweep: bool, resize: bool, out_dir: str, no_save: bool, no_plot: bool, as_json: bool,
-          float_checkpoint: str | None) -> None:
+          float_checkpoint: str | None, batch_sizes: str, points: bool) -> None:
     """Benchmark BUNDLE on a labelled set: per-exit and overall accuracy, MACs, latency and energy against
     the monolithic int8 model measured in the same run, plus an accuracy/cost threshold sweep."""
     from ..bench.bench import BenchSettings, run_benchmark
@@ -88,7 +104,8 @@ def bench(ctx: click.Context, bundle: str, data_spec: str, split: str, limit: in
     chosen = _build_rule(loaded, rule, _parse_thresholds(thresholds), exit_index)
     data = load_dataset(data_spec, split=split, limit=limit)
     settings = BenchSettings(warmup=warmup, repeat=repeat, num_threads=threads, backend=backend, rule=chosen,
-                             board=board, sweep=sweep, resize=resize, float_checkpoint=float_checkpoint)
+                             board=board, sweep=sweep, resize=resize, float_checkpoint=float_checkpoint,
+                             batch_sizes=_parse_batch_sizes(batch_sizes), points=points)
     result: dict[str, Any] = run_benchmark(loaded, data, settings, progress=_StderrProgress(not quiet),
                                            dataset_spec=data_spec)
     files = None
