@@ -42,7 +42,7 @@ A trace of a float network (no raw outputs) is decided with the same formulas in
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -64,8 +64,9 @@ def exit_scores(logits: np.ndarray, kind: str) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def _argmax(q: list[int]) -> int:
-    return q.index(max(q))
+def _argmax_step(q: list[int], conf: Any, state: Any) -> tuple[int, Any]:
+    """Leave here with the argmax (the first of equal logits, like numpy)."""
+    return q.index(max(q)), state
 
 
 def _ordered(raw: np.ndarray) -> np.ndarray:
@@ -83,11 +84,11 @@ def _exp_tables(scale: float) -> tuple[list[int], list[int]]:
 class Decider:
     """An exit rule compiled for the exits of one bundle (see the module docstring).
 
-    ``inspects[k]`` tells whether :meth:`decide` must be asked at exit k; where it is False the input goes on
-    without its outputs being read. Per input: ``label, state = decide(k, q, conf, state)`` with ``q`` the
-    exit's logits as a list of ints (``tolist()`` of the int8/uint8 output), ``conf`` the confidence output
-    (a one-element integer array, or None) and ``state`` from :meth:`start`; ``label`` is the answer or
-    :data:`CONTINUE`. :meth:`decide_many` does the same for ``[n, K]`` arrays.
+    Per input, ``steps[k]`` decides at exit k (None: the input goes on without the exit's outputs being read):
+    ``label, state = steps[k](q, conf, state)`` with ``q`` the exit's logits as a list of ints (``tolist()`` of
+    the int8/uint8 output), ``conf`` the confidence output (a one-element integer array, or None) and ``state``
+    from :meth:`start`; ``label`` is the answer or :data:`CONTINUE`. Each step is a closure over its exit's
+    tables (the Runner's hot path calls it directly). :meth:`decide_many` does the same for ``[n, K]`` arrays.
     """
 
     def __init__(self, rule: "ExitRule", quant: Sequence[ExitQuant]):
@@ -95,7 +96,11 @@ class Decider:
         self.quant = tuple(quant)
         self.num_exits = len(self.quant)
         self.last = self.num_exits - 1
-        self.inspects: tuple[bool, ...] = tuple(True for _ in self.quant)
+        self.steps: tuple[Callable[[list[int], Any, Any], tuple[int, Any]] | None, ...] = ()
+
+    @property
+    def inspects(self) -> tuple[bool, ...]:
+        return tuple(step is not None for step in self.steps)
 
     def start(self) -> Any:
         return None
@@ -104,7 +109,9 @@ class Decider:
         return None
 
     def decide(self, k: int, q: list[int], conf: Any, state: Any) -> tuple[int, Any]:
-        raise NotImplementedError
+        """Decide at exit k for one input (``steps[k]``; exits without a step let every input go on)."""
+        step = self.steps[k]
+        return (CONTINUE, state) if step is None else step(q, conf, state)
 
     def decide_many(self, k: int, logits: np.ndarray, conf: np.ndarray | None,
                     state: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -140,11 +147,7 @@ class _ThresholdDecider(Decider):
     def __init__(self, rule: "ExitRule", quant: Sequence[ExitQuant]):
         super().__init__(rule, quant)
         self.tables = [rule._tables(k, quant[k]) for k in range(self.last)]
-
-    def decide(self, k: int, q: list[int], conf: Any, state: Any) -> tuple[int, Any]:
-        if k == self.last or self.rule._stop_one(self.tables[k], q, conf):
-            return q.index(max(q)), state
-        return CONTINUE, state
+        self.steps = (*(rule._step(t) for t in self.tables), _argmax_step)
 
     def decide_many(self, k: int, logits: np.ndarray, conf: np.ndarray | None,
                     state: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -233,7 +236,8 @@ class ExitRule:
     def _tables(self, k: int, quant: ExitQuant) -> Any:
         raise NotImplementedError
 
-    def _stop_one(self, tables: Any, q: list[int], conf: Any) -> bool:
+    def _step(self, tables: Any) -> Callable[[list[int], Any, Any], tuple[int, Any]]:
+        """The per-input decision at one exit, as a closure over the exit's tables."""
         raise NotImplementedError
 
     def _stop_many(self, tables: Any, values: np.ndarray, conf: np.ndarray | None) -> np.ndarray:
@@ -272,8 +276,14 @@ class ConfidenceRule(ExitRule):
         stop = quant.confidence_byte_values() > _logit(self.thresholds[k])   # [256] by confidence byte
         return bytes(stop.astype(np.uint8)), stop
 
-    def _stop_one(self, tables: tuple[bytes, np.ndarray], q: list[int], conf: Any) -> bool:
-        return tables[0][conf[0]] == 1   # a signed byte indexes the table modulo 256, like its uint8 view
+    def _step(self, tables: tuple[bytes, np.ndarray]) -> Callable[[list[int], Any, Any], tuple[int, Any]]:
+        stop = tables[0]
+
+        def step(q: list[int], conf: Any, state: Any) -> tuple[int, Any]:
+            if stop[conf[0]]:   # a signed byte indexes the table modulo 256, like its uint8 view
+                return q.index(max(q)), state
+            return CONTINUE, state
+        return step
 
     def _stop_many(self, tables: tuple[bytes, np.ndarray], values: np.ndarray, conf: np.ndarray | None) -> np.ndarray:
         return tables[1][np.asarray(conf).reshape(-1).view(np.uint8)]
@@ -295,10 +305,15 @@ class MaxSoftmaxRule(ExitRule):
         limit = math.inf if t == 0 else math.floor(_ONE / t)
         return e, np.asarray(e, dtype=np.int64), limit
 
-    def _stop_one(self, tables: tuple[list[int], np.ndarray, float], q: list[int], conf: Any) -> bool:
+    def _step(self, tables: tuple[list[int], np.ndarray, float]) -> Callable[[list[int], Any, Any], tuple[int, Any]]:
         e, _, limit = tables
-        m = max(q)
-        return sum([e[m - v] for v in q]) <= limit
+
+        def step(q: list[int], conf: Any, state: Any) -> tuple[int, Any]:
+            m = max(q)
+            if sum([e[m - v] for v in q]) <= limit:
+                return q.index(m), state
+            return CONTINUE, state
+        return step
 
     def _stop_many(self, tables: tuple[list[int], np.ndarray, float], values: np.ndarray,
                    conf: np.ndarray | None) -> np.ndarray:
@@ -323,18 +338,24 @@ class EntropyRule(ExitRule):
         return e, g, np.asarray(e, dtype=np.int64), np.asarray(g, dtype=np.int64), \
             self.thresholds[k] + FRACTION_BITS * math.log(2.0)
 
-    def _stop_one(self, tables: Any, q: list[int], conf: Any) -> bool:
+    def _step(self, tables: Any) -> Callable[[list[int], Any, Any], tuple[int, Any]]:
         e, g, _, _, limit = tables
-        m = max(q)
-        a = sum([e[m - v] for v in q])
-        b = sum([g[m - v] for v in q])
-        return math.log(a) + b / a < limit
+        log = math.log
+
+        def step(q: list[int], conf: Any, state: Any) -> tuple[int, Any]:
+            m = max(q)
+            a = sum([e[m - v] for v in q])
+            b = sum([g[m - v] for v in q])
+            if log(a) + b / a < limit:
+                return q.index(m), state
+            return CONTINUE, state
+        return step
 
     def _stop_many(self, tables: Any, values: np.ndarray, conf: np.ndarray | None) -> np.ndarray:
         _, _, e, g, limit = tables
         d = values.max(axis=-1, keepdims=True) - values
         a, b = e[d].sum(axis=-1).tolist(), g[d].sum(axis=-1).tolist()
-        # the same float64 expression on the same integers as _stop_one (math.log, int / int)
+        # the same float64 expression on the same integers as the per-input step (math.log, int / int)
         h = np.fromiter((math.log(x) + y / x for x, y in zip(a, b)), dtype=np.float64, count=len(a))
         return h < limit
 
@@ -361,28 +382,37 @@ class _ClassExclusionDecider(Decider):
     def __init__(self, rule: "ClassExclusionRule", quant: Sequence[ExitQuant]):
         super().__init__(rule, quant)
         self.keep = [rule.keep_table(k, quant[k]) for k in range(self.last)]   # [256, 256] bool: [top, class]
-        self.rows = [[bytes(row.astype(np.uint8)) for row in t] for t in self.keep]
         self.every_class = int.from_bytes(b"\x01" * self.quant[0].num_classes, "little")
+        self.steps = (*(self._narrow([bytes(row.astype(np.uint8)) for row in t]) for t in self.keep),
+                      self._answer)
 
     def start(self) -> int:
         return self.every_class
 
-    def decide(self, k: int, q: list[int], conf: Any, state: int) -> tuple[int, int]:
-        if k == self.last:
-            if state == self.every_class:
-                return q.index(max(q)), state
-            best, label = None, -1
-            for c, v in enumerate(q):
-                if (state >> (c << 3)) & 1 and (best is None or v > best):
-                    best, label = v, c
-            return label, state
-        row = self.rows[k][max(q)]   # int8 tops index the table modulo 256, like their uint8 view
-        keep = int.from_bytes(bytes([row[v] for v in q]), "little") & state
-        if keep:
-            state = keep
-        if state & (state - 1) == 0:   # one class left
-            return (state.bit_length() - 1) >> 3, state
-        return CONTINUE, state
+    @staticmethod
+    def _narrow(rows: list[bytes]) -> Callable[[list[int], Any, int], tuple[int, int]]:
+        """An early exit: intersect the candidate set with the classes this exit keeps; leave at one class."""
+        from_bytes = int.from_bytes
+
+        def step(q: list[int], conf: Any, state: int) -> tuple[int, int]:
+            row = rows[max(q)]   # int8 tops index the table modulo 256, like their uint8 view
+            keep = from_bytes(bytes([row[v] for v in q]), "little") & state
+            if keep:
+                state = keep
+            if state & (state - 1) == 0:   # one class left
+                return (state.bit_length() - 1) >> 3, state
+            return CONTINUE, state
+        return step
+
+    def _answer(self, q: list[int], conf: Any, state: int) -> tuple[int, int]:
+        """The last exit: the argmax of its logits over the remaining classes."""
+        if state == self.every_class:
+            return q.index(max(q)), state
+        best, label = None, -1
+        for c, v in enumerate(q):
+            if (state >> (c << 3)) & 1 and (best is None or v > best):
+                best, label = v, c
+        return label, state
 
     def start_many(self, n: int) -> np.ndarray:
         return np.ones((n, self.quant[0].num_classes), dtype=bool)
@@ -448,10 +478,7 @@ class _OneExitDecider(Decider):
     def __init__(self, rule: "ExitRule", quant: Sequence[ExitQuant]):
         super().__init__(rule, quant)
         self.stop = rule.exit if isinstance(rule, FixedExitRule) else self.last
-        self.inspects = tuple(k == self.stop for k in range(self.num_exits))
-
-    def decide(self, k: int, q: list[int], conf: Any, state: Any) -> tuple[int, Any]:
-        return q.index(max(q)), state
+        self.steps = tuple(_argmax_step if k == self.stop else None for k in range(self.num_exits))
 
     def decide_many(self, k: int, logits: np.ndarray, conf: np.ndarray | None,
                     state: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -521,20 +548,28 @@ class _ForcedDecider(Decider):
         super().__init__(rule, quant)
         self.inner = rule.rule.compile(quant)
         self.stop = rule.exit
-        self.inspects = tuple(k == self.stop or (k < self.stop and self.inner.inspects[k])
-                              for k in range(self.num_exits))
+        inner = self.inner.steps
+        self.steps = tuple(self._going_on(inner[k]) if k < self.stop and inner[k] is not None else
+                           self._leaving(inner[k]) if k == self.stop else None for k in range(self.num_exits))
+
+    @staticmethod
+    def _going_on(inner: Callable[[list[int], Any, Any], tuple[int, Any]]) -> Callable[..., tuple[int, Any]]:
+        def step(q: list[int], conf: Any, state: Any) -> tuple[int, Any]:
+            return CONTINUE, inner(q, conf, state)[1]   # the decision is made, and ignored
+        return step
+
+    @staticmethod
+    def _leaving(inner: Callable[[list[int], Any, Any], tuple[int, Any]] | None) -> Callable[..., tuple[int, Any]]:
+        def step(q: list[int], conf: Any, state: Any) -> tuple[int, Any]:
+            label, state = inner(q, conf, state) if inner is not None else (CONTINUE, state)
+            return (q.index(max(q)) if label == CONTINUE else label), state
+        return step
 
     def start(self) -> Any:
         return self.inner.start()
 
     def start_many(self, n: int) -> np.ndarray | None:
         return self.inner.start_many(n)
-
-    def decide(self, k: int, q: list[int], conf: Any, state: Any) -> tuple[int, Any]:
-        label, state = self.inner.decide(k, q, conf, state) if self.inner.inspects[k] else (CONTINUE, state)
-        if k < self.stop:
-            return CONTINUE, state
-        return (q.index(max(q)) if label == CONTINUE else label), state
 
     def decide_many(self, k: int, logits: np.ndarray, conf: np.ndarray | None,
                     state: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:

@@ -278,7 +278,7 @@ def _exit_quant(logits: TensorSpec, conf: TensorSpec | None, scores: str, num_cl
                      num_classes=num_classes, scores=scores, confidence=c)
 
 
-_PlanStep = tuple[Callable[[], None], bool, np.ndarray, Any, Callable[[], Any] | None]
+_PlanStep = tuple[Callable[[], None], Any, np.ndarray, Any, Callable[[], Any] | None]
 
 
 class Runner:
@@ -331,9 +331,12 @@ class Runner:
         self._ctx = _Context(self.manifest, self.quant, self.board, measured)
         self._mono: tuple[Callable[[], None], _Input, np.ndarray] | None = None
         self.stats = RunnerStats(self.manifest.num_exits, self.manifest.cumulative_macs())
+        self._counts, self._latency_ns = self.stats.counts, self.stats.latency_ns   # updated in place per call
+        self._fast_input = self._input.fast
         self._plans: dict[int, tuple[Decider, tuple[_PlanStep, ...]]] = {}
         self.rule: ExitRule = self._resolve_rule(rule)
         self._decider, self._plan = self._compile(self.rule)
+        self._state0 = self._decider.start()
         log.info("runner: %d stages, backend %s %s, %d thread(s), rule %r, board %s", len(self._stages),
                  self.backend.name, self.backend.version, num_threads, self.rule, self.board.name)
 
@@ -372,7 +375,7 @@ class Runner:
                 requant = self._handoffs[k]
                 handoff = (functools.partial(np.copyto, stages[k + 1].inp, st.feat) if requant is None else
                            functools.partial(requant.apply, st.feat, stages[k + 1].inp))
-            plan.append((st.run, decider.inspects[k], st.logits, st.conf, handoff))
+            plan.append((st.run, decider.steps[k], st.logits, st.conf, handoff))
         self._plans[id(decider)] = (decider, tuple(plan))
         return decider, tuple(plan)
 
@@ -399,6 +402,7 @@ class Runner:
         with self._lock:
             self.rule = resolved
             self._decider, self._plan = compiled
+            self._state0 = compiled[0].start()
 
     def set_thresholds(self, thresholds: Sequence[float]) -> None:
         """Keep the rule's kind, change its thresholds (one per exit except the last)."""
@@ -435,20 +439,25 @@ class Runner:
         """
         with self._lock:
             t0 = _clock()
-            self._input.write(image)
-            decide, state = self._decider.decide, self._decider.start()
+            fast = self._fast_input.get(image.shape) if type(image) is _NDARRAY and image.dtype is _U8 else None
+            if fast is not None:
+                fast(image)
+            else:
+                self._input.write(image)
+            state = self._state0
             k, label, q = 0, CONTINUE, None
-            for run, inspect, logits, conf, handoff in self._plan:
+            for run, step, logits, conf, handoff in self._plan:
                 run()
-                if inspect:
+                if step is not None:
                     q = logits.tolist()
-                    label, state = decide(k, q, conf, state)
+                    label, state = step(q, conf, state)
                     if label >= 0:
                         break
                 handoff()
                 k += 1
             dt = _clock() - t0
-            self.stats.record(k, dt)
+            self._counts[k] += 1
+            self._latency_ns[k] += dt
         return Result(label, k, dt * 1e-6, q, self._ctx)
 
     def classify_batch(self, images: Any) -> BatchResult:

@@ -33,8 +33,9 @@ class RunnerStats:
         return sum(self.counts)
 
     def reset(self) -> None:
-        self.counts = [0] * self.num_exits
-        self.latency_ns = [0] * self.num_exits
+        """Zero every total (in place: the Runner's hot path holds these lists)."""
+        self.counts[:] = [0] * self.num_exits
+        self.latency_ns[:] = [0] * self.num_exits
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able summary: per exit count, share, mean latency (ms) and, when the bundle's cumulative MACs
