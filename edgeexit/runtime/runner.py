@@ -27,6 +27,7 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -278,6 +279,7 @@ def _exit_quant(logits: TensorSpec, conf: TensorSpec | None, scores: str, num_cl
                      num_classes=num_classes, scores=scores, confidence=c)
 
 
+_PLAN_CACHE = 32
 _PlanStep = tuple[Callable[[], None], Any, np.ndarray, Any, Callable[[], Any] | None]
 
 
@@ -333,7 +335,7 @@ class Runner:
         self.stats = RunnerStats(self.manifest.num_exits, self.manifest.cumulative_macs())
         self._counts, self._latency_ns = self.stats.counts, self.stats.latency_ns   # updated in place per call
         self._fast_input = self._input.fast
-        self._plans: dict[int, tuple[Decider, tuple[_PlanStep, ...]]] = {}
+        self._plans: OrderedDict[tuple[type, str], tuple[Decider, tuple[_PlanStep, ...]]] = OrderedDict()
         self.rule: ExitRule = self._resolve_rule(rule)
         self._decider, self._plan = self._compile(self.rule)
         self._state0 = self._decider.start()
@@ -362,11 +364,14 @@ class Runner:
         return rule
 
     def _compile(self, rule: ExitRule) -> tuple[Decider, tuple[_PlanStep, ...]]:
-        """The rule's decider for this bundle and the per-stage plan of the hot loop (cached per decider)."""
-        decider = rule.compile(self.quant)
-        cached = self._plans.get(id(decider))
-        if cached is not None and cached[0] is decider:
+        """The rule's decider for this bundle and the per-stage plan of the hot loop. The last
+        ``_PLAN_CACHE`` rules are kept by value, so that switching between operating points recompiles nothing."""
+        key = (type(rule), repr(rule))
+        cached = self._plans.get(key)
+        if cached is not None:
+            self._plans.move_to_end(key)
             return cached
+        decider = rule.compile(self.quant)
         stages, last = self._stages, len(self._stages) - 1
         plan = []
         for k, st in enumerate(stages):
@@ -376,7 +381,9 @@ class Runner:
                 handoff = (functools.partial(np.copyto, stages[k + 1].inp, st.feat) if requant is None else
                            functools.partial(requant.apply, st.feat, stages[k + 1].inp))
             plan.append((st.run, decider.steps[k], st.logits, st.conf, handoff))
-        self._plans[id(decider)] = (decider, tuple(plan))
+        self._plans[key] = (decider, tuple(plan))
+        if len(self._plans) > _PLAN_CACHE:
+            self._plans.popitem(last=False)
         return decider, tuple(plan)
 
     def operating_point(self, name: str) -> ExitRuleSpec:
