@@ -142,8 +142,9 @@ def format_comparison(rows: Sequence[Mapping[str, Any]]) -> str:
     bundles = {(r["bundle"], r["bundle_sha256"]) for r in rows}
     lines.append("bundle: " + "; ".join(f"{n} (sha256 {str(h)[:12]})" for n, h in sorted(bundles, key=str))
                  + ("  MIXED BUNDLES" if len(bundles) > 1 else ""))
-    lines.append("latency: the benchmark's Runner latency (mean over inputs); energy: measured (+- 95% interval) "
-                 "where the result has a measurement, else latency x the board profile's active power")
+    lines.append("latency: mean whole-call latency per input as each result defines it (`latency_definition`); energy: "
+                 "measured (+- 95% interval) where the result has a measurement, else latency x the board profile's "
+                 "active power")
     return "\n".join(lines)
 
 
@@ -181,7 +182,7 @@ def plot_comparison(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[s
                                  mfc="white" if hollow else c, capsize=3,
                                  label=f"{r['label']}: monolithic ({kind})")
                 axes[1].plot([r["energy_mj"], r["monolithic_energy_mj"]], [acc, macc], ":", color=c, lw=1)
-    axes[0].set_xlabel("mean latency per input [ms] (Runner call, batch 1)")
+    axes[0].set_xlabel("mean whole-call latency per input [ms] (batch 1)")
     axes[1].set_xlabel("energy per input [mJ] (filled: measured, +-95% interval; hollow: board estimate)")
     axes[0].set_ylabel("top-1 accuracy [%]")
     for ax in axes:
