@@ -63,15 +63,20 @@ class EnergySettings:
 
 
 def bench_phases(runner: Any, images: np.ndarray, rule: Any, with_monolithic: bool) -> list[Phase]:
-    """One phase per exit (forced there with FixedExitRule), the run's rule, and the monolithic model."""
-    from ..runtime.rules import FixedExitRule
+    """One phase per exit k (every input forced to leave at k: ``ForcedExitRule(rule, k)``, which still makes
+    the rule's decisions at every exit up to k, or ``FixedExitRule(k)`` for a rule that decides nothing), the
+    run's rule, and the monolithic model."""
+    from ..runtime.rules import FixedExitRule, ForcedExitRule
 
     n = int(images.shape[0])
 
     def classify(i: int) -> None:
         runner.classify(images[i])
 
-    phases = [Phase(f"exit {k}", classify, n, setup=lambda k=k: runner.set_rule(FixedExitRule(k)))
+    def forced(k: int) -> Any:
+        return FixedExitRule(k) if rule.kind in ("fixed", "final") else ForcedExitRule(rule, k)
+
+    phases = [Phase(f"exit {k}", classify, n, setup=lambda r=forced(k): runner.set_rule(r))
               for k in range(runner.num_exits)]
     phases.append(Phase(EARLY_EXIT, classify, n, setup=lambda: runner.set_rule(rule)))
     if with_monolithic:
