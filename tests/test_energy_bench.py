@@ -135,6 +135,24 @@ def test_no_sensor_means_no_measured_figures_and_the_report_says_so(bundle_dir):
     assert energy["board"]["name"] == "rpi5" and energy["board"]["active_load"]
 
 
+def test_energy_settings_and_storing_refuse_what_cannot_work(bundle_dir, tmp_path):
+    from edgeexit.energy.report import store_measured
+    from edgeexit.errors import UsageError
+
+    with pytest.raises(UsageError, match="start the meter's log"):
+        EnergySettings(power_trace=str(tmp_path / "not-yet.csv")).validate()
+    with pytest.raises(UsageError, match="energy repeats"):
+        EnergySettings(reps=0).validate()
+    result = run_benchmark(bundle_dir, _data(10), BenchSettings(warmup=1, repeat=1, sweep=False, points=False,
+                                                                batch_sizes=(1,), energy=EnergySettings(sensor="none")))
+    bundle = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, bundle)
+    before = (bundle / "manifest.json").read_bytes()
+    with pytest.raises(UsageError, match="nothing to store"):
+        store_measured(bundle, result)
+    assert (bundle / "manifest.json").read_bytes() == before
+
+
 def _write(result: dict, path: Path) -> Path:
     path.write_text(json.dumps(result))
     return path

@@ -103,6 +103,8 @@ class BenchSettings:
         if not self.batch_sizes or any(isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 4096
                                        for b in self.batch_sizes):
             raise UsageError(f"batch sizes must be integers 1..4096, got {list(self.batch_sizes)!r}")
+        if self.energy is not None:
+            self.energy.validate()
 
 
 # ------------------------------------------------------------------------------------------- dataset checks

@@ -60,6 +60,9 @@ class EnergySettings:
             raise UsageError(f"energy repeats must be an integer >= 1, got {self.reps!r}")
         if not (self.phase_s > 0 and self.idle_s > 0):
             raise UsageError(f"energy phase and idle seconds must be > 0, got {self.phase_s} and {self.idle_s}")
+        if self.power_trace is not None and not os.path.isfile(self.power_trace):
+            raise UsageError(f"power trace {self.power_trace} does not exist; start the meter's log into it before "
+                             "the benchmark (it is read after the energy phases)")
 
 
 def bench_phases(runner: Any, images: np.ndarray, rule: Any, with_monolithic: bool) -> list[Phase]:
