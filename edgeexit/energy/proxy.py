@@ -134,7 +134,7 @@ def proxy_source(manifest: Manifest, board: Board) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Names the Runner imported before it built an EnergyModel (issue 15); they go when the Runner stops using
+# Names the Runner imports until it builds an EnergyModel (`edgeexit.energy.model`); they go when it stops using
 # them. ``stages_ops_mj`` is the proxy without a known cache (every weight byte from DRAM).
 from .boards import BOARDS as _BOARDS  # noqa: E402
 from .sources import HwmonSensor, find_power_sensor  # noqa: E402,F401
@@ -149,7 +149,7 @@ def stages_ops_mj(manifest: Manifest) -> tuple[float, ...]:
 
 @dataclass(frozen=True)
 class Energy:
-    """The per-inference energy record of the Runner before issue 15 (ops / board / per-inference sensor)."""
+    """The per-inference energy record the Runner builds until it uses EnergyModel (ops / board / sensor)."""
 
     ops_mj: float
     board_mj: float
