@@ -9,7 +9,7 @@ Imports only the standard library, numpy, Pillow (lazily, for image files) and a
 """
 
 from .runtime.bundle import Bundle, load_bundle, write_manifest_atomic
-from .energy.proxy import Energy
+from .energy import Energy, EnergyModel
 from .errors import (BundleError, EdgeExitError, InputError, InterpreterError, TuningError, UsageError)
 from .runtime.manifest import Manifest
 from .runtime.rules import (ClassExclusionRule, ConfidenceRule, EntropyRule, ExitRule, FinalExitRule, FixedExitRule,
@@ -20,7 +20,7 @@ from .runtime.runner import MonolithicResult, Result, Runner
 __version__ = "0.1.0"
 
 __all__ = [
-    "Runner", "Result", "MonolithicResult", "Energy", "load_bundle", "write_manifest_atomic", "Bundle", "Manifest",
+    "Runner", "Result", "MonolithicResult", "Energy", "EnergyModel", "load_bundle", "write_manifest_atomic", "Bundle", "Manifest",
     "ExitRule", "ConfidenceRule", "MaxSoftmaxRule", "EntropyRule", "ClassExclusionRule", "FinalExitRule",
     "FixedExitRule", "rule_from_spec", "Trace",
     "EdgeExitError", "UsageError", "BundleError", "InputError", "InterpreterError", "TuningError", "__version__",

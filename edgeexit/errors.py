@@ -60,3 +60,9 @@ class TuningError(EdgeExitError):
     """A tuning target no operating point can meet, or tuning data that does not fit the bundle."""
 
     exit_code = 9
+
+
+class EnergyError(EdgeExitError):
+    """A power measurement that could not finish (the sensor went away); the partial result is still kept."""
+
+    exit_code = 10

@@ -82,10 +82,13 @@ def test_result_has_every_field_and_consistent_counts(bench_run, manifest):
     assert sum(e["share"] for e in exits) == pytest.approx(1.0)
     for e in exits:
         assert set(e["latency_ms"]) >= {"p50", "p90", "p99", "mean"}
-        assert set(e["energy_mj"]) == {"ops", "board"}
         if e["count"]:
             assert e["latency_ms"]["p50"] <= e["latency_ms"]["p90"] <= e["latency_ms"]["p99"]
     assert [e["cumulative_macs"] for e in exits] == list(manifest.cumulative_macs())
+    kinds = {"measured_mj", "measured_attributable_mj", "board_estimate_mj", "board_estimate_attributable_mj",
+             "proxy_mj"}
+    assert [e["exit"] for e in r["energy"]["exits"]] == list(range(manifest.num_exits))
+    assert all(kinds <= set(e) for e in (*r["energy"]["exits"], r["energy"]["early_exit"], r["energy"]["monolithic"]))
 
 
 def test_accuracies_match_a_recount_of_the_per_input_results(bench_run, manifest):

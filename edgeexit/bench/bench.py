@@ -32,12 +32,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..energy import proxy as _energy
+from ..energy.report import EnergySettings, energy_section, measure_bench
 from ..errors import DatasetError, EdgeExitError, UsageError
 from ..runtime.bundle import Bundle, load_bundle
 from ..runtime.manifest import ExitRuleSpec, Manifest
 from ..runtime.rules import ExitRule
 from ..runtime.trace import Trace
+from .compare import bundle_hash
 from .datasets import ImageSet
 from .envinfo import EnvPaths, collect_environment
 from .sweep import grid_kind, named_rules, rule_text, sweep_tradeoff
@@ -51,7 +52,7 @@ SCHEMA_VERSION = 2
 #: Top-level keys of every result.
 RESULT_FIELDS = ("schema", "schema_version", "created", "bundle", "dataset", "settings", "environment",
                  "latency_definition", "exits", "overall", "monolithic", "forced_last", "speedup", "points",
-                 "exit_costs", "overhead", "throughput", "sweep", "float", "inputs", "notes", "energy_sources")
+                 "exit_costs", "overhead", "throughput", "sweep", "float", "inputs", "notes", "energy")
 LATENCY_DEFINITION = ("whole call: the public call (Runner.classify / Runner.run_monolithic) timed from outside, "
                       "from the image as given (a uint8 array) to the returned result, preprocessing included; "
                       "each input's latency is its median over the repeats")
@@ -76,6 +77,7 @@ class BenchSettings:
         float_checkpoint: a training checkpoint whose float network is evaluated beside (needs torch).
         batch_sizes: batch sizes of the throughput comparison (1 = the single-image calls).
         points: also time every stored operating point (to check its estimated latency).
+        energy: measure energy per phase with a power sensor or meter trace (None: estimates only).
     """
 
     warmup: int = 20
@@ -89,6 +91,7 @@ class BenchSettings:
     float_checkpoint: str | None = None
     batch_sizes: tuple[int, ...] = (1, 8, 32)
     points: bool = True
+    energy: EnergySettings | None = None
 
     def validate(self) -> None:
         """Raise UsageError for values that cannot run."""
@@ -100,6 +103,8 @@ class BenchSettings:
         if not self.batch_sizes or any(isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 4096
                                        for b in self.batch_sizes):
             raise UsageError(f"batch sizes must be integers 1..4096, got {list(self.batch_sizes)!r}")
+        if self.energy is not None:
+            self.energy.validate()
 
 
 # ------------------------------------------------------------------------------------------- dataset checks
@@ -166,22 +171,6 @@ def fit_images(manifest: Manifest, images: np.ndarray) -> np.ndarray:
         arr = np.asarray(pil.convert(mode).resize((w, h), Image.BILINEAR), dtype=np.uint8)
         out[i] = arr[:, :, None] if arr.ndim == 2 else arr
     return out
-
-
-
-def monolithic_ops_mj(manifest: Manifest) -> float | None:
-    """The operation-proxy energy (mJ) of the monolithic model, with the constants of :mod:`edgeexit.energy.proxy`.
-
-    Like a stage: its MACs, one int32 add per output element, its input and output through SRAM and every
-    parameter byte from DRAM once. None when the bundle has no monolithic model.
-    """
-    mono = manifest.monolithic
-    if mono is None:
-        return None
-    act_in, act_out = int(np.prod(mono.input.shape)), int(np.prod(mono.output.shape))
-    pj = (mono.macs * _energy.INT8_MAC_PJ + act_out * _energy.INT32_ADD_PJ
-          + (act_in + act_out) * _energy.SRAM_PJ_PER_BYTE + mono.param_bytes * _energy.DRAM_PJ_PER_BYTE)
-    return pj * 1e-9
 
 
 
@@ -292,10 +281,9 @@ def _trace_pass(runner: Any, images: np.ndarray, labels: np.ndarray, progress: P
     return runner.trace(feed(), labels)
 
 
-def _exit_rows(manifest: Manifest, pred: np.ndarray, exits: np.ndarray, lat: np.ndarray, labels: np.ndarray,
-               active_w: float) -> list[dict[str, Any]]:
+def _exit_rows(manifest: Manifest, pred: np.ndarray, exits: np.ndarray, lat: np.ndarray,
+               labels: np.ndarray) -> list[dict[str, Any]]:
     cum_macs = manifest.cumulative_macs()
-    cum_ops = np.cumsum(_energy.stages_ops_mj(manifest))
     n = labels.shape[0]
     rows = []
     for k in range(manifest.num_exits):
@@ -304,9 +292,7 @@ def _exit_rows(manifest: Manifest, pred: np.ndarray, exits: np.ndarray, lat: np.
         rows.append({"exit": k, "count": count, "share": count / n,
                      "accuracy": float(np.mean(pred[m] == labels[m])) if count else None,
                      "cumulative_macs": int(cum_macs[k]), "mac_fraction": cum_macs[k] / max(manifest.full_macs, 1),
-                     "latency_ms": latency_summary(lat[m]),
-                     "energy_mj": {"ops": float(cum_ops[k]),
-                                   "board": float(lat[m].mean() * active_w) if count else None}})
+                     "latency_ms": latency_summary(lat[m])})
     return rows
 
 
@@ -384,14 +370,11 @@ def run_benchmark(bundle: str | os.PathLike[str] | Bundle, data: ImageSet, setti
     pred = np.array([r.label for r in results], dtype=np.int64)
     exits = np.array([r.exit_index for r in results], dtype=np.int64)
     macs = np.asarray(manifest.cumulative_macs(), dtype=np.int64)[exits]
-    active_w = runner.board.active_w
     full = max(manifest.full_macs, 1)
     overall = {"accuracy": float(np.mean(pred == labels)), "avg_macs": float(macs.mean()),
                "mac_fraction": float(macs.mean()) / full, "full_macs": manifest.full_macs,
                "latency_ms": latency_summary(lat),
-               "estimated_latency_ms": costs.estimate_ms(rule.kind, exits),
-               "energy_mj": {"ops": float(np.cumsum(_energy.stages_ops_mj(manifest))[exits].mean()),
-                             "board": float(lat.mean() * active_w)}}
+               "estimated_latency_ms": costs.estimate_ms(rule.kind, exits)}
     forced_lat = per_input(ms[at[forced_last]])
     forced_pred = np.array([r.label for r in kept[forced_last]], dtype=np.int64)
     forced_block: dict[str, Any] = {"rule": rule_text(rule), "latency_ms": latency_summary(forced_lat),
@@ -407,8 +390,7 @@ def run_benchmark(bundle: str | os.PathLike[str] | Bundle, data: ImageSet, setti
         mono_block.update({"accuracy": float(np.mean(mono_pred == labels)),
                            "agreement_with_early_exit": float(np.mean(mono_pred == pred)),
                            "macs": manifest.monolithic.macs, "mac_fraction": manifest.monolithic.macs / full,
-                           "latency_ms": ml,
-                           "energy_mj": {"ops": monolithic_ops_mj(manifest), "board": float(mono_lat.mean() * active_w)}})
+                           "latency_ms": ml})
         speedup = {s: ml[s] / overall["latency_ms"][s] for s in ("mean", "p50", "p90")}
         forced_block["vs_monolithic"] = {s: forced_block["latency_ms"][s] / ml[s] for s in ("mean", "p50", "p90")}
 
@@ -441,7 +423,7 @@ def run_benchmark(bundle: str | os.PathLike[str] | Bundle, data: ImageSet, setti
     sweep: dict[str, Any] | None = None
     if settings.sweep:
         trace = _trace_pass(runner, images, labels, progress)
-        sweep = sweep_tradeoff(trace, manifest, costs, rule)
+        sweep = sweep_tradeoff(trace, manifest, costs, rule, board=runner.board)
         sim_exit, sim_pred = rule.simulate(trace)
         sweep["run_agreement"] = float(np.mean((sim_exit == exits) & (sim_pred == pred)))
     float_block = None
@@ -450,13 +432,16 @@ def run_benchmark(bundle: str | os.PathLike[str] | Bundle, data: ImageSet, setti
             progress("float", 0, 1)
         float_block = float_accuracy(settings.float_checkpoint, ImageSet(images, labels, data.classes, data.name),
                                      rule)
+    measurement = None if settings.energy is None else measure_bench(runner, images, settings.energy,
+                                                                      with_monolithic=has_mono, progress=progress)
     env = collect_environment(num_threads=settings.num_threads,
                               backend=f"{runner.backend.name} {runner.backend.version}", paths=env_paths)
     spec = rule.to_spec()
-    return {
+    result = {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
         "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "bundle": {"name": manifest.name, "path": str(loaded.path), "num_exits": manifest.num_exits,
+        "bundle": {"name": manifest.name, "path": str(loaded.path), "sha256": bundle_hash(manifest),
+                   "num_exits": manifest.num_exits,
                    "num_classes": manifest.num_classes, "full_macs": manifest.full_macs,
                    "cumulative_macs": list(manifest.cumulative_macs()),
                    "exit_rule": {"kind": manifest.exit_rule.kind, "thresholds": list(manifest.exit_rule.thresholds),
@@ -466,14 +451,13 @@ def run_benchmark(bundle: str | os.PathLike[str] | Bundle, data: ImageSet, setti
         "settings": {"warmup": settings.warmup, "repeat": settings.repeat, "threads": settings.num_threads,
                      "backend": runner.backend.name, "backend_version": runner.backend.version,
                      "rule": {"kind": spec.kind, "thresholds": list(spec.thresholds), "exit": spec.exit},
-                     "board": runner.board.name, "board_active_w": active_w, "board_source": runner.board.source,
-                     "power_sensor": None if runner.sensor is None else runner.sensor.description,
+                     "board": runner.board.name,
                      "batch": 1, "batch_sizes": list(settings.batch_sizes),
                      "variants": [v.name for v in variants],
                      "order": "every variant once per input, interleaved in rotating order"},
         "environment": env,
         "latency_definition": LATENCY_DEFINITION,
-        "exits": _exit_rows(manifest, pred, exits, lat, labels, active_w),
+        "exits": _exit_rows(manifest, pred, exits, lat, labels),
         "overall": overall,
         "monolithic": mono_block,
         "forced_last": forced_block,
@@ -490,9 +474,9 @@ def run_benchmark(bundle: str | os.PathLike[str] | Bundle, data: ImageSet, setti
                    "monolithic_prediction": None if mono_lat is None else mono_pred.tolist(),
                    "monolithic_latency_ms": None if mono_lat is None else [round(float(v), 6) for v in mono_lat]},
         "notes": notes,
-        "energy_sources": {"ops": _energy.OPS_SOURCE, "board": f"mean latency x {active_w:g} W ({runner.board.title}"
-                                                              f", {runner.board.source})"},
     }
+    result["energy"] = energy_section(result, manifest, runner.board, measurement)
+    return result
 
 
 def _point_row(name: str, rule: ExitRule, lat: np.ndarray, exits: np.ndarray, pred: np.ndarray, labels: np.ndarray,

@@ -65,15 +65,69 @@ def _typical(block: Mapping[str, Any]) -> float | None:
     return (block.get("latency_ms") or {}).get("mean")
 
 
+def _energy_panel(ax: Any, result: Mapping[str, Any], grid: list[Mapping[str, Any]],
+                  marked: list[Mapping[str, Any]]) -> None:
+    """Accuracy vs energy per input, of ONE kind: measured (with 95 % intervals) when the result has a
+    measurement, else the operation proxy (which the sweep's points carry too)."""
+    energy = result.get("energy") or {}
+    overall, mono = result.get("overall") or {}, result.get("monolithic") or {}
+    fixed = {p["name"]: p for p in marked if p.get("source") == "fixed"}
+    measured = bool(energy.get("measurement")) and any((r.get("measured_mj") or {}).get("mean") is not None
+                                                       for r in energy.get("exits", []))
+    points: list[tuple[float, float, str, str]] = []
+
+    def value(block: Mapping[str, Any] | None) -> tuple[float | None, float | None]:
+        if not block:
+            return None, None
+        if measured:
+            m = block.get("measured_mj") or {}
+            return m.get("mean"), m.get("ci95")
+        return block.get("proxy_mj"), None
+
+    if not measured and grid and all("proxy_mj" in p for p in grid):
+        xs = [p["proxy_mj"] for p in grid]
+        ys = [100.0 * p["accuracy"] for p in grid]
+        order = sorted(range(len(xs)), key=lambda i: (xs[i], ys[i]))
+        ax.plot([xs[i] for i in order], [ys[i] for i in order], "o-", color="tab:blue", markersize=4, linewidth=1.2,
+                label="sweep: one global threshold")
+    for row in energy.get("exits", []):
+        p = fixed.get(f"exit {row['exit']} only")
+        x, ci = value(row)
+        if p is not None and x is not None:
+            ax.errorbar([x], [100.0 * p["accuracy"]], xerr=None if ci is None else [ci], fmt="none",
+                        ecolor="grey", capsize=3)
+            points.append((x, 100.0 * p["accuracy"], f"exit {row['exit']} only", "fixed"))
+    x, ci = value(energy.get("early_exit"))
+    if x is not None and overall.get("accuracy") is not None:
+        ax.errorbar([x], [100.0 * overall["accuracy"]], xerr=None if ci is None else [ci], fmt="none",
+                    ecolor="tab:green", capsize=3)
+        points.append((x, 100.0 * overall["accuracy"], "measured run", "measured"))
+    x, ci = value(energy.get("monolithic"))
+    if x is not None and mono.get("accuracy") is not None:
+        ax.errorbar([x], [100.0 * mono["accuracy"]], xerr=None if ci is None else [ci], fmt="none",
+                    ecolor="tab:red", capsize=3)
+        ax.axvline(x, color="tab:red", linestyle=":", linewidth=1, label="monolithic int8")
+        points.append((x, 100.0 * mono["accuracy"], "monolithic int8", "monolithic"))
+    if points:
+        _draw_marked(ax, points)
+    ax.set_xlabel("energy per input [mJ], MEASURED total (+-95% interval, whole Runner call)" if measured else
+                  "energy per input [mJ], OPERATION PROXY (45 nm operation energies, cache rule; not board energy)")
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7.5, loc="best", framealpha=0.8)
+
+
 def plot_tradeoff(result: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Draw accuracy vs average MACs and accuracy vs estimated latency from a benchmark result.
+    """Draw accuracy vs average MACs, vs estimated latency and vs energy per input from a benchmark result.
 
     Left panel: the sweep's accuracy [%] against average MACs [% of the full network]. Right panel: the
     same accuracy against mean whole-call latency [ms]: for sweep points estimated from the measured exit
     costs (each exit's share x the whole-call latency of an input forced to leave there); for the measured
     run and the monolithic model the measured mean (each input's median over the repeats). Marked and annotated: the bundle's rule, the run's rule,
     the bundle's operating points, every exit on its own, and the measured run. The monolithic int8 model is
-    a point with reference lines (its accuracy horizontally; its MACs and latency vertically).
+    a point with reference lines (its accuracy horizontally; its MACs and latency vertically). Third panel:
+    accuracy vs energy per input, measured when the result has a measurement (forced exits, the run, the
+    monolithic model, with 95 % intervals), else the operation proxy (the sweep, the run, the monolithic model).
 
     Args:
         result: a dict as returned by :func:`edgeexit.bench.bench.run_benchmark` (or read from its JSON file).
@@ -96,7 +150,7 @@ def plot_tradeoff(result: Mapping[str, Any], path: str | os.PathLike[str]) -> Pa
     machine = env.get("machine") or "unknown machine"
     board = result.get("settings", {}).get("board")
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(19, 5.5), sharey=True)
     for ax, xkey, xlabel in ((axes[0], "mac_fraction", "average MACs per input [% of the full network]"),
                              (axes[1], "est_latency_ms", "mean whole-call latency per input [ms] (sweep: estimated from exit costs)")):
         scale = 100.0 if xkey == "mac_fraction" else 1.0
@@ -127,6 +181,7 @@ def plot_tradeoff(result: Mapping[str, Any], path: str | os.PathLike[str]) -> Pa
         ax.set_xlabel(xlabel)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7.5, loc="best", framealpha=0.8)
+    _energy_panel(axes[2], result, grid, marked)
     axes[0].set_ylabel("top-1 accuracy [%]")
     bundle = result.get("bundle", {}).get("name", "bundle")
     dataset = result.get("dataset", {}).get("name", "")

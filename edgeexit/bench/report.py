@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..energy.report import format_energy
 from ..errors import UsageError
 from .envinfo import slug
 from .sweep import SWEEP_COLUMNS
@@ -112,13 +113,12 @@ def format_report(result: dict[str, Any]) -> str:
              f" | warm-up {s['warmup']} | repeat {s['repeat']} | batch 1",
              f"latency = {result['latency_definition']}", ""]
     head = (f"{'exit':>4} {'share':>8} {'accuracy':>9} {'cum. MACs':>12} {'MAC %':>7} {'p50 ms':>8} {'p90 ms':>8} "
-            f"{'p99 ms':>8} {'ops mJ':>9} {'board mJ':>9}")
+            f"{'p99 ms':>8}")
     lines += [head, "-" * len(head)]
     for r in result["exits"]:
-        lat, en = r["latency_ms"], r["energy_mj"]
+        lat = r["latency_ms"]
         lines.append(f"{r['exit']:>4} {_pct(r['share']):>8} {_pct(r['accuracy']):>9} {r['cumulative_macs']:>12,} "
-                     f"{100 * r['mac_fraction']:>6.1f}% {_ms(lat['p50']):>8} {_ms(lat['p90']):>8} {_ms(lat['p99']):>8} "
-                     f"{en['ops']:>9.2e} {'-' if en['board'] is None else format(en['board'], '9.4f'):>9}")
+                     f"{100 * r['mac_fraction']:>6.1f}% {_ms(lat['p50']):>8} {_ms(lat['p90']):>8} {_ms(lat['p99']):>8}")
     o, m, f, sp = result["overall"], result["monolithic"], result["forced_last"], result["speedup"]
     mlat, flat = m.get("latency_ms") or {}, f["latency_ms"]
     lines += ["", f"{'whole call':24}{'early exit':>12}{'forced last':>13}{'monolithic':>12}{'speed-up':>10}"]
@@ -127,11 +127,6 @@ def format_report(result: dict[str, Any]) -> str:
         lines.append(f"{name:24}{_ms(o['latency_ms'][key]):>12}{_ms(flat[key]):>13}{_ms(mlat.get(key)):>12}{ratio:>10}")
     lines.append(f"{'accuracy':24}{_pct(o['accuracy']):>12}{_pct(f['accuracy']):>13}{_pct(m.get('accuracy')):>12}")
     lines.append(f"{'MACs / full network':24}{_pct(o['mac_fraction']):>12}{'100.00%':>13}{_pct(m.get('mac_fraction')):>12}")
-    men = m.get("energy_mj") or {}
-    lines.append(f"{'energy ops proxy mJ':24}{o['energy_mj']['ops']:>12.3e}{'':>13}"
-                 f"{'-' if men.get('ops') is None else format(men['ops'], '.3e'):>12}")
-    lines.append(f"{'energy board est. mJ':24}{o['energy_mj']['board']:>12.4f}{'':>13}"
-                 f"{'-' if men.get('board') is None else format(men['board'], '.4f'):>12}")
     if sp.get("p50") is not None:
         vs = f["vs_monolithic"]
         lines.append(f"early exit vs monolithic: {_x(sp['p50'])} (p50), {_x(sp['mean'])} (mean), {_x(sp['p90'])} (p90); "
@@ -172,6 +167,8 @@ def format_report(result: dict[str, Any]) -> str:
             shares = " ".join(f"{100 * v:.0f}" for v in p["exit_shares"])
             lines.append(f"{p['name'][:34]:34} {_pct(p['accuracy']):>9} {100 * p['mac_fraction']:>6.1f}% "
                          f"{p['est_latency_ms']:>9.4f}  {shares}")
+    if result.get("energy"):
+        lines += ["", format_energy(result["energy"])]
     for note in result.get("notes", []):
         lines.append(f"note: {note}")
     return "\n".join(lines)

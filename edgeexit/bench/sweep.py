@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..energy.proxy import stages_ops_mj
+from ..energy import BOARDS, Board, EnergyModel
 from ..errors import EdgeExitError, UsageError
 from ..runtime.manifest import Manifest
 from ..runtime.rules import RULES, ExitRule, FixedExitRule, rule_from_spec
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 GRID_POINTS = 21
 #: Columns of the sweep CSV.
 SWEEP_COLUMNS = ("name", "source", "kind", "thresholds", "accuracy", "avg_macs", "mac_fraction", "est_latency_ms",
-                 "ops_mj", "exit_shares")
+                 "proxy_mj", "exit_shares")
 
 
 def threshold_grid(kind: str, num_classes: int, points: int = GRID_POINTS) -> list[float]:
@@ -62,18 +62,18 @@ def grid_kind(manifest: Manifest, run_rule: ExitRule | None) -> str:
 
 
 def sweep_point(name: str, source: str, rule: ExitRule, trace: Trace, manifest: Manifest,
-                costs: ExitCostTable) -> tuple[dict[str, Any], np.ndarray]:
-    """One point: accuracy, MACs, estimated latency and energy proxy of ``rule`` on the trace."""
+                costs: ExitCostTable, board: Board = BOARDS["generic"]) -> tuple[dict[str, Any], np.ndarray]:
+    """One point: accuracy, MACs, estimated latency and operation-proxy energy (on ``board``) of ``rule``."""
     exit_index, prediction = rule.simulate(trace)                   # [N] int64, [N] int64
     cum_macs = np.asarray(manifest.cumulative_macs(), dtype=np.float64)
-    cum_ops = np.cumsum(stages_ops_mj(manifest))
+    cum_ops = np.asarray(EnergyModel(manifest, board).proxy_mj)
     spec = rule.to_spec()
     macs = cum_macs[exit_index]
     n, e = trace.num_inputs, trace.num_exits
     return {"name": name, "source": source, "kind": spec.kind, "thresholds": list(spec.thresholds),
             "exit": spec.exit, "accuracy": trace.accuracy(prediction), "avg_macs": float(macs.mean()),
             "mac_fraction": float(macs.mean()) / max(manifest.full_macs, 1),
-            "est_latency_ms": costs.estimate_ms(spec.kind, exit_index), "ops_mj": float(cum_ops[exit_index].mean()),
+            "est_latency_ms": costs.estimate_ms(spec.kind, exit_index), "proxy_mj": float(cum_ops[exit_index].mean()),
             "exit_shares": [float(v) for v in np.bincount(exit_index, minlength=e) / n]}, exit_index
 
 
@@ -95,11 +95,13 @@ def named_rules(manifest: Manifest, run_rule: ExitRule | None) -> list[tuple[str
 
 
 def sweep_tradeoff(trace: Trace, manifest: Manifest, costs: ExitCostTable, run_rule: ExitRule | None = None,
-                   extra_rules: Sequence[tuple[str, str, ExitRule]] = ()) -> dict[str, Any]:
+                   extra_rules: Sequence[tuple[str, str, ExitRule]] = (), board: Board = BOARDS["generic"]
+                   ) -> dict[str, Any]:
     """Accuracy against average MACs and estimated latency for a grid of global thresholds and named rules.
 
     Named points: the bundle's own rule, the measured rule (when it differs), the bundle's operating points,
-    ``extra_rules`` as (name, source, rule), and every exit on its own ("fixed").
+    ``extra_rules`` as (name, source, rule), and every exit on its own ("fixed"). ``proxy_mj``: the operation
+    proxy with ``board``'s cache.
 
     Returns:
         {"rule": grid kind, "latency_is_estimated": True, "latency_note", "points": [...]} (see ``SWEEP_COLUMNS``).
@@ -112,7 +114,7 @@ def sweep_tradeoff(trace: Trace, manifest: Manifest, costs: ExitCostTable, run_r
 
     def add(name: str, source: str, rule: ExitRule) -> None:
         try:
-            point, _ = sweep_point(name, source, rule, trace, manifest, costs)
+            point, _ = sweep_point(name, source, rule, trace, manifest, costs, board)
         except UsageError as exc:  # e.g. an operating point for another number of exits
             log.warning("sweep: skipped %s (%s)", name, exc)
             return

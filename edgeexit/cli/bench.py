@@ -18,7 +18,8 @@ class _StderrProgress:
     """Progress of the benchmark passes on stderr: one updating line on a terminal, a line per phase otherwise."""
 
     LABELS = {"timed": "timed pass (whole calls: early exit, monolithic, stored points, forced to each exit)",
-              "throughput": "throughput at batch sizes", "trace": "trace pass (every stage)", "float": "float network"}
+              "throughput": "throughput at batch sizes", "trace": "trace pass (every stage)", "float": "float network",
+              "energy": "energy phases (idle, each exit, early exit, monolithic)"}
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
@@ -87,17 +88,32 @@ def _parse_batch_sizes(text: str) -> tuple[int, ...]:
               help="Batch sizes of the throughput comparison (1 = single-image calls).")
 @click.option("--points/--no-points", default=True, show_default=True,
               help="Also time every stored operating point (estimated vs measured latency).")
+@click.option("--power-sensor", type=click.Choice(["auto", "none"]), default="auto", show_default=True,
+              help="Measure energy with the first hwmon power sensor (INA2xx) or the Raspberry Pi 5 PMIC (auto), "
+                   "or not at all (none).")
+@click.option("--power-trace", type=click.Path(dir_okay=False), default=None, metavar="CSV",
+              help="Measure energy from a CSV trace an external meter logs during the run (time and watts, or "
+                   "volts and amps, columns); read after the phases, joined by timestamps.")
+@click.option("--energy-reps", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Repeats of the energy phases (the 95% interval needs 2 or more).")
+@click.option("--energy-phase-s", type=click.FloatRange(min=0.05), default=2.0, show_default=True,
+              help="Seconds per energy phase (idle, each exit, early exit, monolithic).")
+@click.option("--store-energy", is_flag=True,
+              help="Store the measured per-exit energy for this board in the bundle's manifest (Runner, tune and "
+                   "the controller then use it).")
 @click.pass_context
 def bench(ctx: click.Context, bundle: str, data_spec: str, split: str, limit: int | None, warmup: int, repeat: int,
           threads: int, backend: str, rule: str | None, thresholds: str | None, exit_index: int | None, board: str,
           sweep: bool, resize: bool, out_dir: str, no_save: bool, no_plot: bool, as_json: bool,
-          float_checkpoint: str | None, batch_sizes: str, points: bool) -> None:
+          float_checkpoint: str | None, batch_sizes: str, points: bool, power_sensor: str, power_trace: str | None,
+          energy_reps: int, energy_phase_s: float, store_energy: bool) -> None:
     """Benchmark BUNDLE on a labelled set: per-exit and overall accuracy, MACs, latency and energy against
     the monolithic int8 model measured in the same run, plus an accuracy/cost threshold sweep."""
     from ..bench.bench import BenchSettings, run_benchmark
     from ..bench.report import format_report, write_results
     from ..runtime.bundle import load_bundle
     from ..bench.datasets import load_dataset
+    from ..energy.report import EnergySettings, check_measurement, store_measured
 
     quiet = bool((ctx.find_root().obj or {}).get("quiet"))
     loaded = load_bundle(bundle, backend=backend, check_tensors=False)
@@ -105,7 +121,9 @@ def bench(ctx: click.Context, bundle: str, data_spec: str, split: str, limit: in
     data = load_dataset(data_spec, split=split, limit=limit)
     settings = BenchSettings(warmup=warmup, repeat=repeat, num_threads=threads, backend=backend, rule=chosen,
                              board=board, sweep=sweep, resize=resize, float_checkpoint=float_checkpoint,
-                             batch_sizes=_parse_batch_sizes(batch_sizes), points=points)
+                             batch_sizes=_parse_batch_sizes(batch_sizes), points=points,
+                             energy=EnergySettings(sensor=power_sensor, power_trace=power_trace, reps=energy_reps,
+                                                   phase_s=energy_phase_s, idle_s=energy_phase_s))
     result: dict[str, Any] = run_benchmark(loaded, data, settings, progress=_StderrProgress(not quiet),
                                            dataset_spec=data_spec)
     files = None
@@ -120,3 +138,7 @@ def bench(ctx: click.Context, bundle: str, data_spec: str, split: str, limit: in
         click.echo(f"wrote {', '.join(written)}", err=True)
         if files["plot_skipped"] and not no_plot:
             click.echo(f"plot skipped: {files['plot_skipped']}", err=True)
+    check_measurement(result)
+    if store_energy:
+        click.echo(f"stored measured energy for board {store_measured(loaded.path, result)} in {loaded.path}",
+                   err=True)

@@ -1,6 +1,6 @@
 """The ``edgeexit`` command line.
 
-Device commands (``run``, ``info``, ``bench``, ``tune``) need only the device install. Workstation
+Device commands (``run``, ``info``, ``bench``, ``tune``, ``compare``) need only the device install. Workstation
 commands (``train``, ``sweep``, ``convert``) live in :mod:`edgeexit.workstation.cli.train` and :mod:`edgeexit.workstation.cli.convert` and are imported only when
 they are invoked, so ``edgeexit --help`` and the device commands never load torch or TensorFlow.
 
@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("edgeexit.cli.device:info", "Show a bundle's stages, costs, thresholds and verification report."),
     "bench": ("edgeexit.cli.bench:bench", "Benchmark a bundle on a labelled dataset against the monolithic model."),
     "tune": ("edgeexit.cli.tune:tune", "Search per-exit thresholds for an accuracy or budget target."),
+    "compare": ("edgeexit.cli.compare:compare", "Compare bench results of one bundle from several boards side by side."),
 }
 
 WORKSTATION_HINT = ("this command needs the workstation install (torch, TensorFlow, onnx2tf): run "
@@ -69,7 +70,7 @@ class LazyGroup(click.Group):
 def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
     """edgeexit: early-exit neural networks on edge devices.
 
-    Workstation: train -> convert.  Device: run, info, bench, tune.
+    Workstation: train -> convert.  Device: run, info, bench, tune, compare.
     """
     level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -7,13 +7,15 @@ from typing import Any
 
 import click
 
+from ..energy import BOARDS, KIND_LABELS, KINDS
 from ..runtime.interpreter import BACKENDS
 from ..tuning.tune import DEFAULT_COST_IMAGES, DEFAULT_LEVELS, TUNABLE_RULES, Target, TuneResult, tune_bundle
 
 
 def _summary(result: TuneResult, name: str, dry_run: bool) -> str:
     c = result.chosen
-    energy = f", {c.energy_mj:.4g} mJ (op proxy)" if c.energy_mj is not None else ""
+    kind = KIND_LABELS[result.exit_costs.energy_kind] if result.exit_costs is not None else "energy"
+    energy = f", {c.energy_mj:.4g} mJ ({kind})" if c.energy_mj is not None else ""
     where = "not written (--dry-run)" if dry_run else f"stored as operating point '{name}' and set as the exit rule"
     lines = [f"tuned {c.rule} on {result.n} images of {result.data} for {result.target.describe()}: {where}",
              f"  thresholds      {', '.join(f'{t:.6g}' for t in c.thresholds)}",
@@ -60,7 +62,13 @@ def _summary(result: TuneResult, name: str, dry_run: bool) -> str:
               help="Most accurate point with estimated mean whole-call latency <= MS (estimated from the exit costs "
                    "timed on this device).")
 @click.option("--budget-energy-mj", type=float, default=None, metavar="MJ",
-              help="Most accurate point with average op-proxy energy <= MJ.")
+              help="Most accurate point with average energy <= MJ per input, of --energy-kind.")
+@click.option("--energy-kind", type=click.Choice(KINDS), default=None,
+              help="Energy of the budget and the stored front: measured (stored in the bundle by `bench "
+                   "--store-energy` for this board), board_estimate or proxy (default: measured if the bundle has "
+                   "it, else proxy).")
+@click.option("--board", type=click.Choice(["auto", *BOARDS]), default="auto", show_default=True,
+              help="Board whose energy figures are used.")
 @click.option("--name", default="tuned", show_default=True, help="Name of the stored operating point.")
 @click.option("--levels", type=click.IntRange(min=1), default=DEFAULT_LEVELS, show_default=True,
               help="Candidate thresholds per exit (quantiles of each exit's score).")
@@ -75,14 +83,15 @@ def _summary(result: TuneResult, name: str, dry_run: bool) -> str:
 def tune(ctx: click.Context, bundle: str, data: str, split: str, limit: int | None, rule: str | None,
          max_drop: float | None, no_worse_than: str | None, margin: float | None, minimize: str,
          budget_macs: float | None,
-         budget_latency_ms: float | None, budget_energy_mj: float | None, name: str, levels: int, backend: str, cost_images: int, dry_run: bool,
-         as_json: bool) -> None:
+         budget_latency_ms: float | None, budget_energy_mj: float | None, energy_kind: str | None, board: str,
+         name: str, levels: int, backend: str, cost_images: int, dry_run: bool, as_json: bool) -> None:
     """Search per-exit thresholds of BUNDLE for an accuracy or budget target and store the trade-off front."""
     if (max_drop is None and no_worse_than is None and budget_macs is None and budget_latency_ms is None
             and budget_energy_mj is None):
         max_drop = 0.5
     target = Target(max_drop_pp=max_drop, no_worse_than=no_worse_than, budget_macs=budget_macs,
-                    budget_latency_ms=budget_latency_ms, budget_energy_mj=budget_energy_mj, minimize=minimize)
+                    budget_latency_ms=budget_latency_ms, budget_energy_mj=budget_energy_mj, minimize=minimize,
+                    energy_kind=energy_kind)
     quiet = bool((ctx.find_root().obj or {}).get("quiet"))
     progress: Any = None
     if not quiet and not as_json:
@@ -91,7 +100,7 @@ def tune(ctx: click.Context, bundle: str, data: str, split: str, limit: int | No
                 yield from bar
     result = tune_bundle(bundle, data, target, rule=rule, name=name, split=split, limit=limit, dry_run=dry_run,
                          levels=levels, backend=backend, margin_pp=margin, progress=progress,
-                         cost_images=cost_images)
+                         cost_images=cost_images, board=board)
     if as_json:
         click.echo(json.dumps({"name": name, "written": not dry_run, **result.to_dict()}))
     else:

@@ -1,9 +1,12 @@
-"""Board power profiles and board detection.
+"""Board profiles (one idle and one active power figure, the cache the operation proxy uses) and detection.
 
-A profile gives a board's power draw at its supply input while idle and while running inference
-(one CPU core busy, or the Edge TPU busy). ``latency x active_w`` is the board-level energy estimate used
-when no power sensor is available. Every figure names its source; the figures are published measurements
-of other people's boards, so treat them as +-30 % and prefer a power sensor (:mod:`edgeexit.energy.proxy`).
+Each profile states, for every figure, where it comes from and, for the active figure, the load it was
+measured under. The power figures are other people's measurements at the board's supply input: use them
+as +-30 % at best, and measure your own board (``edgeexit bench`` with a power sensor or ``--power-trace``).
+
+``cache_bytes`` is the last-level cache one inference core can use; the operation proxy
+(:mod:`edgeexit.energy.proxy`) charges memory traffic to SRAM or DRAM by comparing the bundle's working set
+with it.
 """
 
 from __future__ import annotations
@@ -17,34 +20,85 @@ from ..errors import UsageError
 log = logging.getLogger(__name__)
 
 DEVICE_TREE_MODEL = "/proc/device-tree/model"
+KIB, MIB = 1024, 1024 * 1024
+
+_CHIPWIRED = ("chipwired.com/raspberry-pi-power-use: USB-C tester at the supply input, Raspberry Pi 4, "
+              "Raspberry Pi OS Bullseye")
+
+
+@dataclass(frozen=True)
+class PowerFigure:
+    """One power draw at the board's supply input (W), the load it was measured under, and its source."""
+
+    watts: float
+    load: str
+    source: str
+
+    def describe(self) -> str:
+        return f"{self.watts:g} W ({self.load}; {self.source})"
 
 
 @dataclass(frozen=True)
 class Board:
-    """A board's power profile."""
+    """A board's power and cache profile."""
 
-    name: str          # key in BOARDS, e.g. "rpi4"
-    title: str         # human-readable
-    idle_w: float      # W at the supply input, idle
-    active_w: float    # W at the supply input while inferring
-    source: str        # where the figures come from
+    name: str                 # key in BOARDS, e.g. "rpi4"
+    title: str                # human-readable
+    idle: PowerFigure         # nothing but the OS running
+    active: PowerFigure       # under the stated load
+    cache_bytes: int | None   # last-level cache one core can use; None: unknown (the proxy assumes none)
+    cache_source: str
 
+    @property
+    def idle_w(self) -> float:
+        return self.idle.watts
+
+    @property
+    def active_w(self) -> float:
+        return self.active.watts
+
+    @property
+    def source(self) -> str:
+        """Where every figure of the profile comes from, in one line."""
+        return (f"idle {self.idle.describe()}; active {self.active.describe()}; cache "
+                f"{'unknown' if self.cache_bytes is None else f'{self.cache_bytes // KIB} KiB'} ({self.cache_source})")
+
+    def to_dict(self) -> dict[str, object]:
+        return {"name": self.name, "title": self.title,
+                "idle_w": self.idle.watts, "idle_load": self.idle.load, "idle_source": self.idle.source,
+                "active_w": self.active.watts, "active_load": self.active.load, "active_source": self.active.source,
+                "cache_bytes": self.cache_bytes, "cache_source": self.cache_source}
+
+
+_PI4_IDLE = PowerFigure(2.2, "idle desktop, WiFi and Bluetooth on ('idle load')", _CHIPWIRED)
+_PI4_CACHE = (MIB, "BCM2711: 4x Cortex-A72, 32 KiB L1 data cache per core, 1 MiB shared L2 (Raspberry Pi "
+                   "documentation, 'Processors')")
 
 BOARDS: dict[str, Board] = {b.name: b for b in (
-    Board("rpi4", "Raspberry Pi 4 Model B", 1.8, 5.4,
-          "USB-meter measurements at the USB-C input, minimal load 1.8 W to high CPU load 5.4 W "
-          "(chipwired.com/raspberry-pi-power-use, Raspberry Pi 4, Raspberry Pi OS)"),
-    Board("rpi5", "Raspberry Pi 5", 3.0, 7.0,
-          "idle about 3 W measured at the USB-C input (u-labs.de, Raspberry Pi 5, Raspberry Pi OS 12); "
-          "7 W all-core load is an approximate community figure, not verified by edgeexit"),
-    Board("coral-dev", "Coral Dev Board", 2.0, 4.0,
-          "Edge TPU 2 W at 4 TOPS (Coral datasheet: 0.5 W per TOPS) on top of an assumed 2 W i.MX 8M SoC "
-          "baseline; approximate, the SoC figure is not a published measurement"),
-    Board("coral-usb-rpi4", "Coral USB Accelerator on a Raspberry Pi 4", 2.2, 4.2,
-          "Raspberry Pi 4 idle 2.2 W (chipwired.com) + Edge TPU 2 W at 4 TOPS (Coral datasheet); the Pi's "
-          "CPU is mostly waiting on USB while the Edge TPU runs"),
-    Board("generic", "unknown board", 1.0, 5.0,
-          "nominal 5 V x 1 A budget, NOT a measurement; pass --board or a Board(...) with your board's figures"),
+    Board("rpi4", "Raspberry Pi 4 Model B", _PI4_IDLE,
+          PowerFigure(5.4, "intense CPU work on all cores plus WiFi traffic ('high load'); a one-thread inference "
+                      "draws less, so the estimate is an upper bound", _CHIPWIRED),
+          *_PI4_CACHE),
+    Board("rpi5", "Raspberry Pi 5",
+          PowerFigure(3.0, "idle, Raspberry Pi OS 12", "u-labs.de, USB-C meter at the supply input"),
+          PowerFigure(7.0, "all cores busy", "approximate community figure, not verified by edgeexit"),
+          2 * MIB, "BCM2712: 4x Cortex-A76, 64 KiB L1 data and 512 KiB L2 per core, 2 MiB shared L3 (Raspberry "
+                   "Pi documentation, 'Processors'); the 2 MiB L3 is the last level"),
+    Board("coral-dev", "Coral Dev Board",
+          PowerFigure(2.0, "i.MX 8M SoC idle", "assumed baseline, NOT a published measurement"),
+          PowerFigure(4.0, "Edge TPU at its rated 4 TOPS on top of the idle SoC",
+                      "Coral datasheet: 0.5 W per TOPS, 2 W at 4 TOPS, plus the assumed 2 W idle"),
+          MIB, "NXP i.MX 8M Quad: 4x Cortex-A53, 1 MiB shared L2 (NXP i.MX 8M datasheet); the Edge TPU's own "
+               "parameter SRAM (about 8 MiB, Coral documentation) is not modelled"),
+    Board("coral-usb-rpi4", "Coral USB Accelerator on a Raspberry Pi 4", _PI4_IDLE,
+          PowerFigure(4.2, "Edge TPU at its rated 4 TOPS while the Pi's CPU mostly waits on USB",
+                      f"Pi 4 idle 2.2 W ({_CHIPWIRED}) + Edge TPU 2 W at 4 TOPS (Coral datasheet)"),
+          *_PI4_CACHE),
+    Board("generic", "unknown board",
+          PowerFigure(1.0, "unknown", "nominal, NOT a measurement"),
+          PowerFigure(5.0, "unknown", "nominal 5 V x 1 A budget, NOT a measurement; pass --board or a Board(...) "
+                      "with your board's figures"),
+          None, "unknown: the proxy charges every weight byte to DRAM on every inference (an upper bound)"),
 )}
 
 

@@ -1,34 +1,38 @@
-"""Energy per inference, three ways.
+"""The operation proxy: counted operations and memory traffic times per-operation energies (45 nm figures).
 
-1. **Operation proxy** (``ops_mj``): counted operations and memory traffic times per-operation energies
-   from Horowitz, "Computing's energy problem", ISSCC 2014 (45 nm, 0.9 V):
+Per-operation energies from Horowitz, "Computing's energy problem", ISSCC 2014, measured at **45 nm, 0.9 V**
+(a board's 16-28 nm SoC spends less per operation; the proxy compares exits and networks, it is not what a
+board draws: no static power, no OS, no clock tree):
 
-   * one int8 multiply-accumulate = int8 multiply 0.2 pJ + int8 add 0.03 pJ  -> 0.23 pJ per MAC;
-   * one int32 add 0.1 pJ per output element (bias add / requantization accumulator);
-   * SRAM: 64-bit read 10 pJ (8 KB) to 100 pJ (1 MB); edgeexit uses the 1 MB figure, 12.5 pJ per byte,
-     for activations (a stage's input read once, its outputs written once);
-   * DRAM: 64-bit read 1.3-2.6 nJ; edgeexit uses 1.3 nJ, 162.5 pJ per byte, for weights (every parameter
-     byte of the stage's segment and head read once per inference; no cache reuse across inferences).
+* one int8 multiply-accumulate = int8 multiply 0.2 pJ + int8 add 0.03 pJ -> 0.23 pJ per MAC;
+* one int32 add, 0.1 pJ, per output element (bias add / requantization accumulator);
+* a byte from on-chip SRAM (cache): 64-bit read from a 1 MB SRAM, 100 pJ -> 12.5 pJ per byte;
+* a byte from DRAM: 64-bit DRAM read, low end 1.3 nJ -> 162.5 pJ per byte.
 
-   It compares exits and networks; it is not what a board draws (45 nm, no static power, no OS).
-2. **Board profile** (``board_mj``): measured latency x the board's active power (:mod:`edgeexit.energy.boards`).
-3. **Measured** (``measured_mj``): latency x the mean of a Linux hwmon power sensor read before and after
-   the inference (``power*_input`` in microwatts, or ``curr*_input`` mA x ``in*_input`` mV pairs, e.g. an
-   INA219/INA260 with its kernel driver). None when no sensor exists, and the source says so.
+**Cache rule** (memory-aware). A bundle runs the same stages input after input, so whatever stays in the
+board's last-level cache between inputs is read from SRAM, not DRAM. The *working set* is every weight byte the
+network can read (all stages and heads of the bundle; the monolithic model's parameters for the monolithic
+model) plus the largest stage-boundary activation footprint (a stage's int8 input + outputs). Then, per
+inference:
+
+* activations (a stage's input read once, its outputs written once) come from SRAM when that footprint fits
+  in the cache, else from DRAM;
+* of the weights, the part that fits in the cache next to the activations, ``min(1, (cache - activations) /
+  weights)``, is read from SRAM and the rest from DRAM (misses spread evenly over the weights);
+* a board without a known cache (``generic``) keeps every weight byte in DRAM: the pre-cache rule, an
+  upper bound.
+
+Only stage-boundary activations are counted (the manifest records no tensors inside a stage).
 """
 
 from __future__ import annotations
 
-import glob
-import logging
 import math
-import os
 from dataclasses import dataclass
 from typing import Sequence
 
 from ..runtime.manifest import Manifest, StageSpec
-
-log = logging.getLogger(__name__)
+from .boards import Board
 
 INT8_MULT_PJ = 0.2
 INT8_ADD_PJ = 0.03
@@ -36,14 +40,116 @@ INT8_MAC_PJ = INT8_MULT_PJ + INT8_ADD_PJ
 INT32_ADD_PJ = 0.1
 SRAM_PJ_PER_BYTE = 100.0 / 8   # 64-bit read from a 1 MB SRAM
 DRAM_PJ_PER_BYTE = 1300.0 / 8  # 64-bit DRAM read, low end
-HWMON_ROOT = "/sys/class/hwmon"
-OPS_SOURCE = ("op proxy: 0.23 pJ/int8 MAC, 0.1 pJ/int32 add per output, 12.5 pJ/B SRAM activations, "
-              "162.5 pJ/B DRAM weights (Horowitz ISSCC 2014, 45 nm)")
+CONSTANTS_SOURCE = ("Horowitz, ISSCC 2014, 45 nm: 0.23 pJ/int8 MAC, 0.1 pJ/int32 add per output, 12.5 pJ/B "
+                    "SRAM (1 MB), 162.5 pJ/B DRAM")
+
+
+@dataclass(frozen=True)
+class ProxyCost:
+    """The operation-proxy energy of one stage (or model) for one inference, in picojoules, by part."""
+
+    mac_pj: float
+    add_pj: float
+    activation_pj: float
+    weight_sram_pj: float
+    weight_dram_pj: float
+
+    @property
+    def total_mj(self) -> float:
+        return (self.mac_pj + self.add_pj + self.activation_pj + self.weight_sram_pj + self.weight_dram_pj) * 1e-9
+
+
+def _elements(shape: Sequence[int]) -> int:
+    return int(math.prod(shape))
+
+
+def _stage_io(stage: StageSpec) -> tuple[int, int]:
+    return _elements(stage.input.shape), sum(_elements(t.shape) for t in stage.outputs.values())
+
+
+def working_set(manifest: Manifest) -> tuple[int, int]:
+    """(weight bytes of every stage and head, largest stage-boundary activation bytes) of a bundle."""
+    weights = sum(s.costs.segment_param_bytes + s.costs.head_param_bytes for s in manifest.stages)
+    return weights, max(sum(_stage_io(s)) for s in manifest.stages)
+
+
+def sram_weight_fraction(weight_bytes: int, activation_bytes: int, cache_bytes: int | None) -> float:
+    """Share of weight reads served from the cache under the cache rule (0 without a known cache)."""
+    if cache_bytes is None or weight_bytes <= 0:
+        return 0.0 if cache_bytes is None else 1.0
+    return max(0.0, min(1.0, (cache_bytes - activation_bytes) / weight_bytes))
+
+
+def _cost(macs: int, act_in: int, act_out: int, weights: int, sram_fraction: float, act_in_sram: bool) -> ProxyCost:
+    act_pj = SRAM_PJ_PER_BYTE if act_in_sram else DRAM_PJ_PER_BYTE
+    return ProxyCost(mac_pj=macs * INT8_MAC_PJ, add_pj=act_out * INT32_ADD_PJ,
+                     activation_pj=(act_in + act_out) * act_pj,
+                     weight_sram_pj=weights * sram_fraction * SRAM_PJ_PER_BYTE,
+                     weight_dram_pj=weights * (1.0 - sram_fraction) * DRAM_PJ_PER_BYTE)
+
+
+def stage_costs(manifest: Manifest, cache_bytes: int | None) -> tuple[ProxyCost, ...]:
+    """The proxy cost of every stage for one inference, with the bundle's working set against ``cache_bytes``."""
+    weights, acts = working_set(manifest)
+    frac = sram_weight_fraction(weights, acts, cache_bytes)
+    acts_fit = cache_bytes is None or acts <= cache_bytes
+    out = []
+    for s in manifest.stages:
+        act_in, act_out = _stage_io(s)
+        c = s.costs
+        out.append(_cost(c.segment_macs + c.head_macs, act_in, act_out, c.segment_param_bytes + c.head_param_bytes,
+                         frac, acts_fit))
+    return tuple(out)
+
+
+def stages_proxy_mj(manifest: Manifest, board: Board) -> tuple[float, ...]:
+    """Operation-proxy energy of every stage (mJ) on ``board`` (its cache size decides SRAM or DRAM)."""
+    return tuple(c.total_mj for c in stage_costs(manifest, board.cache_bytes))
+
+
+def monolithic_cost(manifest: Manifest, cache_bytes: int | None) -> ProxyCost | None:
+    """The proxy cost of the bundle's monolithic model (its own working set), or None without one."""
+    mono = manifest.monolithic
+    if mono is None:
+        return None
+    act_in, act_out = _elements(mono.input.shape), _elements(mono.output.shape)
+    frac = sram_weight_fraction(mono.param_bytes, act_in + act_out, cache_bytes)
+    return _cost(mono.macs, act_in, act_out, mono.param_bytes, frac,
+                 cache_bytes is None or act_in + act_out <= cache_bytes)
+
+
+def monolithic_proxy_mj(manifest: Manifest, board: Board) -> float | None:
+    """Operation-proxy energy (mJ) of the monolithic model on ``board``; None when the bundle has none."""
+    cost = monolithic_cost(manifest, board.cache_bytes)
+    return None if cost is None else cost.total_mj
+
+
+def proxy_source(manifest: Manifest, board: Board) -> str:
+    """One line: the constants, the cache rule's outcome for this bundle on this board."""
+    weights, acts = working_set(manifest)
+    frac = sram_weight_fraction(weights, acts, board.cache_bytes)
+    cache = "no known cache" if board.cache_bytes is None else f"{board.cache_bytes // 1024} KiB cache"
+    return (f"operation proxy ({CONSTANTS_SOURCE}); working set {weights / 1024:.0f} KiB weights + "
+            f"{acts / 1024:.1f} KiB activations vs {board.name} {cache}: {100 * frac:.0f}% of weight reads from SRAM")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Names the Runner imports until it builds an EnergyModel (`edgeexit.energy.model`); they go when it stops using
+# them. ``stages_ops_mj`` is the proxy without a known cache (every weight byte from DRAM).
+from .boards import BOARDS as _BOARDS  # noqa: E402
+from .sources import HwmonSensor, find_power_sensor  # noqa: E402,F401
+
+OPS_SOURCE = f"operation proxy without a known cache ({CONSTANTS_SOURCE})"
+
+
+def stages_ops_mj(manifest: Manifest) -> tuple[float, ...]:
+    """Proxy energy per stage (mJ) without a known cache (the ``generic`` board)."""
+    return stages_proxy_mj(manifest, _BOARDS["generic"])
 
 
 @dataclass(frozen=True)
 class Energy:
-    """Energy of one inference in millijoules, with where each figure comes from."""
+    """The per-inference energy record the Runner builds until it uses EnergyModel (ops / board / sensor)."""
 
     ops_mj: float
     board_mj: float
@@ -54,77 +160,4 @@ class Energy:
 
     @property
     def best_mj(self) -> float:
-        """The measured value when there is one, else the board estimate."""
         return self.measured_mj if self.measured_mj is not None else self.board_mj
-
-
-def _elements(shape: Sequence[int]) -> int:
-    return int(math.prod(shape))
-
-
-def stage_ops_mj(stage: StageSpec) -> float:
-    """Operation-proxy energy of one stage (mJ): MACs, per-output int32 adds, activation and weight traffic."""
-    c = stage.costs
-    act_in = _elements(stage.input.shape)                                      # int8 bytes read
-    act_out = sum(_elements(t.shape) for t in stage.outputs.values())          # int8 bytes written
-    pj = ((c.segment_macs + c.head_macs) * INT8_MAC_PJ + act_out * INT32_ADD_PJ
-          + (act_in + act_out) * SRAM_PJ_PER_BYTE
-          + (c.segment_param_bytes + c.head_param_bytes) * DRAM_PJ_PER_BYTE)
-    return pj * 1e-9
-
-
-def stages_ops_mj(manifest: Manifest) -> tuple[float, ...]:
-    """Operation-proxy energy of every stage (mJ)."""
-    return tuple(stage_ops_mj(s) for s in manifest.stages)
-
-
-class HwmonSensor:
-    """A Linux hwmon power reading: ``power<n>_input`` (uW) or ``curr<n>_input`` (mA) x ``in<n>_input`` (mV)."""
-
-    def __init__(self, directory: str, power_file: str | None = None,
-                 current_file: str | None = None, voltage_file: str | None = None):
-        self.directory = directory
-        self.power_file, self.current_file, self.voltage_file = power_file, current_file, voltage_file
-        name_file = os.path.join(directory, "name")
-        try:
-            with open(name_file, encoding="utf-8") as f:
-                self.name = f.read().strip()
-        except OSError:
-            self.name = os.path.basename(directory)
-
-    @property
-    def description(self) -> str:
-        what = os.path.basename(self.power_file) if self.power_file else (
-            f"{os.path.basename(self.current_file or '')} x {os.path.basename(self.voltage_file or '')}")
-        return f"hwmon {self.name} ({self.directory}, {what})"
-
-    def read_watts(self) -> float | None:
-        """The current power in W, or None if the sensor cannot be read now."""
-        try:
-            if self.power_file:
-                return _read_int(self.power_file) * 1e-6
-            return _read_int(self.current_file or "") * _read_int(self.voltage_file or "") * 1e-6
-        except (OSError, ValueError):
-            return None
-
-
-def _read_int(path: str) -> int:
-    with open(path, encoding="ascii") as f:
-        return int(f.read().strip())
-
-
-def find_power_sensor(root: str = HWMON_ROOT) -> HwmonSensor | None:
-    """The first readable hwmon power sensor under ``root`` (injectable for tests), or None."""
-    for directory in sorted(glob.glob(os.path.join(root, "hwmon*"))):
-        for power in sorted(glob.glob(os.path.join(directory, "power*_input"))):
-            sensor = HwmonSensor(directory, power_file=power)
-            if sensor.read_watts() is not None:
-                return sensor
-        for current in sorted(glob.glob(os.path.join(directory, "curr*_input"))):
-            n = os.path.basename(current)[len("curr"):-len("_input")]
-            voltage = os.path.join(directory, f"in{n}_input")
-            if os.path.exists(voltage):
-                sensor = HwmonSensor(directory, current_file=current, voltage_file=voltage)
-                if sensor.read_watts() is not None:
-                    return sensor
-    return None

@@ -268,6 +268,7 @@ class Manifest:
     verification: Mapping[str, Any] = field(default_factory=dict)  # conversion report (torch vs int8)
     training: Mapping[str, Any] = field(default_factory=dict)  # method, loss, lambda, dataset, accuracy...
     edgetpu: Mapping[str, Any] = field(default_factory=dict)  # Edge TPU readiness / compilation report
+    energy: Mapping[str, Any] = field(default_factory=dict)  # {"measured": {board: per-exit mJ}} (bench --store-energy)
 
     @property
     def num_exits(self) -> int:
@@ -337,7 +338,8 @@ class Manifest:
                    operating_points=_opt(d, "operating_points", dict, "manifest", {}),
                    verification=_opt(d, "verification", dict, "manifest", {}),
                    training=_opt(d, "training", dict, "manifest", {}),
-                   edgetpu=_opt(d, "edgetpu", dict, "manifest", {}))
+                   edgetpu=_opt(d, "edgetpu", dict, "manifest", {}),
+                   energy=_opt(d, "energy", dict, "manifest", {}))
 
     def to_dict(self) -> dict[str, Any]:
         def plain(obj: Any) -> Any:

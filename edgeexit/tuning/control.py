@@ -16,6 +16,11 @@ Costs come from the caller, so any clock or power source can drive it (and tests
     for image in stream:
         result = runner.classify(image)
         ctl.observe(result.latency_ms, result.exit_index)          # switches the runner's thresholds
+
+Energy is held in the kind the front was tuned with (``energy_kind``: measured, board_estimate or proxy, see
+:mod:`edgeexit.energy.model`); observe ``result.energy.of(ctl.energy_kind)``. Only the board estimate follows
+the latency of each input; measured and proxy figures are per exit, so with them the controller follows the
+exit shares alone.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ class BudgetController:
         exit_costs: [E] estimated cost of an input that leaves at exit i, in the same unit. When given and
             :meth:`observe` gets the exit index, the speed ratio is measured per input (low noise);
             otherwise it is measured against the points' average costs.
+        energy_kind: the kind of the points' energy ("measured", "board_estimate", "proxy"); observed costs
+            must be of the same kind.
         window: inputs in the sliding window whose average is held.
         hold: inputs to wait after a move before judging again (default: window // 8, at least 4; at least
             window // 2 when inputs come without exit indices, whose speed estimate is noisier).
@@ -58,7 +65,8 @@ class BudgetController:
     """
 
     def __init__(self, points: Sequence[OperatingPoint], target: float, *, cost: str = "latency",
-                 exit_costs: Sequence[float] | None = None, window: int = 128, hold: int | None = None,
+                 exit_costs: Sequence[float] | None = None, energy_kind: str = "proxy", window: int = 128,
+                 hold: int | None = None,
                  tolerance: float = 0.05, margin: float = 0.01,
                  apply: Callable[[OperatingPoint], Any] | None = None, start: int | None = None):
         if cost not in CONTROL_COSTS:
@@ -71,6 +79,7 @@ class BudgetController:
         if not (0 <= margin < 1 and tolerance >= 0):
             raise UsageError(f"need 0 <= margin < 1 and tolerance >= 0, got margin={margin} tolerance={tolerance}")
         self.cost_kind = cost
+        self.energy_kind = energy_kind
         self.points = _pareto([p for p in points if _has_cost(p, cost)], cost)
         if not self.points:
             raise TuningError(f"no operating point has a {cost} estimate; tune the bundle first "
@@ -184,6 +193,8 @@ class BudgetController:
         if isinstance(exit_costs, dict):  # measured whole-call costs per rule kind: the front's kind
             exit_costs = exit_costs.get(points.front[0].rule)
         kwargs.setdefault("exit_costs", exit_costs)
+        if cost == "energy" and isinstance(stored, dict):
+            kwargs.setdefault("energy_kind", stored.get("energy_kind", "proxy"))
         return cls(points.front, target, cost=cost, apply=lambda p: use_operating_point(runner, p), **kwargs)
 
 

@@ -34,7 +34,7 @@ import numpy as np
 
 from ..errors import BundleError, DatasetError, EdgeExitError, TuningError, UsageError
 from ..runtime.manifest import EXIT_RULES, ExitRuleSpec, Manifest
-from ..energy.proxy import stages_ops_mj
+from ..energy import BOARDS, KIND_LABELS, KINDS, Board, EnergyModel
 from ..runtime.rules import RULES, ClassExclusionRule, exit_scores, rule_from_spec
 from ..runtime.trace import Trace
 
@@ -67,13 +67,14 @@ class ExitCosts:
     Attributes:
         macs_fraction: [E] MACs up to exit i (all heads paid for included) / MACs of the full network.
         latency_ms: [E] sum of the measured per-stage latencies (median over the trace) up to exit i.
-        energy_mj: [E] operation-proxy energy up to exit i in mJ (:func:`edgeexit.energy.proxy.stages_ops_mj`),
-            or None when no estimate is available.
+        energy_mj: [E] energy of leaving at exit i in mJ, of kind ``energy_kind``, or None when there is none.
+        energy_kind: "measured", "board_estimate" or "proxy" (see :mod:`edgeexit.energy.model`).
     """
 
     macs_fraction: np.ndarray
     latency_ms: np.ndarray
     energy_mj: np.ndarray | None = None
+    energy_kind: str = "proxy"
 
     def vector(self, kind: str) -> np.ndarray:
         """The [E] cost vector of ``kind`` ("macs", "latency" or "energy")."""
@@ -98,7 +99,7 @@ class OperatingPoint:
     accuracy: float                # fraction correct on the tuning data
     avg_macs_fraction: float       # average MACs per input / full network MACs
     est_latency_ms: float          # average estimated latency per input
-    energy_mj: float | None        # average operation-proxy energy per input, mJ (edgeexit.energy.proxy); None: none
+    energy_mj: float | None        # average energy per input, mJ, of the front's kind (ExitCosts.energy_kind)
     exit_fractions: tuple[float, ...]  # share of inputs leaving at each exit
 
     def cost(self, kind: str) -> float:
@@ -155,6 +156,8 @@ class Target:
         budget_macs: average MACs as a fraction of the full network; the most accurate point within it.
         budget_latency_ms: average estimated latency per input in ms.
         budget_energy_mj: average energy per input in mJ.
+        energy_kind: the energy budgets and fronts are in ("measured", "board_estimate", "proxy"); None: measured
+            when the bundle holds measured figures for the board, else the operation proxy. Not a target itself.
     """
 
     max_drop_pp: float | None = None
@@ -164,11 +167,14 @@ class Target:
     min_accuracy: float | None = None
     no_worse_than: str | None = None
     minimize: str = "latency"
+    energy_kind: str | None = None
 
     def __post_init__(self) -> None:
         if self.minimize not in COST_KINDS:
             raise UsageError(f"minimize must be one of {', '.join(COST_KINDS)}, got {self.minimize!r}")
-        given = {k: v for k, v in self.__dict__.items() if v is not None and k != "minimize"}
+        if self.energy_kind is not None and self.energy_kind not in KINDS:
+            raise UsageError(f"energy kind {self.energy_kind!r} is not one of {', '.join(KINDS)}")
+        given = {k: v for k, v in self.__dict__.items() if v is not None and k not in ("minimize", "energy_kind")}
         if len(given) != 1:
             raise UsageError(f"give exactly one tuning target (--max-drop, --no-worse-than, --budget-macs, "
                              f"--budget-latency-ms or --budget-energy-mj), got {sorted(given) or 'none'}")
@@ -230,7 +236,8 @@ class Target:
             return f"accuracy >= {100 * self.min_accuracy:.2f}%"
         if self.no_worse_than is not None:
             return f"accuracy no worse than '{self.no_worse_than}', lowest {_cost_label(self.cost_kind)}"
-        return f"average {_cost_label(self.cost_kind)} <= {_fmt_cost(self.cost_kind, self.budget or 0.0)}"
+        kind = f" ({KIND_LABELS[self.energy_kind]})" if self.cost_kind == "energy" and self.energy_kind else ""
+        return f"average {_cost_label(self.cost_kind)}{kind} <= {_fmt_cost(self.cost_kind, self.budget or 0.0)}"
 
     def to_dict(self) -> dict[str, float | str]:
         out = {k: (v if isinstance(v, str) else float(v)) for k, v in self.__dict__.items()
@@ -664,16 +671,20 @@ def _unmet_message(front: Sequence[tuple[tuple[int, ...], float, float, Any]], t
 
 # --------------------------------------------------------------------------------------- trace -> costs
 
-def exit_costs(manifest: Manifest, measured: Any = None, rule: str | None = None) -> ExitCosts:
+def exit_costs(manifest: Manifest, measured: Any = None, rule: str | None = None, board: Board | None = None,
+               energy_kind: str | None = None) -> ExitCosts:
     """Per-exit cumulative costs of a bundle.
 
     MACs: :meth:`Manifest.cumulative_macs` / ``full_macs`` (every head paid for). Latency: the measured whole-call
     latency of an input leaving at each exit under a ``rule``-kind rule (an
-    :class:`~edgeexit.bench.timing.ExitCostTable`); zeros without one. Energy: the operation proxy of
-    :mod:`edgeexit.energy.proxy`, summed up to the exit.
+    :class:`~edgeexit.bench.timing.ExitCostTable`); zeros without one. Energy: of ``energy_kind`` on ``board``
+    (default ``generic``) from :class:`edgeexit.energy.EnergyModel`: measured (stored in the bundle by ``bench
+    --store-energy``), board estimate (the latency above x the board's active power) or the operation proxy;
+    None picks measured when the bundle has it for the board, else the proxy.
 
     Raises:
-        TuningError: the table has another number of exits than the bundle.
+        TuningError: the table has another number of exits than the bundle; an energy kind the bundle or the
+            timing has no figures for.
     """
     e = manifest.num_exits
     macs = np.asarray(manifest.cumulative_macs(), dtype=np.float64) / max(manifest.full_macs, 1)
@@ -683,8 +694,15 @@ def exit_costs(manifest: Manifest, measured: Any = None, rule: str | None = None
         if latency.shape[0] != e:
             raise TuningError(f"the exit costs have {latency.shape[0]} exits but the bundle has {e}; measure them "
                               "with this bundle's Runner")
-    energy = np.cumsum(np.asarray(stages_ops_mj(manifest), dtype=np.float64))
-    return ExitCosts(macs_fraction=macs, latency_ms=latency, energy_mj=energy)
+    model = EnergyModel(manifest, board or BOARDS["generic"])
+    kind = energy_kind or model.default_kind()
+    if kind == "board_estimate" and not np.any(latency):
+        raise TuningError("a board-estimate energy needs the exit costs timed on this device: give --cost-images > 0")
+    energy = model.exit_vector(kind, latency)
+    if energy is None:
+        raise TuningError(f"the bundle holds no measured energy for board {model.board.name}; measure it there with "
+                          "`edgeexit bench --store-energy`, or use --energy-kind proxy or board_estimate")
+    return ExitCosts(macs_fraction=macs, latency_ms=latency, energy_mj=energy, energy_kind=kind)
 
 
 def evaluate_rule(trace: Trace, spec: ExitRuleSpec, costs: ExitCosts) -> OperatingPoint:
@@ -752,6 +770,7 @@ def updated_manifest(manifest: Manifest, result: TuneResult, name: str, original
         c = result.exit_costs
         points["exit_costs"] = {"macs_fraction": [round(float(v), 6) for v in c.macs_fraction],
                                 "energy_mj": None if c.energy_mj is None else [float(v) for v in c.energy_mj],
+                                "energy_kind": c.energy_kind,
                                 **(table.to_dict() if table is not None else {"latency_ms": {}})}
     return manifest.replace(operating_points=points, exit_rule=result.chosen.rule_spec())
 
@@ -777,7 +796,8 @@ def thin_front(front: Sequence[OperatingPoint], cost_kind: str, max_points: int)
 def tune_bundle(bundle: str | os.PathLike[str], data: str, target: Target, *, rule: str | None = None,
                 name: str = "tuned", split: str = "test", limit: int | None = None, dry_run: bool = False,
                 levels: int = DEFAULT_LEVELS, backend: str = "auto", margin_pp: float | None = None,
-                progress: Callable[[Any], Any] | None = None, cost_images: int = DEFAULT_COST_IMAGES) -> TuneResult:
+                progress: Callable[[Any], Any] | None = None, cost_images: int = DEFAULT_COST_IMAGES,
+                board: str | Board | None = None) -> TuneResult:
     """Trace a labelled validation set once, search the front, and store the chosen point in the bundle.
 
     Args:
@@ -796,6 +816,7 @@ def tune_bundle(bundle: str | os.PathLike[str], data: str, target: Target, *, ru
             percentage points on the tuning data (a finite tuning set overstates what carries over); None =
             one binomial standard error of the reference's accuracy there (0.14 pp at 99 % on 5,000 inputs).
         progress: wraps the image iterable (e.g. a progress bar); None = no wrapper.
+        board: the board profile energy costs are for (None / "auto": detect it).
         cost_images: how many of the images time the exit costs (the whole-call latency of an input forced to
             leave at each exit, per rule kind; :func:`edgeexit.bench.timing.measure_exit_costs`), which the
             latency of every candidate point is estimated from; 0 = no latency estimates.
@@ -822,7 +843,7 @@ def tune_bundle(bundle: str | os.PathLike[str], data: str, target: Target, *, ru
         raise UsageError(f"--rule {kind} cannot be tuned; choose one of {', '.join(TUNABLE_RULES)} or any")
     images = load_dataset(data, split=split, limit=limit)
     check_data_fits(manifest, images.classes, images.image_shape, images.name)
-    runner = Runner(loaded, backend=backend, rule=ExitRuleSpec("final", ()), power_sensor=None)
+    runner = Runner(loaded, backend=backend, rule=ExitRuleSpec("final", ()), power_sensor=None, board=board)
     seq = images.images if progress is None else progress(images.images)
     log.info("tracing %d images through %d stages", len(images), manifest.num_exits)
     trace = runner.trace(seq, images.labels)
@@ -834,11 +855,15 @@ def tune_bundle(bundle: str | os.PathLike[str], data: str, target: Target, *, ru
             raise UsageError("a latency budget needs the exit costs timed on this device: give --cost-images > 0")
         log.info("no exit costs timed (cost_images=0): minimizing MACs instead of latency")
         target = dataclasses.replace(target, minimize="macs")
-    reference = (evaluate_rule(trace, ref_spec, exit_costs(manifest, table, ref_spec.kind))
+
+    def costs_for(rule_kind: str) -> ExitCosts:
+        return exit_costs(manifest, table, rule_kind, runner.board, target.energy_kind)
+
+    reference = (evaluate_rule(trace, ref_spec, costs_for(ref_spec.kind))
                  if ref_spec is not None else None)
     results, errors = [], []
     for k in searched:
-        costs = exit_costs(manifest, table, k)
+        costs = costs_for(k)
         try:
             if reference is not None:
                 results.append(_beat_reference(trace, costs, k, reference, target.no_worse_than, levels, margin_pp))
@@ -856,7 +881,7 @@ def tune_bundle(bundle: str | os.PathLike[str], data: str, target: Target, *, ru
         original = None
         if "original" not in manifest.operating_points:
             try:
-                original = evaluate_rule(trace, manifest.exit_rule, exit_costs(manifest, table, manifest.exit_rule.kind))
+                original = evaluate_rule(trace, manifest.exit_rule, costs_for(manifest.exit_rule.kind))
             except UsageError as exc:
                 log.warning("the bundle's own rule cannot be evaluated on this trace: %s", exc)
         path = write_manifest_atomic(loaded.path, updated_manifest(manifest, result, name, original, table=table))
