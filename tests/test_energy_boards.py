@@ -143,3 +143,29 @@ def test_energy_model_uses_measured_figures_stored_for_its_board(bundle_dir):
     assert "ina260" in on_pi4.measured_source
     assert EnergyModel(m, BOARDS["rpi4"]).default_kind() == "measured"
     assert EnergyModel(m, BOARDS["rpi5"]).for_exit(0, 1.0).measured_mj is None  # measured on another board
+
+
+def test_runner_results_carry_every_energy_kind_and_never_read_the_sensor_per_call(bundle_dir, tmp_path):
+    import numpy as np
+
+    from edgeexit import Runner
+    from edgeexit.runtime.rules import FixedExitRule
+
+    hw = _hwmon(tmp_path / "hwmon", 0, "ina260", {"power1_input": "4000000"})
+    runner = Runner(bundle_dir, power_sensor=str(tmp_path / "hwmon"),
+                    device_tree_model=_model(tmp_path, "Raspberry Pi 4 Model B Rev 1.4"))
+    assert runner.board.name == "rpi4" and runner.sensor is not None and "ina260" in runner.sensor.description
+    (hw / "power1_input").unlink()   # a sensor read per call would now fail or change the figures
+    h, w = runner.manifest.preprocessing.size
+    image = np.full((h, w, runner.manifest.preprocessing.channels), 128, np.uint8)
+    proxy = []
+    for k in range(runner.num_exits):
+        runner.set_rule(FixedExitRule(k))
+        r = runner(image)
+        e = r.energy
+        assert e.board_estimate_mj == pytest.approx(r.latency_ms * 5.4)       # W x ms = mJ
+        assert e.board_estimate_attributable_mj == pytest.approx(r.latency_ms * (5.4 - 2.2))
+        assert e.measured_mj is None and "bench --store-energy" in e.measured_source
+        assert r.to_dict()["energy"]["proxy_mj"] == pytest.approx(e.proxy_mj)
+        proxy.append(e.proxy_mj)
+    assert proxy == pytest.approx(list(EnergyModel(runner.manifest, BOARDS["rpi4"]).proxy_mj))

@@ -81,7 +81,7 @@ def run(bundle: str, inputs: tuple[str, ...], rule: str | None, thresholds: str 
         else:
             measured = (f", measured {r.energy.measured_mj:.3f} mJ" if r.energy.measured_mj is not None else "")
             click.echo(f"{path}\t{r.label_name}\t{r.score:.3f}\texit {r.exit_index + 1}/{n}\t{r.macs} MACs\t"
-                       f"{r.latency_ms:.3f} ms\t{r.energy.board_mj:.3f} mJ board estimate ({runner.board.name})"
+                       f"{r.latency_ms:.3f} ms\t{r.energy.board_estimate_mj:.3f} mJ board estimate ({runner.board.name})"
                        f"{measured}")
 
 

@@ -131,33 +131,3 @@ def proxy_source(manifest: Manifest, board: Board) -> str:
     cache = "no known cache" if board.cache_bytes is None else f"{board.cache_bytes // 1024} KiB cache"
     return (f"operation proxy ({CONSTANTS_SOURCE}); working set {weights / 1024:.0f} KiB weights + "
             f"{acts / 1024:.1f} KiB activations vs {board.name} {cache}: {100 * frac:.0f}% of weight reads from SRAM")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Names the Runner imports until it builds an EnergyModel (`edgeexit.energy.model`); they go when it stops using
-# them. ``stages_ops_mj`` is the proxy without a known cache (every weight byte from DRAM).
-from .boards import BOARDS as _BOARDS  # noqa: E402
-from .sources import HwmonSensor, find_power_sensor  # noqa: E402,F401
-
-OPS_SOURCE = f"operation proxy without a known cache ({CONSTANTS_SOURCE})"
-
-
-def stages_ops_mj(manifest: Manifest) -> tuple[float, ...]:
-    """Proxy energy per stage (mJ) without a known cache (the ``generic`` board)."""
-    return stages_proxy_mj(manifest, _BOARDS["generic"])
-
-
-@dataclass(frozen=True)
-class Energy:
-    """The per-inference energy record the Runner builds until it uses EnergyModel (ops / board / sensor)."""
-
-    ops_mj: float
-    board_mj: float
-    measured_mj: float | None
-    ops_source: str
-    board_source: str
-    measured_source: str
-
-    @property
-    def best_mj(self) -> float:
-        return self.measured_mj if self.measured_mj is not None else self.board_mj

@@ -33,7 +33,8 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from ..energy.boards import DEVICE_TREE_MODEL, Board, get_board
-from ..energy.proxy import OPS_SOURCE, Energy, HwmonSensor, find_power_sensor, stages_ops_mj
+from ..energy.model import Energy, EnergyModel
+from ..energy.sources import HwmonSensor, find_power_sensor
 from ..errors import BundleError, InputError, UsageError
 from .bundle import Bundle, Requantization, check_model_tensors, check_stage_tensors, load_bundle
 from .interpreter import create_interpreter, edgetpu_delegate, native_invoke, resolve_backend
@@ -54,26 +55,17 @@ _XOR_SIGN = np.uint8(0x80)
 class _Context:
     """What a result needs to answer its lazily computed attributes (shared, read-only)."""
 
-    __slots__ = ("labels", "cum_macs", "quant", "cum_ops_mj", "board", "board_source", "measured_source")
+    __slots__ = ("labels", "cum_macs", "quant", "energy_model")
 
-    def __init__(self, manifest: Manifest, quant: tuple[ExitQuant, ...], board: Board, measured_source: str):
+    def __init__(self, manifest: Manifest, quant: tuple[ExitQuant, ...], energy_model: EnergyModel):
         self.labels = manifest.labels
         self.cum_macs = manifest.cumulative_macs()
         self.quant = quant
-        ops = stages_ops_mj(manifest)
-        self.cum_ops_mj = tuple(float(np.sum(ops[:k + 1])) for k in range(len(ops)))
-        self.board = board
-        self.board_source = f"latency x {board.title} active power {board.active_w:g} W ({board.source})"
-        self.measured_source = measured_source
+        self.energy_model = energy_model
 
     def scores(self, exit_index: int, q: Sequence[int]) -> np.ndarray:
         x = self.quant[exit_index]
         return exit_scores(x.scale * (np.asarray(q, dtype=np.float64) - x.zero_point), x.scores)
-
-    def energy(self, exit_index: int, latency_ms: float) -> Energy:
-        return Energy(ops_mj=self.cum_ops_mj[exit_index], board_mj=latency_ms * self.board.active_w,
-                      measured_mj=None, ops_source=OPS_SOURCE, board_source=self.board_source,
-                      measured_source=self.measured_source)
 
 
 class Result:
@@ -113,15 +105,14 @@ class Result:
 
     @property
     def energy(self) -> Energy:
-        return self._ctx.energy(self.exit_index, self.latency_ms)
+        """This input's energy by kind (measured / board estimate / operation proxy; see :mod:`edgeexit.energy`)."""
+        return self._ctx.energy_model.for_exit(self.exit_index, self.latency_ms)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
         d = {k: getattr(self, k) for k in ("label", "label_name", "score", "exit_index", "stages_run", "macs",
                                            "latency_ms")}
-        e = self.energy
-        d["energy"] = {k: getattr(e, k) for k in ("ops_mj", "board_mj", "measured_mj", "ops_source",
-                                                  "board_source", "measured_source")}
+        d["energy"] = self.energy.to_dict()
         d["probabilities"] = [float(p) for p in self.probabilities]
         return d
 
@@ -295,8 +286,9 @@ class Runner:
         board: a board profile name (see :data:`edgeexit.energy.boards.BOARDS`), a Board, or None to detect it.
         edgetpu: run the stages through the Edge TPU delegate (stage files compiled for the Edge TPU).
         power_sensor: "auto" (first hwmon power sensor, if any), None (none), a hwmon root directory,
-            or an :class:`~edgeexit.energy.proxy.HwmonSensor`; it is not read per inference (a sensor updates
-            every few ms; ``edgeexit bench`` measures energy over phases).
+            or an :class:`~edgeexit.energy.sources.HwmonSensor`: found and reported as ``runner.sensor``, never
+            read per inference (a sensor updates every few ms; ``edgeexit bench`` measures energy over phases
+            of many inputs and can store per-exit figures in the bundle, which ``Result.energy`` then reports).
         device_tree_model: device-tree model file used for board detection (injectable for tests).
 
     A Runner is safe to share between threads (calls are serialised by a lock).
@@ -326,11 +318,8 @@ class Runner:
         self.quant = tuple(s.quant for s in self._stages)
         self.board = get_board(board, edgetpu=edgetpu, model_path=device_tree_model)
         self.sensor = self._open_sensor(power_sensor)
-        measured = ("per-inference energy is not read from a sensor (it updates every few ms); `edgeexit bench` "
-                    "measures it over phases" if self.sensor is not None else
-                    "no power sensor found (no hwmon power*_input or curr/in pair); energy is the "
-                    f"{self.board.name} board-profile estimate and the operation proxy only")
-        self._ctx = _Context(self.manifest, self.quant, self.board, measured)
+        self.energy_model = EnergyModel(self.manifest, self.board)
+        self._ctx = _Context(self.manifest, self.quant, self.energy_model)
         self._mono: tuple[Callable[[], None], _Input, np.ndarray] | None = None
         self.stats = RunnerStats(self.manifest.num_exits, self.manifest.cumulative_macs())
         self._counts, self._latency_ns = self.stats.counts, self.stats.latency_ns   # updated in place per call
