@@ -173,7 +173,8 @@ def _autocast(device: torch.device, enabled: bool) -> Any:
 
 
 def _float(outputs: Sequence[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
-    return [{k: v.float() for k, v in o.items()} for o in outputs]
+    """Outputs of a mixed-precision forward in float32 for the loss (others as they are)."""
+    return [{k: v.float() if v.dtype in (torch.float16, torch.bfloat16) else v for k, v in o.items()} for o in outputs]
 
 
 @torch.no_grad()
