@@ -167,3 +167,24 @@ def test_a_global_batch_that_does_not_split_evenly_is_a_one_line_error(tmp_path,
     assert errors and all("--batch-size 33 is not divisible by the 2 processes" in ln for ln in errors)
     assert "Traceback" not in "\n".join(ln for ln in proc.stderr.splitlines() if ln.startswith("[rank"))
     assert not (work / "m.pt").exists()
+
+
+def test_mixed_precision_is_a_cuda_option_and_cpu_training_stays_float32():
+    from synthetic import synthetic_digits
+
+    from edgeexit.bench.datasets import ImageSet
+    from edgeexit.workstation.models.registry import create
+    from edgeexit.workstation.training.train import TrainConfig, train
+
+    labels = tuple(str(i) for i in range(10))
+    train_set = ImageSet(*synthetic_digits(128, seed=1), labels, "train")
+    val_set = ImageSet(*synthetic_digits(32, seed=2), labels, "val")
+    runs = []
+    for amp in (False, True):
+        torch.manual_seed(0)
+        model = create("eenet-small", layers=[[8, 2, 0], [16, 2, 0]], placement=[0, 1], num_classes=10,
+                       labels=list(labels), input_shape=[1, 28, 28], mean=[0.5], std=[0.5])
+        runs.append(train(model, train_set, val_set, TrainConfig(epochs=2, batch_size=32, device="cpu", amp=amp),
+                          progress=False).model.state_dict())
+    assert all(v.dtype != torch.bfloat16 and v.dtype != torch.float16 for v in runs[1].values())
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])  # --amp on CPU: the float32 run, bit for bit

@@ -169,7 +169,7 @@ def _autocast(device: torch.device, enabled: bool) -> Any:
     if not enabled:
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def _float(outputs: Sequence[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
@@ -248,8 +248,7 @@ def _trace(model: StagedModel, x: torch.Tensor, y: torch.Tensor, info: distribut
                          "validation set (--val-fraction) or fewer processes")
     rows = distributed.shard(len(y), info)
     part = collect_outputs(model, x[rows], y[rows], batch_size)
-    logits, scores, labels = distributed.gather_rows([part.logits, part.scores, part.labels], [1, 1, 0],
-                                                             len(y), info)
+    logits, scores, labels = distributed.gather_rows([part.logits, part.scores, part.labels], [1, 1, 0], len(y), info)
     return ExitTrace(logits, scores, labels)
 
 
