@@ -90,6 +90,16 @@ def _assert_same_training(one: Path, two: Path) -> dict[str, torch.Tensor]:
     return sb
 
 
+def _onnx_stages(checkpoint: Path, folder: Path) -> list:
+    import onnx
+
+    from edgeexit.workstation.convert.export import export_onnx, split_stages
+
+    folder.mkdir()
+    return [onnx.load(str(export_onnx(unit, folder / f"{unit.name}.onnx")))
+            for unit in split_stages(load_checkpoint(checkpoint))]
+
+
 @pytest.mark.parametrize("args", [
     # two-stage: the v0 warm-up leaves the confidence heads unused; shift augmentation; BatchNorm everywhere
     ["--placement", "0,1,2", "--augment", "2"],
@@ -99,6 +109,16 @@ def _assert_same_training(one: Path, two: Path) -> dict[str, torch.Tensor]:
 def test_two_processes_train_the_same_weights_as_one(tmp_path, digits, args):
     one, two = _pair(tmp_path, ["train", "--dataset", str(digits), *COMMON, *args])
     _assert_same_training(one, two)
+    if "--augment" in args:  # the conversion's first step sees the same graphs and (float32) weights
+        from onnx import numpy_helper
+
+        for ga, gb in zip(_onnx_stages(one, tmp_path / "onnx1"), _onnx_stages(two, tmp_path / "onnx2")):
+            assert [n.op_type for n in ga.graph.node] == [n.op_type for n in gb.graph.node]
+            wa = {t.name: numpy_helper.to_array(t) for t in ga.graph.initializer}
+            wb = {t.name: numpy_helper.to_array(t) for t in gb.graph.initializer}
+            assert wa.keys() == wb.keys()
+            for k in wa:
+                np.testing.assert_allclose(wb[k], wa[k], rtol=0, atol=1e-6, err_msg=k)
 
 
 def _backbone_weights(tmp_path: Path) -> tuple[torch.nn.Module, Path]:
