@@ -308,12 +308,12 @@ def train(model: StagedModel, train_set: ImageSet, val_set: ImageSet, config: Tr
         raise UsageError(f"{len(y_tr)} training images cannot be shared by {info.world_size} processes")
     fill = ((0 - torch.tensor(model.spec.mean)) / torch.tensor(model.spec.std)).view(1, -1, 1, 1)  # black pixels
     memory_format = torch.channels_last if device.type == "cpu" else torch.preserve_format
-    model.to(device=device, memory_format=memory_format)
-    _set_trainable(model, config.freeze_trunk)
     phases = [config.loss_at(e) for e in range(config.epochs)]
     keys = {name: used_outputs(name, len(model.stages)) for name in set(phases)}
     # the module that trains: under DDP a copy with global-batch BatchNorm (same parameter names and buffers)
     inner = distributed.sync_batchnorm(copy.deepcopy(model), device) if info.enabled else model
+    inner.to(device=device, memory_format=memory_format)
+    _set_trainable(inner, config.freeze_trunk)  # before DDP: it exchanges the gradients of trainable parameters
     view = _LossInputs(inner)
     net: nn.Module = view
     if info.enabled:
