@@ -21,17 +21,20 @@ from pathlib import Path
 from typing import Any
 
 import click
+import torch
 
 from edgeexit.bench.datasets import load_dataset, train_val_split
 from edgeexit.errors import UsageError
 
 from ..models import zoo
+from ..training import distributed
 from ..training.checkpoint import load_checkpoint, save_checkpoint
 from ..models.heads import CLASS_HEAD_KINDS
 from ..models.placement import SCHEMES
 from ..methods.pteenet import BRANCH_KINDS, attach_branches, train_branches
 from ..models.staged import MonolithicExport
 from ..training.train import TrainConfig, evaluate
+from .train import AMP_OPTION
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +109,8 @@ def load_backbone(backbone: str, weights: str | None, options: dict[str, Any], n
               "map's channels.")
 @click.option("--lambda", "lam", type=float, default=0.9, show_default=True, help="EENet v2 cost weight.")
 @click.option("--epochs", type=int, default=3, show_default=True)
-@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True,
+              help="Global batch: under torchrun each of W processes takes batch-size / W images per step.")
 @click.option("--lr", type=float, default=3e-3, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--val-fraction", type=float, default=0.1, show_default=True)
@@ -114,6 +118,7 @@ def load_backbone(backbone: str, weights: str | None, options: dict[str, Any], n
 @click.option("--mean", default=None, help="Per-channel mean the backbone was trained with (default: the data's).")
 @click.option("--std", default=None, help="Per-channel std the backbone was trained with (default: the data's).")
 @click.option("--threshold", type=float, default=0.5, show_default=True, help="T of the summary table.")
+@AMP_OPTION
 @click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="Checkpoint to write.")
 @click.option("--force", is_flag=True, help="Overwrite an existing --output.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write metrics here.")
@@ -121,8 +126,11 @@ def post_train(backbone: str, backbone_weights: str | None, backbone_options: tu
                exits_after: str | None, placement: str, exits: int, features_end: str | None, branch: str,
                class_head_kind: str, hidden: int | None, lam: float, epochs: int, batch_size: int, lr: float,
                seed: int, val_fraction: float, train_limit: int | None, mean: str | None, std: str | None,
-               threshold: float, output: str, force: bool, json_path: str | None) -> None:
-    """Attach early exits to a trained, frozen network and train only the exits; write a checkpoint."""
+               threshold: float, amp: bool, output: str, force: bool, json_path: str | None) -> None:
+    """Attach early exits to a trained, frozen network and train only the exits; write a checkpoint.
+
+    Runs unchanged under ``torchrun`` (data-parallel over the processes; rank 0 writes and prints).
+    """
     if Path(output).exists() and not force:
         raise UsageError(f"{output} already exists; pass --force to overwrite it or choose another --output")
     if class_head_kind != "pool" and branch != "class":
@@ -142,6 +150,7 @@ def post_train(backbone: str, backbone_weights: str | None, backbone_options: tu
     if mean is None and "mean" not in hints:
         from .train import data_stats
         hints["mean"], hints["std"] = data_stats(train_set)
+    torch.manual_seed(seed)  # the branches' initial weights depend on the seed too
     model = attach_branches(module, (c, h, w), list(full.classes),
                             exits_after=exits_after.split(",") if exits_after else None, placement=placement,
                             num_exits=exits, branch=branch, features_end=features_end,
@@ -150,10 +159,13 @@ def post_train(backbone: str, backbone_weights: str | None, backbone_options: tu
                             class_head_kind=class_head_kind, hidden=hidden)
     loss = "class" if branch == "class" else "v2"
     cfg = TrainConfig(loss=loss, lam=lam, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                      class_pos_weight=float(len(full.classes) - 1), freeze_trunk=True)
+                      class_pos_weight=float(len(full.classes) - 1), freeze_trunk=True, amp=amp)
     model.spec.extra.update(train=dict(vars(cfg)), dataset=dataset)
-    result = train_branches(model, train_set, val_set, cfg)
-    test = evaluate(result.model, test_set, threshold)
+    with distributed.session() as info:
+        result = train_branches(model, train_set, val_set, cfg)
+        test = evaluate(result.model, test_set, threshold)
+    if not info.is_main:
+        return
     metrics = {"test": test.to_dict(), "test_set": test_set.name, "best_epoch": result.best_epoch,
                "history": result.history, "train_seconds": result.seconds,
                "backbone_sha256": result.model.spec.extra["backbone_sha256"]}

@@ -23,6 +23,7 @@ import numpy as np
 from edgeexit.bench.datasets import ImageSet, load_dataset, train_val_split
 from edgeexit.errors import UsageError
 
+from ..training import distributed
 from ..training.checkpoint import save_checkpoint
 from ..models.heads import EENET_HEAD_KINDS
 from ..models.models import HEAD_KINDS
@@ -117,11 +118,15 @@ def machine_info() -> dict[str, Any]:
 
 
 def _config(epochs: int, batch_size: int, lr: float, seed: int, loss: str, lam: float, warmup: int,
-            augment: int, freeze: bool) -> TrainConfig:
+            augment: int, freeze: bool, amp: bool) -> TrainConfig:
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, loss=loss, lam=lam,
-                      warmup_epochs=warmup, augment_shift=augment, freeze_trunk=freeze)
+                      warmup_epochs=warmup, augment_shift=augment, freeze_trunk=freeze, amp=amp)
     cfg.validate()
     return cfg
+
+
+AMP_OPTION = click.option("--amp", is_flag=True,
+                          help="Mixed precision (torch.autocast) on CUDA; CPU training stays float32.")
 
 
 def _common_options(fn: Any) -> Any:
@@ -139,7 +144,8 @@ def _common_options(fn: Any) -> Any:
                      help="EENet loss v0/v1/v2, two-stage (v0 warm-up then v2), or class (class-based)."),
         click.option("--warmup-epochs", type=int, default=1, show_default=True, help="v0 epochs of two-stage training."),
         click.option("--epochs", type=int, default=TrainConfig.epochs, show_default=True),
-        click.option("--batch-size", type=int, default=128, show_default=True),
+        click.option("--batch-size", type=int, default=128, show_default=True,
+                     help="Global batch: under torchrun each of W processes takes batch-size / W images per step."),
         click.option("--lr", type=float, default=3e-3, show_default=True, help="Peak learning rate (AdamW, one-cycle)."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--val-fraction", type=float, default=0.1, show_default=True,
@@ -149,6 +155,7 @@ def _common_options(fn: Any) -> Any:
         click.option("--freeze-trunk", is_flag=True, help="Train only the exit heads (PTEENet)."),
         click.option("--threshold", type=float, default=0.5, show_default=True,
                      help="Confidence threshold T of the summary table."),
+        AMP_OPTION,
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -167,14 +174,20 @@ def _common_options(fn: Any) -> Any:
 def train_command(ctx: click.Context, model_name: str, dataset: str, exits: int | None, placement: str,
                   head: str | None, loss: str, warmup_epochs: int, epochs: int, batch_size: int, lr: float, seed: int,
                   val_fraction: float, train_limit: int | None, augment: int, freeze_trunk: bool, threshold: float,
-                  lam: float, output: str, force: bool, json_path: str | None) -> None:
-    """Train an early-exit network and write a checkpoint; print a per-exit summary."""
+                  amp: bool, lam: float, output: str, force: bool, json_path: str | None) -> None:
+    """Train an early-exit network and write a checkpoint; print a per-exit summary.
+
+    Runs unchanged under ``torchrun`` (data-parallel over the processes; rank 0 writes and prints).
+    """
     if Path(output).exists() and not force:
         raise UsageError(f"{output} already exists; pass --force to overwrite it or choose another --output")
     quiet = bool((ctx.find_root().obj or {}).get("quiet"))
-    cfg = _config(epochs, batch_size, lr, seed, loss, lam, warmup_epochs, augment, freeze_trunk)
-    run = run_training(model_name, dataset, cfg, exits, parse_placement(placement), head, val_fraction, train_limit,
-                       threshold, progress=None if not quiet else False)
+    cfg = _config(epochs, batch_size, lr, seed, loss, lam, warmup_epochs, augment, freeze_trunk, amp)
+    with distributed.session() as info:
+        run = run_training(model_name, dataset, cfg, exits, parse_placement(placement), head, val_fraction,
+                           train_limit, threshold, progress=None if not quiet else False)
+    if not info.is_main:
+        return
     metrics = {"test": run.test.to_dict(), "test_set": run.test_name, "best_epoch": run.result.best_epoch,
                "history": run.result.history, "train_seconds": run.result.seconds}
     save_checkpoint(run.result.model, output, metrics, force=force)
@@ -241,7 +254,7 @@ def _atomic_write(path: Path, text: str) -> None:
 def sweep_command(ctx: click.Context, model_name: str, dataset: str, exits: int | None, placement: str,
                   head: str | None, loss: str, warmup_epochs: int, epochs: int, batch_size: int, lr: float, seed: int,
                   val_fraction: float, train_limit: int | None, augment: int, freeze_trunk: bool, threshold: float,
-                  lambdas: str, output_dir: str, force: bool) -> None:
+                  amp: bool, lambdas: str, output_dir: str, force: bool) -> None:
     """Train one network per lambda and tabulate accuracy against average cost (CSV + JSON)."""
     lams = parse_lambdas(lambdas)
     out = Path(output_dir)
@@ -250,14 +263,19 @@ def sweep_command(ctx: click.Context, model_name: str, dataset: str, exits: int 
         raise UsageError(f"{out} already holds sweep results; pass --force to overwrite or choose another --output-dir")
     quiet = bool((ctx.find_root().obj or {}).get("quiet"))
     runs: list[tuple[float, TrainingRun]] = []
-    for lam in lams:
-        cfg = _config(epochs, batch_size, lr, seed, loss, lam, warmup_epochs, augment, freeze_trunk)
-        run = run_training(model_name, dataset, cfg, exits, parse_placement(placement), head, val_fraction,
-                           train_limit, threshold, progress=None if not quiet else False)
-        save_checkpoint(run.result.model, out / f"lambda_{lam:g}.pt",
-                        {"test": run.test.to_dict(), "test_set": run.test_name}, force=True)
-        runs.append((lam, run))
-        log.info("lambda %g: early-exit accuracy %.4f at cost %.3f", lam, run.test.early_exit_accuracy, run.test.avg_cost)
+    with distributed.session() as info:
+        for lam in lams:
+            cfg = _config(epochs, batch_size, lr, seed, loss, lam, warmup_epochs, augment, freeze_trunk, amp)
+            run = run_training(model_name, dataset, cfg, exits, parse_placement(placement), head, val_fraction,
+                               train_limit, threshold, progress=None if not quiet else False)
+            if info.is_main:
+                save_checkpoint(run.result.model, out / f"lambda_{lam:g}.pt",
+                                {"test": run.test.to_dict(), "test_set": run.test_name}, force=True)
+            runs.append((lam, run))
+            log.info("lambda %g: early-exit accuracy %.4f at cost %.3f", lam, run.test.early_exit_accuracy,
+                     run.test.avg_cost)
+    if not info.is_main:
+        return
     rows = sweep_rows(runs)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=SWEEP_FIELDS)

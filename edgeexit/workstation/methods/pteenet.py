@@ -271,8 +271,10 @@ def train_branches(model: StagedModel, train_set: ImageSet, val_set: ImageSet, c
         The :class:`edgeexit.workstation.training.train.TrainResult` (model with the best epoch's branch weights).
 
     Raises:
-        BackboneChangedError: a backbone parameter or buffer differs after training.
+        BackboneChangedError: a backbone parameter or buffer differs after training (under torchrun: in any
+            process).
     """
+    from ..training import distributed
     from ..training.train import TrainConfig, train
 
     class_heads = model.stages[0].head.scores == "sigmoid"
@@ -282,10 +284,15 @@ def train_branches(model: StagedModel, train_set: ImageSet, val_set: ImageSet, c
     freeze(model)
     result = train(model, train_set, val_set, cfg, progress=progress)
     freeze(result.model)
-    after = backbone_digest(result.model)
-    if after != before:
-        raise BackboneChangedError(f"the frozen backbone changed during branch training (sha256 {before[:12]} -> "
-                                   f"{after[:12]}); this is a bug: report it with the command that caused it")
+    # under torchrun every process checks its own copy and all of them learn every result
+    digests = distributed.same_on_every_rank(backbone_digest(result.model), distributed.current())
+    changed = [rank for rank, digest in enumerate(digests) if digest != before]
+    if changed:
+        where = f" in process(es) {changed}" if len(digests) > 1 else ""
+        raise BackboneChangedError(f"the frozen backbone changed during branch training{where} (sha256 {before[:12]} "
+                                   f"-> {digests[changed[0]][:12]}); this is a bug: report it with the command that "
+                                   "caused it")
+    after = before
     result.model.spec.extra.update(backbone_sha256=after, loss=cfg.loss, lam=cfg.lam, frozen_backbone=True)
     log.info("branches trained; backbone unchanged (sha256 %s)", after[:12])
     return result

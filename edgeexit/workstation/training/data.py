@@ -54,11 +54,23 @@ def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator, fi
     row via padding and cropping); ``fill`` [1, C, 1, 1] is the padding value (default 0)."""
     if max_shift <= 0:
         return x
+    dx, dy = shift_offsets(x.shape[0], max_shift, generator)
+    return shift(x, dx, dy, max_shift, fill)
+
+
+def shift_offsets(n: int, max_shift: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random offsets (dx [n], dy [n]) in [0, 2 * max_shift] for :func:`shift`."""
+    dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
+    dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
+    return dx, dy
+
+
+def shift(x: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, max_shift: int,
+          fill: torch.Tensor | None = None) -> torch.Tensor:
+    """Shift image i of [N, C, H, W] by (dx[i] - max_shift, dy[i] - max_shift) pixels, padding with ``fill``."""
     n, c, h, w = x.shape
     pad_value = fill if fill is not None else torch.zeros(1, c, 1, 1)
     padded = F.pad(x - pad_value, (max_shift,) * 4) + pad_value  # [N, C, H+2s, W+2s]
-    dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
-    dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
     rows = (dy[:, None] + torch.arange(h)[None, :])               # [N, H]
     cols = (dx[:, None] + torch.arange(w)[None, :])               # [N, W]
     idx_n = torch.arange(n)[:, None, None]

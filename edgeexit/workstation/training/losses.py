@@ -78,6 +78,18 @@ def eenet_loss(outputs: Sequence[dict[str, torch.Tensor]], target: torch.Tensor,
     return sum(_nll(y, target) + lam * k.mean() for y, k in zip(ys, ks))  # type: ignore[return-value]
 
 
+def used_outputs(loss: str, num_exits: int) -> list[frozenset[str]]:
+    """The head outputs ``loss`` reads, per exit: logits everywhere, confidences of the early exits for v1/v2.
+
+    Distributed training drops the other outputs before the loss (their parameters get no gradient).
+    """
+    if loss in ("v1", "v2"):
+        return [frozenset({"logits", "confidence"})] * (num_exits - 1) + [frozenset({"logits"})]
+    if loss in ("v0", "class"):
+        return [frozenset({"logits"})] * num_exits
+    raise UsageError(f"unknown loss '{loss}'; expected one of {', '.join(EENET_LOSSES + ('class',))}")
+
+
 def class_based_loss(outputs: Sequence[dict[str, torch.Tensor]], target: torch.Tensor,
                      weights: Sequence[float] | None = None, pos_weight: float = 9.0) -> torch.Tensor:
     """Class-based early-exit loss: CE on the final exit + sum_k w_k * BCEWithLogits(z_k, onehot(y)).

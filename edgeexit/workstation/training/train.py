@@ -9,6 +9,7 @@ early-exit decision).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -19,13 +20,16 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from torch import nn
+from torch.utils.data import DistributedSampler
 
 from edgeexit.bench.datasets import ImageSet
 from edgeexit.errors import UsageError
 
 from ..convert.costs import ModelCosts, model_costs
-from .data import batches, random_shift, to_tensors
-from .losses import EENET_LOSSES, class_based_loss, eenet_loss
+from . import distributed
+from .data import batches, shift, shift_offsets, to_tensors
+from .losses import EENET_LOSSES, class_based_loss, eenet_loss, used_outputs
 from ..models.staged import StagedModel
 
 log = logging.getLogger(__name__)
@@ -48,7 +52,8 @@ class TrainConfig:
     class_pos_weight: float = 9.0    # class-based loss: BCE positive-class weight
     augment_shift: int = 0           # random shift in pixels (0 = no augmentation)
     freeze_trunk: bool = False       # PTEENet: train only the exit heads
-    device: str | None = None        # None = cuda when available, else cpu
+    device: str | None = None        # None = cuda when available (this rank's GPU under torchrun), else cpu
+    amp: bool = False                # CUDA: torch.autocast mixed precision (bfloat16, else float16); CPU: float32
 
     def validate(self) -> None:
         """Raise :class:`UsageError` for values that cannot train."""
@@ -134,17 +139,42 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def _device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _loss(cfg: TrainConfig, name: str, outputs: Sequence[dict[str, torch.Tensor]], y: torch.Tensor,
           kappa: Sequence[float]) -> torch.Tensor:
     if name == "class":
         return class_based_loss(outputs, y, pos_weight=cfg.class_pos_weight)
     return eenet_loss(outputs, y, kappa, version=name, lam=cfg.lam)
+
+
+class _LossInputs(nn.Module):
+    """The model with only the outputs the current loss reads (``keys[i]`` of exit i).
+
+    Under DDP an output that is computed but not used by the loss would leave its parameters waiting for a
+    gradient forever; dropped here, ``find_unused_parameters`` sees them unused and skips them.
+    """
+
+    def __init__(self, model: StagedModel):
+        super().__init__()
+        self.model = model
+        self.keys: list[frozenset[str]] | None = None
+
+    def forward(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        outs = self.model(x)
+        if self.keys is None:
+            return outs
+        return [{k: v for k, v in o.items() if k in keep} for o, keep in zip(outs, self.keys)]
+
+
+def _autocast(device: torch.device, enabled: bool) -> Any:
+    if not enabled:
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _float(outputs: Sequence[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """Outputs of a mixed-precision forward in float32 for the loss (others as they are)."""
+    return [{k: v.float() if v.dtype in (torch.float16, torch.bfloat16) else v for k, v in o.items()} for o in outputs]
 
 
 @torch.no_grad()
@@ -205,7 +235,21 @@ def evaluate(model: StagedModel, data: ImageSet, threshold: float = 0.5, batch_s
         An :class:`EvalSummary`.
     """
     x, y = to_tensors(data, model.spec)
-    return summarize(collect_outputs(model, x, y, batch_size), model_costs(model), threshold)
+    return summarize(_trace(model, x, y, distributed.current(), batch_size), model_costs(model), threshold)
+
+
+def _trace(model: StagedModel, x: torch.Tensor, y: torch.Tensor, info: distributed.Dist,
+           batch_size: int = 512) -> ExitTrace:
+    """:func:`collect_outputs` on this rank's shard, gathered: the whole set's trace on every rank."""
+    if not info.enabled:
+        return collect_outputs(model, x, y, batch_size)
+    if len(y) < info.world_size:
+        raise UsageError(f"{len(y)} evaluation images cannot be shared by {info.world_size} processes; use a larger "
+                         "validation set (--val-fraction) or fewer processes")
+    rows = distributed.shard(len(y), info)
+    part = collect_outputs(model, x[rows], y[rows], batch_size)
+    logits, scores, labels = distributed.gather_rows([part.logits, part.scores, part.labels], [1, 1, 0], len(y), info)
+    return ExitTrace(logits, scores, labels)
 
 
 def _set_trainable(model: StagedModel, freeze_trunk: bool) -> None:
@@ -224,11 +268,16 @@ def train(model: StagedModel, train_set: ImageSet, val_set: ImageSet, config: Tr
     The best epoch has the lowest validation loss among the epochs that use the final loss (after the
     warm-up of two-stage training). Seeded: the same seed, data and config give the same weights on CPU.
 
+    Under ``torchrun`` (an initialised process group, :mod:`.distributed`) every rank calls this with the
+    same arguments: each trains on its shard of every global batch of ``config.batch_size`` images with
+    DistributedDataParallel, BatchNorm statistics span the global batch, and validation is reduced over the
+    ranks, so the result equals a single-process run up to float rounding, on every rank.
+
     Args:
         model: a fresh or pre-trained StagedModel.
         train_set, val_set: uint8 image sets (normalised with ``model.spec``).
         config: hyper-parameters.
-        progress: show a tqdm bar on stderr (None = only when stderr is a terminal).
+        progress: show a tqdm bar on stderr (None = only when stderr is a terminal; never on ranks > 0).
 
     Raises:
         UsageError: invalid config; DatasetError: data that does not fit the model.
@@ -239,50 +288,89 @@ def train(model: StagedModel, train_set: ImageSet, val_set: ImageSet, config: Tr
                          "for class-based heads")
     from tqdm import tqdm  # workstation dependency, only needed here
 
+    info = distributed.current()
+    local_batch = info.local_batch(config.batch_size)
     torch.manual_seed(config.seed)
-    gen = torch.Generator().manual_seed(config.seed)
-    device = _device(config.device)
+    gen = torch.Generator().manual_seed(config.seed)  # augmentation; the same draws on every rank
+    device = info.device(config.device)
     if device.type == "cuda":
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
-    show = sys.stderr.isatty() if progress is None else progress
+    amp = config.amp and device.type == "cuda"
+    if config.amp and not amp:
+        log.warning("mixed precision (--amp) applies to CUDA only; training on %s in float32", device)
+    show = info.is_main and (sys.stderr.isatty() if progress is None else progress)
     costs = model_costs(model)
     kappa = costs.kappa()
     x_tr, y_tr = to_tensors(train_set, model.spec)
     x_va, y_va = to_tensors(val_set, model.spec)
+    if len(y_tr) < info.world_size:
+        raise UsageError(f"{len(y_tr)} training images cannot be shared by {info.world_size} processes")
     fill = ((0 - torch.tensor(model.spec.mean)) / torch.tensor(model.spec.std)).view(1, -1, 1, 1)  # black pixels
     memory_format = torch.channels_last if device.type == "cpu" else torch.preserve_format
-    model.to(device=device, memory_format=memory_format)
-    params = [p for p in model.parameters() if p.requires_grad] if not config.freeze_trunk else \
-        [p for s in model.stages for p in s.head.parameters()]
+    phases = [config.loss_at(e) for e in range(config.epochs)]
+    keys = {name: used_outputs(name, len(model.stages)) for name in set(phases)}
+    # the module that trains: under DDP a copy with global-batch BatchNorm (same parameter names and buffers)
+    inner = distributed.sync_batchnorm(copy.deepcopy(model), device) if info.enabled else model
+    inner.to(device=device, memory_format=memory_format)
+    _set_trainable(inner, config.freeze_trunk)  # before DDP: it exchanges the gradients of trainable parameters
+    view = _LossInputs(inner)
+    net: nn.Module = view
+    if info.enabled:
+        produced = [frozenset(o) for o in _output_keys(inner)]
+        unused = any(produced[i] - keep[i] for keep in keys.values() for i in range(len(produced)))
+        net = nn.parallel.DistributedDataParallel(view, device_ids=[device.index] if device.type == "cuda" else None,
+                                                  find_unused_parameters=unused)
+        log.info("DistributedDataParallel over %d processes (%s), %d images per process and step, "
+                 "find_unused_parameters=%s", info.world_size, info.backend, local_batch, unused)
+    params = [p for p in inner.parameters() if p.requires_grad] if not config.freeze_trunk else \
+        [p for s in inner.stages for p in s.head.parameters()]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    steps = config.epochs * math.ceil(len(y_tr) / config.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=steps, pct_start=0.2)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and not torch.cuda.is_bf16_supported())
+    sampler = DistributedSampler(range(len(y_tr)), num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                                 seed=config.seed, drop_last=False)
+    steps_per_epoch = math.ceil(len(sampler) / local_batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch,
+                                                pct_start=0.2)
     final_loss = config.loss_at(config.epochs - 1)
     best_state, best_loss, best_epoch, history = None, math.inf, -1, []
     start = time.perf_counter()
     for epoch in range(config.epochs):
-        name = config.loss_at(epoch)
-        _set_trainable(model, config.freeze_trunk)
+        name = phases[epoch]
+        view.keys = keys[name]
+        _set_trainable(inner, config.freeze_trunk)
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(sampler), dtype=torch.long)
         total, count = 0.0, 0
         bar = tqdm(total=len(y_tr), desc=f"epoch {epoch + 1}/{config.epochs} ({name})", unit="img",
                    disable=not show, file=sys.stderr, leave=False)
-        for xb, yb in batches(x_tr, y_tr, config.batch_size, shuffle=True, generator=gen):
-            xb = random_shift(xb, config.augment_shift, gen, fill)
+        for begin in range(0, len(order), local_batch):
+            idx = order[begin:begin + local_batch]
+            xb, yb = x_tr[idx], y_tr[idx]
+            if config.augment_shift > 0:
+                # offsets for the whole global batch, this rank's positions in it: the same images get the
+                # same shifts as in a single process
+                dx, dy = shift_offsets(len(idx) * info.world_size, config.augment_shift, gen)
+                xb = shift(xb, dx[info.rank::info.world_size], dy[info.rank::info.world_size], config.augment_shift,
+                           fill)
             xb = xb.to(device=device, memory_format=memory_format)
             yb = yb.to(device)
-            loss = _loss(config, name, model(xb), yb, kappa)
+            with _autocast(device, amp):
+                outputs = net(xb)
+            loss = _loss(config, name, _float(outputs), yb, kappa)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
             total += float(loss.detach()) * len(yb)
             count += len(yb)
-            bar.update(len(yb))
+            bar.update(len(yb) * info.world_size)
             bar.set_postfix(loss=f"{total / count:.4f}")
         bar.close()
-        val_loss = _validation_loss(model, x_va, y_va, config, final_loss, kappa, device)
-        summary = summarize(collect_outputs(model, x_va, y_va), costs)
+        total, count = distributed.all_sum([total, count], info, device)
+        val_loss = _validation_loss(inner, x_va, y_va, config, final_loss, kappa, device, info, amp)
+        summary = summarize(_trace(inner, x_va, y_va, info), costs)
         row = dict(epoch=epoch + 1, loss=name, train_loss=total / count, val_loss=val_loss,
                    val_final_accuracy=summary.final_accuracy, val_early_exit_accuracy=summary.early_exit_accuracy,
                    val_avg_cost=summary.avg_cost, seconds=time.perf_counter() - start)
@@ -290,23 +378,40 @@ def train(model: StagedModel, train_set: ImageSet, val_set: ImageSet, config: Tr
         log.info("epoch %d/%d %s: train loss %.4f, val loss %.4f, final acc %.4f, early-exit acc %.4f at cost %.3f",
                  epoch + 1, config.epochs, name, row["train_loss"], val_loss, summary.final_accuracy,
                  summary.early_exit_accuracy, summary.avg_cost)
-        if name == final_loss and val_loss < best_loss:
+        if name == final_loss and val_loss < best_loss:  # the same reduced value on every rank
             best_loss, best_epoch = val_loss, epoch + 1
-            best_state = copy.deepcopy(model.state_dict())
-    if best_state is not None:
-        model.load_state_dict(best_state)
+            best_state = copy.deepcopy(inner.state_dict())
+    model.load_state_dict(best_state if best_state is not None else inner.state_dict())
     model.to(device="cpu", memory_format=torch.contiguous_format)
     model.eval()
     seconds = time.perf_counter() - start
-    val_summary = summarize(collect_outputs(model, x_va, y_va), costs)
+    val_summary = summarize(_trace(model, x_va, y_va, info), costs)
     return TrainResult(model, costs, best_epoch, history, val_summary, seconds)
 
 
 @torch.no_grad()
-def _validation_loss(model: StagedModel, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, name: str,
-                     kappa: Sequence[float], device: torch.device) -> float:
+def _output_keys(model: StagedModel) -> list[list[str]]:
+    """The keys every exit of ``model`` returns (one eval-mode forward of a single example)."""
+    was_training = model.training
     model.eval()
+    try:
+        device = next(model.parameters()).device
+        return [sorted(o) for o in model(model.example_input(1).to(device))]
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def _validation_loss(model: StagedModel, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, name: str,
+                     kappa: Sequence[float], device: torch.device, info: distributed.Dist, amp: bool) -> float:
+    """Mean loss over the validation set (this rank's shard, summed over the ranks)."""
+    model.eval()
+    rows = distributed.shard(len(y), info)
+    x, y = x[rows], y[rows]
     total = 0.0
     for xb, yb in batches(x, y, 512, shuffle=False):
-        total += float(_loss(cfg, name, model(xb.to(device)), yb.to(device), kappa)) * len(yb)
-    return total / max(1, len(y))
+        with _autocast(device, amp):
+            outputs = model(xb.to(device))
+        total += float(_loss(cfg, name, _float(outputs), yb.to(device), kappa)) * len(yb)
+    total, count = distributed.all_sum([total, len(y)], info, device)
+    return total / max(1, count)
