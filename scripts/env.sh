@@ -14,9 +14,9 @@ kind="${1:-workstation}"
 PY="${PYTHON:-python3}"
 
 case "$kind" in
-  workstation) dir=.venv;        files="scripts/env.sh requirements/constraints.txt requirements/base.in requirements/workstation.in requirements/test.in requirements/nodeps.txt setup.py" ;;
-  device)      dir=.venv-device; files="scripts/env.sh requirements/constraints.txt requirements/base.in requirements/device.in requirements/test.in setup.py" ;;
-  legacy)      dir=.venv-legacy; files="scripts/env.sh requirements/constraints-legacy.txt requirements/base.in requirements/legacy.in setup.py" ;;
+  workstation) dir=.venv;        files="scripts/env.sh requirements/constraints.txt requirements/base.in requirements/workstation.in requirements/test.in requirements/nodeps.txt pyproject.toml" ;;
+  device)      dir=.venv-device; files="scripts/env.sh requirements/constraints.txt requirements/base.in requirements/device.in requirements/test.in pyproject.toml" ;;
+  legacy)      dir=.venv-legacy; files="scripts/env.sh requirements/constraints-legacy.txt requirements/base.in requirements/legacy.in pyproject.toml" ;;
   *) echo "error: unknown environment '$kind'; use workstation, device or legacy" >&2; exit 2 ;;
 esac
 

@@ -114,13 +114,13 @@ host_python="$(command -v python3 || true)"
 } > "$root/etc/pip.conf"
 
 # ---- 5. the device venv: '.[device,test]' from a copy of the project source ---------------------------
-req_files="requirements/constraints.txt requirements/base.in requirements/device.in requirements/test.in setup.py"
+req_files="requirements/constraints.txt requirements/base.in requirements/device.in requirements/test.in pyproject.toml"
 want="$(cd "$here" && cat $req_files | sha256sum | cut -c1-16)"
 if [ "$(cat "$root/opt/venv/.edgeexit-stamp" 2>/dev/null)" != "$want" ]; then
   t1=$(date +%s)
   say "installing edgeexit[device,test] into /opt/venv (aarch64 wheels from the registry)"
   rm -rf "$root/opt/venv" "$root/opt/edgeexit-src"; mkdir -p "$root/opt/edgeexit-src"
-  (cd "$here" && git ls-files -z --cached --others --exclude-standard -- edgeexit requirements setup.py README.md \
+  (cd "$here" && git ls-files -z --cached --others --exclude-standard -- edgeexit requirements pyproject.toml README.md \
      | xargs -0 cp --parents -t "$root/opt/edgeexit-src")
   chroot "$root" /usr/bin/python3 -m venv /opt/venv
   chroot "$root" /bin/sh -c 'cd /opt/edgeexit-src && HOME=/root /opt/venv/bin/python -m pip install --quiet -c requirements/constraints.txt ".[device,test]"' >&2 \
