@@ -16,15 +16,11 @@ experimental_delegates)``, ``allocate_tensors``, ``get_input_details``, ``get_ou
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import importlib
 import logging
 import os
-import sys
-import tempfile
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from ..errors import InterpreterError, UsageError
 
@@ -122,49 +118,14 @@ def edgetpu_delegate(backend: Backend, library: str = EDGETPU_LIBRARY) -> Any:
                                "without --edgetpu") from None
 
 
-#: Lines the interpreter's native logger prints on every creation; dropped instead of cluttering the CLI.
-_ROUTINE_NATIVE_LINES = ("Created TensorFlow Lite XNNPACK delegate for CPU.",)
-
-
-def _flush_c_streams() -> None:
-    """fflush(NULL): write out every C stdio buffer of this process (a no-op where libc cannot be found)."""
-    try:
-        ctypes.CDLL(None).fflush(None)
-    except (OSError, AttributeError):
-        pass
-
-
-@contextlib.contextmanager
-def _native_stderr_to_log() -> Iterator[None]:
-    """Route what native code writes to file descriptor 2 into ``logging`` while the block runs.
-
-    The interpreter's C++ logger writes "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." to stderr
-    for every interpreter; anything else it says (errors, warnings) is kept and logged as a warning.
-    """
-    try:
-        saved = os.dup(2)
-    except OSError:  # no usable stderr (daemon): nothing to redirect
-        yield
-        return
-    with tempfile.TemporaryFile() as capture:
-        sys.stderr.flush()
-        os.dup2(capture.fileno(), 2)
-        try:
-            yield
-        finally:
-            _flush_c_streams()  # the native logger's stream is buffered when stderr is not a terminal
-            os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            for line in capture.read().decode("utf-8", "replace").splitlines():
-                text = line.removeprefix("INFO: ").strip()
-                if text and text not in _ROUTINE_NATIVE_LINES:
-                    log.warning("interpreter: %s", line.strip())
-
-
 def create_interpreter(model_path: str | os.PathLike[str], backend: Backend, *, num_threads: int = 1,
                        delegates: list[Any] | None = None) -> Any:
     """Create and allocate an interpreter for one .tflite file.
+
+    The process's stderr is left alone (no file-descriptor redirection, so no other thread's output can be
+    lost): ai-edge-litert writes one line ``INFO: Created TensorFlow Lite XNNPACK delegate for CPU.`` there the
+    first time a process creates an interpreter, and exposes no log-level setting to Python that could
+    silence it (its ``TF_CPP_MIN_LOG_LEVEL`` does not reach that logger); tflite-runtime 2.14 prints nothing.
 
     Raises:
         UsageError: ``num_threads`` < 1.
@@ -176,9 +137,8 @@ def create_interpreter(model_path: str | os.PathLike[str], backend: Backend, *, 
     if delegates:
         kwargs["experimental_delegates"] = delegates
     try:
-        with _native_stderr_to_log():
-            interp = backend.interpreter_class(**kwargs)
-            interp.allocate_tensors()
+        interp = backend.interpreter_class(**kwargs)
+        interp.allocate_tensors()
     except (ValueError, RuntimeError) as exc:
         msg = " ".join(str(exc).split())
         raise InterpreterError(f"{os.path.basename(os.fspath(model_path))}: the {backend.name} interpreter "
