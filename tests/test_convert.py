@@ -18,6 +18,7 @@ pytestmark = pytest.mark.workstation
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from edgeexit.runtime.atomic import staging_dir  # noqa: E402
 from edgeexit.workstation.convert import bundle_writer  # noqa: E402
 from edgeexit.workstation.convert import convert as convert_mod  # noqa: E402
 from edgeexit.workstation.convert.convert import convert, resolve_exit_rule  # noqa: E402
@@ -170,7 +171,7 @@ def test_publish_with_force_replaces_the_old_bundle(tmp_path):
     out = tmp_path / "bundle"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    with bundle_writer.staging_dir(out) as staged:
+    with staging_dir(out) as staged:
         (staged / "new.txt").write_text("new")
         bundle_writer.publish(staged, out, force=True)
     assert sorted(p.name for p in out.iterdir()) == ["new.txt"]

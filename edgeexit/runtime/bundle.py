@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import stat
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -23,6 +22,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..errors import BundleError
+from .atomic import write_file_atomic
 from .interpreter import Backend, create_interpreter, resolve_backend
 from .manifest import MANIFEST_FILE, Manifest, Quantization, StageSpec, TensorSpec
 
@@ -251,7 +251,7 @@ def check_model_tensors(interp: Any, input_spec: TensorSpec, output_spec: Tensor
 
 
 def write_manifest_atomic(bundle_dir: str | os.PathLike[str], manifest: Manifest) -> Path:
-    """Replace ``bundle_dir/manifest.json`` atomically (temp file in the same directory, fsync, os.replace).
+    """Replace ``bundle_dir/manifest.json`` atomically (:func:`edgeexit.runtime.atomic.write_file_atomic`).
 
     A power cut leaves either the old or the new manifest, never a half-written one.
 
@@ -267,22 +267,7 @@ def write_manifest_atomic(bundle_dir: str | os.PathLike[str], manifest: Manifest
     target = root / MANIFEST_FILE
     data = manifest.to_json().encode("utf-8")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=root)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        dir_fd = os.open(root, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_file_atomic(target, data)
     except OSError as exc:
         raise BundleError(f"{target}: cannot write ({exc.strerror}); check permissions and free space") from None
     return target

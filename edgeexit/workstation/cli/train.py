@@ -22,6 +22,7 @@ import numpy as np
 
 from edgeexit.bench.datasets import ImageSet, load_dataset, train_val_split
 from edgeexit.errors import UsageError
+from edgeexit.runtime.atomic import write_file_atomic
 
 from ..training import distributed
 from ..training.checkpoint import save_checkpoint
@@ -239,9 +240,7 @@ def sweep_table(rows: Sequence[dict[str, Any]], threshold: float) -> str:
 
 def _atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_file_atomic(path, text)
 
 
 @click.command()

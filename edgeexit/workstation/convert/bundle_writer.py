@@ -1,8 +1,8 @@
 """Step 5 of the conversion pipeline: describe the converted files in a Manifest and write the bundle atomically.
 
-The bundle is assembled in a sibling temporary directory ``<out>.tmp-XXXX`` and renamed into place only when
-it is complete, so an interrupted or failed conversion leaves nothing at the target. Replacing an existing
-bundle (``force``) renames the old one away first, renames the new one in, then deletes the old one.
+The bundle is assembled in a sibling temporary directory (:func:`edgeexit.runtime.atomic.staging_dir`) and
+swapped into place only when it is complete (:func:`edgeexit.runtime.atomic.publish_dir`), so an interrupted or
+failed conversion leaves nothing at the target, and an existing bundle (``force``) stays whole until the swap.
 """
 
 from __future__ import annotations
@@ -10,16 +10,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from edgeexit.errors import UsageError
+from edgeexit.runtime.atomic import publish_dir
 from edgeexit.runtime.manifest import (FORMAT_VERSION, MANIFEST_FILE, ExitRuleSpec, Manifest, ModelFile, Preprocessing,
                                Quantization, StageCosts, StageSpec, TensorSpec)
 
@@ -109,59 +106,20 @@ def check_target(out_dir: Path, force: bool) -> None:
         raise UsageError(f"output's parent directory {out_dir.parent} does not exist; create it first")
 
 
-@contextmanager
-def staging_dir(out_dir: Path) -> Iterator[Path]:
-    """A sibling temporary directory ``<out>.tmp-XXXX`` that is removed unless it was moved into place."""
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        yield tmp
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_manifest(staged: Path, manifest: Manifest) -> Path:
-    """Write manifest.json into the staging directory, flushed to disk."""
+    """Write manifest.json into the staging directory (:func:`publish` flushes every file to disk)."""
     path = staged / MANIFEST_FILE
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(manifest.to_json())
-        f.flush()
-        os.fsync(f.fileno())
+    path.write_text(manifest.to_json(), encoding="utf-8")
     return path
 
 
 def publish(staged: Path, out_dir: Path, force: bool) -> Path:
-    """Move a complete staging directory to ``out_dir`` atomically (replacing it when ``force``).
+    """Swap a complete staging directory in at ``out_dir`` (replacing an existing bundle only when ``force``).
 
     Returns:
         ``out_dir``.
     """
-    for f in staged.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    _fsync_dir(staged)
     check_target(out_dir, force)
-    old = None
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.old-", dir=out_dir.parent))
-        os.rmdir(old)
-        os.rename(out_dir, old)
-    try:
-        os.rename(staged, out_dir)
-    except OSError:
-        if old is not None:
-            os.rename(old, out_dir)  # put the previous bundle back
-        raise
-    _fsync_dir(out_dir.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    publish_dir(staged, out_dir)
     log.info("bundle written to %s", out_dir)
     return out_dir

@@ -27,6 +27,7 @@ import numpy as np
 
 from edgeexit.errors import ConversionError, UsageError
 from edgeexit.runtime.tflite import GraphCosts, graph_costs
+from edgeexit.runtime.atomic import staging_dir
 from edgeexit.runtime.interpreter import create_interpreter, resolve_backend
 from edgeexit.runtime.manifest import EXIT_RULES, ExitRuleSpec, Manifest, Preprocessing, StageCosts
 
@@ -321,7 +322,7 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
     model.eval()
     steps = _Steps(progress)
     try:
-        with bw.staging_dir(out) as staged, tempfile.TemporaryDirectory(prefix="edgeexit-onnx-") as work:
+        with staging_dir(out) as staged, tempfile.TemporaryDirectory(prefix="edgeexit-onnx-") as work:
             workdir = Path(work)
             units = steps.run("split into stages", split_stages, model)
             calibration = steps.run("calibration features", stage_inputs, model, calib_images)

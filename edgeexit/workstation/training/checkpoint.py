@@ -5,19 +5,19 @@ Format (``torch.save`` of a plain dict, loaded with ``weights_only=True``)::
     {"format": "edgeexit-checkpoint", "version": 1, "spec": ModelSpec.to_dict(),
      "state_dict": {...}, "metrics": {...}, "costs": ModelCosts.to_dict()}
 
-Written atomically (temporary file in the same folder + ``os.replace``).
+Written atomically (:func:`edgeexit.runtime.atomic.write_file_atomic`: temporary file beside it, fsync, rename).
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from edgeexit.errors import CheckpointError, UsageError
+from edgeexit.runtime.atomic import write_file_atomic
 
 from ..convert.costs import model_costs
 from ..models.staged import ModelSpec, StagedModel
@@ -40,15 +40,7 @@ def save_checkpoint(model: StagedModel, path: str | os.PathLike, metrics: dict[s
     payload = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "spec": model.spec.to_dict(),
                "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
                "metrics": metrics or {}, "costs": model_costs(model).to_dict()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_file_atomic(path, lambda f: torch.save(payload, f))
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
