@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeexit.bench.bench import RESULT_FIELDS, BenchSettings, check_dataset, run_benchmark
+from edgeexit.bench.bench import RESULT_FIELDS, BenchSettings, run_benchmark
 from edgeexit.bench.report import result_stem, write_results
 from edgeexit.bench.sweep import SWEEP_COLUMNS
 from edgeexit.runtime.bundle import read_manifest
 from edgeexit.bench.datasets import ImageSet, load_dataset
 from edgeexit.bench.envinfo import EnvPaths, collect_environment, slug
 from edgeexit.errors import DatasetError
+from edgeexit.runtime.runner import Runner
 
 ROOT = Path(__file__).resolve().parents[1]
 N_IMAGES = 60
@@ -222,10 +223,16 @@ def test_plot_is_skipped_without_matplotlib(bench_run, tmp_path, monkeypatch):
     assert Path(files["json"]).is_file() and Path(files["csv"]).is_file()
 
 
-def test_index_named_dataset_with_fewer_classes_fits(manifest, tmp_path):
+def test_index_named_dataset_with_fewer_classes_fits(bundle_dir, manifest, tmp_path):
+    # classes "0".."K-2" (a .npz without names): accepted, and its labels are scored as the bundle's class indices
     h, w = manifest.preprocessing.size
     path = make_npz(tmp_path / "few.npz", 8, (h, w), manifest.preprocessing.channels, manifest.num_classes - 1)
-    check_dataset(manifest, load_dataset(str(path)))  # classes "0".."K-2": only indices, no names to compare
+    data = load_dataset(str(path))
+    assert len(data.classes) < manifest.num_classes and data.classes == tuple(map(str, range(len(data.classes))))
+    r = run_benchmark(bundle_dir, data, BenchSettings(warmup=0, sweep=False))
+    predictions = [Runner(bundle_dir, power_sensor=None)(img).label for img in data.images]
+    assert r["dataset"]["count"] == 8
+    assert r["overall"]["accuracy"] == pytest.approx(np.mean(np.array(predictions) == data.labels))
 
 
 def test_empty_dataset_is_refused_by_the_library(bundle_dir, manifest):

@@ -226,15 +226,23 @@ def test_dry_run_writes_nothing(tiny_bundle_copy, tiny_npz):
     assert (tiny_bundle_copy / "manifest.json").read_bytes() == original
 
 
-@pytest.mark.parametrize("shape,classes,match", [((20, 32, 32, 3), 10, "32x32x3 images"),
-                                                 ((20, 28, 28, 1), 5, "5 classes")], ids=["size", "classes"])
-def test_data_that_does_not_fit_the_bundle(tiny_bundle_copy, tmp_path, shape, classes, match):
+@pytest.mark.parametrize("kind,match", [("size", "32x32x3 images"), ("class-count", "12 classes"),
+                                        ("class-names", "class 0 is 'other0' in the dataset")],
+                         ids=["size", "class-count", "class-names"])
+def test_data_that_does_not_fit_the_bundle(tiny_bundle_copy, tmp_path, kind, match):
+    # the same check as `edgeexit bench` (edgeexit.bench.datasets.check_dataset): refused before anything runs
     rng = np.random.default_rng(0)
+    shape, k = {"size": ((20, 32, 32, 3), 10), "class-count": ((20, 28, 28, 1), 12),
+                "class-names": ((20, 28, 28, 1), 10)}[kind]
+    names = [f"other{c}" for c in range(k)] if kind == "class-names" else [str(c) for c in range(k)]
     path = tmp_path / "bad.npz"
-    np.savez(path, images=rng.integers(0, 255, shape, dtype=np.uint8), labels=np.arange(shape[0]) % classes,
-             classes=np.array([str(c) for c in range(classes)]))
-    with pytest.raises(DatasetError, match=match):
+    np.savez(path, images=rng.integers(0, 255, shape, dtype=np.uint8), labels=np.arange(shape[0]) % k,
+             classes=np.array(names))
+    before = (tiny_bundle_copy / "manifest.json").read_bytes()
+    with pytest.raises(DatasetError, match=match) as info:
         tune_bundle(tiny_bundle_copy, str(path), Target(max_drop_pp=0.5))
+    assert "\n" not in str(info.value) and "--resize" not in str(info.value)  # tune has no --resize
+    assert (tiny_bundle_copy / "manifest.json").read_bytes() == before
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:

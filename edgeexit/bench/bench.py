@@ -39,7 +39,7 @@ from ..runtime.manifest import ExitRuleSpec, Manifest
 from ..runtime.rules import ExitRule
 from ..runtime.trace import Trace
 from .compare import bundle_hash
-from .datasets import ImageSet
+from .datasets import ImageSet, check_dataset
 from .envinfo import EnvPaths, collect_environment
 from .sweep import grid_kind, named_rules, rule_text, sweep_tradeoff
 from .timing import (COST_KINDS, Progress, Variant, cost_table, forced_variants, latency_summary, per_input,
@@ -108,47 +108,6 @@ class BenchSettings:
 
 
 # ------------------------------------------------------------------------------------------- dataset checks
-
-def _index_named(classes: Sequence[str]) -> bool:
-    """True when class names are just "0", "1", ... (a .npz without a 'classes' array)."""
-    return all(c == str(i) for i, c in enumerate(classes))
-
-
-def check_dataset(manifest: Manifest, data: ImageSet, resize: bool = False) -> None:
-    """Check that a labelled set fits a bundle before anything is run.
-
-    Class names must equal the bundle's labels, in order. A set whose classes are only numbered
-    ("0", "1", ...; e.g. a .npz without a ``classes`` array) may have fewer classes than the bundle, as long
-    as every label is a valid class index of it. Images must have the bundle's height, width and channels
-    unless ``resize`` is set (then Pillow converts them, see :func:`fit_images`).
-
-    Raises:
-        DatasetError: an empty set, other classes, or images of another size or colour mode (one line).
-    """
-    if len(data) == 0:
-        raise DatasetError(f"dataset {data.name} has no images; a benchmark needs at least one labelled image")
-    labels = manifest.labels
-    if _index_named(data.classes):
-        if len(data.classes) > len(labels):
-            raise DatasetError(f"dataset {data.name} has {len(data.classes)} classes but bundle '{manifest.name}' "
-                               f"has {len(labels)} ({', '.join(labels[:5])}{', ...' if len(labels) > 5 else ''}); "
-                               "use a dataset of the bundle's task")
-    elif tuple(data.classes) != tuple(labels):
-        diff = next((i for i, (a, b) in enumerate(zip(data.classes, labels)) if a != b), min(len(labels),
-                                                                                            len(data.classes)))
-        got = data.classes[diff] if diff < len(data.classes) else "<none>"
-        want = labels[diff] if diff < len(labels) else "<none>"
-        raise DatasetError(f"dataset {data.name} has {len(data.classes)} classes and bundle '{manifest.name}' "
-                           f"{len(labels)}; class {diff} is {got!r} in the dataset but {want!r} in the bundle; "
-                           "use a dataset of the bundle's task with the same class order")
-    h, w = manifest.preprocessing.size
-    c = manifest.preprocessing.channels
-    if data.image_shape != (h, w, c) and not resize:
-        ih, iw, ic = data.image_shape
-        raise DatasetError(f"dataset {data.name} has {ih}x{iw}x{ic} images but bundle '{manifest.name}' takes "
-                           f"{h}x{w}x{c} ({manifest.preprocessing.color_mode}); pass --resize to convert them with "
-                           "Pillow, or use a dataset of the bundle's input size")
-
 
 def fit_images(manifest: Manifest, images: np.ndarray) -> np.ndarray:
     """Convert ``images`` [N, H', W', C'] uint8 to the bundle's size and colour mode with Pillow (bilinear).
@@ -303,7 +262,7 @@ def run_benchmark(bundle: str | os.PathLike[str] | Bundle, data: ImageSet, setti
 
     Args:
         bundle: a bundle directory or a loaded :class:`~edgeexit.runtime.bundle.Bundle`.
-        data: labelled images; see :func:`check_dataset` for what fits.
+        data: labelled images; see :func:`edgeexit.bench.datasets.check_dataset` for what fits.
         settings: warm-up, repeats, threads, backend, rule, board, sweep, resize, float checkpoint, batches.
         progress: optional callback ``progress(phase, done, total)``.
         env_paths: where the machine description is read (tests).

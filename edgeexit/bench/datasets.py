@@ -26,10 +26,12 @@ import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from ..errors import DatasetError
+from ..runtime.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +123,50 @@ def load_dataset(spec: str, split: str = "test", limit: int | None = None) -> Im
         data = data.subset(np.arange(min(limit, len(data))))
     log.info("loaded %s: %d images of %s", data.name, len(data), data.image_shape)
     return data
+
+
+def _index_named(classes: Sequence[str]) -> bool:
+    """True when class names are just "0", "1", ... (a .npz without a 'classes' array)."""
+    return all(c == str(i) for i, c in enumerate(classes))
+
+
+def check_dataset(manifest: Manifest, data: ImageSet, resize: bool | None = None) -> None:
+    """Check that a labelled set fits a bundle before anything is run (``edgeexit bench`` and ``edgeexit tune``).
+
+    Class names must equal the bundle's labels, in order. A set whose classes are only numbered
+    ("0", "1", ...; e.g. a .npz without a ``classes`` array) may have fewer classes than the bundle, as long
+    as every label is a valid class index of it. Images must have the bundle's height, width and channels
+    unless ``resize`` is True (then Pillow converts them, see :func:`edgeexit.bench.bench.fit_images`); None: the
+    caller cannot resize, so the message does not offer ``--resize``.
+
+    Raises:
+        DatasetError: an empty set, other classes, or images of another size or colour mode (one line).
+    """
+    if len(data) == 0:
+        raise DatasetError(f"dataset {data.name} has no images; give at least one labelled image")
+    labels = manifest.labels
+    if _index_named(data.classes):
+        if len(data.classes) > len(labels):
+            raise DatasetError(f"dataset {data.name} has {len(data.classes)} classes but bundle '{manifest.name}' "
+                               f"has {len(labels)} ({', '.join(labels[:5])}{', ...' if len(labels) > 5 else ''}); "
+                               "use a dataset of the bundle's task")
+    elif tuple(data.classes) != tuple(labels):
+        diff = next((i for i, (a, b) in enumerate(zip(data.classes, labels)) if a != b), min(len(labels),
+                                                                                            len(data.classes)))
+        got = data.classes[diff] if diff < len(data.classes) else "<none>"
+        want = labels[diff] if diff < len(labels) else "<none>"
+        raise DatasetError(f"dataset {data.name} has {len(data.classes)} classes and bundle '{manifest.name}' "
+                           f"{len(labels)}; class {diff} is {got!r} in the dataset but {want!r} in the bundle; "
+                           "use a dataset of the bundle's task with the same class order")
+    h, w = manifest.preprocessing.size
+    c = manifest.preprocessing.channels
+    if data.image_shape != (h, w, c) and not resize:
+        ih, iw, ic = data.image_shape
+        fix = "pass --resize to convert them with Pillow, or " if resize is not None else ""
+        raise DatasetError(f"dataset {data.name} has {ih}x{iw}x{ic} images but bundle '{manifest.name}' takes "
+                           f"{h}x{w}x{c} ({manifest.preprocessing.color_mode}); {fix}use a dataset of the bundle's "
+                           "input size")
+
 
 
 def _split_slice(spec: str) -> tuple[str, slice | None]:

@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import BundleError, DatasetError, EdgeExitError, TuningError, UsageError
+from ..errors import BundleError, EdgeExitError, TuningError, UsageError
 from ..runtime.manifest import EXIT_RULES, ExitRuleSpec, Manifest
 from ..energy import BOARDS, KIND_LABELS, KINDS, Board, EnergyModel
 from ..runtime.rules import RULES, ClassExclusionRule, exit_scores, rule_from_spec
@@ -724,26 +724,6 @@ def evaluate_rule(trace: Trace, spec: ExitRuleSpec, costs: ExitCosts) -> Operati
 
 # ------------------------------------------------------------------------------------ bundle <-> tuning
 
-def check_data_fits(manifest: Manifest, classes: Sequence[str], image_shape: Sequence[int], name: str) -> None:
-    """Refuse validation data whose classes or image size differ from the bundle's.
-
-    Raises:
-        DatasetError: another number of classes, or images of another height/width/channels.
-    """
-    h, w = manifest.preprocessing.size
-    c = manifest.preprocessing.channels
-    if len(classes) != manifest.num_classes:
-        raise DatasetError(f"{name} has {len(classes)} classes but the bundle has {manifest.num_classes} "
-                           f"({', '.join(manifest.labels[:4])}...); tune with validation data of the bundle's task")
-    if tuple(image_shape) != (h, w, c):
-        got = "x".join(str(v) for v in image_shape)
-        raise DatasetError(f"{name} has {got} images but the bundle expects {h}x{w}x{c} (HxWxC); give validation "
-                           "images of the bundle's input size and colour mode")
-    if tuple(classes) != tuple(manifest.labels):
-        log.warning("%s class names %s differ from the bundle's labels %s; labels are matched by index", name,
-                    list(classes)[:4], list(manifest.labels)[:4])
-
-
 def updated_manifest(manifest: Manifest, result: TuneResult, name: str, original: OperatingPoint | None = None,
                      max_front: int = MAX_STORED_FRONT, table: Any = None) -> Manifest:
     """The manifest with the tuned point stored under ``name``, the front, and ``exit_rule`` = the chosen point.
@@ -829,7 +809,7 @@ def tune_bundle(bundle: str | os.PathLike[str], data: str, target: Target, *, ru
         TuningError: the target cannot be met; UsageError: bad arguments.
     """
     from ..runtime.bundle import load_bundle, write_manifest_atomic  # noqa: PLC0415
-    from ..bench.datasets import load_dataset  # noqa: PLC0415
+    from ..bench.datasets import check_dataset, load_dataset  # noqa: PLC0415
     from ..runtime.runner import Runner  # noqa: PLC0415
 
     check_point_name(name)
@@ -842,7 +822,7 @@ def tune_bundle(bundle: str | os.PathLike[str], data: str, target: Target, *, ru
     if kind != "any" and kind not in TUNABLE_RULES:
         raise UsageError(f"--rule {kind} cannot be tuned; choose one of {', '.join(TUNABLE_RULES)} or any")
     images = load_dataset(data, split=split, limit=limit)
-    check_data_fits(manifest, images.classes, images.image_shape, images.name)
+    check_dataset(manifest, images)
     runner = Runner(loaded, backend=backend, rule=ExitRuleSpec("final", ()), power_sensor=None, board=board)
     seq = images.images if progress is None else progress(images.images)
     log.info("tracing %d images through %d stages", len(images), manifest.num_exits)
