@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import stat
 from dataclasses import dataclass
@@ -24,14 +23,9 @@ import numpy as np
 from ..errors import BundleError
 from .atomic import write_file_atomic
 from .interpreter import Backend, create_interpreter, resolve_backend
-from .manifest import MANIFEST_FILE, Manifest, Quantization, StageSpec, TensorSpec
+from .manifest import MANIFEST_FILE, Manifest, Quantization, StageSpec, TensorSpec, quant_equal
 
 log = logging.getLogger(__name__)
-
-#: Two scales are "equal" when they agree to float32 precision (the converter writes float64 values of
-#: float32 scales, and two graphs can round the same scale differently in the last bit).
-SCALE_RTOL = 1e-6
-
 
 @dataclass(frozen=True)
 class Requantization:
@@ -96,25 +90,25 @@ def _check_file(root: Path, name: str, sha256: str, size: int, what: str) -> Pat
     if actual_size != size:
         raise BundleError(f"{name}: {actual_size} bytes, the manifest says {size} (truncated or replaced); "
                           "re-copy the bundle")
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    if h.hexdigest() != sha256.lower():
+    if sha256_file(path) != sha256.lower():
         raise BundleError(f"{name}: sha256 mismatch (file was modified or corrupted); re-copy the bundle")
     return path
 
 
-def _quant_equal(a: Quantization | None, b: Quantization | None) -> bool:
-    if a is None or b is None:
-        return a is None and b is None
-    return a.zero_point == b.zero_point and math.isclose(a.scale, b.scale, rel_tol=SCALE_RTOL)
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
-def _detail_spec(detail: Mapping[str, Any]) -> TensorSpec:
+def tensor_from_detail(detail: Mapping[str, Any], name: str | None = None) -> TensorSpec:
+    """A manifest TensorSpec from an interpreter tensor detail (per-tensor quantization; None if float)."""
     scale, zero_point = detail["quantization"]
     q = Quantization(float(scale), int(zero_point)) if scale else None
-    return TensorSpec(name=str(detail["name"]), shape=tuple(int(v) for v in detail["shape"]),
+    return TensorSpec(name=name or str(detail["name"]), shape=tuple(int(v) for v in detail["shape"]),
                       dtype=np.dtype(detail["dtype"]).name, quantization=q)
 
 
@@ -123,7 +117,7 @@ def _same_tensor(actual: TensorSpec, expected: TensorSpec, file: str, what: str)
         raise BundleError(f"{file}: {what} is {actual.dtype}{list(actual.shape)} but the manifest says "
                           f"{expected.dtype}{list(expected.shape)}; the file and manifest do not belong together: "
                           "re-create the bundle")
-    if not _quant_equal(actual.quantization, expected.quantization):
+    if not quant_equal(actual.quantization, expected.quantization):
         raise BundleError(f"{file}: {what} quantization is {actual.quantization} but the manifest says "
                           f"{expected.quantization}; re-create the bundle")
 
@@ -137,7 +131,7 @@ def check_stage_tensors(interp: Any, spec: StageSpec) -> StageTensors:
     inputs = interp.get_input_details()
     if len(inputs) != 1:
         raise BundleError(f"{spec.file}: has {len(inputs)} inputs, expected 1; re-create the bundle")
-    _same_tensor(_detail_spec(inputs[0]), spec.input, spec.file, "input")
+    _same_tensor(tensor_from_detail(inputs[0]), spec.input, spec.file, "input")
     by_name = {str(d["name"]): d for d in interp.get_output_details()}
     index = {}
     for key, expected in spec.outputs.items():
@@ -145,7 +139,7 @@ def check_stage_tensors(interp: Any, spec: StageSpec) -> StageTensors:
         if detail is None:
             raise BundleError(f"{spec.file}: has no output tensor named {expected.name!r} ('{key}'); it has "
                               f"{sorted(by_name)}; re-create the bundle")
-        _same_tensor(_detail_spec(detail), expected, spec.file, f"output '{key}'")
+        _same_tensor(tensor_from_detail(detail), expected, spec.file, f"output '{key}'")
         index[key] = int(detail["index"])
     return StageTensors(input_index=int(inputs[0]["index"]), output_index=index)
 
@@ -164,7 +158,7 @@ def plan_handoffs(manifest: Manifest) -> tuple[Requantization | None, ...]:
         if feats.dtype != nxt.input.dtype or feats.dtype not in ("int8", "uint8"):
             raise BundleError(f"hand-off {prev.index}->{nxt.index}: features are {feats.dtype}, next input is "
                               f"{nxt.input.dtype}; expected int8 on both sides: re-create the bundle")
-        if _quant_equal(feats.quantization, nxt.input.quantization):
+        if quant_equal(feats.quantization, nxt.input.quantization):
             plan.append(None)
         elif feats.quantization is None or nxt.input.quantization is None:
             raise BundleError(f"hand-off {prev.index}->{nxt.index}: one side has no quantization parameters; "
@@ -214,7 +208,7 @@ def load_bundle(path: str | os.PathLike[str], *, backend: str | Backend = "auto"
         if s.index != i:
             raise BundleError(f"manifest: stages[{i}].index is {s.index}, expected {i}; re-create the bundle")
     first = manifest.stages[0].input
-    if (first.shape, first.dtype) != (manifest.input.shape, manifest.input.dtype) or not _quant_equal(
+    if (first.shape, first.dtype) != (manifest.input.shape, manifest.input.dtype) or not quant_equal(
             first.quantization, manifest.input.quantization):
         raise BundleError("manifest: 'input.tensor' differs from stage 0's input; re-create the bundle")
     if manifest.exit_rule.thresholds and len(manifest.exit_rule.thresholds) != manifest.num_exits - 1:
@@ -245,8 +239,8 @@ def check_model_tensors(interp: Any, input_spec: TensorSpec, output_spec: Tensor
     if len(inputs) != 1 or len(outputs) != 1:
         raise BundleError(f"{file}: has {len(inputs)} inputs and {len(outputs)} outputs, expected 1 and 1; "
                           "re-create the bundle")
-    _same_tensor(_detail_spec(inputs[0]), input_spec, file, "input")
-    _same_tensor(_detail_spec(outputs[0]), output_spec, file, "output")
+    _same_tensor(tensor_from_detail(inputs[0]), input_spec, file, "input")
+    _same_tensor(tensor_from_detail(outputs[0]), output_spec, file, "output")
     return int(inputs[0]["index"]), int(outputs[0]["index"])
 
 

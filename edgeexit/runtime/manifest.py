@@ -96,6 +96,18 @@ class Quantization:
         return cls(scale=scale, zero_point=_need(d, "zero_point", int, where))
 
 
+
+#: Two scales are "equal" when they agree to float32 precision (the converter writes float64 values of
+#: float32 scales, and two graphs can round the same scale differently in the last bit).
+SCALE_RTOL = 1e-6
+
+
+def quant_equal(a: Quantization | None, b: Quantization | None) -> bool:
+    """Same zero point and the same scale up to float32 rounding (:data:`SCALE_RTOL`); two None are equal."""
+    if a is None or b is None:
+        return a is None and b is None
+    return a.zero_point == b.zero_point and math.isclose(a.scale, b.scale, rel_tol=SCALE_RTOL)
+
 @dataclass(frozen=True)
 class TensorSpec:
     """One input or output tensor of a stage file, as the interpreter reports it."""

@@ -7,9 +7,7 @@ failed conversion leaves nothing at the target, and an existing bundle (``force`
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -17,38 +15,13 @@ import numpy as np
 
 from edgeexit.errors import UsageError
 from edgeexit.runtime.atomic import publish_dir
+from edgeexit.runtime.bundle import sha256_file, tensor_from_detail
 from edgeexit.runtime.manifest import (FORMAT_VERSION, MANIFEST_FILE, ExitRuleSpec, Manifest, ModelFile, Preprocessing,
                                Quantization, StageCosts, StageSpec, TensorSpec)
 
 log = logging.getLogger(__name__)
 
 PRODUCER = "edgeexit 0.1.0"
-#: Relative tolerance under which two int8 scales count as equal (float32 rounding), as the runtime uses.
-SCALE_RTOL = 1e-6
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def tensor_from_detail(detail: Mapping[str, Any], name: str | None = None) -> TensorSpec:
-    """A manifest TensorSpec from an interpreter tensor detail (per-tensor quantization; None if float)."""
-    scale, zero_point = detail["quantization"]
-    q = Quantization(float(scale), int(zero_point)) if scale else None
-    return TensorSpec(name=name or str(detail["name"]), shape=tuple(int(v) for v in detail["shape"]),
-                      dtype=np.dtype(detail["dtype"]).name, quantization=q)
-
-
-def quant_equal(a: Quantization | None, b: Quantization | None) -> bool:
-    """Same zero point and the same scale up to float32 rounding."""
-    if a is None or b is None:
-        return a is None and b is None
-    return a.zero_point == b.zero_point and math.isclose(a.scale, b.scale, rel_tol=SCALE_RTOL)
 
 
 def stage_tensors(interpreter: Any, path: Path) -> tuple[TensorSpec, dict[str, TensorSpec]]:

@@ -29,7 +29,7 @@ from edgeexit.errors import ConversionError, UsageError
 from edgeexit.runtime.tflite import GraphCosts, graph_costs
 from edgeexit.runtime.atomic import staging_dir
 from edgeexit.runtime.interpreter import create_interpreter, resolve_backend
-from edgeexit.runtime.manifest import EXIT_RULES, ExitRuleSpec, Manifest, Preprocessing, StageCosts
+from edgeexit.runtime.manifest import EXIT_RULES, ExitRuleSpec, Manifest, Preprocessing, StageCosts, quant_equal
 
 from . import bundle_writer as bw
 from .export import ExportUnit, export_onnx, monolithic_unit, split_stages
@@ -211,7 +211,7 @@ def check_handoffs(interpreters: Sequence[Any]) -> list[dict[str, Any]]:
             raise ConversionError(f"hand-off {k}->{k + 1}: stage {k} features "
                                   f"{None if feats is None else list(feats.shape)} do not fit stage {k + 1} input "
                                   f"{list(nxt.shape)}; the converter changed a tensor layout")
-        equal = bw.quant_equal(feats.quantization, nxt.quantization)
+        equal = quant_equal(feats.quantization, nxt.quantization)
         fq, nq = feats.quantization, nxt.quantization
         entry = {"from": k, "to": k + 1, "equal": equal,
                  "features": None if fq is None else {"scale": fq.scale, "zero_point": fq.zero_point},
