@@ -51,6 +51,14 @@ def test_costs_agree_with_flop_counter(name, kwargs):
     assert macs + costs.head_macs[-1] == costs.full_macs
 
 
+def test_full_macs_of_the_mnist_default():
+    # eenet-small on 28x28x1, 10 classes (`edgeexit train` on MNIST): every segment + the whole final head
+    costs = model_costs(create("eenet-small", num_classes=10, input_shape=[1, 28, 28]))
+    assert sum(costs.segment_macs) == 6_502_464 and costs.head_macs[-1] == 1_408
+    assert costs.full_macs == 6_503_872
+    assert costs.kappa()[-1] == 1.0 and costs.cumulative()[-1] > 1.0  # early heads are paid for on top
+
+
 def test_count_macs_divides_by_batch():
     conv = nn.Conv2d(3, 5, 3, padding=1)
     single, _ = count_macs(conv, torch.zeros(1, 3, 6, 6))

@@ -28,18 +28,22 @@ def test_stage_macs_equal_torch_counts(tiny_bundle, tiny_model):
         assert set(g.mac_ops) == {"CONV_2D", "FULLY_CONNECTED"}
 
 
-def test_monolithic_macs_equal_segments_plus_final_head(tiny_bundle, tiny_model):
+def test_full_macs_is_every_segment_plus_the_whole_final_head(tiny_bundle, tiny_model):
+    from edgeexit.workstation.convert.costs import model_costs
+
     m = _manifest(tiny_bundle)
     final = file_costs(tiny_bundle / m.stages[-1].file)
     head = tiny_model.stages[-1].head
-    # the network without exits has no confidence output: its final head is the classifier only
+    # one definition of full_macs: the network without early exits = every segment + the whole final head,
+    # the same on the graphs (manifest) and in torch (ModelCosts)
+    assert m.full_macs == sum(s.costs.segment_macs for s in m.stages) + m.stages[-1].costs.head_macs
+    assert m.full_macs == model_costs(tiny_model).full_macs
+    # the monolithic graph has no confidence output: the final head's classifier only
     assert final.head_output_macs["logits"] == head.classifier.in_features * head.classifier.out_features
     assert final.head_output_macs["confidence"] == head.confidence.in_features
     assert final.head_output_macs["features"] == 0
-    expected = sum(s.costs.segment_macs for s in m.stages) + final.head_output_macs["logits"]
-    assert m.full_macs == expected
-    assert m.monolithic.macs == expected
-    assert file_costs(tiny_bundle / m.monolithic.file, boundary=None).macs == expected
+    assert m.monolithic.macs == m.full_macs - head.confidence.in_features
+    assert file_costs(tiny_bundle / m.monolithic.file, boundary=None).macs == m.monolithic.macs
 
 
 def test_param_bytes_split_between_segment_and_head(tiny_bundle, tiny_model):

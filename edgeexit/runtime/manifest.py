@@ -275,7 +275,7 @@ class Manifest:
     stages: tuple[StageSpec, ...]
     exit_rule: ExitRuleSpec
     monolithic: ModelFile | None = None
-    full_macs: int = 0  # MACs of the network without early exits (backbone + final head), from the tflite graphs
+    full_macs: int = 0  # the network without early exits: every stage's segment + the whole final head (graphs)
     operating_points: Mapping[str, Any] = field(default_factory=dict)  # named exit rules (threshold tuning)
     verification: Mapping[str, Any] = field(default_factory=dict)  # conversion report (torch vs int8)
     training: Mapping[str, Any] = field(default_factory=dict)  # method, loss, lambda, dataset, accuracy...

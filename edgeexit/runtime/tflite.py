@@ -13,8 +13,8 @@ constant tensors (weights, biases, and the few shape constants the ops need) as 
 
 A stage graph is split into its *segment* (the ops the ``features`` output depends on) and its *head*
 (every other op), so the runtime can tell what continuing past an exit costs. ``head_output_macs`` tells
-what each output needs of the head: the network without exits needs only the final head's ``logits`` part
-(not its confidence), so its MACs are the segments' plus ``head_output_macs["logits"]`` of the last stage.
+what each output needs of the head: the monolithic graph (no confidence output) needs only the final head's
+``logits`` part, so its MACs are the segments' plus ``head_output_macs["logits"]`` of the last stage.
 """
 
 from __future__ import annotations

@@ -227,8 +227,9 @@ def count_costs(model: StagedModel, interpreters: Sequence[Any],
                 mono_interpreter: Any | None) -> tuple[list[StageCosts], list[dict[str, Any]], int, GraphCosts | None]:
     """MACs and parameter bytes per stage from the graphs, cross-checked against torch hooks.
 
-    The full network's MACs are those of the network without exits: every segment plus the final head's
-    logits part (the monolithic model has no confidence output); the monolithic graph must count the same.
+    ``full_macs`` (the manifest's, = :attr:`ModelCosts.full_macs`): the network without early exits, i.e. every
+    stage's segment + the whole final head. The monolithic graph has no confidence output, so it must count
+    the segments + the part of the final head its logits depend on.
 
     Returns:
         (StageCosts per stage, per-stage comparison records, full-network MACs, monolithic GraphCosts).
@@ -248,14 +249,19 @@ def count_costs(model: StagedModel, interpreters: Sequence[Any],
                                       segment_param_bytes=g.segment_param_bytes, head_param_bytes=g.head_param_bytes,
                                       torch_segment_macs=ts, torch_head_macs=th))
         records.append({"stage": i, "segment_macs": g.segment_macs, "head_macs": g.head_macs,
+                        "head_logits_macs": g.head_output_macs.get("logits", g.head_macs),
                         "torch_segment_macs": ts, "torch_head_macs": th, "agree": agree, "mac_ops": dict(g.mac_ops)})
-        last_logits_macs = g.head_output_macs.get("logits", g.head_macs)
-    # the network without exits: every segment + the part of the final head that computes the logits
-    full = sum(c.segment_macs for c in stage_costs) + last_logits_macs
+    full = sum(c.segment_macs for c in stage_costs) + stage_costs[-1].head_macs
     mono = graph_costs(mono_interpreter, None) if mono_interpreter is not None else None
-    if mono is not None and mono.macs != full:
-        log.warning("monolithic graph has %d MACs, the stages' segments + final logits head %d", mono.macs, full)
+    if mono is not None and mono.macs != monolithic_macs(full, records):
+        log.warning("monolithic graph has %d MACs, the stages' segments + final logits path %d", mono.macs,
+                    monolithic_macs(full, records))
     return stage_costs, records, full, mono
+
+
+def monolithic_macs(full_macs: int, records: Sequence[dict[str, Any]]) -> int:
+    """What the monolithic graph should count: ``full_macs`` less the final head's confidence-only ops."""
+    return full_macs - records[-1]["head_macs"] + records[-1]["head_logits_macs"]
 
 
 # ---- step 5: verification ----------------------------------------------------------------------------------
@@ -362,8 +368,9 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
         model.train(was_training)
     warnings = [f"hand-off {h['from']}->{h['to']} quantization differs" for h in handoffs if not h["equal"]]
     warnings += [f"stage {c['stage']}: tflite MACs differ from torch" for c in cost_records if not c["agree"]]
-    if mono_costs is not None and mono_costs.macs != full_macs:
-        warnings.append(f"monolithic MACs {mono_costs.macs} != segments + final logits head {full_macs}")
+    if mono_costs is not None and mono_costs.macs != monolithic_macs(full_macs, cost_records):
+        warnings.append(f"monolithic MACs {mono_costs.macs} != segments + final logits path "
+                        f"{monolithic_macs(full_macs, cost_records)}")
     if report_v is not None and not report_v.passed:
         warnings += report_v.failures
     return ConversionReport(out_dir=out, manifest=manifest, verification=report_v, handoffs=handoffs,

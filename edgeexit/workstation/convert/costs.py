@@ -16,7 +16,7 @@ Two cost views per exit ``i`` (as a fraction of the full network = every segment
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -24,8 +24,22 @@ from torch import nn
 from ..models.staged import StagedModel
 
 
+def layer_macs(module: nn.Module, output_shape: Sequence[int]) -> int:
+    """MACs of one call of ``module`` that produced an output of ``output_shape`` (the only MAC formula).
+
+    ``nn.Conv2d``: output elements x in_channels / groups x kernel_h x kernel_w; ``nn.Linear``: output
+    elements x in_features; every other module: 0. Divide by the batch size for one input.
+    """
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        return int(torch.Size(output_shape).numel() * (module.in_channels // module.groups) * kh * kw)
+    if isinstance(module, nn.Linear):
+        return int(torch.Size(output_shape).numel() * module.in_features)
+    return 0
+
+
 def count_macs(module: nn.Module, example: torch.Tensor) -> tuple[int, Any]:
-    """MACs of ``module(example)`` for one input, counted with forward hooks on Conv2d and Linear.
+    """MACs of ``module(example)`` for one input: :func:`layer_macs` of every Conv2d / Linear call (forward hooks).
 
     Args:
         module: any module; it is run once under ``torch.no_grad()``.
@@ -36,21 +50,11 @@ def count_macs(module: nn.Module, example: torch.Tensor) -> tuple[int, Any]:
     """
     total = 0
 
-    def conv_hook(m: nn.Conv2d, _inp: tuple, out: torch.Tensor) -> None:
+    def hook(m: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
         nonlocal total
-        kh, kw = m.kernel_size
-        total += out.numel() * (m.in_channels // m.groups) * kh * kw
+        total += layer_macs(m, out.shape)
 
-    def linear_hook(m: nn.Linear, _inp: tuple, out: torch.Tensor) -> None:
-        nonlocal total
-        total += out.numel() * m.in_features
-
-    handles = []
-    for sub in module.modules():
-        if isinstance(sub, nn.Conv2d):
-            handles.append(sub.register_forward_hook(conv_hook))
-        elif isinstance(sub, nn.Linear):
-            handles.append(sub.register_forward_hook(linear_hook))
+    handles = [sub.register_forward_hook(hook) for sub in module.modules() if isinstance(sub, (nn.Conv2d, nn.Linear))]
     try:
         with torch.no_grad():
             out = module(example)
@@ -76,7 +80,11 @@ class ModelCosts:
 
     @property
     def full_macs(self) -> int:
-        """The network without early exits: every segment + the final head."""
+        """MACs of the network without early exits: every stage's segment + the whole final head.
+
+        The one definition of ``full_macs`` (the manifest stores the same sum counted on the graphs). The
+        monolithic .tflite drops the final head's confidence branch, so it counts slightly less.
+        """
         return sum(self.segment_macs) + self.head_macs[-1]
 
     def kappa(self) -> list[float]:

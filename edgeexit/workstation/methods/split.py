@@ -25,6 +25,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from edgeexit.errors import ConversionError, UsageError
 
+from ..convert.costs import layer_macs
 from ..models.staged import ExitHead, ModelSpec, Stage, StagedModel
 
 log = logging.getLogger(__name__)
@@ -219,15 +220,6 @@ def split_module(module: nn.Module, exits_after: list[str], features_end: str | 
     return pieces
 
 
-def _module_macs(m: nn.Module, out: torch.Size) -> int:
-    if isinstance(m, nn.Conv2d):
-        kh, kw = m.kernel_size
-        return int(torch.Size(out).numel() * (m.in_channels // m.groups) * kh * kw)
-    if isinstance(m, nn.Linear):
-        return int(torch.Size(out).numel() * m.in_features)
-    return 0
-
-
 def cut_points(module: nn.Module, example_input: torch.Tensor) -> list[CutPoint]:
     """Every valid cut of ``module`` whose value is a feature map, in execution order.
 
@@ -237,7 +229,7 @@ def cut_points(module: nn.Module, example_input: torch.Tensor) -> list[CutPoint]
 
     Returns:
         one CutPoint per distinct value (the outermost submodule name that produces it); the last entries
-        are usually the final feature map. MACs count Conv2d and Linear multiply-accumulates.
+        are usually the final feature map. MACs: :func:`~edgeexit.workstation.convert.costs.layer_macs` of every module call.
     """
     tr = _trace(module)
     gm = fx.GraphModule(module, tr.graph)
@@ -250,7 +242,7 @@ def cut_points(module: nn.Module, example_input: torch.Tensor) -> list[CutPoint]
         if node.op == "call_module":
             meta = node.meta.get("tensor_meta")
             if meta is not None and hasattr(meta, "shape"):
-                total += _module_macs(modules[node.target], meta.shape)
+                total += layer_macs(modules[node.target], meta.shape)
         macs_at[node] = total
     seen: set[fx.Node] = set()
     points = []
@@ -266,17 +258,6 @@ def cut_points(module: nn.Module, example_input: torch.Tensor) -> list[CutPoint]
                                not isinstance(modules[name], _NOT_A_BOUNDARY)))
     points.sort(key=lambda p: tr.index[tr.tracer.outputs[p.name]])
     return points
-
-
-def total_macs(module: nn.Module, example_input: torch.Tensor) -> int:
-    """Conv2d + Linear multiply-accumulates of one forward pass of ``module`` on ``example_input``."""
-    tr = _trace(module)
-    gm = fx.GraphModule(module, tr.graph)
-    with torch.no_grad():
-        ShapeProp(gm).propagate(example_input)
-    modules = dict(module.named_modules())
-    return sum(_module_macs(modules[n.target], n.meta["tensor_meta"].shape) for n in tr.graph.nodes
-               if n.op == "call_module" and hasattr(n.meta.get("tensor_meta"), "shape"))
 
 
 class TailHead(ExitHead):
