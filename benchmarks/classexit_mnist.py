@@ -56,7 +56,7 @@ def train_and_convert(dataset: str, splits: common.Splits, args: argparse.Namesp
                                hidden=args.hidden if args.head == "spatial" else None, exits_after=EXITS_AFTER,
                                features_end="layer4", mean=MEAN, std=STD, backbone_desc=desc)
     digest = backbone_digest(model)
-    result = train_class_exits(model, splits.train, splits.val, epochs=args.epochs, progress=False)
+    result = train_class_exits(model, splits.train, splits.val, epochs=args.epochs)
     model = result.model
     train_s = time.perf_counter() - t0
     report = convert(model, common.calibration_images(splits.train), bundle, verify_images=splits.val.images[:500],

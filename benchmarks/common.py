@@ -101,7 +101,7 @@ def trained_backbone(dataset: str, splits: Splits, epochs: int, desc: dict[str, 
     torch.manual_seed(0)
     model = _plain_backbone_model(backbone, splits.labels, desc)
     result = train(model, splits.train, splits.val, TrainConfig(loss="v0", epochs=epochs, batch_size=128, lr=3e-3,
-                                                                augment_shift=2), progress=False)
+                                                                augment_shift=2))
     log.info("%s: backbone trained in %.0f s, val accuracy %.4f", dataset, result.seconds,
              result.val_summary.final_accuracy)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,7 @@ def main() -> None:
     start = time.perf_counter()
     for lam in parse_lambdas(args.lambdas):
         cfg = TrainConfig(epochs=args.epochs, lam=lam, seed=args.seed)
-        runs.append((lam, run_training("eenet-small", "mnist", cfg, train_limit=args.train_limit, progress=False)))
+        runs.append((lam, run_training("eenet-small", "mnist", cfg, train_limit=args.train_limit)))
     rows = sweep_rows(runs)
     out = Path(args.results)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -100,7 +100,7 @@ def train_and_convert(dataset: str, splits: common.Splits, args: argparse.Namesp
                          epochs=args.warmup + args.branch_epochs, batch_size=128, lr=3e-3, augment_shift=2)
     # two-stage: the branches first learn to classify (v0), then when to exit (v2);
     # v2 alone from random branches left every confidence near 0 (nothing exited)
-    result = train_branches(model, splits.train, splits.val, config, progress=False)
+    result = train_branches(model, splits.train, splits.val, config)
     model = result.model
     log.info("float validation:\n%s", result.val_summary.table())
     train_s = time.perf_counter() - t0

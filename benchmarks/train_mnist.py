@@ -42,7 +42,7 @@ def main() -> None:
     load_before = os.getloadavg()
     config = TrainConfig(epochs=args.epochs, lam=args.lam, seed=args.seed)
     start = time.perf_counter()
-    run = run_training("eenet-small", "mnist", config, progress=False)
+    run = run_training("eenet-small", "mnist", config)
     wall = time.perf_counter() - start
     load_after = os.getloadavg()
     model = run.result.model

@@ -41,7 +41,7 @@ def test_branches_train_and_the_backbone_stays_bit_identical():
     heads_before = _state(model.stages[0].head)
     train_set, val_set = _sets()
     result = pteenet.train_branches(model, train_set, val_set, TrainConfig(loss="v2", lam=0.9, epochs=1,
-                                                                          batch_size=64), progress=False)
+                                                                          batch_size=64))
     after = backbone.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # parameters AND BatchNorm buffers
     assert any(not torch.equal(heads_before[k], v) for k, v in result.model.stages[0].head.state_dict().items())

@@ -31,7 +31,7 @@ def mnist_small():
 def trained(mnist_small):
     tr, va = mnist_small
     torch.manual_seed(0)
-    return train(create("eenet-small", **TINY), tr, va, TrainConfig(epochs=2, seed=1, lr=1e-2, batch_size=32), progress=False)
+    return train(create("eenet-small", **TINY), tr, va, TrainConfig(epochs=2, seed=1, lr=1e-2, batch_size=32))
 
 
 def test_training_learns_and_keeps_the_best_epoch(trained, mnist_small):
@@ -46,7 +46,7 @@ def test_training_learns_and_keeps_the_best_epoch(trained, mnist_small):
 def test_training_is_deterministic_on_cpu(mnist_small, trained):
     tr, va = mnist_small
     torch.manual_seed(0)
-    again = train(create("eenet-small", **TINY), tr, va, TrainConfig(epochs=2, seed=1, lr=1e-2, batch_size=32), progress=False)
+    again = train(create("eenet-small", **TINY), tr, va, TrainConfig(epochs=2, seed=1, lr=1e-2, batch_size=32))
     for (k, a), b in zip(trained.model.state_dict().items(), again.model.state_dict().values()):
         assert torch.equal(a, b), k
 
@@ -54,14 +54,14 @@ def test_training_is_deterministic_on_cpu(mnist_small, trained):
 def test_class_based_training_and_frozen_trunk(mnist_small):
     tr, va = mnist_small
     model = create("eenet-small", head="class", **TINY)
-    res = train(model, tr, va, TrainConfig(epochs=1, loss="class"), progress=False)
+    res = train(model, tr, va, TrainConfig(epochs=1, loss="class"))
     assert evaluate(res.model, va).num_samples == len(va)
     before = {k: v.clone() for k, v in res.model.stages[0].segment.state_dict().items()}
-    frozen = train(res.model, tr, va, TrainConfig(epochs=1, loss="class", freeze_trunk=True), progress=False)
+    frozen = train(res.model, tr, va, TrainConfig(epochs=1, loss="class", freeze_trunk=True))
     for k, v in frozen.model.stages[0].segment.state_dict().items():
         assert torch.equal(v, before[k]), k  # PTEENet: weights and BN statistics untouched
     with pytest.raises(UsageError, match="needs EENet heads"):
-        train(create("eenet-small", head="class", **TINY), tr, va, TrainConfig(epochs=1, loss="v2"), progress=False)
+        train(create("eenet-small", head="class", **TINY), tr, va, TrainConfig(epochs=1, loss="v2"))
 
 
 def test_summarize_by_hand():

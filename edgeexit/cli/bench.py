@@ -3,41 +3,21 @@
 from __future__ import annotations
 
 import json
-import sys
 from typing import Any
 
 import click
 
 from .device import _build_rule, _parse_thresholds
 from ..energy.boards import BOARDS
+from ..progress import StderrProgress
 from ..runtime.interpreter import BACKENDS
 from ..runtime.manifest import EXIT_RULES
 
 
-class _StderrProgress:
-    """Progress of the benchmark passes on stderr: one updating line on a terminal, a line per phase otherwise."""
-
-    LABELS = {"timed": "timed pass (whole calls: early exit, monolithic, stored points, forced to each exit)",
-              "throughput": "throughput at batch sizes", "trace": "trace pass (every stage)", "float": "float network",
-              "energy": "energy phases (idle, each exit, early exit, monolithic)"}
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.tty = sys.stderr.isatty()
-        self.phase: str | None = None
-
-    def __call__(self, phase: str, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        label = self.LABELS.get(phase, phase)
-        if self.tty:
-            end = "\n" if done >= total else ""
-            click.echo(f"\r{label}: {done}/{total}", err=True, nl=False)
-            if end:
-                click.echo("", err=True)
-        elif phase != self.phase:
-            click.echo(f"{label}: {total} inputs ...", err=True)
-        self.phase = phase
+#: How the benchmark's phases are named on stderr.
+PHASES = {"timed": "timed pass (whole calls: early exit, monolithic, stored points, forced to each exit)",
+          "throughput": "throughput at batch sizes", "trace": "trace pass (every stage)", "float": "float network",
+          "energy": "energy phases (idle, each exit, early exit, monolithic)"}
 
 
 def _parse_batch_sizes(text: str) -> tuple[int, ...]:
@@ -124,7 +104,7 @@ def bench(ctx: click.Context, bundle: str, data_spec: str, split: str, limit: in
                              batch_sizes=_parse_batch_sizes(batch_sizes), points=points,
                              energy=EnergySettings(sensor=power_sensor, power_trace=power_trace, reps=energy_reps,
                                                    phase_s=energy_phase_s, idle_s=energy_phase_s))
-    result: dict[str, Any] = run_benchmark(loaded, data, settings, progress=_StderrProgress(not quiet),
+    result: dict[str, Any] = run_benchmark(loaded, data, settings, progress=StderrProgress(not quiet, PHASES),
                                            dataset_spec=data_spec)
     files = None
     if not no_save:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import click
 
 from ..energy import BOARDS, KIND_LABELS, KINDS
+from ..progress import StderrProgress
 from ..runtime.interpreter import BACKENDS
 from ..tuning.tune import DEFAULT_COST_IMAGES, DEFAULT_LEVELS, TUNABLE_RULES, Target, TuneResult, tune_bundle
 
@@ -93,11 +93,7 @@ def tune(ctx: click.Context, bundle: str, data: str, split: str, limit: int | No
                     budget_latency_ms=budget_latency_ms, budget_energy_mj=budget_energy_mj, minimize=minimize,
                     energy_kind=energy_kind)
     quiet = bool((ctx.find_root().obj or {}).get("quiet"))
-    progress: Any = None
-    if not quiet and not as_json:
-        def progress(images: Any) -> Any:  # noqa: E306
-            with click.progressbar(images, label="tracing", file=click.get_text_stream("stderr")) as bar:
-                yield from bar
+    progress = StderrProgress(not quiet and not as_json, {"trace": "tracing (every stage)"})
     result = tune_bundle(bundle, data, target, rule=rule, name=name, split=split, limit=limit, dry_run=dry_run,
                          levels=levels, backend=backend, margin_pp=margin, progress=progress,
                          cost_images=cost_images, board=board)

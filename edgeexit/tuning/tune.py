@@ -35,6 +35,7 @@ import numpy as np
 from ..errors import BundleError, EdgeExitError, TuningError, UsageError
 from ..runtime.manifest import EXIT_RULES, ExitRuleSpec, Manifest
 from ..energy import BOARDS, KIND_LABELS, KINDS, Board, EnergyModel
+from ..progress import Progress, reporting
 from ..runtime.rules import RULES, ClassExclusionRule, exit_scores, rule_from_spec
 from ..runtime.trace import Trace
 
@@ -776,7 +777,7 @@ def thin_front(front: Sequence[OperatingPoint], cost_kind: str, max_points: int)
 def tune_bundle(bundle: str | os.PathLike[str], data: str, target: Target, *, rule: str | None = None,
                 name: str = "tuned", split: str = "test", limit: int | None = None, dry_run: bool = False,
                 levels: int = DEFAULT_LEVELS, backend: str = "auto", margin_pp: float | None = None,
-                progress: Callable[[Any], Any] | None = None, cost_images: int = DEFAULT_COST_IMAGES,
+                progress: Progress | None = None, cost_images: int = DEFAULT_COST_IMAGES,
                 board: str | Board | None = None) -> TuneResult:
     """Trace a labelled validation set once, search the front, and store the chosen point in the bundle.
 
@@ -795,7 +796,7 @@ def tune_bundle(bundle: str | os.PathLike[str], data: str, target: Target, *, ru
         margin_pp: for a ``no_worse_than`` target, the chosen point must beat the reference by this many
             percentage points on the tuning data (a finite tuning set overstates what carries over); None =
             one binomial standard error of the reference's accuracy there (0.14 pp at 99 % on 5,000 inputs).
-        progress: wraps the image iterable (e.g. a progress bar); None = no wrapper.
+        progress: ``progress("trace", done, total)`` while the images are traced (see :mod:`edgeexit.progress`).
         board: the board profile energy costs are for (None / "auto": detect it).
         cost_images: how many of the images time the exit costs (the whole-call latency of an input forced to
             leave at each exit, per rule kind; :func:`edgeexit.bench.timing.measure_exit_costs`), which the
@@ -824,7 +825,7 @@ def tune_bundle(bundle: str | os.PathLike[str], data: str, target: Target, *, ru
     images = load_dataset(data, split=split, limit=limit)
     check_dataset(manifest, images)
     runner = Runner(loaded, backend=backend, rule=ExitRuleSpec("final", ()), power_sensor=None, board=board)
-    seq = images.images if progress is None else progress(images.images)
+    seq = reporting(images.images, len(images), "trace", progress)
     log.info("tracing %d images through %d stages", len(images), manifest.num_exits)
     trace = runner.trace(seq, images.labels)
     searched = TUNABLE_RULES if kind == "any" else (kind,)

@@ -25,6 +25,7 @@ import torch
 
 from edgeexit.bench.datasets import load_dataset, train_val_split
 from edgeexit.errors import UsageError
+from edgeexit.progress import StderrProgress
 
 from ..models import zoo
 from ..training import distributed
@@ -161,8 +162,9 @@ def post_train(backbone: str, backbone_weights: str | None, backbone_options: tu
     cfg = TrainConfig(loss=loss, lam=lam, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                       class_pos_weight=float(len(full.classes) - 1), freeze_trunk=True, amp=amp)
     model.spec.extra.update(train=dict(vars(cfg)), dataset=dataset)
+    quiet = bool((click.get_current_context().find_root().obj or {}).get("quiet"))
     with distributed.session() as info:
-        result = train_branches(model, train_set, val_set, cfg)
+        result = train_branches(model, train_set, val_set, cfg, progress=StderrProgress(not quiet, unit="images"))
         test = evaluate(result.model, test_set, threshold)
     if not info.is_main:
         return

@@ -21,6 +21,7 @@ import click
 import numpy as np
 
 from edgeexit.bench.datasets import ImageSet, load_dataset, train_val_split
+from edgeexit.progress import Progress, StderrProgress
 from edgeexit.errors import UsageError
 from edgeexit.runtime.atomic import write_file_atomic
 
@@ -70,7 +71,7 @@ def data_stats(data: ImageSet) -> tuple[list[float], list[float]]:
 
 def run_training(model_name: str, dataset: str, config: TrainConfig, exits: int | None = None,
                  placement: str | list[int] | None = None, head: str | None = None, val_fraction: float = 0.1,
-                 train_limit: int | None = None, threshold: float = 0.5, progress: bool | None = None) -> TrainingRun:
+                 train_limit: int | None = None, threshold: float = 0.5, progress: Progress | None = None) -> TrainingRun:
     """Load data, build ``model_name`` for it, train, and evaluate on the test split.
 
     Named datasets (mnist, fashion-mnist, cifar10:DIR, svhn:DIR) are tested on their test split; a
@@ -186,7 +187,7 @@ def train_command(ctx: click.Context, model_name: str, dataset: str, exits: int 
     cfg = _config(epochs, batch_size, lr, seed, loss, lam, warmup_epochs, augment, freeze_trunk, amp)
     with distributed.session() as info:
         run = run_training(model_name, dataset, cfg, exits, parse_placement(placement), head, val_fraction,
-                           train_limit, threshold, progress=None if not quiet else False)
+                           train_limit, threshold, progress=StderrProgress(not quiet, unit="images"))
     if not info.is_main:
         return
     metrics = {"test": run.test.to_dict(), "test_set": run.test_name, "best_epoch": run.result.best_epoch,
@@ -266,7 +267,7 @@ def sweep_command(ctx: click.Context, model_name: str, dataset: str, exits: int 
         for lam in lams:
             cfg = _config(epochs, batch_size, lr, seed, loss, lam, warmup_epochs, augment, freeze_trunk, amp)
             run = run_training(model_name, dataset, cfg, exits, parse_placement(placement), head, val_fraction,
-                               train_limit, threshold, progress=None if not quiet else False)
+                               train_limit, threshold, progress=StderrProgress(not quiet, unit="images"))
             if info.is_main:
                 save_checkpoint(run.result.model, out / f"lambda_{lam:g}.pt",
                                 {"test": run.test.to_dict(), "test_set": run.test_name}, force=True)

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from edgeexit.progress import Progress
 from edgeexit.errors import TuningError, UsageError
 from edgeexit.runtime.manifest import ExitRuleSpec
 from edgeexit.runtime.trace import Trace
@@ -200,7 +201,7 @@ def attach_class_exits(backbone: Any, input_shape: Sequence[int], labels: Sequen
 
 
 def train_class_exits(model: Any, train_set: Any, val_set: Any, epochs: int = 3, pos_weight: float | None = None,
-                      config: Any = None, progress: bool | None = None) -> Any:
+                      config: Any = None, progress: Progress | None = None) -> Any:
     """Train the class exits of a frozen-backbone model with the class-based loss.
 
     Args:

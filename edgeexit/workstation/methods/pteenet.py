@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from edgeexit.bench.datasets import ImageSet
+from edgeexit.progress import Progress
 from edgeexit.errors import EdgeExitError, UsageError
 
 from ..models import zoo
@@ -257,7 +258,7 @@ def build_pteenet(backbone: dict[str, Any], input_shape: Sequence[int], labels: 
 
 
 def train_branches(model: StagedModel, train_set: ImageSet, val_set: ImageSet, config: Any = None,
-                   progress: bool | None = None) -> Any:
+                   progress: Progress | None = None) -> Any:
     """Train only the branches of a PTEENet model and check that the backbone did not change.
 
     Args:
@@ -265,7 +266,7 @@ def train_branches(model: StagedModel, train_set: ImageSet, val_set: ImageSet, c
         train_set, val_set: uint8 image sets (normalised with ``model.spec``).
         config: a :class:`edgeexit.workstation.training.train.TrainConfig`; default: EENet loss v2, lambda 0.9, 3 epochs (the
             class loss for "class" branches). Its ``freeze_trunk`` is forced on.
-        progress: show a progress bar.
+        progress: see :func:`edgeexit.workstation.training.train.train`.
 
     Returns:
         The :class:`edgeexit.workstation.training.train.TrainResult` (model with the best epoch's branch weights).

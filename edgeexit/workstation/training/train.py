@@ -13,7 +13,6 @@ import contextlib
 import copy
 import logging
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
@@ -25,6 +24,7 @@ from torch.utils.data import DistributedSampler
 
 from edgeexit.bench.datasets import ImageSet
 from edgeexit.errors import UsageError
+from edgeexit.progress import Progress
 
 from ..convert.costs import ModelCosts, model_costs
 from . import distributed
@@ -262,7 +262,7 @@ def _set_trainable(model: StagedModel, freeze_trunk: bool) -> None:
 
 
 def train(model: StagedModel, train_set: ImageSet, val_set: ImageSet, config: TrainConfig,
-          progress: bool | None = None) -> TrainResult:
+          progress: Progress | None = None) -> TrainResult:
     """Train ``model`` in place and return it with the weights of its best validation epoch.
 
     The best epoch has the lowest validation loss among the epochs that use the final loss (after the
@@ -277,7 +277,8 @@ def train(model: StagedModel, train_set: ImageSet, val_set: ImageSet, config: Tr
         model: a fresh or pre-trained StagedModel.
         train_set, val_set: uint8 image sets (normalised with ``model.spec``).
         config: hyper-parameters.
-        progress: show a tqdm bar on stderr (None = only when stderr is a terminal; never on ranks > 0).
+        progress: ``progress("epoch E/N (loss)", images done, images per epoch)`` (see :mod:`edgeexit.progress`);
+            only rank 0 reports.
 
     Raises:
         UsageError: invalid config; DatasetError: data that does not fit the model.
@@ -286,8 +287,6 @@ def train(model: StagedModel, train_set: ImageSet, val_set: ImageSet, config: Tr
     if config.loss != "class" and config.loss != "v0" and not all(s.head.has_confidence for s in model.stages[:-1]):
         raise UsageError(f"loss '{config.loss}' needs EENet heads with a confidence output; use --loss class "
                          "for class-based heads")
-    from tqdm import tqdm  # workstation dependency, only needed here
-
     info = distributed.current()
     local_batch = info.local_batch(config.batch_size)
     torch.manual_seed(config.seed)
@@ -299,7 +298,7 @@ def train(model: StagedModel, train_set: ImageSet, val_set: ImageSet, config: Tr
     amp = config.amp and device.type == "cuda"
     if config.amp and not amp:
         log.warning("mixed precision (--amp) applies to CUDA only; training on %s in float32", device)
-    show = info.is_main and (sys.stderr.isatty() if progress is None else progress)
+    report = progress if info.is_main else None
     costs = model_costs(model)
     kappa = costs.kappa()
     x_tr, y_tr = to_tensors(train_set, model.spec)
@@ -342,8 +341,7 @@ def train(model: StagedModel, train_set: ImageSet, val_set: ImageSet, config: Tr
         sampler.set_epoch(epoch)
         order = torch.tensor(list(sampler), dtype=torch.long)
         total, count = 0.0, 0
-        bar = tqdm(total=len(y_tr), desc=f"epoch {epoch + 1}/{config.epochs} ({name})", unit="img",
-                   disable=not show, file=sys.stderr, leave=False)
+        phase = f"epoch {epoch + 1}/{config.epochs} ({name})"
         for begin in range(0, len(order), local_batch):
             idx = order[begin:begin + local_batch]
             xb, yb = x_tr[idx], y_tr[idx]
@@ -365,9 +363,8 @@ def train(model: StagedModel, train_set: ImageSet, val_set: ImageSet, config: Tr
             sched.step()
             total += float(loss.detach()) * len(yb)
             count += len(yb)
-            bar.update(len(yb) * info.world_size)
-            bar.set_postfix(loss=f"{total / count:.4f}")
-        bar.close()
+            if report is not None:
+                report(phase, min(count * info.world_size, len(y_tr)), len(y_tr))
         total, count = distributed.all_sum([total, count], info, device)
         val_loss = _validation_loss(inner, x_va, y_va, config, final_loss, kappa, device, info, amp)
         summary = summarize(_trace(inner, x_va, y_va, info), costs)
