@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Mapping
 
 import click
 
@@ -12,6 +12,7 @@ from ..runtime.bundle import Bundle, load_bundle
 from ..errors import UsageError
 from ..runtime.interpreter import BACKENDS
 from ..runtime.manifest import EXIT_RULES, ExitRuleSpec
+from ..runtime.points import OperatingPoints
 from ..runtime.rules import ExitRule, FixedExitRule, rule_from_spec
 
 
@@ -80,7 +81,7 @@ def run(bundle: str, inputs: tuple[str, ...], rule: str | None, thresholds: str 
             click.echo(json.dumps({"file": path, **r.to_dict()}))
         else:
             measured = (f", measured {r.energy.measured_mj:.3f} mJ" if r.energy.measured_mj is not None else "")
-            click.echo(f"{path}\t{r.label_name}\t{r.score:.3f}\texit {r.exit_index + 1}/{n}\t{r.macs} MACs\t"
+            click.echo(f"{path}\t{r.label_name}\t{r.score:.3f}\texit {r.exit_index} (0..{n - 1})\t{r.macs} MACs\t"
                        f"{r.latency_ms:.3f} ms\t{r.energy.board_estimate_mj:.3f} mJ board estimate ({runner.board.name})"
                        f"{measured}")
 
@@ -111,7 +112,7 @@ def _info_dict(b: Bundle) -> dict[str, Any]:
             "exit_rule": {"kind": m.exit_rule.kind, "thresholds": list(m.exit_rule.thresholds),
                           "exit": m.exit_rule.exit},
             "monolithic": None if m.monolithic is None else {"file": m.monolithic.file, "macs": m.monolithic.macs},
-            "verification": dict(m.verification), "operating_points": dict(m.operating_points),
+            "verification": dict(m.verification), "operating_points": m.operating_points.to_dict(),
             "training": dict(m.training), "edgetpu": dict(m.edgetpu), "checked_with": b.backend}
 
 
@@ -121,8 +122,10 @@ def _info_dict(b: Bundle) -> dict[str, Any]:
               help="TFLite interpreter package used to check the files.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def info(bundle: str, backend: str, as_json: bool) -> None:
-    """Validate BUNDLE and show its stages, tensors, costs, exit rule and verification report."""
-    d = _info_dict(load_bundle(bundle, backend=backend))
+    """Validate BUNDLE and show its stages, tensors, costs, exit rule, verification, operating points and training
+    as tables (exits numbered from 0); --json for the same as one JSON object."""
+    loaded = load_bundle(bundle, backend=backend)
+    d = _info_dict(loaded)
     if as_json:
         click.echo(json.dumps(d, indent=2, default=str))
         return
@@ -145,9 +148,83 @@ def info(bundle: str, backend: str, as_json: bool) -> None:
                + (f" exit={rule['exit']}" if rule["exit"] is not None else ""))
     if d["monolithic"]:
         out.append(f"monolithic {d['monolithic']['file']} ({d['monolithic']['macs']:,} MACs)")
-    for key in ("verification", "operating_points", "training", "edgetpu"):
-        out.append(f"{key.replace('_', ' ')}: {json.dumps(d[key], default=str) if d[key] else 'none'}")
+    out += _verification_lines(d["verification"])
+    out += _points_lines(loaded.manifest.operating_points)
+    for key in ("training", "edgetpu"):
+        out += _mapping_lines(key.replace("_", " "), d[key])
     click.echo("\n".join(out))
+
+
+def _table(header: list[str], rows: list[list[str]], indent: str = "  ") -> list[str]:
+    """Rows as right-aligned columns (the first column left-aligned), with a header line."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    fmt = [(str.ljust if i == 0 else str.rjust) for i in range(len(header))]
+    return [indent + "  ".join(f(str(c), w) for f, c, w in zip(fmt, r, widths)).rstrip() for r in [header, *rows]]
+
+
+def _pct(v: Any) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def _num(v: Any, spec: str = ".4f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _verification_lines(v: Mapping[str, Any]) -> list[str]:
+    """The conversion's int8-vs-float check, one row per exit (exits numbered from 0)."""
+    if not v:
+        return ["verification: none"]
+    if "exits" not in v:
+        return [f"verification: {'; '.join(f'{k} {val}' for k, val in v.items())}"]
+    passed = v.get("passed")
+    out = [f"verification: {'passed' if passed else 'FAILED' if passed is not None else '?'} on {v.get('samples', '?')} "
+           "held-out images (int8 files vs the float network)"]
+    rows = [[str(e.get("exit", i)), _pct(e.get("top1_agreement")), _pct(e.get("decision_agreement")),
+             _pct(e.get("float_accuracy")), _pct(e.get("int8_accuracy")), _num(e.get("logits_max_abs_error"))]
+            for i, e in enumerate(v["exits"])]
+    out += _table(["exit", "top-1 agree", "decision agree", "float acc", "int8 acc", "max |logit err|"], rows)
+    ee, mono = v.get("early_exit") or {}, v.get("monolithic") or {}
+    if ee:
+        out.append(f"  early exit: exit agreement {_pct(ee.get('exit_agreement'))}, accuracy float "
+                   f"{_pct(ee.get('float_accuracy'))} int8 {_pct(ee.get('int8_accuracy'))}")
+    if mono:
+        out.append(f"  monolithic: top-1 agreement {_pct(mono.get('top1_agreement'))}, accuracy float "
+                   f"{_pct(mono.get('float_accuracy'))} int8 {_pct(mono.get('int8_accuracy'))}")
+    out += [f"  failure: {f}" for f in v.get("failures") or []]
+    return out
+
+
+def _points_lines(points: OperatingPoints) -> list[str]:
+    """Named operating points and the stored front, one row each (exit shares from exit 0)."""
+    if not points:
+        return ["operating points: none (create them with `edgeexit tune`)"]
+    rows = []
+    for name, p in points.named.items():
+        m = p.metrics
+        thresholds = ",".join(f"{t:.4g}" for t in p.rule.get("thresholds", ()))
+        shares = " ".join(f"{100 * f:.0f}" for f in m.exit_fractions) if m is not None else "-"
+        rows.append([name, str(p.rule.get("kind", "?")), thresholds, _pct(m and m.accuracy),
+                     _pct(m and m.avg_macs_fraction), _num(m and m.est_latency_ms, ".3f"), shares,
+                     f"{p.data} (n={p.n})" if p.data else "-"])
+    out = ["operating points:"] + _table(["name", "rule", "thresholds", "accuracy", "MACs", "est. ms",
+                                          "exit shares % (0..)", "tuned on"], rows)
+    if points.front:
+        lo, hi = points.front[0], points.front[-1]
+        out.append(f"  front: {len(points.front)} points, {points.front[0].rule}; accuracy {_pct(lo.accuracy)} at "
+                   f"{_pct(lo.avg_macs_fraction)} MACs .. {_pct(hi.accuracy)} at {_pct(hi.avg_macs_fraction)} MACs")
+    if points.exit_costs is not None:
+        out.append(f"  exit costs: stored ({', '.join(k for k in points.exit_costs)})")
+    out += [f"  unreadable entry: {k}" for k in points.unreadable]
+    return out
+
+
+def _mapping_lines(title: str, d: Mapping[str, Any]) -> list[str]:
+    """A flat ``key: value`` list; nested values as compact JSON."""
+    if not d:
+        return [f"{title}: none"]
+    width = max(len(str(k)) for k in d)
+    return [f"{title}:"] + [f"  {str(k):<{width}}  {v if isinstance(v, (str, int, float)) else json.dumps(v, default=str)}"
+                            for k, v in d.items()]
 
 
 __all__ = ["run", "info"]
