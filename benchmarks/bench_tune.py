@@ -29,7 +29,10 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from edgeexit.runtime.rules import RULES
 from edgeexit.runtime.trace import Trace  # noqa: E402
-from edgeexit.tuning.tune import ExitCosts, Target, evaluate_rule, exit_costs, search_front  # noqa: E402
+from edgeexit.tuning.evaluate import ExitCosts, evaluate_rule, exit_costs
+from edgeexit.tuning.results import Target
+from edgeexit.tuning.search import search_front
+from edgeexit.tuning.store import rule_spec  # noqa: E402
 from edgeexit.runtime.manifest import ExitRuleSpec  # noqa: E402
 from synthetic import synthetic_trace  # noqa: E402 (the tests' synthetic trace, numpy only)
 
@@ -87,7 +90,7 @@ def bench_mnist(bundle: Path, rule: str, seed: int = 0) -> dict:
     costs = exit_costs(manifest)
     result = search_front(tune_part, costs, rule, Target(max_drop_pp=0.5, minimize="macs"))
     e = manifest.num_exits
-    tuned = evaluate_rule(eval_part, result.chosen.rule_spec(), costs)
+    tuned = evaluate_rule(eval_part, rule_spec(result.chosen), costs)
     global_05 = evaluate_rule(eval_part, ExitRuleSpec(rule, (0.5,) * (e - 1)), costs)
     final = evaluate_rule(eval_part, ExitRuleSpec("final", ()), costs)
     tuned_on_tune = result.chosen

@@ -40,7 +40,7 @@ from edgeexit.workstation.methods.pteenet import backbone_digest  # noqa: E402
 from edgeexit.runtime.manifest import ExitRuleSpec  # noqa: E402
 from edgeexit.runtime.trace import Trace  # noqa: E402
 from edgeexit.runtime.runner import Runner  # noqa: E402
-from edgeexit.tuning.tune import ExitCosts, evaluate_rule, exit_costs  # noqa: E402
+from edgeexit.tuning.evaluate import ExitCosts, evaluate_rule, exit_costs  # noqa: E402
 
 log = logging.getLogger("classexit_mnist")
 EXITS_AFTER = ["layer1", "layer2"]

@@ -31,7 +31,7 @@ from edgeexit.workstation.training.train import TrainConfig, train  # noqa: E402
 from edgeexit.bench.datasets import ImageSet, load_dataset  # noqa: E402
 from edgeexit.runtime.runner import Runner  # noqa: E402
 from edgeexit.runtime.trace import Trace  # noqa: E402
-from edgeexit.tuning.tune import OperatingPoint  # noqa: E402
+from edgeexit.runtime.points import OperatingPoint  # noqa: E402
 
 log = logging.getLogger("benchmarks.common")
 

@@ -51,7 +51,10 @@ from edgeexit.workstation.training.train import TrainConfig  # noqa: E402
 from edgeexit.runtime.manifest import ExitRuleSpec  # noqa: E402
 from edgeexit.runtime.trace import Trace  # noqa: E402
 from edgeexit.runtime.runner import Runner  # noqa: E402
-from edgeexit.tuning.tune import ExitCosts, Target, evaluate_rule, exit_costs, search_front  # noqa: E402
+from edgeexit.tuning.evaluate import ExitCosts, evaluate_rule, exit_costs
+from edgeexit.tuning.results import Target
+from edgeexit.tuning.search import search_front
+from edgeexit.tuning.store import rule_spec  # noqa: E402
 
 log = logging.getLogger("pteenet_mnist")
 DROPS_PP = (0.25, 0.5, 1.0)
@@ -74,14 +77,14 @@ def compare_on_halves(tune: Trace, held: Trace, costs: ExitCosts, full_macs: int
             "thresholds": [round(float(t), 6) for t in chosen.thresholds],
             "cheaper_than_T=0.5_on_tune": chosen.avg_macs_fraction < t05_tune.avg_macs_fraction,
             "tune": common.point_record(chosen, full_macs),
-            "heldout": common.point_record(evaluate_rule(held, chosen.rule_spec(), costs), full_macs)},
+            "heldout": common.point_record(evaluate_rule(held, rule_spec(chosen), costs), full_macs)},
     }
     for drop in DROPS_PP:
         result = search_front(tune, costs, "confidence", Target(max_drop_pp=drop))
         out[f"max_drop_pp={drop:g}"] = {
             "thresholds": [round(float(t), 6) for t in result.chosen.thresholds],
             "tune": common.point_record(result.chosen, full_macs),
-            "heldout": common.point_record(evaluate_rule(held, result.chosen.rule_spec(), costs), full_macs)}
+            "heldout": common.point_record(evaluate_rule(held, rule_spec(result.chosen), costs), full_macs)}
     return out
 
 

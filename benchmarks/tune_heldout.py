@@ -25,7 +25,10 @@ from edgeexit.energy.boards import cpu_model  # noqa: E402
 from edgeexit.runtime.bundle import load_bundle  # noqa: E402
 from edgeexit.bench.datasets import load_dataset  # noqa: E402
 from edgeexit.runtime.runner import Runner  # noqa: E402
-from edgeexit.tuning.tune import Target, evaluate_rule, exit_costs, reference_rule, tune_bundle  # noqa: E402
+from edgeexit.tuning.evaluate import evaluate_rule, exit_costs
+from edgeexit.tuning.results import Target
+from edgeexit.tuning.store import reference_rule, rule_spec
+from edgeexit.tuning.tune import tune_bundle  # noqa: E402
 
 
 def main() -> None:
@@ -53,7 +56,7 @@ def main() -> None:
         trace = traces[held_out]
         costs = exit_costs(manifest, trace)
         ref_point = evaluate_rule(trace, reference, costs)
-        tuned_point = evaluate_rule(trace, result.chosen.rule_spec(), costs)
+        tuned_point = evaluate_rule(trace, rule_spec(result.chosen), costs)
         runs.append({"tuned_on": tune_on, "held_out": held_out, "tuning": result.to_dict() | {"front": len(result.front)},
                      "held_out_reference": ref_point.to_dict(), "held_out_tuned": tuned_point.to_dict(),
                      "accuracy_change_pp": round(100 * (tuned_point.accuracy - ref_point.accuracy), 4),

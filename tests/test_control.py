@@ -15,7 +15,8 @@ from test_tune import COSTS, synthetic_trace  # noqa: E402
 from edgeexit.tuning.control import BudgetController  # noqa: E402
 from edgeexit.errors import TuningError, UsageError  # noqa: E402
 from edgeexit.runtime.rules import RULES  # noqa: E402
-from edgeexit.tuning.tune import Target, search_front  # noqa: E402
+from edgeexit.tuning.results import Target
+from edgeexit.tuning.search import search_front  # noqa: E402
 
 STAGE_MS = np.array([0.1, 0.12, 0.15, 0.2])  # the simulated board's per-stage latency before throttling
 

@@ -195,7 +195,8 @@ def test_tune_and_controller_use_the_energy_kind_the_bundle_has(bundle_dir, tmp_
     from edgeexit.errors import TuningError
     from edgeexit.runtime.bundle import write_manifest_atomic
     from edgeexit.tuning.control import BudgetController
-    from edgeexit.tuning.tune import Target, tune_bundle
+    from edgeexit.tuning.results import Target
+    from edgeexit.tuning.tune import tune_bundle
 
     bundle = tmp_path / "bundle"
     shutil.copytree(bundle_dir, bundle)
@@ -215,7 +216,7 @@ def test_tune_and_controller_use_the_energy_kind_the_bundle_has(bundle_dir, tmp_
     assert chosen.energy_mj == pytest.approx(float(np.dot(chosen.exit_fractions, per_exit)))
     assert chosen.energy_mj <= 0.9 * per_exit[-1] + 1e-9
     runner = Runner(bundle, board="rpi4", power_sensor=None)
-    assert runner.manifest.operating_points["exit_costs"]["energy_kind"] == "measured"
+    assert runner.manifest.operating_points.exit_costs["energy_kind"] == "measured"
     ctl = BudgetController.for_runner(runner, 0.9 * per_exit[-1], cost="energy")
     assert ctl.energy_kind == "measured" and list(ctl.exit_costs) == pytest.approx(per_exit)
     # on another board the bundle holds no measured figures: the proxy, and it says so

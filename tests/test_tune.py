@@ -12,8 +12,13 @@ import pytest
 
 from edgeexit.errors import DatasetError, TuningError, UsageError
 from edgeexit.runtime.rules import RULES
-from edgeexit.tuning.tune import (Budget, ExitCosts, OperatingPoints, Target, search_front, tune_bundle,
-                           use_operating_point)
+from edgeexit.runtime.manifest import Manifest
+from edgeexit.runtime.points import OperatingPoints
+from edgeexit.tuning.evaluate import ExitCosts
+from edgeexit.tuning.results import Target
+from edgeexit.tuning.search import search_front
+from edgeexit.tuning.switch import Budget, select_point, use_operating_point
+from edgeexit.tuning.tune import tune_bundle
 
 from synthetic import synthetic_trace  # noqa: E402,F401 (also used by test_control)
 
@@ -95,14 +100,14 @@ def test_min_accuracy_target_chooses_the_cheapest_point_at_or_above_the_floor():
 def test_select_by_budget_from_stored_points():
     result = search_front(synthetic_trace(), COSTS, "confidence", Target(max_drop_pp=1.0))
     points = OperatingPoints(front=result.front)
-    cheap = points.select(Budget(max_macs_fraction=0.5))
+    cheap = select_point(points, Budget(max_macs_fraction=0.5))
     assert cheap.avg_macs_fraction <= 0.5
-    floor = points.select(Budget(min_accuracy=result.final_accuracy - 0.02))
+    floor = select_point(points, Budget(min_accuracy=result.final_accuracy - 0.02))
     assert floor.accuracy >= result.final_accuracy - 0.02
     assert floor.avg_macs_fraction == min(p.avg_macs_fraction for p in result.front
                                           if p.accuracy >= result.final_accuracy - 0.02)
     with pytest.raises(TuningError, match="cheapest costs"):
-        points.select(Budget(max_macs_fraction=0.05))
+        select_point(points, Budget(max_macs_fraction=0.05))
 
 
 # ------------------------------------------------------------------------------------ on a real bundle
@@ -128,16 +133,21 @@ def test_tune_bundle_writes_recoverable_points(tiny_bundle_copy, tiny_npz):
 
     after = load_bundle(tiny_bundle_copy).manifest  # stage hashes still valid
     points = after.operating_points
-    assert points["original"]["kind"] == before.exit_rule.kind
-    assert points["original"]["thresholds"] == list(before.exit_rule.thresholds)
+    assert points.named["original"].rule["kind"] == before.exit_rule.kind
+    assert list(points.named["original"].rule["thresholds"]) == list(before.exit_rule.thresholds)
     assert after.exit_rule.kind == "max_softmax"
     assert after.exit_rule.thresholds == result.chosen.thresholds
-    assert points["tuned"]["accuracy"] == pytest.approx(result.chosen.accuracy, abs=1e-6)
-    assert points["tuned"]["n"] == 200
-    stored = points["front"]
-    assert 2 <= len(stored) <= min(len(result.front), 64)
-    assert stored[0]["thresholds"] == list(result.front[0].thresholds)
-    assert stored[-1]["thresholds"] == list(result.front[-1].thresholds)
+    assert points.named["tuned"].metrics.accuracy == pytest.approx(result.chosen.accuracy, abs=1e-6)
+    assert points.named["tuned"].n == 200
+    assert 2 <= len(points.front) <= min(len(result.front), 64)
+    assert points.front[0].thresholds == result.front[0].thresholds
+    assert points.front[-1].thresholds == result.front[-1].thresholds
+    # on disk: the JSON layout earlier versions wrote and read, and a lossless round trip through the types
+    raw = json.loads((tiny_bundle_copy / "manifest.json").read_text())["operating_points"]
+    assert raw["tuned"]["kind"] == "max_softmax" and raw["tuned"]["thresholds"] == list(result.chosen.thresholds)
+    assert raw["tuned"]["accuracy"] == pytest.approx(result.chosen.accuracy, abs=1e-6)
+    assert raw["original"]["kind"] == before.exit_rule.kind and raw["front"][0]["kind"] == "max_softmax"
+    assert Manifest.from_dict(after.to_dict()).operating_points == points
 
     # the tuned point behaves on the device as on the tuning data; switch points without reloading
     images = np.load(tiny_npz)["images"]
@@ -154,7 +164,7 @@ def test_tune_bundle_writes_recoverable_points(tiny_bundle_copy, tiny_npz):
     # re-tuning keeps the first "original"
     tune_bundle(tiny_bundle_copy, str(tiny_npz), Target(budget_macs=0.9), rule="entropy", name="cheap")
     again = load_bundle(tiny_bundle_copy).manifest
-    assert again.operating_points["original"] == points["original"]
+    assert again.operating_points.named["original"] == points.named["original"]
     assert set(again.operating_points) >= {"original", "tuned", "cheap", "front"}
 
 
@@ -174,7 +184,7 @@ def test_no_worse_than_a_stored_rule_on_the_same_data(tiny_bundle_copy, tiny_npz
     assert result.margin_pp == pytest.approx(se)
     assert result.target.min_accuracy == pytest.approx(min(1.0, ref.accuracy + se / 100))
     manifest = load_bundle(tiny_bundle_copy).manifest
-    stored = manifest.operating_points["tuned"]["target"]
+    stored = manifest.operating_points.named["tuned"].target
     assert stored["no_worse_than"] == "current" and stored["reference"]["accuracy"] == pytest.approx(ref.accuracy)
     # the reference, re-run on the device with the stored "original" rule, is what the search compared against
     images, labels = np.load(tiny_npz)["images"], np.load(tiny_npz)["labels"]
@@ -282,3 +292,17 @@ def test_cli_tune(tiny_bundle_copy, tiny_npz, tmp_path):
     info = json.loads(cli("info", tiny_bundle_copy, "--json").stdout)
     assert info["exit_rule"]["thresholds"] == out["chosen"]["thresholds"]
     assert {"original", "tuned", "front"} <= set(info["operating_points"])
+
+
+def test_odd_operating_point_entries_still_load_and_are_kept(tiny_bundle):
+    from edgeexit.errors import BundleError
+
+    d = json.loads((tiny_bundle / "manifest.json").read_text())
+    d["operating_points"] = {"fast": {"kind": "max_softmax", "thresholds": [0.5] * (len(d["stages"]) - 1)},
+                             "broken": {"kind": "max_softmax"}, "note": "a string", "front": "not a list"}
+    m = Manifest.from_dict(d)
+    assert m.point_rule("fast").thresholds == (0.5,) * (len(d["stages"]) - 1)
+    with pytest.raises(BundleError, match="operating_points.broken"):
+        m.point_rule("broken")
+    assert m.point_rule("front") is None and m.point_rule("missing") is None
+    assert m.to_dict()["operating_points"] == d["operating_points"]  # written back as they were

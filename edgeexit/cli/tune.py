@@ -9,7 +9,10 @@ import click
 from ..energy import BOARDS, KIND_LABELS, KINDS
 from ..progress import StderrProgress
 from ..runtime.interpreter import BACKENDS
-from ..tuning.tune import DEFAULT_COST_IMAGES, DEFAULT_LEVELS, TUNABLE_RULES, Target, TuneResult, tune_bundle
+from ..tuning.evaluate import TUNABLE_RULES
+from ..tuning.results import Target, TuneResult
+from ..tuning.search import DEFAULT_LEVELS
+from ..tuning.tune import DEFAULT_COST_IMAGES, tune_bundle
 
 
 def _summary(result: TuneResult, name: str, dry_run: bool) -> str:

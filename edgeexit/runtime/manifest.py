@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from ..errors import BundleError
+from .points import OperatingPoints
 
 FORMAT_NAME = "edgeexit-bundle"
 FORMAT_VERSION = 1
@@ -276,7 +277,7 @@ class Manifest:
     exit_rule: ExitRuleSpec
     monolithic: ModelFile | None = None
     full_macs: int = 0  # the network without early exits: every stage's segment + the whole final head (graphs)
-    operating_points: Mapping[str, Any] = field(default_factory=dict)  # named exit rules (threshold tuning)
+    operating_points: OperatingPoints = field(default_factory=OperatingPoints)  # threshold tuning's results
     verification: Mapping[str, Any] = field(default_factory=dict)  # conversion report (torch vs int8)
     training: Mapping[str, Any] = field(default_factory=dict)  # method, loss, lambda, dataset, accuracy...
     edgetpu: Mapping[str, Any] = field(default_factory=dict)  # Edge TPU readiness / compilation report
@@ -297,10 +298,16 @@ class Manifest:
         Raises:
             BundleError: the entry is malformed.
         """
-        entry = self.operating_points.get(name)
-        if name in NOT_POINTS or not isinstance(entry, Mapping):
+        if name in NOT_POINTS:
             return None
-        return ExitRuleSpec.from_dict(entry.get("exit_rule", entry), f"operating_points.{name}")
+        entry = self.operating_points.named.get(name)
+        if entry is not None:
+            return ExitRuleSpec.from_dict(entry.rule, f"operating_points.{name}")
+        raw = self.operating_points.unreadable.get(name)
+        if isinstance(raw, Mapping):  # raises the BundleError that says what is wrong with it
+            ExitRuleSpec.from_dict(raw.get("exit_rule", raw), f"operating_points.{name}")
+            raise BundleError(f"manifest: 'operating_points.{name}' is malformed; re-run `edgeexit tune` on the bundle")
+        return None
 
     def cumulative_macs(self) -> tuple[int, ...]:
         """MACs paid by an input that leaves at exit i: every segment up to i and every head up to i."""
@@ -347,7 +354,7 @@ class Manifest:
                    exit_rule=ExitRuleSpec.from_dict(_need(d, "exit_rule", dict, "manifest")),
                    monolithic=None if mono is None else ModelFile.from_dict(mono, "monolithic"),
                    full_macs=_need(d, "full_macs", int, "manifest"),
-                   operating_points=_opt(d, "operating_points", dict, "manifest", {}),
+                   operating_points=OperatingPoints.from_dict(_opt(d, "operating_points", dict, "manifest", {})),
                    verification=_opt(d, "verification", dict, "manifest", {}),
                    training=_opt(d, "training", dict, "manifest", {}),
                    edgetpu=_opt(d, "edgetpu", dict, "manifest", {}),
@@ -364,6 +371,7 @@ class Manifest:
             return obj
 
         d = plain(self)
+        d["operating_points"] = self.operating_points.to_dict()
         out: dict[str, Any] = {"format": FORMAT_NAME, "format_version": d.pop("format_version")}
         out["producer"] = d.pop("producer")
         out["name"] = d.pop("name")

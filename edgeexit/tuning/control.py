@@ -32,7 +32,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..errors import TuningError, UsageError
-from .tune import OperatingPoint, OperatingPoints, use_operating_point
+from ..runtime.points import OperatingPoint
+from .switch import use_operating_point
 
 log = logging.getLogger(__name__)
 
@@ -184,12 +185,12 @@ class BudgetController:
         Raises:
             TuningError: the bundle has no tuned front.
         """
-        points = OperatingPoints.from_manifest(runner.manifest)
+        points = runner.manifest.operating_points
         if not points.front:
             raise TuningError("the bundle has no trade-off front; run `edgeexit tune` on it first")
-        stored = runner.manifest.operating_points.get("exit_costs")
+        stored = points.exit_costs
         key = "latency_ms" if cost == "latency" else "energy_mj"
-        exit_costs = stored.get(key) if isinstance(stored, dict) else None
+        exit_costs = stored.get(key) if stored is not None else None
         if isinstance(exit_costs, dict):  # measured whole-call costs per rule kind: the front's kind
             exit_costs = exit_costs.get(points.front[0].rule)
         kwargs.setdefault("exit_costs", exit_costs)
