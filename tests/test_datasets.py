@@ -4,6 +4,8 @@ import gzip
 import pickle
 import struct
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -138,10 +140,22 @@ def test_svhn_without_file_says_what_is_expected(tmp_path):
 
 
 def test_mnist_shape_dtype_and_exact_pixels():
+    import gzip
+    import importlib.util
+    import pickle
+
     data = load_dataset("mnist", "test", limit=500)
     assert data.images.shape == (500, 28, 28, 1) and data.images.dtype == np.uint8
-    assert data.labels.dtype == np.int64 and set(np.unique(data.labels)) <= set(range(10))
-    assert data.images.max() == 255 and data.images.min() == 0
+    assert data.labels.dtype == np.int64 and data.labels[:5].tolist() == [7, 2, 1, 0, 4]  # the MNIST test set
+    # the packaged file stores pixel / 256 as float32: every value is an exact multiple of 1/256, so the
+    # original uint8 pixels come back without rounding; read it here independently of the loader
+    spec = importlib.util.find_spec("mnist")
+    with gzip.open(Path(spec.submodule_search_locations[0]) / "data" / "mnist.pkl.gz", "rb") as fh:
+        _, _, (x, y) = pickle.load(fh, encoding="latin1")
+    raw = np.asarray(x[:500], dtype=np.float64) * 256.0                   # [500, 784]
+    assert np.array_equal(raw, np.floor(raw)) and raw.min() == 0 and raw.max() == 255
+    np.testing.assert_array_equal(data.images.reshape(500, 784), raw.astype(np.uint8))
+    np.testing.assert_array_equal(data.labels, np.asarray(y[:500]))
 
 
 def test_train_val_split_is_seeded_and_disjoint(tmp_path):

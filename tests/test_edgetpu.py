@@ -100,6 +100,15 @@ def test_compiles_all_stages_in_one_call(bundle_dir, manifest, tmp_path):
     assert [s.file for s in tpu.manifest.stages] == [s.file for s in manifest.stages]
     assert tpu.manifest.edgetpu["compiled"] is True
     assert tpu.manifest.edgetpu["per_stage"] == result["per_stage"]
+    # the stage files in the new bundle are the compiler's output files, byte for byte (not the inputs)
+    for s, f in zip(tpu.manifest.stages, result["files"]):
+        assert (tmp_path / "tpu" / s.file).read_bytes() == Path(f).read_bytes()
+    # the stand-in's "compiled" files are the CPU models, so the new bundle must answer exactly as the original
+    from edgeexit.runtime.runner import Runner
+    h, w = manifest.preprocessing.size
+    images = np.random.default_rng(0).integers(0, 256, (8, h, w, manifest.preprocessing.channels), dtype=np.uint8)
+    before, after = Runner(bundle_dir, power_sensor=None), Runner(tmp_path / "tpu", power_sensor=None)
+    assert [(r.label, r.exit_index) for r in map(before, images)] == [(r.label, r.exit_index) for r in map(after, images)]
 
 
 def test_not_a_tflite_file_is_a_bundle_error(tmp_path):

@@ -159,7 +159,9 @@ def test_tune_bundle_writes_recoverable_points(tiny_bundle_copy, tiny_npz):
     assert runner.rule.kind == before.exit_rule.kind
     cheapest = use_operating_point(runner, Budget(max_macs_fraction=result.front[0].avg_macs_fraction))
     assert cheapest.thresholds == result.front[0].thresholds
-    assert all(runner.classify(im).exit_index == 0 for im in images[:5]) or result.front[0].exit_fractions[0] < 1
+    # on the device, the cheapest point sends the inputs to the exits its stored exit fractions say
+    exits = np.bincount([runner.classify(im).exit_index for im in images], minlength=runner.num_exits)
+    np.testing.assert_allclose(exits / len(images), result.front[0].exit_fractions, atol=1e-6)
 
     # re-tuning keeps the first "original"
     tune_bundle(tiny_bundle_copy, str(tiny_npz), Target(budget_macs=0.9), rule="entropy", name="cheap")
