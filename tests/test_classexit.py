@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("torch")  # workstation-only tests: skipped in the device environments
+pytestmark = pytest.mark.workstation
 
 from edgeexit.workstation.methods.classexit import beta_search, exclusion_stats
 from edgeexit.errors import UsageError

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("onnx2tf")
-pytestmark = pytest.mark.workstation
+pytestmark = [pytest.mark.workstation, pytest.mark.slow]  # real conversions: about 70 s
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402

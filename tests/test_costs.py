@@ -3,6 +3,7 @@
 import pytest
 
 pytest.importorskip("torch")  # workstation-only tests: skipped in the device environments
+pytestmark = pytest.mark.workstation
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode

@@ -5,6 +5,7 @@ import math
 import pytest
 
 pytest.importorskip("torch")  # workstation-only tests: skipped in the device environments
+pytestmark = pytest.mark.workstation
 import torch
 
 from edgeexit.workstation.training.losses import class_based_loss, eenet_loss

@@ -3,6 +3,7 @@
 import pytest
 
 pytest.importorskip("torch")  # workstation-only tests: skipped in the device environments
+pytestmark = pytest.mark.workstation
 import torch
 
 from edgeexit.workstation.convert.costs import model_costs

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.workstation
 
 from edgeexit.workstation.methods import pteenet
 from edgeexit.workstation.models import zoo  # noqa: E402

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.workstation
 
 from edgeexit.workstation.convert.costs import count_macs  # noqa: E402
 from edgeexit.workstation.methods import split  # noqa: E402

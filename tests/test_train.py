@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("torch")  # workstation-only tests: skipped in the device environments
+pytestmark = pytest.mark.workstation
 import torch
 
 from edgeexit.workstation.training.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint

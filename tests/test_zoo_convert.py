@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+pytestmark = [pytest.mark.workstation, pytest.mark.slow]
 
 from torch import nn  # noqa: E402
 
