@@ -34,6 +34,7 @@ import numpy as np
 
 from ..energy.report import EnergySettings, energy_section, measure_bench
 from ..errors import DatasetError, EdgeExitError, UsageError
+from ..progress import Progress
 from ..runtime.bundle import Bundle, load_bundle
 from ..runtime.manifest import ExitRuleSpec, Manifest
 from ..runtime.rules import ExitRule
@@ -42,7 +43,7 @@ from .compare import bundle_hash
 from .datasets import ImageSet, check_dataset
 from .envinfo import EnvPaths, collect_environment
 from .sweep import grid_kind, named_rules, rule_text, sweep_tradeoff
-from .timing import (COST_KINDS, Progress, Variant, cost_table, forced_variants, latency_summary, per_input,
+from .timing import (COST_KINDS, Variant, cost_table, forced_variants, latency_summary, per_input,
                      rule_setter, time_calls)
 
 log = logging.getLogger(__name__)

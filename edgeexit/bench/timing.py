@@ -23,11 +23,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from ..progress import Progress
 from ..errors import BundleError, UsageError
 from ..runtime.rules import RULES, ExitRule, FixedExitRule, ForcedExitRule
 
-#: progress(phase, done, total)
-Progress = Callable[[str, int, int], None]
 #: Rule kinds with a cost row in an :class:`ExitCostTable`; "fixed" = no decision at any exit.
 COST_KINDS = ("confidence", "max_softmax", "entropy", "class_exclusion", "fixed")
 #: Thresholds of the stand-in rule that times a kind no stored rule has (the decision work does not depend

@@ -11,9 +11,13 @@ as exact slice means.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import math
+import os
 import re
+import sys
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,7 +157,6 @@ def export_onnx(unit: ExportUnit, path: Path) -> Path:
         ConversionError: the module cannot be exported (an operator without an ONNX equivalent, a
             data-dependent control flow, ...), naming the operator when torch reports one.
     """
-    from .quantize import quiet_tool  # imported here: quantize imports this module
 
     try:
         with torch.no_grad(), warnings.catch_warnings(), quiet_tool(), _exportable_adaptive_pools(unit):
@@ -170,3 +173,31 @@ def export_onnx(unit: ExportUnit, path: Path) -> Path:
                               "data-dependent control flow") from exc
     log.debug("%s: exported ONNX to %s", unit.name, path)
     return path
+
+
+@contextlib.contextmanager
+def quiet_tool() -> Iterator[io.StringIO]:
+    """Capture stdout/stderr (Python and C level) and put the venv's bin dir on PATH (onnx2tf runs onnxsim)."""
+    captured = io.StringIO()
+    old_path = os.environ.get("PATH", "")
+    bindir = str(Path(sys.executable).parent)
+    os.environ["PATH"] = bindir + os.pathsep + old_path
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+                yield captured
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+            os.environ["PATH"] = old_path
+            sink.seek(0)
+            captured.write(sink.read().decode("utf-8", "replace"))

@@ -11,23 +11,18 @@ later stages' inputs. Its console output is captured and only shown (in the erro
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
-import os
 import re
 import shutil
-import sys
 import tempfile
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 
 from edgeexit.errors import ConversionError
 
-from .export import INPUT_NAME
+from .export import INPUT_NAME, quiet_tool
 from ..models.staged import StagedModel
 
 log = logging.getLogger(__name__)
@@ -76,34 +71,6 @@ def stage_inputs(model: StagedModel, images: np.ndarray, batch: int = 256) -> li
                 if i + 1 < len(per_stage):
                     per_stage[i + 1].append(features.permute(0, 2, 3, 1).numpy())
     return [np.ascontiguousarray(np.concatenate(chunks).astype(np.float32)) for chunks in per_stage]
-
-
-@contextlib.contextmanager
-def quiet_tool() -> Iterator[io.StringIO]:
-    """Capture stdout/stderr (Python and C level) and put the venv's bin dir on PATH (onnx2tf runs onnxsim)."""
-    captured = io.StringIO()
-    old_path = os.environ.get("PATH", "")
-    bindir = str(Path(sys.executable).parent)
-    os.environ["PATH"] = bindir + os.pathsep + old_path
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as sink:
-        os.dup2(sink.fileno(), 1)
-        os.dup2(sink.fileno(), 2)
-        try:
-            with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
-                yield captured
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
-            os.environ["PATH"] = old_path
-            sink.seek(0)
-            captured.write(sink.read().decode("utf-8", "replace"))
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

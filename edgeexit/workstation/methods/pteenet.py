@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -34,7 +34,7 @@ from ..models import zoo
 from ..models.heads import CLASS_HEAD_KINDS, EENET_HEAD_KINDS, EENetHead, check_hidden, class_head
 from ..models.placement import SCHEMES, place_exits
 from .split import CutPoint, cut_points, split_module, staged_from_split
-from ..models.staged import ModelSpec, StagedModel
+from ..models.staged import ModelSpec, MonolithicExport, StagedModel
 
 log = logging.getLogger(__name__)
 
@@ -117,19 +117,18 @@ def place_branches(backbone: nn.Module, example: torch.Tensor, features_end: str
     return [cands[i].name for i in idx[:-1]]
 
 
-def build_backbone_module(desc: dict[str, Any]) -> nn.Module:
+def build_backbone_module(desc: dict[str, Any], rebuild: Callable[[ModelSpec], StagedModel]) -> nn.Module:
     """Build the (untrained) backbone a description names.
 
     Args:
         desc: ``{"arch": zoo name, "options": {...}}`` or ``{"spec": ModelSpec dict}`` for a network trained
             with edgeexit (it becomes a single-output module: every segment, then its final head).
+        rebuild: rebuilds a StagedModel from its spec (the registry's ``build``, which passes itself in).
     """
     if "arch" in desc:
         return zoo.build_backbone(desc["arch"], **desc.get("options", {}))
     if "spec" in desc:
-        from ..models.registry import build  # the registry may import this module
-        from ..models.staged import MonolithicExport
-        return MonolithicExport(build(ModelSpec.from_dict(desc["spec"])))
+        return MonolithicExport(rebuild(ModelSpec.from_dict(desc["spec"])))
     raise UsageError(f"backbone description {sorted(desc)} names neither 'arch' nor 'spec'")
 
 
@@ -243,15 +242,17 @@ def attach_branches(backbone: nn.Module, input_shape: Sequence[int], labels: Seq
 
 def build_pteenet(backbone: dict[str, Any], input_shape: Sequence[int], labels: Sequence[str],
                   exits_after: Sequence[str], features_end: str, branch: str = "conv1",
-                  class_head_kind: str = "pool", hidden: int | None = None) -> StagedModel:
-    """Registry builder "pteenet": rebuild an (untrained) PTEENet model from its spec's kwargs.
+                  class_head_kind: str = "pool", hidden: int | None = None, *,
+                  rebuild: Callable[[ModelSpec], StagedModel]) -> StagedModel:
+    """Registry builder "pteenet": rebuild an (untrained) PTEENet model from its spec's kwargs (``rebuild``:
+    the registry's ``build``, for a backbone that is itself an edgeexit model).
 
     Specs written before ``class_head_kind``/``hidden`` existed rebuild with the defaults they were made with.
     """
     if not backbone:
         raise UsageError("this PTEENet spec does not say how to rebuild its backbone (no backbone description); "
                          "re-create it with attach_branches(..., backbone_desc=...)")
-    module = build_backbone_module(backbone)
+    module = build_backbone_module(backbone, rebuild)
     return attach_branches(module, input_shape, labels, exits_after=exits_after, branch=branch,
                            features_end=features_end, backbone_desc=backbone, class_head_kind=class_head_kind,
                            hidden=hidden)

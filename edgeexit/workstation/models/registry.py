@@ -17,7 +17,7 @@ def _pteenet(**kwargs: Any) -> StagedModel:
     """PTEENet: a (frozen) backbone with exit branches; see :mod:`edgeexit.workstation.methods.pteenet` (imported when used)."""
     from ..methods.pteenet import build_pteenet
 
-    return build_pteenet(**kwargs)
+    return build_pteenet(**kwargs, rebuild=build)
 
 
 BUILDERS: dict[str, Callable[..., StagedModel]] = {
