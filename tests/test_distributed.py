@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.workstation
 
 from edgeexit.workstation.methods import pteenet  # noqa: E402
 from edgeexit.workstation.models import zoo  # noqa: E402
@@ -204,7 +205,7 @@ def test_mixed_precision_is_a_cuda_option_and_cpu_training_stays_float32():
         torch.manual_seed(0)
         model = create("eenet-small", layers=[[8, 2, 0], [16, 2, 0]], placement=[0, 1], num_classes=10,
                        labels=list(labels), input_shape=[1, 28, 28], mean=[0.5], std=[0.5])
-        runs.append(train(model, train_set, val_set, TrainConfig(epochs=2, batch_size=32, device="cpu", amp=amp),
-                          progress=False).model.state_dict())
+        runs.append(train(model, train_set, val_set, TrainConfig(epochs=2, batch_size=32, device="cpu", amp=amp)
+                          ).model.state_dict())
     assert all(v.dtype != torch.bfloat16 and v.dtype != torch.float16 for v in runs[1].values())
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])  # --amp on CPU: the float32 run, bit for bit
