@@ -366,6 +366,14 @@ class EntropyRule(ExitRule):
         return np.log(total) - (e * z).sum(axis=-1) / total < self.thresholds[k]
 
 
+def narrow_candidates(remaining: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One exit of class exclusion on candidate sets ``[n, K]`` bool: intersect with the classes the exit keeps,
+    unless that leaves none (then the set stays); returns ``(remaining, one class left [n])``."""
+    keep = remaining & kept
+    remaining = np.where(keep.any(axis=-1, keepdims=True), keep, remaining)
+    return remaining, np.count_nonzero(remaining, axis=-1) == 1
+
+
 def _keep_table(quant: ExitQuant, beta: float) -> np.ndarray:
     """[256, 256] bool over (top byte m, class byte c): ``s_c > beta * s_max`` in float64."""
     v = quant.byte_values()
@@ -423,10 +431,8 @@ class _ClassExclusionDecider(Decider):
         if k == self.last:
             return np.where(state, values, np.int16(-32768)).argmax(axis=-1).astype(np.int64), state
         top = values.max(axis=-1) & 0xFF                                         # [n] byte of the top logit
-        keep = self.keep[k][top[:, None], logits.view(np.uint8)] & state         # [n, K]
-        state = np.where(keep.any(axis=-1)[:, None], keep, state)
-        labels = np.where(np.count_nonzero(state, axis=-1) == 1, state.argmax(axis=-1), CONTINUE).astype(np.int64)
-        return labels, state
+        state, single = narrow_candidates(state, self.keep[k][top[:, None], logits.view(np.uint8)])
+        return np.where(single, state.argmax(axis=-1), CONTINUE).astype(np.int64), state
 
 
 class ClassExclusionRule(ExitRule):
@@ -460,10 +466,8 @@ class ClassExclusionRule(ExitRule):
         prediction = np.zeros(n, dtype=np.int64)
         done = np.zeros(n, dtype=bool)
         for k in range(last):
-            keep = remaining & self.kept(trace, k)
-            nonempty = keep.any(axis=-1) & ~done
-            remaining[nonempty] = keep[nonempty]
-            single = (np.count_nonzero(remaining, axis=-1) == 1) & ~done
+            remaining, single = narrow_candidates(remaining, self.kept(trace, k))
+            single &= ~done   # a single candidate stays single: earlier exits keep their answer
             exit_index[single] = k
             prediction[single] = remaining[single].argmax(axis=-1)
             done |= single

@@ -21,7 +21,7 @@ from ..energy import BOARDS, Board, EnergyModel
 from ..errors import TuningError, UsageError
 from ..runtime.manifest import ExitRuleSpec, Manifest
 from ..runtime.points import COST_KINDS, OperatingPoint
-from ..runtime.rules import RULES, ClassExclusionRule, exit_scores, rule_from_spec
+from ..runtime.rules import RULES, ClassExclusionRule, exit_scores, narrow_candidates, rule_from_spec
 from ..runtime.trace import Trace
 
 #: Rules whose per-exit parameters can be tuned.
@@ -224,10 +224,8 @@ class _ClassExclusionEvaluator:
         else:
             remaining_b = np.ones(self.final_logits.shape, dtype=bool)          # [N, K]
             for k, level in enumerate(levels):
-                keep_b = remaining_b & self.keep[k][int(level)]
-                take = keep_b.any(axis=-1) & ~done
-                remaining_b[take] = keep_b[take]
-                single = (np.count_nonzero(remaining_b, axis=-1) == 1) & ~done
+                remaining_b, single = narrow_candidates(remaining_b, self.keep[k][int(level)])
+                single &= ~done
                 exit_index[single] = k
                 prediction[single] = remaining_b[single].argmax(axis=-1)
                 done |= single

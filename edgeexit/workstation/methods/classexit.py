@@ -28,7 +28,7 @@ from edgeexit.progress import Progress
 from edgeexit.errors import TuningError, UsageError
 from edgeexit.runtime.manifest import ExitRuleSpec
 from edgeexit.runtime.trace import Trace
-from edgeexit.runtime.rules import rule_from_spec
+from edgeexit.runtime.rules import ClassExclusionRule, narrow_candidates, rule_from_spec
 
 log = logging.getLogger(__name__)
 
@@ -134,14 +134,6 @@ def beta_search(trace: Trace, tolerance: float = TOLERANCE, step: float = BETA_S
                             history)
 
 
-def _class_scores(logits: np.ndarray, kind: str) -> np.ndarray:
-    z = logits.astype(np.float32)
-    if kind == "sigmoid":
-        return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
-    e = np.exp(z - z.max(axis=-1, keepdims=True))
-    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
-
-
 def exclusion_stats(trace: Trace, betas: Sequence[float]) -> ExclusionStats:
     """Per-exit candidate-set statistics of class exclusion at ``betas`` on ``trace``.
 
@@ -149,16 +141,14 @@ def exclusion_stats(trace: Trace, betas: Sequence[float]) -> ExclusionStats:
     nothing (it answers argmax over R).
     """
     n, e = trace.num_inputs, trace.num_exits
+    rule = ClassExclusionRule(list(betas))
     remaining = np.ones(trace.logits[0].shape, dtype=bool)  # [N, K]
     active = np.ones(n, dtype=bool)
     reached, exited, excluded, left = [], [], [], []
     for k in range(e - 1):
         reached.append(float(active.mean()))
-        s = _class_scores(trace.logits[k], trace.scores[k])                       # [N, K]
-        keep = remaining & (s > np.float32(betas[k]) * s.max(axis=-1, keepdims=True))
         before = np.count_nonzero(remaining, axis=-1)
-        upd = keep.any(axis=-1) & active
-        remaining[upd] = keep[upd]
+        remaining, _ = narrow_candidates(remaining, rule.kept(trace, k))         # as the device decides
         after = np.count_nonzero(remaining, axis=-1)
         excluded.append(float((before - after)[active].mean()) if active.any() else 0.0)
         left.append(float(after[active].mean()) if active.any() else 0.0)
