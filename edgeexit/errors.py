@@ -66,3 +66,11 @@ class EnergyError(EdgeExitError):
     """A power measurement that could not finish (the sensor went away); the partial result is still kept."""
 
     exit_code = 10
+
+
+def printable(text: object, limit: int = 300) -> str:
+    """``text`` safe to print on one terminal line: every non-printable character (newline, tab, control and
+    format characters, lone surrogates) escaped as ``\\xNN`` / ``\\uNNNN``, cut to ``limit`` characters."""
+    s = str(text)
+    out = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in s[:limit])
+    return out + ("..." if len(s) > limit else "")

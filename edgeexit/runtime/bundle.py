@@ -1,10 +1,16 @@
 """Loading a bundle: every check happens here, once, before the first inference.
 
-:func:`load_bundle` checks, in order: the manifest (fields, types, format version), that every file it
-names is a regular file inside the bundle directory (no absolute paths, no ``..``, no symlink leaving it),
-every file's size and sha256, that every stage file's tensors (as the interpreter reports them) equal the
-manifest's, and that every hand-off fits: stage i's ``features`` shape equals stage i+1's input shape.
-Where a hand-off's quantization differs, a :class:`Requantization` is planned for that boundary.
+:func:`load_bundle` checks, in order: the signature over manifest.json when a trusted key is required
+(:mod:`~edgeexit.runtime.signing`); the manifest (fields, types, ranges, format version); that every file it
+names is a regular file inside the bundle directory (no absolute paths, no ``..``, no symlink leaving it,
+no FIFO or device), every file's size and sha256; every .tflite file's structure
+(:func:`~edgeexit.runtime.tflite.read_model`), before any interpreter sees it; that the files' input and
+output tensors equal the manifest's (shape, dtype, and exactly the file's quantization: the Runner
+dequantizes with the manifest's copy); that the manifest's costs are the files' (MACs and parameter bytes
+per stage, ``full_macs``, the monolithic model's); that the preprocessing fits the input tensor (size,
+colour channels, and pixels 0..255 reaching enough distinct int8 levels); that every stage with a
+confidence output scores with softmax; and that every hand-off fits: stage i's ``features`` shape equals
+stage i+1's input shape. Where a hand-off's quantization differs, a :class:`Requantization` is planned.
 Every failure is a :class:`~edgeexit.errors.BundleError` with a one-line message.
 """
 
@@ -13,17 +19,19 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import BundleError
+from ..errors import BundleError, printable
 from .atomic import write_file_atomic
+from .files import describe_os_error, read_regular
 from .interpreter import Backend, create_interpreter, resolve_backend
-from .manifest import MANIFEST_FILE, Manifest, Quantization, StageSpec, TensorSpec, quant_equal
+from .manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES, Manifest, Quantization, StageSpec, TensorSpec, quant_equal
+from .preprocess import check_preprocessing
+from .tflite import MAX_FILE_BYTES, Model, Tensor, graph_costs, read_model
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +67,8 @@ class Bundle:
     monolithic_file: Path | None
     handoffs: tuple[Requantization | None, ...]  # one per boundary i -> i+1; None = pass the int8 bytes through
     backend: str                                  # interpreter backend the tensors were checked with
+    manifest_bytes: bytes = b""                   # manifest.json exactly as read (and, if signed_by, verified)
+    signed_by: str | None = None                  # key id of the trusted key whose signature was verified
 
     @property
     def num_exits(self) -> int:
@@ -66,33 +76,32 @@ class Bundle:
 
 
 def _safe_file(root: Path, name: str, what: str) -> Path:
-    """``root/name`` if it is a regular file inside ``root``; BundleError otherwise."""
+    """``root/name`` resolved, if it stays inside ``root``; BundleError otherwise (no file access yet)."""
     if not name or os.path.isabs(name) or ".." in Path(name).parts or "\\" in name:
         raise BundleError(f"manifest: {what} file {name!r} is not a plain relative path inside the bundle; "
                           "the manifest was edited or is not trustworthy: re-create the bundle")
-    path = root / name
-    real = Path(os.path.realpath(path))
-    if real != root and root not in real.parents:
-        raise BundleError(f"{name}: resolves to {real}, outside the bundle directory {root} (symlink?); copy the "
-                          "real file into the bundle")
     try:
-        st = os.stat(real)
-    except FileNotFoundError:
-        raise BundleError(f"{name}: missing from the bundle {root}; re-copy the whole bundle directory") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise BundleError(f"{name}: is not a regular file; re-copy the bundle")
+        real = Path(os.path.realpath(root / name))
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{name}: cannot resolve it ({describe_os_error(exc)}); re-copy the bundle") from None
+    if real != root and root not in real.parents:
+        raise BundleError(f"{name}: resolves to {printable(real)}, outside the bundle directory {printable(root)} (symlink?); "
+                          "copy the real file into the bundle")
+    if not os.path.lexists(real):
+        raise BundleError(f"{name}: missing from the bundle {printable(root)}; re-copy the whole bundle directory")
     return real
 
 
-def _check_file(root: Path, name: str, sha256: str, size: int, what: str) -> Path:
+def _check_file(root: Path, name: str, sha256: str, size: int, what: str) -> tuple[Path, bytes]:
+    """The file's resolved path and bytes, checked against the manifest's size and sha256."""
     path = _safe_file(root, name, what)
-    actual_size = path.stat().st_size
-    if actual_size != size:
-        raise BundleError(f"{name}: {actual_size} bytes, the manifest says {size} (truncated or replaced); "
+    data = read_regular(path, MAX_FILE_BYTES, name)
+    if len(data) != size:
+        raise BundleError(f"{name}: {len(data)} bytes, the manifest says {size} (truncated or replaced); "
                           "re-copy the bundle")
-    if sha256_file(path) != sha256.lower():
+    if hashlib.sha256(data).hexdigest() != sha256.lower():
         raise BundleError(f"{name}: sha256 mismatch (file was modified or corrupted); re-copy the bundle")
-    return path
+    return path, data
 
 
 def sha256_file(path: Path) -> str:
@@ -102,6 +111,13 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _quant_exact(a: Quantization | None, b: Quantization | None) -> bool:
+    """A file's quantization and the manifest's copy are the same float32 scale and zero point."""
+    if a is None or b is None:
+        return a is None and b is None
+    return a.zero_point == b.zero_point and np.float32(a.scale) == np.float32(b.scale)
 
 
 def tensor_from_detail(detail: Mapping[str, Any], name: str | None = None) -> TensorSpec:
@@ -117,9 +133,10 @@ def _same_tensor(actual: TensorSpec, expected: TensorSpec, file: str, what: str)
         raise BundleError(f"{file}: {what} is {actual.dtype}{list(actual.shape)} but the manifest says "
                           f"{expected.dtype}{list(expected.shape)}; the file and manifest do not belong together: "
                           "re-create the bundle")
-    if not quant_equal(actual.quantization, expected.quantization):
+    if not _quant_exact(actual.quantization, expected.quantization):
         raise BundleError(f"{file}: {what} quantization is {actual.quantization} but the manifest says "
-                          f"{expected.quantization}; re-create the bundle")
+                          f"{expected.quantization} (the Runner dequantizes with the manifest's copy, which must be "
+                          "the file's exactly); the manifest was edited: re-create the bundle")
 
 
 def check_stage_tensors(interp: Any, spec: StageSpec) -> StageTensors:
@@ -170,57 +187,90 @@ def plan_handoffs(manifest: Manifest) -> tuple[Requantization | None, ...]:
     return tuple(plan)
 
 
-def read_manifest(path: str | os.PathLike[str]) -> tuple[Path, Manifest]:
-    """Read and parse ``path/manifest.json`` (no file checks). Returns (bundle dir, manifest)."""
-    root = Path(os.path.realpath(os.fspath(path)))
-    if not root.is_dir():
-        raise BundleError(f"{os.fspath(path)}: not a bundle directory (it does not exist or is a file); pass the "
+def _read_manifest(path: str | os.PathLike[str]) -> tuple[Path, bytes]:
+    """(bundle dir, the bytes of its manifest.json)."""
+    where = printable(os.fspath(path), 200)
+    try:
+        root = Path(os.path.realpath(os.fspath(path)))
+        is_dir = root.is_dir()
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{where}: not a usable bundle path ({describe_os_error(exc)}); pass the directory "
+                          "that holds manifest.json") from None
+    if not is_dir:
+        raise BundleError(f"{where}: not a bundle directory (it does not exist or is a file); pass the "
                           "directory that holds manifest.json")
     mfile = root / MANIFEST_FILE
+    if not os.path.lexists(mfile):
+        raise BundleError(f"{where}: no {MANIFEST_FILE}; is this an edgeexit bundle directory?")
+    return root, read_regular(mfile, MAX_MANIFEST_BYTES, MANIFEST_FILE)
+
+
+def _parse_manifest(data: bytes) -> Manifest:
     try:
-        text = mfile.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise BundleError(f"{os.fspath(path)}: no {MANIFEST_FILE}; is this an edgeexit bundle directory?") from None
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise BundleError(f"{MANIFEST_FILE}: not UTF-8 text; the bundle is corrupt: re-copy it") from None
-    return root, Manifest.from_json(text)
+    return Manifest.from_json(text)
 
 
-def load_bundle(path: str | os.PathLike[str], *, backend: str | Backend = "auto",
-                check_tensors: bool = True) -> Bundle:
+def read_manifest(path: str | os.PathLike[str]) -> tuple[Path, Manifest]:
+    """Read and parse ``path/manifest.json`` (no file checks, no signature check). Returns (bundle dir, manifest)."""
+    root, data = _read_manifest(path)
+    return root, _parse_manifest(data)
+
+
+def load_bundle(path: str | os.PathLike[str], *, backend: str | Backend = "auto", check_tensors: bool = True,
+                trusted_key: Any = None) -> Bundle:
     """Load and validate a bundle directory.
 
     Args:
         path: the bundle directory (holds manifest.json and the .tflite files).
         backend: interpreter backend used to check the tensors ("auto" = first installed).
-        check_tensors: create an interpreter per file and compare its tensors with the manifest. The
+        check_tensors: also create an interpreter per file and compare its tensors with the manifest. The
             :class:`~edgeexit.runtime.runner.Runner` passes False and checks its own interpreters instead.
+            The files' structure, tensors and costs are checked either way (without an interpreter).
+        trusted_key: require ``manifest.sig`` to be a valid signature by this Ed25519 public key (a PEM
+            file's path or a loaded key); None = the key named by ``$EDGEEXIT_TRUSTED_KEY`` if set, else none.
 
     Returns:
         The validated :class:`Bundle`.
 
     Raises:
-        BundleError: anything wrong with the manifest or the files (one-line message).
+        BundleError: anything wrong with the manifest, its signature or the files (one-line message).
         InterpreterError: no interpreter is installed, or one cannot load a file.
+        UsageError: an unreadable trusted key, or signing support (cryptography) not installed.
     """
-    root, manifest = read_manifest(path)
-    for i, s in enumerate(manifest.stages):
-        if s.index != i:
-            raise BundleError(f"manifest: stages[{i}].index is {s.index}, expected {i}; re-create the bundle")
-    first = manifest.stages[0].input
-    if (first.shape, first.dtype) != (manifest.input.shape, manifest.input.dtype) or not quant_equal(
-            first.quantization, manifest.input.quantization):
-        raise BundleError("manifest: 'input.tensor' differs from stage 0's input; re-create the bundle")
-    if manifest.exit_rule.thresholds and len(manifest.exit_rule.thresholds) != manifest.num_exits - 1:
-        raise BundleError(f"manifest: exit_rule has {len(manifest.exit_rule.thresholds)} thresholds, expected "
-                          f"{manifest.num_exits - 1} (one per exit except the last); re-tune or re-create the bundle")
-    for s in manifest.stages:
-        if s.outputs["logits"].shape[-1] != manifest.num_classes:
-            raise BundleError(f"{s.file}: logits have {s.outputs['logits'].shape[-1]} classes, the manifest has "
-                              f"{manifest.num_classes} labels; re-create the bundle")
-    stage_files = tuple(_check_file(root, s.file, s.sha256, s.size_bytes, f"stage {s.index}") for s in manifest.stages)
+    from .signing import TRUSTED_KEY_ENV
+
+    if trusted_key is None and os.environ.get(TRUSTED_KEY_ENV):
+        trusted_key = os.environ[TRUSTED_KEY_ENV]
+    return _load_bundle(path, backend=backend, check_tensors=check_tensors, trusted_key=trusted_key)
+
+
+def _load_bundle(path: str | os.PathLike[str], *, backend: str | Backend, check_tensors: bool,
+                 trusted_key: Any) -> Bundle:
+    root, data = _read_manifest(path)
+    signed_by = None
+    if trusted_key is not None:  # before anything reads the manifest's contents
+        from .signing import SIGNATURE_FILE, verify_manifest
+
+        sig_path = root / SIGNATURE_FILE
+        sig = read_regular(sig_path, 4096, SIGNATURE_FILE) if os.path.lexists(sig_path) else None
+        signed_by = verify_manifest(data, sig, trusted_key)
+    manifest = _parse_manifest(data)
+    _check_manifest(manifest)
+    files = [_check_file(root, s.file, s.sha256, s.size_bytes, f"stage {s.index}") for s in manifest.stages]
+    stage_files = tuple(p for p, _ in files)
+    models = [read_model(d, s.file) for (_, d), s in zip(files, manifest.stages)]
+    for spec, model in zip(manifest.stages, models):
+        _check_stage_file(model, spec)
     mono = manifest.monolithic
-    mono_file = None if mono is None else _check_file(root, mono.file, mono.sha256, mono.size_bytes, "monolithic")
+    mono_file = None
+    if mono is not None:
+        mono_file, mono_data = _check_file(root, mono.file, mono.sha256, mono.size_bytes, "monolithic")
+        _check_monolithic_file(read_model(mono_data, mono.file), manifest)
+    _check_costs(manifest, models)
+    check_preprocessing(manifest.preprocessing, manifest.input)
     handoffs = plan_handoffs(manifest)
     resolved = backend if isinstance(backend, Backend) else resolve_backend(backend)
     if check_tensors:
@@ -228,9 +278,102 @@ def load_bundle(path: str | os.PathLike[str], *, backend: str | Backend = "auto"
             check_stage_tensors(create_interpreter(file, resolved), spec)
         if mono is not None and mono_file is not None:
             check_model_tensors(create_interpreter(mono_file, resolved), mono.input, mono.output, mono.file)
-    log.info("bundle %s: %d stages checked", root, manifest.num_exits)
+    log.info("bundle %s: %d stages checked%s", root, manifest.num_exits,
+             f", signed by {signed_by}" if signed_by else "")
     return Bundle(path=root, manifest=manifest, stage_files=stage_files, monolithic_file=mono_file,
-                  handoffs=handoffs, backend=resolved.name)
+                  handoffs=handoffs, backend=resolved.name, manifest_bytes=data, signed_by=signed_by)
+
+
+def _check_manifest(manifest: Manifest) -> None:
+    """What the manifest must satisfy on its own (the fields' types and ranges are checked by Manifest)."""
+    for i, s in enumerate(manifest.stages):
+        if s.index != i:
+            raise BundleError(f"manifest: stages[{i}].index is {s.index}, expected {i}; re-create the bundle")
+    first = manifest.stages[0].input
+    if (first.shape, first.dtype) != (manifest.input.shape, manifest.input.dtype) or not _quant_exact(
+            first.quantization, manifest.input.quantization):
+        raise BundleError("manifest: 'input.tensor' differs from stage 0's input; re-create the bundle")
+    rule = manifest.exit_rule
+    if rule.thresholds and len(rule.thresholds) != manifest.num_exits - 1:
+        raise BundleError(f"manifest: exit_rule has {len(rule.thresholds)} thresholds, expected "
+                          f"{manifest.num_exits - 1} (one per exit except the last); re-tune or re-create the bundle")
+    if rule.exit is not None and not 0 <= rule.exit < manifest.num_exits:
+        raise BundleError(f"manifest: exit_rule.exit is {rule.exit}; the bundle has exits 0..{manifest.num_exits - 1}")
+    for s in manifest.stages:
+        if s.outputs["logits"].shape[-1] != manifest.num_classes:
+            raise BundleError(f"{s.file}: logits have {s.outputs['logits'].shape[-1]} classes, the manifest has "
+                              f"{manifest.num_classes} labels; re-create the bundle")
+        if "confidence" in s.outputs and s.scores != "softmax":
+            raise BundleError(f"manifest: stage {s.index} has a confidence output (an EENet-style exit, softmax "
+                              f"scores) but says scores {s.scores!r}; the manifest was edited: re-create the bundle")
+    names = [s.file for s in manifest.stages] + ([manifest.monolithic.file] if manifest.monolithic else [])
+    if len(set(names)) != len(names):
+        raise BundleError(f"manifest: a file is named twice in {names}; re-create the bundle")
+
+
+def _file_tensor(t: Tensor) -> TensorSpec:
+    q = None
+    if t.quant is not None:
+        if len(t.quant.scales) != 1:
+            raise BundleError(f"tensor {t.name!r} is quantized per channel; a stage's inputs and outputs must be "
+                              "quantized per tensor: re-create the bundle")
+        q = Quantization(t.quant.scales[0], t.quant.zero_points[0])
+    return TensorSpec(name=t.name, shape=t.shape, dtype=t.dtype, quantization=q)
+
+
+def _check_stage_file(model: Model, spec: StageSpec) -> None:
+    """The file's graph inputs and outputs are the manifest's (compared before any interpreter sees the file)."""
+    if len(model.inputs) != 1:
+        raise BundleError(f"{spec.file}: has {len(model.inputs)} inputs, expected 1; re-create the bundle")
+    _same_tensor(_file_tensor(model.tensors[model.inputs[0]]), spec.input, spec.file, "input")
+    by_name = {model.tensors[t].name: model.tensors[t] for t in model.outputs}
+    for key, expected in spec.outputs.items():
+        tensor = by_name.get(expected.name)
+        if tensor is None:
+            raise BundleError(f"{spec.file}: has no output tensor named {expected.name!r} ('{key}'); it has "
+                              f"{sorted(by_name)}; re-create the bundle")
+        _same_tensor(_file_tensor(tensor), expected, spec.file, f"output '{key}'")
+
+
+def _check_monolithic_file(model: Model, manifest: Manifest) -> None:
+    mono = manifest.monolithic
+    assert mono is not None
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise BundleError(f"{mono.file}: has {len(model.inputs)} inputs and {len(model.outputs)} outputs, expected "
+                          "1 and 1; re-create the bundle")
+    _same_tensor(_file_tensor(model.tensors[model.inputs[0]]), mono.input, mono.file, "input")
+    _same_tensor(_file_tensor(model.tensors[model.outputs[0]]), mono.output, mono.file, "output")
+    if (mono.input.shape, mono.input.dtype) != (manifest.input.shape, manifest.input.dtype):
+        raise BundleError(f"{mono.file}: input {list(mono.input.shape)} differs from the bundle's input; re-create "
+                          "the bundle")
+    if mono.output.shape[-1] != manifest.num_classes:
+        raise BundleError(f"{mono.file}: {mono.output.shape[-1]} classes, the manifest has {manifest.num_classes} "
+                          "labels; re-create the bundle")
+    if not model.has_custom_ops:
+        g = graph_costs(model, None)
+        if (mono.macs, mono.param_bytes) != (g.macs, g.param_bytes):
+            raise BundleError(f"manifest: monolithic macs / param_bytes {mono.macs} / {mono.param_bytes} are not the "
+                              f"file's {g.macs} / {g.param_bytes}; the manifest was edited: re-create the bundle")
+
+
+def _check_costs(manifest: Manifest, models: list[Model]) -> None:
+    """Every stage's MACs and parameter bytes, and ``full_macs``, are the ones counted on the files."""
+    if any(m.has_custom_ops for m in models):
+        return  # compiled graphs (Edge TPU) hide their ops: nothing to count
+    last_logits = 0
+    for spec, model in zip(manifest.stages, models):
+        g = graph_costs(model, "features" if "features" in spec.outputs else None)
+        counted = (g.segment_macs, g.head_macs, g.segment_param_bytes, g.head_param_bytes)
+        c = spec.costs
+        if (c.segment_macs, c.head_macs, c.segment_param_bytes, c.head_param_bytes) != counted:
+            raise BundleError(f"manifest: stage {spec.index} costs (segment/head MACs, segment/head bytes) "
+                              f"{[c.segment_macs, c.head_macs, c.segment_param_bytes, c.head_param_bytes]} are not "
+                              f"the file's {list(counted)}; the manifest was edited: re-create the bundle")
+        last_logits = g.head_output_macs.get(spec.outputs["logits"].name, g.head_macs)
+    full = sum(s.costs.segment_macs for s in manifest.stages) + last_logits
+    if manifest.full_macs != full:
+        raise BundleError(f"manifest: full_macs is {manifest.full_macs}, the files count {full} (every segment plus "
+                          "the final head's logits); the manifest was edited: re-create the bundle")
 
 
 def check_model_tensors(interp: Any, input_spec: TensorSpec, output_spec: TensorSpec, file: str) -> tuple[int, int]:
@@ -247,7 +390,8 @@ def check_model_tensors(interp: Any, input_spec: TensorSpec, output_spec: Tensor
 def write_manifest_atomic(bundle_dir: str | os.PathLike[str], manifest: Manifest) -> Path:
     """Replace ``bundle_dir/manifest.json`` atomically (:func:`edgeexit.runtime.atomic.write_file_atomic`).
 
-    A power cut leaves either the old or the new manifest, never a half-written one.
+    A power cut leaves either the old or the new manifest, never a half-written one. A bundle's signature
+    (``manifest.sig``) covers the old manifest only: sign the bundle again afterwards.
 
     Returns:
         The manifest's path.
@@ -255,11 +399,15 @@ def write_manifest_atomic(bundle_dir: str | os.PathLike[str], manifest: Manifest
     Raises:
         BundleError: the directory does not exist or cannot be written.
     """
+    return replace_file_atomic(bundle_dir, MANIFEST_FILE, manifest.to_json().encode("utf-8"))
+
+
+def replace_file_atomic(bundle_dir: str | os.PathLike[str], name: str, data: bytes) -> Path:
+    """Replace ``bundle_dir/name`` with ``data`` atomically (:func:`edgeexit.runtime.atomic.write_file_atomic`)."""
     root = Path(os.fspath(bundle_dir))
     if not root.is_dir():
-        raise BundleError(f"{root}: not a bundle directory; cannot write {MANIFEST_FILE}")
-    target = root / MANIFEST_FILE
-    data = manifest.to_json().encode("utf-8")
+        raise BundleError(f"{root}: not a bundle directory; cannot write {name}")
+    target = root / name
     try:
         write_file_atomic(target, data)
     except OSError as exc:
@@ -268,4 +416,4 @@ def write_manifest_atomic(bundle_dir: str | os.PathLike[str], manifest: Manifest
 
 
 __all__ = ["Bundle", "Requantization", "StageTensors", "load_bundle", "read_manifest", "write_manifest_atomic",
-           "check_stage_tensors", "check_model_tensors", "plan_handoffs"]
+           "replace_file_atomic", "check_stage_tensors", "check_model_tensors", "plan_handoffs"]

@@ -22,7 +22,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..errors import InterpreterError, UsageError
+from ..errors import BundleError, InterpreterError, UsageError, printable
+from .tflite import Model, read_file, read_model
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,8 @@ BACKENDS: dict[str, str] = {
     "tflite-runtime": "tflite_runtime.interpreter",
     "tensorflow": "tensorflow.lite",
 }
+#: Most interpreter threads accepted (the interpreter's own limit is a C int; no board has more cores).
+MAX_THREADS = 256
 #: Shared library of the Edge TPU runtime (libedgetpu1-std / -max Debian packages) on Linux.
 EDGETPU_LIBRARY = "libedgetpu.so.1"
 
@@ -106,6 +109,12 @@ def edgetpu_delegate(backend: Backend, library: str = EDGETPU_LIBRARY) -> Any:
         raise InterpreterError(f"interpreter backend {backend.name} cannot load delegates; use ai-edge-litert "
                                "or tflite-runtime for the Edge TPU")
     try:
+        # Load the library ourselves first: when the interpreter's Delegate class fails to load it, its
+        # __del__ then fails too and prints an "Exception ignored" traceback after our one-line error.
+        lib = ctypes.CDLL(library)
+        if not all(hasattr(lib, f) for f in ("tflite_plugin_create_delegate", "tflite_plugin_destroy_delegate")):
+            raise InterpreterError(f"{library} is not a TFLite delegate library (no tflite_plugin_create_delegate); "
+                                   "install libedgetpu1-std from the Coral apt repository, or run without --edgetpu")
         return backend.load_delegate(library)
     except (ValueError, OSError, RuntimeError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -128,12 +137,17 @@ def create_interpreter(model_path: str | os.PathLike[str], backend: Backend, *, 
     silence it (its ``TF_CPP_MIN_LOG_LEVEL`` does not reach that logger); tflite-runtime 2.14 prints nothing.
 
     Raises:
-        UsageError: ``num_threads`` < 1.
-        InterpreterError: the interpreter rejects the file (not a TFLite model, unsupported op, ...).
+        UsageError: ``num_threads`` not in 1..MAX_THREADS.
+        BundleError: the file cannot be read, or breaks a rule of :func:`~edgeexit.runtime.tflite.read_model`
+            (checked before the interpreter sees it), or its declared tensor shapes differ from the computed ones.
+        InterpreterError: the interpreter rejects the file (unsupported op, ...).
     """
-    if not isinstance(num_threads, int) or isinstance(num_threads, bool) or num_threads < 1:
-        raise UsageError(f"num_threads must be an integer >= 1, got {num_threads!r}")
-    kwargs: dict[str, Any] = {"model_path": os.fspath(model_path), "num_threads": num_threads}
+    if not isinstance(num_threads, int) or isinstance(num_threads, bool) or not 1 <= num_threads <= MAX_THREADS:
+        raise UsageError(f"num_threads must be an integer from 1 to {MAX_THREADS}, got {num_threads!r:.40}")
+    data = read_file(model_path)
+    name = printable(os.path.basename(os.fspath(model_path)))
+    model = read_model(data, name)  # refuses what would crash or mislead the interpreter, before it sees it
+    kwargs: dict[str, Any] = {"model_content": data, "num_threads": num_threads}
     if delegates:
         kwargs["experimental_delegates"] = delegates
     try:
@@ -141,10 +155,25 @@ def create_interpreter(model_path: str | os.PathLike[str], backend: Backend, *, 
         interp.allocate_tensors()
     except (ValueError, RuntimeError) as exc:
         msg = " ".join(str(exc).split())
-        raise InterpreterError(f"{os.path.basename(os.fspath(model_path))}: the {backend.name} interpreter "
-                               f"cannot load it ({msg:.160}); the file is corrupt or needs a newer "
-                               "interpreter: re-copy the bundle or upgrade the interpreter") from None
+        raise InterpreterError(f"{name}: the {backend.name} interpreter cannot load it ({msg:.160}); the file is "
+                               "corrupt or needs a newer interpreter: re-copy the bundle or upgrade the interpreter"
+                               ) from None
+    _same_shapes(interp, model)
     return interp
+
+
+def _same_shapes(interp: Any, model: Model) -> None:
+    """The interpreter's tensor shapes (computed from the operators) equal the shapes the file declares.
+
+    A file whose declared activation shapes disagree with its operators was edited or mis-written; the
+    interpreter would run it with shapes the manifest and the cost counts never saw.
+    """
+    for d in interp.get_tensor_details():
+        k = int(d["index"])
+        if k < len(model.tensors) and tuple(int(v) for v in d["shape"]) != model.tensors[k].shape:
+            raise BundleError(f"{model.name}: tensor {k} ({model.tensors[k].name[:40]!r}) is declared "
+                              f"{list(model.tensors[k].shape)} but its operators make it {[int(v) for v in d['shape']]}; "
+                              "the file was edited or is corrupt: re-copy or re-create the bundle")
 
 
 def native_invoke(interp: Any) -> Callable[[], None]:

@@ -41,6 +41,20 @@ EXIT_RULES = ("confidence", "max_softmax", "entropy", "class_exclusion", "final"
 SCORE_KINDS = ("softmax", "sigmoid")
 DTYPES = ("int8", "uint8", "float32", "int32")
 
+# Bounds on what a manifest may hold: far above any real bundle, low enough that no field can make the
+# device allocate, recurse or print without limit.
+MAX_MANIFEST_BYTES = 16 << 20
+MAX_DEPTH = 32            # nesting of JSON objects / lists
+MAX_STAGES = 64
+MAX_LABELS = 100_000
+MAX_LABEL_CHARS = 256
+MAX_DIM = 1 << 24         # one tensor dimension
+MAX_RANK = 8
+MAX_IMAGE_SIDE = 8192     # preprocessing height / width
+MAX_COST = 1 << 62        # MACs, bytes
+PIXEL_SCALE_RANGE = (1e-6, 1.0)  # pixel_scale: 0..255 pixels become at most 0..255, at least 0..2.55e-4
+MAX_FILE_NAME_BYTES = 255
+
 
 def _need(d: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
     if not isinstance(d, Mapping):
@@ -55,8 +69,19 @@ def _need(d: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: 
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
         raise BundleError(f"manifest: field '{where}.{key}' must be {names}, got {type(value).__name__} "
-                          f"({value!r:.60}); re-create the bundle with `edgeexit convert`")
+                          f"({_short(value)}); re-create the bundle with `edgeexit convert`")
+    if isinstance(value, int) and not isinstance(value, bool) and not -MAX_COST <= value <= MAX_COST:
+        raise BundleError(f"manifest: field '{where}.{key}' is {_short(value)}, out of any sensible range")
     return value
+
+
+def _short(value: Any) -> str:
+    """A bounded, one-line, escaped rendering of a manifest value for messages."""
+    if isinstance(value, (list, dict)):
+        return f"a {type(value).__name__} of {len(value)}"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10 ** 18:
+        return f"an integer of {len(str(abs(value)))} digits"
+    return ascii(value)[:60]
 
 
 def _opt(d: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any = None) -> Any:
@@ -66,20 +91,91 @@ def _opt(d: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: s
 
 
 def _ints(seq: Any, where: str) -> tuple[int, ...]:
-    if not isinstance(seq, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in seq):
-        raise BundleError(f"manifest: '{where}' must be a list of integers, got {seq!r:.60}")
+    if not isinstance(seq, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) and
+                                                     -MAX_COST <= v <= MAX_COST for v in seq):
+        raise BundleError(f"manifest: '{where}' must be a list of integers, got {_short(seq)}")
     return tuple(seq)
 
 
 def _floats(seq: Any, where: str) -> tuple[float, ...]:
     if not isinstance(seq, (list, tuple)) or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in seq):
-        raise BundleError(f"manifest: '{where}' must be a list of finite numbers, got {seq!r:.60}")
+        raise BundleError(f"manifest: '{where}' must be a list of finite numbers, got {_short(seq)}")
     return tuple(float(v) for v in seq)
 
 
 #: Entries of ``operating_points`` that are not points: the tuned front and the measured exit costs.
 NOT_POINTS = ("front", "exit_costs")
+
+
+def _file_name(d: Mapping[str, Any], where: str) -> str:
+    """A bundle file name: a short relative path of printable characters (checked again against the disk)."""
+    name = _need(d, "file", str, where)
+    parts = name.split("/")
+    if (not name or not name.isprintable() or "\\" in name or name.startswith("/") or len(parts) > 8
+            or any(p in ("", ".", "..") or len(p.encode("utf-8", "replace")) > MAX_FILE_NAME_BYTES for p in parts)):
+        raise BundleError(f"manifest: '{where}.file' is {_short(name)}; expected a plain relative path inside "
+                          "the bundle (printable, at most 255 bytes per part); the manifest was edited: re-create "
+                          "the bundle")
+    return name
+
+
+def _sha256(d: Mapping[str, Any], where: str) -> str:
+    value = _need(d, "sha256", str, where)
+    if len(value) != 64 or any(c not in "0123456789abcdefABCDEF" for c in value):
+        raise BundleError(f"manifest: '{where}.sha256' is {_short(value)}; expected 64 hex digits")
+    return value.lower()
+
+
+def _size(d: Mapping[str, Any], where: str) -> int:
+    value = _need(d, "size_bytes", int, where)
+    if value < 1:
+        raise BundleError(f"manifest: '{where}.size_bytes' is {value}; expected a positive byte count")
+    return value
+
+
+def _cost(d: Mapping[str, Any], key: str, where: str) -> int:
+    value = _need(d, key, int, where)
+    if value < 0:
+        raise BundleError(f"manifest: '{where}.{key}' is {value}; a cost cannot be negative: re-create the bundle")
+    return value
+
+
+def _check_tree(data: Any) -> None:
+    """No deeper nesting than MAX_DEPTH and no string that cannot be written as UTF-8 (lone surrogates)."""
+    stack = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise BundleError(f"manifest: nested deeper than {MAX_DEPTH} levels; the manifest was edited or is not "
+                              "an edgeexit manifest: re-create the bundle")
+        if isinstance(node, str):
+            _utf8(node, "a string")
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                _utf8(k, "a field name")
+                stack.append((v, depth + 1))
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+
+
+def _utf8(text: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BundleError(f"manifest: {what} holds a lone surrogate ({_short(text)}), which is not text; "
+                          "re-create the bundle") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise BundleError(f"manifest.json holds {name}, which JSON does not allow; re-create the bundle")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise BundleError(f"manifest.json holds the number {text[:40]}, too large for a float; re-create the bundle")
+    return value
 
 
 @dataclass(frozen=True)
@@ -124,8 +220,17 @@ class TensorSpec:
         if dtype not in DTYPES:
             raise BundleError(f"manifest: '{where}.dtype' is {dtype!r}; expected one of {', '.join(DTYPES)}")
         q = d.get("quantization")
-        return cls(name=_need(d, "name", str, where), shape=_ints(_need(d, "shape", list, where), f"{where}.shape"),
-                   dtype=dtype, quantization=None if q is None else Quantization.from_dict(q, f"{where}.quantization"))
+        shape = _ints(_need(d, "shape", list, where), f"{where}.shape")
+        if len(shape) > MAX_RANK or not all(1 <= v <= MAX_DIM for v in shape):
+            raise BundleError(f"manifest: '{where}.shape' is {_short(list(shape))}; expected at most {MAX_RANK} "
+                              f"dimensions from 1 to {MAX_DIM}")
+        quant = None if q is None else Quantization.from_dict(q, f"{where}.quantization")
+        if quant is not None and dtype in ("int8", "uint8"):
+            lo, hi = (-128, 127) if dtype == "int8" else (0, 255)
+            if not lo <= quant.zero_point <= hi:
+                raise BundleError(f"manifest: '{where}.quantization.zero_point' {quant.zero_point} is outside the "
+                                  f"{dtype} range")
+        return cls(name=_need(d, "name", str, where), shape=shape, dtype=dtype, quantization=quant)
 
 
 @dataclass(frozen=True)
@@ -150,8 +255,9 @@ class Preprocessing:
     def from_dict(cls, d: Mapping[str, Any], where: str = "input.preprocessing") -> "Preprocessing":
         size = _ints(_need(d, "size", list, where), f"{where}.size")
         mode = _need(d, "color_mode", str, where)
-        if len(size) != 2 or min(size) < 1:
-            raise BundleError(f"manifest: '{where}.size' must be [height, width], got {list(size)}")
+        if len(size) != 2 or not all(1 <= v <= MAX_IMAGE_SIDE for v in size):
+            raise BundleError(f"manifest: '{where}.size' must be [height, width] from 1 to {MAX_IMAGE_SIDE}, got "
+                              f"{_short(list(size))}")
         if mode not in ("L", "RGB"):
             raise BundleError(f"manifest: '{where}.color_mode' must be 'L' or 'RGB', got {mode!r}")
         mean = _floats(_need(d, "mean", list, where), f"{where}.mean")
@@ -160,8 +266,12 @@ class Preprocessing:
         if len(mean) != channels or len(std) != channels or min(std) <= 0:
             raise BundleError(f"manifest: '{where}' needs {channels} mean and {channels} positive std values for "
                               f"color mode {mode}, got mean={list(mean)} std={list(std)}")
-        return cls(size=(size[0], size[1]), color_mode=mode, mean=mean, std=std,
-                   pixel_scale=_opt(d, "pixel_scale", float, where, 1.0 / 255.0))
+        pixel_scale = _opt(d, "pixel_scale", float, where, 1.0 / 255.0)
+        lo, hi = PIXEL_SCALE_RANGE
+        if not lo <= pixel_scale <= hi:
+            raise BundleError(f"manifest: '{where}.pixel_scale' is {pixel_scale!r}; expected {lo:g} to {hi:g} (1/255 "
+                              "maps 0..255 pixels to 0..1)")
+        return cls(size=(size[0], size[1]), color_mode=mode, mean=mean, std=std, pixel_scale=pixel_scale)
 
 
 @dataclass(frozen=True)
@@ -213,8 +323,8 @@ class StageSpec:
         scores = _need(d, "scores", str, where)
         if scores not in SCORE_KINDS:
             raise BundleError(f"manifest: '{where}.scores' is {scores!r}; expected one of {SCORE_KINDS}")
-        return cls(index=_need(d, "index", int, where), file=_need(d, "file", str, where),
-                   sha256=_need(d, "sha256", str, where), size_bytes=_need(d, "size_bytes", int, where),
+        return cls(index=_need(d, "index", int, where), file=_file_name(d, where),
+                   sha256=_sha256(d, where), size_bytes=_size(d, where),
                    input=TensorSpec.from_dict(_need(d, "input", dict, where), f"{where}.input"),
                    outputs=outputs, scores=scores, costs=StageCosts.from_dict(_need(d, "costs", dict, where),
                                                                            f"{where}.costs"))
@@ -234,11 +344,10 @@ class ModelFile:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str) -> "ModelFile":
-        return cls(file=_need(d, "file", str, where), sha256=_need(d, "sha256", str, where),
-                   size_bytes=_need(d, "size_bytes", int, where),
+        return cls(file=_file_name(d, where), sha256=_sha256(d, where), size_bytes=_size(d, where),
                    input=TensorSpec.from_dict(_need(d, "input", dict, where), f"{where}.input"),
                    output=TensorSpec.from_dict(_need(d, "output", dict, where), f"{where}.output"),
-                   macs=_need(d, "macs", int, where), param_bytes=_need(d, "param_bytes", int, where))
+                   macs=_cost(d, "macs", where), param_bytes=_cost(d, "param_bytes", where))
 
 
 @dataclass(frozen=True)
@@ -338,13 +447,22 @@ class Manifest:
         if version < 1:
             raise BundleError(f"bundle format version {version} is not valid; re-create the bundle")
         inp = _need(d, "input", dict, "manifest")
-        stages = tuple(StageSpec.from_dict(s, f"stages[{i}]")
-                       for i, s in enumerate(_need(d, "stages", list, "manifest")))
+        stage_list = _need(d, "stages", list, "manifest")
+        if len(stage_list) > MAX_STAGES:
+            raise BundleError(f"manifest: {len(stage_list)} stages; at most {MAX_STAGES} are accepted")
+        stages = tuple(StageSpec.from_dict(s, f"stages[{i}]") for i, s in enumerate(stage_list))
         labels = _need(d, "labels", list, "manifest")
         if not stages:
             raise BundleError("manifest: 'stages' is empty; a bundle needs at least one stage")
         if not labels or not all(isinstance(x, str) for x in labels):
             raise BundleError("manifest: 'labels' must be a non-empty list of strings")
+        if len(labels) > MAX_LABELS or len(stages) > MAX_STAGES:
+            raise BundleError(f"manifest: {len(labels)} labels and {len(stages)} stages; at most {MAX_LABELS} and "
+                              f"{MAX_STAGES} are accepted")
+        for i, label in enumerate(labels):
+            if not label or len(label) > MAX_LABEL_CHARS or not label.isprintable():
+                raise BundleError(f"manifest: label {i} is {_short(label)}; labels must be 1 to {MAX_LABEL_CHARS} "
+                                  "printable characters (no newlines or control characters): re-create the bundle")
         mono = d.get("monolithic")
         return cls(format_version=version, producer=_need(d, "producer", str, "manifest"),
                    name=_need(d, "name", str, "manifest"),
@@ -353,7 +471,7 @@ class Manifest:
                    labels=tuple(labels), stages=stages,
                    exit_rule=ExitRuleSpec.from_dict(_need(d, "exit_rule", dict, "manifest")),
                    monolithic=None if mono is None else ModelFile.from_dict(mono, "monolithic"),
-                   full_macs=_need(d, "full_macs", int, "manifest"),
+                   full_macs=_cost(d, "full_macs", "manifest"),
                    operating_points=OperatingPoints.from_dict(_opt(d, "operating_points", dict, "manifest", {})),
                    verification=_opt(d, "verification", dict, "manifest", {}),
                    training=_opt(d, "training", dict, "manifest", {}),
@@ -385,10 +503,14 @@ class Manifest:
     @classmethod
     def from_json(cls, text: str) -> "Manifest":
         try:
-            data = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BundleError(f"manifest.json is not valid JSON ({exc}); the bundle is corrupt: re-copy or "
-                              "re-create it") from None
+            data = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+        except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, and int fields past 4300 digits
+            raise BundleError(f"manifest.json is not valid JSON ({' '.join(str(exc).split())[:100]}); the bundle is "
+                              "corrupt: re-copy or re-create it") from None
+        except RecursionError:
+            raise BundleError(f"manifest: nested deeper than {MAX_DEPTH} levels; the manifest was edited or is not "
+                              "an edgeexit manifest: re-create the bundle") from None
+        _check_tree(data)
         return cls.from_dict(data)
 
     def replace(self, **changes: Any) -> "Manifest":

@@ -16,22 +16,56 @@ Accepted inputs (:data:`ImageLike`):
 Then ``x = (pixel * pixel_scale - mean) / std`` per channel and ``q = clip(round(x / scale) + zero_point)``
 with the input tensor's quantization. For uint8 inputs both steps are one precomputed 256-entry lookup
 table per channel, straight to int8.
+
+Image files must be regular files of at most :data:`MAX_IMAGE_PIXELS` pixels (64 megapixels: an 8000 x 8000
+image, more than any camera a board is used with; below Pillow's own decompression-bomb warning at 89
+megapixels). The same limit applies to PIL images passed in. A larger image is refused with an InputError
+before it is decoded.
 """
 
 from __future__ import annotations
 
 import os
+import stat
+import warnings
 from typing import Any, Union
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import BundleError, InputError, printable
 from .manifest import Preprocessing, TensorSpec
 
 ImageLike = Union[str, "os.PathLike[str]", np.ndarray, Any]  # Any: PIL.Image.Image (Pillow imported lazily)
 
 #: Float inputs may exceed the nominal pixel range by this much (resampling overshoot) before being refused.
 FLOAT_RANGE_TOLERANCE = 1e-3
+#: Largest image (width * height) decoded or resized.
+MAX_IMAGE_PIXELS = 64_000_000
+#: The preprocessing must map pixels 0..255 onto at least this many distinct input levels per channel: fewer
+#: means mean / std / pixel_scale do not fit the input tensor's quantization (every image nearly one input).
+MIN_INPUT_LEVELS = 32
+
+
+def check_preprocessing(prep: Preprocessing, tensor: TensorSpec) -> None:
+    """The preprocessing fits the bundle's input tensor: its size, its channels, and its quantization.
+
+    Raises:
+        BundleError: a size or colour mode that is not the tensor's, or mean / std / pixel_scale that map
+            pixels 0..255 onto fewer than :data:`MIN_INPUT_LEVELS` int8 levels (after clipping).
+    """
+    shape = tensor.shape
+    if len(shape) != 4 or shape[0] != 1 or (shape[1], shape[2]) != prep.size or shape[3] != prep.channels:
+        raise BundleError(f"manifest: preprocessing {prep.color_mode} {prep.size[0]}x{prep.size[1]} does not fit the "
+                          f"input tensor {list(shape)} ([1, height, width, channels]); the manifest was edited: "
+                          "re-create the bundle")
+    if tensor.dtype not in ("int8", "uint8") or tensor.quantization is None:
+        return  # the Preprocessor refuses such a bundle with its own message
+    levels = Preprocessor(prep, tensor).lut
+    fewest = min(len(np.unique(row)) for row in levels)
+    if fewest < MIN_INPUT_LEVELS:
+        raise BundleError(f"manifest: preprocessing (pixel_scale {prep.pixel_scale:g}, mean {list(prep.mean)}, std "
+                          f"{list(prep.std)}) maps pixels 0..255 onto only {fewest} input levels (at least "
+                          f"{MIN_INPUT_LEVELS} expected); it does not fit the input quantization: re-create the bundle")
 
 
 class Preprocessor:
@@ -53,8 +87,9 @@ class Preprocessor:
         info = np.iinfo(self.dtype)
         self._qmin, self._qmax = info.min, info.max
         pixels = np.arange(256, dtype=np.float64)[None, :]                       # [1, 256]
-        real = (pixels * prep.pixel_scale - self._mean[:, None]) / self._std[:, None]  # [C, 256]
-        self.lut = self._quantize(real)                                          # [C, 256] int8
+        with np.errstate(over="ignore", invalid="ignore"):
+            real = (pixels * prep.pixel_scale - self._mean[:, None]) / self._std[:, None]  # [C, 256]
+            self.lut = self._quantize(np.nan_to_num(real))                       # [C, 256] int8
         self._channel = np.arange(self.channels)                                 # [C] for lut[channel, pixel]
 
     def _quantize(self, real: np.ndarray) -> np.ndarray:
@@ -119,23 +154,39 @@ class Preprocessor:
     def _load_file(self, path: str | os.PathLike[str]) -> np.ndarray:
         from PIL import Image, UnidentifiedImageError
 
-        name = os.fspath(path)
-        if not os.path.exists(name):
-            raise InputError(f"{name}: no such file; check the path")
-        if os.path.isdir(name):
-            raise InputError(f"{name}: is a directory; pass image files")
-        try:
-            with Image.open(name) as img:
-                return self._from_pil(img)
-        except UnidentifiedImageError:
-            raise InputError(f"{name}: not an image Pillow can read (PNG, JPEG, BMP, ...)") from None
-        except (OSError, SyntaxError, ValueError) as exc:  # truncated / corrupt image data
-            raise InputError(f"{name}: cannot decode the image ({' '.join(str(exc).split()):.100}); the file is "
-                             "corrupt or truncated") from None
+        name = printable(os.fspath(path))
+        try:  # O_NONBLOCK: a FIFO or device path must not hang the open
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+        except FileNotFoundError:
+            raise InputError(f"{name}: no such file; check the path") from None
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else " ".join(str(exc).split())[:80]
+            raise InputError(f"{name}: cannot open it ({reason}); check the path and its permissions") from None
+        with os.fdopen(fd, "rb") as f:
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
+                raise InputError(f"{name}: is a directory; pass image files")
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise InputError(f"{name}: is not a regular file (a FIFO or device?); pass image files")
+            try:
+                with warnings.catch_warnings():  # Pillow warns (not raises) from 89 to 179 megapixels
+                    warnings.simplefilter("error", Image.DecompressionBombWarning)
+                    with Image.open(f) as img:
+                        return self._from_pil(img)
+            except UnidentifiedImageError:
+                raise InputError(f"{name}: not an image Pillow can read (PNG, JPEG, BMP, ...)") from None
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+                raise InputError(f"{name}: more than {MAX_IMAGE_PIXELS} pixels; downscale it first") from None
+            except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated / corrupt image data
+                raise InputError(f"{name}: cannot decode the image ({' '.join(str(exc).split()):.100}); the "
+                                 "file is corrupt or truncated") from None
 
     def _from_pil(self, img: Any) -> np.ndarray:
         from PIL import Image
 
+        width, height = img.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise InputError(f"the image has {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS} accepted; "
+                             "downscale it first")
         if img.mode != self.prep.color_mode:
             img = img.convert(self.prep.color_mode)
         if img.size != (self.width, self.height):

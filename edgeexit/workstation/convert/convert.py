@@ -223,8 +223,8 @@ def check_handoffs(interpreters: Sequence[Any]) -> list[dict[str, Any]]:
     return result
 
 
-def count_costs(model: StagedModel, interpreters: Sequence[Any],
-                mono_interpreter: Any | None) -> tuple[list[StageCosts], list[dict[str, Any]], int, GraphCosts | None]:
+def count_costs(model: StagedModel, stage_paths: Sequence[Path],
+                mono_path: Path | None) -> tuple[list[StageCosts], list[dict[str, Any]], int, GraphCosts | None]:
     """MACs and parameter bytes per stage from the graphs, cross-checked against torch hooks.
 
     ``full_macs`` (the manifest's, = :attr:`ModelCosts.full_macs`): the network without early exits, i.e. every
@@ -238,8 +238,8 @@ def count_costs(model: StagedModel, interpreters: Sequence[Any],
 
     torch_costs = model_costs(model)
     stage_costs, records = [], []
-    for i, interp in enumerate(interpreters):
-        g = graph_costs(interp, "features")
+    for i, path in enumerate(stage_paths):
+        g = graph_costs(path, "features")
         ts, th = int(torch_costs.segment_macs[i]), int(torch_costs.head_macs[i])
         agree = (g.segment_macs, g.head_macs) == (ts, th)
         if not agree:
@@ -252,7 +252,7 @@ def count_costs(model: StagedModel, interpreters: Sequence[Any],
                         "head_logits_macs": g.head_output_macs.get("logits", g.head_macs),
                         "torch_segment_macs": ts, "torch_head_macs": th, "agree": agree, "mac_ops": dict(g.mac_ops)})
     full = sum(c.segment_macs for c in stage_costs) + stage_costs[-1].head_macs
-    mono = graph_costs(mono_interpreter, None) if mono_interpreter is not None else None
+    mono = graph_costs(mono_path, None) if mono_path is not None else None
     if mono is not None and mono.macs != monolithic_macs(full, records):
         log.warning("monolithic graph has %d MACs, the stages' segments + final logits path %d", mono.macs,
                     monolithic_macs(full, records))
@@ -347,8 +347,8 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
                 [("monolithic", mono_interp)] if mono_interp is not None else [])
             steps.run("check int8 graphs", lambda: [check_int8_graph(it, n) for n, it in named])
             handoffs = steps.run("check hand-offs", check_handoffs, interps)
-            stage_costs, cost_records, full_macs, mono_costs = steps.run("count costs", count_costs, model, interps,
-                                                                         mono_interp)
+            stage_costs, cost_records, full_macs, mono_costs = steps.run("count costs", count_costs, model, stage_paths,
+                                                                         mono_path)
             report_v = None
             if verify_images is not None:
                 report_v = steps.run("verify int8 vs float", verify_bundle, model, stage_paths, mono_path,

@@ -1,0 +1,67 @@
+"""Reading a bundle's files without trusting the file system: one function, one-line errors.
+
+:func:`read_regular` opens without following the caller into a hang (``O_NONBLOCK``: a FIFO or a device
+never blocks the open), checks the opened descriptor is a regular file no larger than a limit, and turns
+every operating-system failure (permission, symlink loop, directory, NUL byte or over-long name, ...) into
+a one-line :class:`~edgeexit.errors.BundleError`.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from ..errors import BundleError
+
+#: Longest file name (bytes of one path component) and path accepted; the usual Linux limits.
+MAX_NAME_BYTES = 255
+MAX_PATH_BYTES = 4096
+
+
+def describe_os_error(exc: BaseException) -> str:
+    """A short reason for an OSError / ValueError from the file system (never a multi-line text)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return " ".join(str(exc).split())[:80] or type(exc).__name__
+
+
+def read_regular(path: str | os.PathLike[str], max_bytes: int, what: str) -> bytes:
+    """The bytes of the regular file ``path`` (at most ``max_bytes``).
+
+    Args:
+        path: the file.
+        max_bytes: refuse larger files.
+        what: how the file is named in messages (e.g. ``'stage_0.tflite'``).
+
+    Raises:
+        BundleError: the file cannot be opened or read, is not a regular file, or is too large.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{what}: cannot open it ({describe_os_error(exc)}); re-copy the bundle and check its "
+                          "permissions") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise BundleError(f"{what}: is not a regular file (a directory, FIFO or device); re-copy the bundle")
+        if st.st_size > max_bytes:
+            raise BundleError(f"{what}: {st.st_size} bytes, more than the {max_bytes} accepted; re-copy the bundle")
+        chunks, left = [], max_bytes + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+    except OSError as exc:
+        raise BundleError(f"{what}: cannot read it ({describe_os_error(exc)}); re-copy the bundle") from None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > max_bytes:
+        raise BundleError(f"{what}: grew past {max_bytes} bytes while being read; re-copy the bundle")
+    return data
+
+
+__all__ = ["read_regular", "describe_os_error", "MAX_NAME_BYTES", "MAX_PATH_BYTES"]
