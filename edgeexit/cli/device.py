@@ -9,8 +9,8 @@ import click
 
 from ..energy.boards import BOARDS
 from ..runtime.bundle import Bundle, load_bundle
-from ..errors import UsageError
-from ..runtime.interpreter import BACKENDS
+from ..errors import UsageError, printable
+from ..runtime.interpreter import BACKENDS, MAX_THREADS
 from ..runtime.manifest import EXIT_RULES, ExitRuleSpec
 from ..runtime.points import OperatingPoints
 from ..runtime.rules import ExitRule, FixedExitRule, rule_from_spec
@@ -52,6 +52,12 @@ def _build_rule(bundle: Bundle, rule: str | None, thresholds: tuple[float, ...] 
     return rule_from_spec(ExitRuleSpec(kind=kind, thresholds=thresholds))
 
 
+TRUSTED_KEY = click.option(
+    "--trusted-key", metavar="PUBLIC.pem", default=None,
+    help="Refuse the bundle unless manifest.sig is a valid signature by this Ed25519 public key "
+         "(default: $EDGEEXIT_TRUSTED_KEY, if set).")
+
+
 @click.command()
 @click.argument("bundle", type=click.Path(file_okay=False))
 @click.argument("inputs", nargs=-1, required=True)
@@ -61,17 +67,19 @@ def _build_rule(bundle: Bundle, rule: str | None, thresholds: tuple[float, ...] 
 @click.option("--exit", "exit_index", type=int, default=None, help="Exit index for --rule fixed.")
 @click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default="auto", show_default=True,
               help="TFLite interpreter package.")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="Interpreter threads.")
+@click.option("--threads", type=click.IntRange(min=1, max=MAX_THREADS), default=1, show_default=True,
+              help="Interpreter threads.")
 @click.option("--board", type=click.Choice(["auto", *BOARDS]), default="auto", show_default=True,
               help="Board power profile for energy estimates.")
 @click.option("--edgetpu", is_flag=True, help="Run through the Edge TPU delegate (libedgetpu.so.1).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per input (JSON Lines).")
+@TRUSTED_KEY
 def run(bundle: str, inputs: tuple[str, ...], rule: str | None, thresholds: str | None, exit_index: int | None,
-        backend: str, threads: int, board: str, edgetpu: bool, as_json: bool) -> None:
+        backend: str, threads: int, board: str, edgetpu: bool, as_json: bool, trusted_key: str | None) -> None:
     """Classify image files with BUNDLE: label, exit, MACs, latency and energy per input."""
     from ..runtime.runner import Runner
 
-    loaded = load_bundle(bundle, backend=backend, check_tensors=False)
+    loaded = load_bundle(bundle, backend=backend, check_tensors=False, trusted_key=trusted_key)
     chosen = _build_rule(loaded, rule, _parse_thresholds(thresholds), exit_index)
     runner = Runner(loaded, backend=backend, num_threads=threads, rule=chosen, board=board, edgetpu=edgetpu)
     n = runner.num_exits
@@ -81,7 +89,8 @@ def run(bundle: str, inputs: tuple[str, ...], rule: str | None, thresholds: str 
             click.echo(json.dumps({"file": path, **r.to_dict()}))
         else:
             measured = (f", measured {r.energy.measured_mj:.3f} mJ" if r.energy.measured_mj is not None else "")
-            click.echo(f"{path}\t{r.label_name}\t{r.score:.3f}\texit {r.exit_index} (0..{n - 1})\t{r.macs} MACs\t"
+            click.echo(f"{printable(path)}\t{printable(r.label_name)}\t{r.score:.3f}\texit {r.exit_index} (0..{n - 1})\t"
+                       f"{r.macs} MACs\t"
                        f"{r.latency_ms:.3f} ms\t{r.energy.board_estimate_mj:.3f} mJ board estimate ({runner.board.name})"
                        f"{measured}")
 
@@ -113,7 +122,18 @@ def _info_dict(b: Bundle) -> dict[str, Any]:
                           "exit": m.exit_rule.exit},
             "monolithic": None if m.monolithic is None else {"file": m.monolithic.file, "macs": m.monolithic.macs},
             "verification": dict(m.verification), "operating_points": m.operating_points.to_dict(),
-            "training": dict(m.training), "edgetpu": dict(m.edgetpu), "checked_with": b.backend}
+            "training": dict(m.training), "edgetpu": dict(m.edgetpu), "checked_with": b.backend,
+            "signature": _signature_state(b)}
+
+
+def _signature_state(b: Bundle) -> str:
+    from ..runtime.signing import SIGNATURE_FILE
+
+    if b.signed_by:
+        return f"verified: signed by the trusted key {b.signed_by}"
+    if (b.path / SIGNATURE_FILE).exists():
+        return f"{SIGNATURE_FILE} present, not verified (pass --trusted-key PUBLIC.pem to require it)"
+    return "none (the sha256 values catch accidental damage only; see `edgeexit sign`)"
 
 
 @click.command()
@@ -121,10 +141,11 @@ def _info_dict(b: Bundle) -> dict[str, Any]:
 @click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default="auto", show_default=True,
               help="TFLite interpreter package used to check the files.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def info(bundle: str, backend: str, as_json: bool) -> None:
+@TRUSTED_KEY
+def info(bundle: str, backend: str, as_json: bool, trusted_key: str | None) -> None:
     """Validate BUNDLE and show its stages, tensors, costs, exit rule, verification, operating points and training
     as tables (exits numbered from 0); --json for the same as one JSON object."""
-    loaded = load_bundle(bundle, backend=backend)
+    loaded = load_bundle(bundle, backend=backend, trusted_key=trusted_key)
     d = _info_dict(loaded)
     if as_json:
         click.echo(json.dumps(d, indent=2, default=str))
@@ -152,7 +173,8 @@ def info(bundle: str, backend: str, as_json: bool) -> None:
     out += _points_lines(loaded.manifest.operating_points)
     for key in ("training", "edgetpu"):
         out += _mapping_lines(key.replace("_", " "), d[key])
-    click.echo("\n".join(out))
+    out.append(f"signature: {d['signature']}")
+    click.echo("\n".join(printable(line, 100_000) for line in out))  # names and labels come from the manifest
 
 
 def _table(header: list[str], rows: list[list[str]], indent: str = "  ") -> list[str]:

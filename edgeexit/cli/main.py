@@ -16,7 +16,9 @@ import sys
 
 import click
 
-from ..errors import EdgeExitError, UsageError
+from ..errors import EdgeExitError, UsageError, printable
+
+log = logging.getLogger("edgeexit")
 
 # name -> ("module:attribute", one-line help). The help is here so that listing commands imports nothing.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -30,6 +32,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("edgeexit.cli.bench:bench", "Benchmark a bundle on a labelled dataset against the monolithic model."),
     "tune": ("edgeexit.cli.tune:tune", "Search per-exit thresholds for an accuracy or budget target."),
     "compare": ("edgeexit.cli.compare:compare", "Compare bench results of one bundle from several boards side by side."),
+    "sign": ("edgeexit.cli.sign:sign", "Sign a bundle's manifest with an Ed25519 private key (manifest.sig)."),
+    "keygen": ("edgeexit.cli.sign:keygen", "Create an Ed25519 key pair for signing bundles."),
 }
 
 WORKSTATION_HINT = ("this command needs the workstation install (torch, TensorFlow, onnx2tf): run "
@@ -83,18 +87,23 @@ def entry_point(argv: list[str] | None = None) -> None:
     try:
         rv = main.main(args=argv, prog_name="edgeexit", standalone_mode=False)
     except EdgeExitError as exc:
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {printable(exc, 1000)}", err=True)
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         click.echo("error: aborted", err=True)
         sys.exit(130)
     except click.ClickException as exc:
         # bad options and arguments: click's own one-line message
-        click.echo(f"error: {exc.format_message()}", err=True)
+        click.echo(f"error: {printable(exc.format_message(), 1000)}", err=True)
         sys.exit(UsageError.exit_code)
     except KeyboardInterrupt:
         click.echo("error: interrupted; nothing was written", err=True)
         sys.exit(130)
+    except Exception as exc:  # a defect, not a user error: still one line; -vv logs the traceback
+        log.debug("internal error", exc_info=True)
+        click.echo(f"error: internal error ({type(exc).__name__}: {printable(exc, 200)}); please report it with the "
+                   "output of the same command run with -vv", err=True)
+        sys.exit(70)
     sys.exit(rv if isinstance(rv, int) else 0)
 
 

@@ -25,12 +25,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import BundleError, printable
+from ..errors import BundleError, UsageError, printable
 from .atomic import write_file_atomic
 from .files import describe_os_error, read_regular
 from .interpreter import Backend, create_interpreter, resolve_backend
 from .manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES, Manifest, Quantization, StageSpec, TensorSpec, quant_equal
 from .preprocess import check_preprocessing
+from .rules import rule_from_spec
 from .tflite import MAX_FILE_BYTES, Model, Tensor, graph_costs, read_model
 
 log = logging.getLogger(__name__)
@@ -226,9 +227,10 @@ def load_bundle(path: str | os.PathLike[str], *, backend: str | Backend = "auto"
     Args:
         path: the bundle directory (holds manifest.json and the .tflite files).
         backend: interpreter backend used to check the tensors ("auto" = first installed).
-        check_tensors: also create an interpreter per file and compare its tensors with the manifest. The
-            :class:`~edgeexit.runtime.runner.Runner` passes False and checks its own interpreters instead.
-            The files' structure, tensors and costs are checked either way (without an interpreter).
+        check_tensors: also create an interpreter per stage file and compare its tensors with the manifest.
+            The :class:`~edgeexit.runtime.runner.Runner` passes False and checks its own interpreters instead.
+            The files' structure, tensors and costs are checked either way (without an interpreter), and the
+            monolithic model (which the Runner loads only on demand) with an interpreter.
         trusted_key: require ``manifest.sig`` to be a valid signature by this Ed25519 public key (a PEM
             file's path or a loaded key); None = the key named by ``$EDGEEXIT_TRUSTED_KEY`` if set, else none.
 
@@ -276,8 +278,8 @@ def _load_bundle(path: str | os.PathLike[str], *, backend: str | Backend, check_
     if check_tensors:
         for spec, file in zip(manifest.stages, stage_files):
             check_stage_tensors(create_interpreter(file, resolved), spec)
-        if mono is not None and mono_file is not None:
-            check_model_tensors(create_interpreter(mono_file, resolved), mono.input, mono.output, mono.file)
+    if mono is not None and mono_file is not None:  # the Runner creates it only when asked: check it here
+        check_model_tensors(create_interpreter(mono_file, resolved), mono.input, mono.output, mono.file)
     log.info("bundle %s: %d stages checked%s", root, manifest.num_exits,
              f", signed by {signed_by}" if signed_by else "")
     return Bundle(path=root, manifest=manifest, stage_files=stage_files, monolithic_file=mono_file,
@@ -299,6 +301,11 @@ def _check_manifest(manifest: Manifest) -> None:
                           f"{manifest.num_exits - 1} (one per exit except the last); re-tune or re-create the bundle")
     if rule.exit is not None and not 0 <= rule.exit < manifest.num_exits:
         raise BundleError(f"manifest: exit_rule.exit is {rule.exit}; the bundle has exits 0..{manifest.num_exits - 1}")
+    try:  # the rule's own checks (threshold ranges, a confidence output where the rule needs one)
+        rule_from_spec(rule).prepare(manifest.num_exits, [s.scores for s in manifest.stages],
+                                     ["confidence" in s.outputs for s in manifest.stages])
+    except UsageError as exc:
+        raise BundleError(f"manifest: exit_rule: {exc}") from None
     for s in manifest.stages:
         if s.outputs["logits"].shape[-1] != manifest.num_classes:
             raise BundleError(f"{s.file}: logits have {s.outputs['logits'].shape[-1]} classes, the manifest has "

@@ -188,8 +188,8 @@ class Quantization:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str) -> "Quantization":
         scale = _need(d, "scale", float, where)
-        if not (math.isfinite(scale) and scale > 0):
-            raise BundleError(f"manifest: '{where}.scale' must be a positive finite number, got {scale}")
+        if not (math.isfinite(scale) and 0 < scale < 3.4e38):
+            raise BundleError(f"manifest: '{where}.scale' must be a positive float32 number, got {scale}")
         return cls(scale=scale, zero_point=_need(d, "zero_point", int, where))
 
 

@@ -162,11 +162,12 @@ class Preprocessor:
         except (OSError, ValueError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else " ".join(str(exc).split())[:80]
             raise InputError(f"{name}: cannot open it ({reason}); check the path and its permissions") from None
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            raise InputError(f"{name}: is a directory; pass image files" if stat.S_ISDIR(mode) else
+                             f"{name}: is not a regular file (a FIFO or device?); pass image files")
         with os.fdopen(fd, "rb") as f:
-            if stat.S_ISDIR(os.fstat(fd).st_mode):
-                raise InputError(f"{name}: is a directory; pass image files")
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise InputError(f"{name}: is not a regular file (a FIFO or device?); pass image files")
             try:
                 with warnings.catch_warnings():  # Pillow warns (not raises) from 89 to 179 megapixels
                     warnings.simplefilter("error", Image.DecompressionBombWarning)

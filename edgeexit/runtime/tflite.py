@@ -8,11 +8,12 @@ before it is used, then checks what the interpreter would otherwise trust blindl
   custom operator is the Edge TPU's);
 * every tensor: a known type, dimensions >= 1 (at most :data:`MAX_ELEMENTS` elements), its buffer index in
   range, constant data exactly ``elements * itemsize`` bytes, no sparsity, quantization with finite positive
-  scales and zero points the type can hold (one per channel along an in-range dimension);
-* every operator: its op code in range, tensor indices in range, each input either a graph input, the output
-  of an earlier operator, or constant data (the filter of a convolution, the weights of a fully connected
-  layer must be constant data), outputs produced once and never constant, and sane strides, dilations,
-  padding and activation values for convolutions and pooling.
+  scales and zero points the type can hold (one per channel along an in-range dimension; zero for per-channel
+  and wider-than-8-bit tensors);
+* every operator: its op code in range, tensor indices in range, every input present (only biases and
+  RESHAPE's shape are optional), each input either a graph input, the output of an earlier operator, or
+  constant data (filters, weights and biases must be constant data), outputs produced once and never
+  constant, and sane strides, dilations, padding and activation values for convolutions and pooling.
 
 A file that breaks any rule is refused with a one-line :class:`~edgeexit.errors.BundleError` before an
 interpreter sees it. A reader of our own, not the ``tflite`` package or an interpreter's generated schema
@@ -54,6 +55,8 @@ from .files import read_regular
 MAX_FILE_BYTES = 512 << 20
 #: Largest tensor, in elements.
 MAX_ELEMENTS = 1 << 28
+#: Smallest normal float32: smaller (subnormal) scales are no quantization a converter writes.
+_FLOAT32_TINY = float(np.finfo(np.float32).tiny)
 #: Largest stride, dilation or pooling window accepted.
 MAX_WINDOW = 1 << 16
 
@@ -111,14 +114,17 @@ _WINDOW_OPTIONS: dict[str, tuple[int, tuple[int, ...]]] = {
     "MAX_POOL_2D": (5, (0, 1, 2, 5, -1, -1, 3, 4)),
     "TRANSPOSE_CONV": (49, (0, 1, 2, 3, -1, -1, -1, -1)),
 }
-#: Operator -> input positions that must be present (>= 0) and, second, those that must be constant data.
-_REQUIRED_INPUTS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
-    "CONV_2D": ((0, 1), (1, 2)),
-    "DEPTHWISE_CONV_2D": ((0, 1), (1, 2)),
-    "FULLY_CONNECTED": ((0, 1), (1, 2)),
-    "TRANSPOSE_CONV": ((0, 1, 2), (0, 1, 3)),
-    "BATCH_MATMUL": ((0, 1), ()),
+#: Operator -> input positions that may be absent (-1): biases and RESHAPE's shape. Every other input of an
+#: operator must be present (recurrent ops, whose many optional inputs bundles never use, are not listed).
+_OPTIONAL_INPUTS: dict[str, tuple[int, ...]] = {
+    "CONV_2D": (2,), "DEPTHWISE_CONV_2D": (2,), "FULLY_CONNECTED": (2,), "TRANSPOSE_CONV": (3,), "RESHAPE": (1,),
 }
+#: Operator -> input positions that must be constant data: filters, weights, biases.
+_CONSTANT_INPUTS: dict[str, tuple[int, ...]] = {
+    "CONV_2D": (1, 2), "DEPTHWISE_CONV_2D": (1, 2), "FULLY_CONNECTED": (1, 2), "TRANSPOSE_CONV": (0, 1, 3),
+}
+#: Operator -> the fewest inputs it has.
+_MIN_INPUTS = {"CONV_2D": 2, "DEPTHWISE_CONV_2D": 2, "FULLY_CONNECTED": 2, "TRANSPOSE_CONV": 3, "BATCH_MATMUL": 2}
 #: Rank of the filter / weights of the MAC ops (input 1).
 _WEIGHT_RANK = {"CONV_2D": 4, "DEPTHWISE_CONV_2D": 4, "FULLY_CONNECTED": 2, "TRANSPOSE_CONV": 4}
 
@@ -204,6 +210,8 @@ class _Reader:
         vsize, tsize = int(self.get("<H", vt)), int(self.get("<H", vt + 2))
         if vsize < 4 or vsize % 2 or vt + vsize > self.n or tsize < 4 or pos + tsize > self.n:
             raise self.fail(f"bad table at offset {pos}")
+        if any(off >= tsize for off in struct.unpack_from(f"<{(vsize - 4) // 2}H", self.buf, vt + 4)):
+            raise self.fail(f"a field of the table at offset {pos} lies outside it")
         return pos, vt, vsize, tsize
 
     def field(self, t: tuple[int, int, int, int], i: int, size: int) -> int | None:
@@ -295,6 +303,7 @@ def read_model(data: bytes, name: str = "model.tflite") -> Model:
     if len(subgraphs) != 1:
         raise r.fail(f"{len(subgraphs)} subgraphs, expected 1")
     sg = subgraphs[0]
+    _check_extras(r, model, sg)
     tensors = tuple(_tensor(r, k, t, buffers) for k, t in enumerate(r.tables(sg, 0)))
     inputs = _indices(r, r.vector(sg, 1, "i"), len(tensors), "subgraph input")
     outputs = _indices(r, r.vector(sg, 2, "i"), len(tensors), "subgraph output")
@@ -306,6 +315,35 @@ def read_model(data: bytes, name: str = "model.tflite") -> Model:
 def read_model_file(path: str | os.PathLike[str]) -> Model:
     """:func:`read_model` of a file (read with :func:`read_file`)."""
     return read_model(read_file(path), os.path.basename(os.fspath(path)))
+
+
+def _check_extras(r: _Reader, model: tuple[int, int, int, int], sg: tuple[int, int, int, int]) -> None:
+    """Bounds of what edgeexit does not use but the interpreter's own verifier reads: the description,
+    metadata, signature definitions, tensors' shape signatures and min / max, and every operator's options."""
+    r.bytes_len(model, 3)
+    r.vector(model, 5, "i")
+    for meta in r.tables(model, 6):
+        r.bytes_len(meta, 0)
+    for sig in r.tables(model, 7):
+        for i in (0, 1):
+            for tensor_map in r.tables(sig, i):
+                r.bytes_len(tensor_map, 0)
+        r.bytes_len(sig, 2)
+    r.bytes_len(sg, 4)
+    for t in r.tables(sg, 0):
+        r.vector(t, 7, "i")
+        q = r.ref(t, 4)
+        if q is not None:
+            qt = r.table(q)
+            r.vector(qt, 0, "f")
+            r.vector(qt, 1, "f")
+    for op in r.tables(sg, 3):
+        for i in (4, 12):
+            v = r.ref(op, i)
+            if v is not None:
+                r.table(v)
+        for i, fmt in ((5, "B"), (7, "B"), (8, "i")):
+            r.vector(op, i, fmt)
 
 
 def _op_name(r: _Reader, code: tuple[int, int, int, int]) -> str:
@@ -363,15 +401,18 @@ def _quant(r: _Reader, k: int, t: tuple[int, int, int, int], shape: tuple[int, .
     if not scales and not zero_points:
         return None  # min/max only (float tensors): no quantization in effect
     dim = int(r.scalar(q, 6, "<i", 0))
-    if len(zero_points) != len(scales) or not all(math.isfinite(s) and s > 0 for s in scales):
+    if len(zero_points) != len(scales) or not all(math.isfinite(s) and s >= _FLOAT32_TINY for s in scales):
         raise r.fail(f"tensor {k} has {len(scales)} scales {list(scales[:4])} and {len(zero_points)} zero points; "
-                     "expected equal counts of positive finite scales")
+                     "expected equal counts of positive, finite, normal float32 scales")
     if len(scales) > 1 and not (0 <= dim < len(shape) and shape[dim] == len(scales)):
         raise r.fail(f"tensor {k} has {len(scales)} per-channel scales along dimension {dim} of shape {list(shape)}")
-    if dtype in ("int8", "uint8", "int16"):
+    if dtype in ("int8", "uint8"):
         info = np.iinfo(dtype)
         if any(not info.min <= z <= info.max for z in zero_points):
             raise r.fail(f"tensor {k} has zero points {list(zero_points[:4])} outside the {dtype} range")
+    if (len(scales) > 1 or dtype not in ("int8", "uint8")) and any(zero_points):
+        raise r.fail(f"tensor {k} ({dtype}, {len(scales)} scales) has non-zero zero points {list(zero_points[:4])}; "
+                     "per-channel and wider-than-8-bit quantization is symmetric")
     return Quant(scales=scales, zero_points=zero_points, dimension=dim)
 
 
@@ -385,13 +426,14 @@ def _operator(r: _Reader, k: int, op: tuple[int, int, int, int], op_names: list[
     outs = _indices(r, r.vector(op, 2, "i"), len(tensors), f"operator {k} ({name}) output")
     if not outs:
         raise r.fail(f"operator {k} ({name}) has no output")
-    present, constant = _REQUIRED_INPUTS.get(name, ((0,), ()))
-    if name.startswith("CUSTOM:"):
-        present = ()
-    for pos in present:
-        if pos >= len(ins) or ins[pos] < 0:
-            raise r.fail(f"operator {k} ({name}) lacks its input {pos}")
-    for pos in constant:
+    if not name.startswith("CUSTOM:"):
+        optional = _OPTIONAL_INPUTS.get(name, ())
+        if len(ins) < _MIN_INPUTS.get(name, 1):
+            raise r.fail(f"operator {k} ({name}) has {len(ins)} inputs")
+        for pos, t in enumerate(ins):
+            if t < 0 and pos not in optional:
+                raise r.fail(f"operator {k} ({name}) lacks its input {pos}")
+    for pos in _CONSTANT_INPUTS.get(name, ()):
         if pos < len(ins) and ins[pos] >= 0 and not tensors[ins[pos]].data_bytes:
             raise r.fail(f"operator {k} ({name}) input {pos} (tensor {ins[pos]}) must be constant data and has none")
     rank = _WEIGHT_RANK.get(name)

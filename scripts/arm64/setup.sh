@@ -114,17 +114,17 @@ host_python="$(command -v python3 || true)"
 } > "$root/etc/pip.conf"
 
 # ---- 5. the device venv: '.[device,test]' from a copy of the project source ---------------------------
-req_files="requirements/constraints.txt requirements/base.in requirements/device.in requirements/test.in pyproject.toml"
+req_files="requirements/constraints.txt requirements/base.in requirements/device.in requirements/test.in requirements/sign.in pyproject.toml"
 want="$(cd "$here" && cat $req_files | sha256sum | cut -c1-16)"
 if [ "$(cat "$root/opt/venv/.edgeexit-stamp" 2>/dev/null)" != "$want" ]; then
   t1=$(date +%s)
-  say "installing edgeexit[device,test] into /opt/venv (aarch64 wheels from the registry)"
+  say "installing edgeexit[device,test,sign] into /opt/venv (aarch64 wheels from the registry)"
   rm -rf "$root/opt/venv" "$root/opt/edgeexit-src"; mkdir -p "$root/opt/edgeexit-src"
   (cd "$here" && git ls-files -z --cached --others --exclude-standard -- edgeexit requirements pyproject.toml README.md \
      | xargs -0 cp --parents -t "$root/opt/edgeexit-src")
   chroot "$root" /usr/bin/python3 -m venv /opt/venv
-  chroot "$root" /bin/sh -c 'cd /opt/edgeexit-src && HOME=/root /opt/venv/bin/python -m pip install --quiet -c requirements/constraints.txt ".[device,test]"' >&2 \
-    || die "pip install '.[device,test]' failed inside the arm64 rootfs; check $root/etc/pip.conf and the registry" 1
+  chroot "$root" /bin/sh -c 'cd /opt/edgeexit-src && HOME=/root /opt/venv/bin/python -m pip install --quiet -c requirements/constraints.txt ".[device,test,sign]"' >&2 \
+    || die "pip install '.[device,test,sign]' failed inside the arm64 rootfs; check $root/etc/pip.conf and the registry" 1
   echo "$want" > "$root/opt/venv/.edgeexit-stamp"
   say "venv installed in $(( $(date +%s) - t1 )) s"
 fi
