@@ -8,8 +8,10 @@ a one-line :class:`~edgeexit.errors.BundleError`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
+from typing import Iterator
 
 from ..errors import BundleError
 
@@ -36,32 +38,47 @@ def read_regular(path: str | os.PathLike[str], max_bytes: int, what: str) -> byt
     Raises:
         BundleError: the file cannot be opened or read, is not a regular file, or is too large.
     """
+    with open_regular(path, max_bytes, what) as (_, data):
+        return data
+
+
+@contextlib.contextmanager
+def open_regular(path: str | os.PathLike[str], max_bytes: int, what: str) -> Iterator[tuple[int, bytes]]:
+    """Open the regular file ``path``: yields (its open descriptor, its bytes); the descriptor is closed after.
+
+    ``/proc/self/fd/<descriptor>`` then names the very file that was read, even if the path is replaced.
+
+    Raises:
+        BundleError: as :func:`read_regular`.
+    """
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
     except (OSError, ValueError) as exc:
         raise BundleError(f"{what}: cannot open it ({describe_os_error(exc)}); re-copy the bundle and check its "
                           "permissions") from None
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise BundleError(f"{what}: is not a regular file (a directory, FIFO or device); re-copy the bundle")
-        if st.st_size > max_bytes:
-            raise BundleError(f"{what}: {st.st_size} bytes, more than the {max_bytes} accepted; re-copy the bundle")
-        chunks, left = [], max_bytes + 1
-        while left > 0:
-            chunk = os.read(fd, min(left, 1 << 20))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-    except OSError as exc:
-        raise BundleError(f"{what}: cannot read it ({describe_os_error(exc)}); re-copy the bundle") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise BundleError(f"{what}: is not a regular file (a directory, FIFO or device); re-copy the bundle")
+            if st.st_size > max_bytes:
+                raise BundleError(f"{what}: {st.st_size} bytes, more than the {max_bytes} accepted; re-copy the "
+                                  "bundle")
+            chunks, left = [], max_bytes + 1
+            while left > 0:
+                chunk = os.read(fd, min(left, 1 << 20))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                left -= len(chunk)
+        except OSError as exc:
+            raise BundleError(f"{what}: cannot read it ({describe_os_error(exc)}); re-copy the bundle") from None
+        data = b"".join(chunks)
+        if len(data) > max_bytes:
+            raise BundleError(f"{what}: grew past {max_bytes} bytes while being read; re-copy the bundle")
+        yield fd, data
     finally:
         os.close(fd)
-    data = b"".join(chunks)
-    if len(data) > max_bytes:
-        raise BundleError(f"{what}: grew past {max_bytes} bytes while being read; re-copy the bundle")
-    return data
 
 
-__all__ = ["read_regular", "describe_os_error", "MAX_NAME_BYTES", "MAX_PATH_BYTES"]
+__all__ = ["read_regular", "open_regular", "describe_os_error", "MAX_NAME_BYTES", "MAX_PATH_BYTES"]

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..errors import BundleError, InterpreterError, UsageError, printable
-from .tflite import Model, read_file, read_model
+from .files import open_regular
+from .tflite import MAX_FILE_BYTES, Model, read_model
 
 log = logging.getLogger(__name__)
 
@@ -144,15 +145,19 @@ def create_interpreter(model_path: str | os.PathLike[str], backend: Backend, *, 
     """
     if not isinstance(num_threads, int) or isinstance(num_threads, bool) or not 1 <= num_threads <= MAX_THREADS:
         raise UsageError(f"num_threads must be an integer from 1 to {MAX_THREADS}, got {num_threads!r:.40}")
-    data = read_file(model_path)
     name = printable(os.path.basename(os.fspath(model_path)))
-    model = read_model(data, name)  # refuses what would crash or mislead the interpreter, before it sees it
-    kwargs: dict[str, Any] = {"model_content": data, "num_threads": num_threads}
-    if delegates:
-        kwargs["experimental_delegates"] = delegates
     try:
-        interp = backend.interpreter_class(**kwargs)
-        interp.allocate_tensors()
+        with open_regular(model_path, MAX_FILE_BYTES, name) as (fd, data):
+            model = read_model(data, name)  # refuses what would crash or mislead the interpreter, before it sees it
+            # The interpreter maps the very file just checked (not whatever the path names by now). Not
+            # model_content: the Python Interpreter owns those bytes, and the Runner keeps only the native object.
+            proc = f"/proc/self/fd/{fd}"
+            kwargs: dict[str, Any] = {"model_path": proc if os.path.exists(proc) else os.fspath(model_path),
+                                      "num_threads": num_threads}
+            if delegates:
+                kwargs["experimental_delegates"] = delegates
+            interp = backend.interpreter_class(**kwargs)
+            interp.allocate_tensors()
     except (ValueError, RuntimeError) as exc:
         msg = " ".join(str(exc).split())
         raise InterpreterError(f"{name}: the {backend.name} interpreter cannot load it ({msg:.160}); the file is "
