@@ -169,12 +169,21 @@ def info(bundle: str, backend: str, as_json: bool, trusted_key: str | None) -> N
                + (f" exit={rule['exit']}" if rule["exit"] is not None else ""))
     if d["monolithic"]:
         out.append(f"monolithic {d['monolithic']['file']} ({d['monolithic']['macs']:,} MACs)")
-    out += _verification_lines(d["verification"])
-    out += _points_lines(loaded.manifest.operating_points)
+    out += _or_raw(_verification_lines, d["verification"], "verification")
+    out += _or_raw(_points_lines, loaded.manifest.operating_points, "operating points")
     for key in ("training", "edgetpu"):
         out += _mapping_lines(key.replace("_", " "), d[key])
     out.append(f"signature: {d['signature']}")
     click.echo("\n".join(printable(line, 100_000) for line in out))  # names and labels come from the manifest
+
+
+def _or_raw(lines: Any, section: Any, title: str) -> list[str]:
+    """``lines(section)``; for a section whose values are not what the converter / tune write, its raw JSON."""
+    try:
+        return lines(section)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError):
+        raw = section.to_dict() if hasattr(section, "to_dict") else section
+        return [f"{title} (not in the expected form): {json.dumps(raw, default=str)}"]
 
 
 def _table(header: list[str], rows: list[list[str]], indent: str = "  ") -> list[str]:

@@ -367,7 +367,7 @@ def _check_costs(manifest: Manifest, models: list[Model]) -> None:
     """Every stage's MACs and parameter bytes, and ``full_macs``, are the ones counted on the files."""
     if any(m.has_custom_ops for m in models):
         return  # compiled graphs (Edge TPU) hide their ops: nothing to count
-    last_logits = 0
+    last = None
     for spec, model in zip(manifest.stages, models):
         g = graph_costs(model, "features" if "features" in spec.outputs else None)
         counted = (g.segment_macs, g.head_macs, g.segment_param_bytes, g.head_param_bytes)
@@ -376,11 +376,14 @@ def _check_costs(manifest: Manifest, models: list[Model]) -> None:
             raise BundleError(f"manifest: stage {spec.index} costs (segment/head MACs, segment/head bytes) "
                               f"{[c.segment_macs, c.head_macs, c.segment_param_bytes, c.head_param_bytes]} are not "
                               f"the file's {list(counted)}; the manifest was edited: re-create the bundle")
-        last_logits = g.head_output_macs.get(spec.outputs["logits"].name, g.head_macs)
-    full = sum(s.costs.segment_macs for s in manifest.stages) + last_logits
-    if manifest.full_macs != full:
-        raise BundleError(f"manifest: full_macs is {manifest.full_macs}, the files count {full} (every segment plus "
-                          "the final head's logits); the manifest was edited: re-create the bundle")
+        last = g.head_macs, g.head_output_macs.get(spec.outputs["logits"].name, g.head_macs)
+    segments = sum(s.costs.segment_macs for s in manifest.stages)
+    # every segment + the whole final head; bundles written before that definition counted only the final
+    # head's logits part (its confidence output excluded), which is accepted as well
+    allowed = {segments + last[0], segments + last[1]} if last is not None else {segments}
+    if manifest.full_macs not in allowed:
+        raise BundleError(f"manifest: full_macs is {manifest.full_macs}, the files count {segments + last[0]} (every "
+                          "segment plus the final head); the manifest was edited: re-create the bundle")
 
 
 def check_model_tensors(interp: Any, input_spec: TensorSpec, output_spec: TensorSpec, file: str) -> tuple[int, int]:

@@ -16,6 +16,7 @@ experimental_delegates)``, ``allocate_tensors``, ``get_input_details``, ``get_ou
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import logging
 import os

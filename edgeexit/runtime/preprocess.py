@@ -177,6 +177,8 @@ class Preprocessor:
                 raise InputError(f"{name}: not an image Pillow can read (PNG, JPEG, BMP, ...)") from None
             except (Image.DecompressionBombError, Image.DecompressionBombWarning):
                 raise InputError(f"{name}: more than {MAX_IMAGE_PIXELS} pixels; downscale it first") from None
+            except InputError:
+                raise
             except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated / corrupt image data
                 raise InputError(f"{name}: cannot decode the image ({' '.join(str(exc).split()):.100}); the "
                                  "file is corrupt or truncated") from None
