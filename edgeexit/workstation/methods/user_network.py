@@ -383,8 +383,8 @@ def _check_args(input_shape: Sequence[int], mean: Sequence[float] | float, std: 
     except (TypeError, ValueError):
         shape = ()
     if len(shape) != 3 or min(shape) < 1 or shape[0] not in (1, 3):
-        raise UsageError(f"input_shape {tuple(input_shape) if isinstance(input_shape, (tuple, list)) else input_shape!r}"
-                         " is not (C, H, W) with C 1 (grey) or 3 (RGB); e.g. (1, 28, 28) or (3, 32, 32)")
+        raise UsageError(f"input_shape {input_shape!r} is not (C, H, W) with C 1 (grey) or 3 (RGB); "
+                         "e.g. (1, 28, 28) or (3, 32, 32)")
     c = shape[0]
 
     def per_channel(v: Sequence[float] | float, what: str) -> list[float]:
