@@ -145,10 +145,11 @@ def _resolve(tr: _Trace, name: str, role: str) -> fx.Node:
         raise UsageError(f"{role} {name!r} does not return a single tensor; cut after a module that does")
     node = tr.tracer.outputs[name]
     bad = _violation(tr, node)
-    if bad is not None and bad[0].op == "output":
-        raise UsageError(f"cannot cut after {name!r}: {type(tr.module).__name__}.forward returns '{bad[1].name}', "
-                         "computed before the cut, besides its final output (a network with its own exits?): "
-                         "stage it with edgeexit.workstation.methods.user_network.stage_network")
+    returned = next(n for n in tr.graph.nodes if n.op == "output").args[0]
+    if bad is not None and isinstance(returned, (tuple, list, dict)):
+        raise UsageError(f"cannot cut {type(tr.module).__name__} after {name!r}: {type(tr.module).__name__}.forward "
+                         f"returns {len(returned)} outputs (exits of its own?): stage it with "
+                         "edgeexit.workstation.methods.user_network.stage_network, which cuts at its exits")
     if bad is not None:
         raise UsageError(f"cannot cut after {name!r}: '{bad[0].name}' after the cut uses '{bad[1].name}' from "
                          "before it (a skip connection crosses the cut); cut after the enclosing block instead")
