@@ -379,7 +379,7 @@ def test_cli_network_file_errors_are_one_line(tmp_path, capsys):
 # ---- real conversions: int8 on the Runner against the user's float network ------------------------------------
 
 CALIB, VERIFY = 64, 200
-TOP1, DECISIONS = 0.97, 0.95  # int8 vs float: per-exit top-1 agreement, exit-decision agreement
+TOP1, DECISIONS = 0.95, 0.95  # int8 vs float on 200 images: per-exit top-1 agreement, exit-decision agreement
 
 
 def _float_exits(net: nn.Module, images: np.ndarray) -> list[tuple[np.ndarray, np.ndarray | None]]:
