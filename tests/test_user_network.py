@@ -131,6 +131,12 @@ def exits_of(out) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
             for v in items]
 
 
+def seeded(build: Any, seed: int = 0) -> nn.Module:
+    """The network ``build()`` makes, initialised from ``seed`` (independent of the tests run before)."""
+    torch.manual_seed(seed)
+    return build()
+
+
 def train(net: nn.Module, steps: int = 80, seed: int = 0) -> nn.Module:
     """What the user did elsewhere: a few Adam steps, cross-entropy at every exit, BCE on the confidences."""
     torch.manual_seed(seed)
@@ -385,7 +391,11 @@ def test_cli_network_file_errors_are_one_line(tmp_path, capsys):
 # ---- real conversions: int8 on the Runner against the user's float network ------------------------------------
 
 CALIB, VERIFY = 64, 200
-TOP1, DECISIONS = 0.95, 0.95  # int8 vs float on 200 images: per-exit top-1 agreement, exit-decision agreement
+# int8 vs float on 200 images. Per-exit top-1 agreement is 0.94-1.0 for these briefly trained nets: their weak exits
+# have near-tied logits (median top-2 margin 0.8 at VGG3's exit 0) that int8 may flip; a broken conversion (wrong
+# layout, weights or hand-off) agrees on ~10 %. Exit decisions at median thresholds agree on 96.5-100 %.
+TOP1, DECISIONS = 0.90, 0.95
+EXAMPLE_MIN_ACCURACY = 0.85  # docs/examples/own_network.py on MNIST test[500:1000]: 0.90 measured
 
 
 def _float_exits(net: nn.Module, images: np.ndarray) -> list[tuple[np.ndarray, np.ndarray | None]]:
@@ -436,7 +446,7 @@ def test_vgg_with_sigmoid_confidences_converts_and_runs(tmp_path):
     from edgeexit.workstation.convert.convert import convert
     from edgeexit.workstation.convert.verify import Tolerances
 
-    net = train(VGG3())
+    net = train(seeded(VGG3))
     calib, _ = digits(CALIB, seed=3)
     images, labels = digits(VERIFY, seed=7)
     flt = _float_exits(net, images)
@@ -461,7 +471,7 @@ def test_skip_connection_around_an_exit_converts_and_runs(tmp_path):
     from edgeexit.workstation.convert.convert import convert
     from edgeexit.workstation.convert.verify import Tolerances
 
-    net = train(SkipAround())
+    net = train(seeded(SkipAround))
     calib, _ = digits(CALIB, seed=3)
     images, labels = digits(VERIFY, seed=7)
     flt = _float_exits(net, images)
@@ -484,7 +494,7 @@ def test_skip_connection_around_an_exit_converts_and_runs(tmp_path):
 def test_cli_converts_a_network_file_with_weights(tmp_path, capsys):
     import edgeexit
 
-    net = train(sdn(tmp_path))
+    net = train(seeded(lambda: sdn(tmp_path)))
     torch.save(net.state_dict(), tmp_path / "sdn.pt")
     (tmp_path / "labels.txt").write_text("".join(f"grating {i}\n" for i in range(10)))
     data = _npz(tmp_path, CALIB, VERIFY)
@@ -535,3 +545,14 @@ def test_failed_verification_raises_unless_strict_is_off(tmp_path):
         report = convert(staged, calib, tmp_path / "b", verify_images=images, exit_rule="final", monolithic=False,
                          tolerances=impossible, strict=False)
     assert (tmp_path / "b" / "manifest.json").is_file() and not report.verification.passed
+
+
+@pytest.mark.slow
+def test_readme_example_runs(tmp_path):
+    import runpy
+
+    example = runpy.run_path(str(Path(__file__).parents[1] / "docs" / "examples" / "own_network.py"))
+    result = example["main"]([str(tmp_path / "bundle"), "--steps", "150"])
+    assert result["verification"].passed  # convert() would have raised otherwise; the report says so too
+    assert result["accuracy"] >= EXAMPLE_MIN_ACCURACY
+    assert result["mean_macs"] < result["full_macs"]  # the early exits are taken
