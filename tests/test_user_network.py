@@ -286,8 +286,8 @@ class _MSDNetLike(nn.Module):
     ("ok", {"confidence": "probability", "split_after": ["nope"]}, UsageError, r"'nope', which _Two.forward does not "
                                                                                   r"call; submodules it calls: a, "),
     ("ok", {"confidence": "odds"}, UsageError, r"confidence='odds'; expected one of probability, logit"),
-], ids=["one-output", "swapped-pair", "undeclared", "logit-but-sigmoid", "not-sigmoid", "data-dependent", "flat-handoff",
-        "labels", "split-after-name", "confidence-kind"])
+], ids=["one-output", "swapped-pair", "undeclared", "logit-but-sigmoid", "not-sigmoid", "data-dependent",
+        "flat-handoff", "labels", "split-after-name", "confidence-kind"])
 def test_contract_errors_are_one_line(kind, kwargs, error, match):
     with pytest.raises(error, match=match) as info:
         stage_network(_Two(kind), SHAPE, MEAN, STD, **kwargs)
@@ -325,7 +325,8 @@ def test_convert_names_the_missing_head_contract(tmp_path):
 def test_split_module_names_exit_outputs_instead_of_a_skip_connection():
     from edgeexit.workstation.methods.split import split_module
 
-    with pytest.raises(UsageError, match=r"VGG3.forward returns 3 outputs \(exits of its own\?\): stage it with .*stage_network"):
+    with pytest.raises(UsageError, match=r"VGG3.forward returns 3 outputs \(exits of its own\?\): stage it with "
+                                         r".*stage_network"):
         split_module(VGG3(), ["b2"], features_end="b3")
 
 
@@ -556,3 +557,43 @@ def test_readme_example_runs(tmp_path):
     assert result["verification"].passed  # convert() would have raised otherwise; the report says so too
     assert result["accuracy"] >= EXAMPLE_MIN_ACCURACY
     assert result["mean_macs"] < result["full_macs"]  # the early exits are taken
+
+
+class _Flexible(nn.Module):
+    """A block with Python control flow on its input's rank: torch.fx cannot trace into it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+
+    def forward(self, x):
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+        return torch.relu(self.conv(x))
+
+
+class _WithFlexible(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = _Flexible()
+        self.more = nn.Conv2d(4, 4, 3, padding=1)
+        self.e0, self.e1 = nn.Linear(4, 10), nn.Linear(4, 10)
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.e0(h.mean((2, 3))), self.e1(torch.relu(self.more(h)).mean((2, 3)))
+
+
+def test_leaf_modules_keep_untraceable_blocks_whole():
+    with pytest.raises(ConversionError, match=r"cannot trace _WithFlexible.forward .*name the submodule that holds "
+                                              r"them in leaf_modules"):
+        stage_network(_WithFlexible(), SHAPE, MEAN, STD)
+    net = seeded(_WithFlexible)
+    staged = stage_network(net, SHAPE, MEAN, STD, leaf_modules=["body"])
+    assert staged.spec.extra["handoffs"] == ["body"]
+    x = torch.randn(4, *SHAPE)
+    with torch.no_grad():
+        for (want, _), got in zip(exits_of(net(x)), staged(x)):
+            torch.testing.assert_close(got["logits"], want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(UsageError, match=r"leaf_modules names 'bdy', which is not a submodule of _WithFlexible"):
+        stage_network(net, SHAPE, MEAN, STD, leaf_modules=["bdy"])
