@@ -430,7 +430,7 @@ def _check_on_runner(bundle: Path, flt, images, rule_stop, stage_macs: list[tupl
         assert np.mean(fl.argmax(1) == q_logits[k].argmax(1)) >= TOP1, k
     assert np.mean(exits == f_exit) >= DECISIONS
     f_answers = np.array([flt[e][0][i].argmax() for i, e in enumerate(f_exit)])
-    assert np.mean(answers == f_answers) >= DECISIONS
+    assert np.mean(answers == f_answers) >= TOP1  # an answer is the top-1 of the exit taken
     manifest = runner.manifest
     assert [(s.costs.segment_macs, s.costs.head_macs) for s in manifest.stages] == stage_macs
     cumulative = np.cumsum([a + b for a, b in stage_macs])
@@ -553,7 +553,7 @@ def test_readme_example_runs(tmp_path):
     import runpy
 
     example = runpy.run_path(str(Path(__file__).parents[1] / "docs" / "examples" / "own_network.py"))
-    result = example["main"]([str(tmp_path / "bundle"), "--steps", "150"])
+    result = example["main"]([str(tmp_path / "bundle")])
     assert result["verification"].passed  # convert() would have raised otherwise; the report says so too
     assert result["accuracy"] >= EXAMPLE_MIN_ACCURACY
     assert result["mean_macs"] < result["full_macs"]  # the early exits are taken
