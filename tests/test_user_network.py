@@ -462,8 +462,9 @@ def test_vgg_with_sigmoid_confidences_converts_and_runs(tmp_path):
     macs = macs_by_module(net)
     expected = [(total(macs, f"b{k}."), total(macs, f"e{k}.")) for k in (1, 2, 3)]
     manifest = _check_on_runner(tmp_path / "b", flt, images, stop, expected)
-    # the network without exits: every block + the final exit's classifier (not its confidence)
-    assert manifest.full_macs == manifest.monolithic.macs == total(macs, "b") + macs["e3.fc"]
+    # the full network: every block + the whole final exit; the monolithic file drops the final confidence
+    assert manifest.full_macs == total(macs, "b", "e3.")
+    assert manifest.monolithic.macs == total(macs, "b") + macs["e3.fc"]
     assert list(manifest.labels) == [f"c{i}" for i in range(10)]
 
 
