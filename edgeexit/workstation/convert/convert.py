@@ -19,6 +19,7 @@ import json
 import logging
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -43,6 +44,10 @@ log = logging.getLogger(__name__)
 DEFAULT_CONFIDENCE_THRESHOLD = 0.5
 
 Progress = Callable[[str], None]
+
+
+class VerificationWarning(UserWarning):
+    """A bundle was written although int8 missed the verification tolerances (``convert(..., strict=False)``)."""
 
 
 @dataclass
@@ -128,7 +133,8 @@ def resolve_exit_rule(model: StagedModel, exit_rule: str, thresholds: Sequence[f
         missing = [i for i, s in enumerate(model.stages[:-1]) if not s.head.has_confidence]
         if missing:
             raise UsageError(f"exit rule 'confidence' needs a confidence output at every early exit, exits {missing} "
-                             "have none: pass exit_rule max_softmax, entropy or class_exclusion with thresholds")
+                             "have none: pass exit_rule (CLI: --exit-rule) max_softmax, entropy or class_exclusion "
+                             "with thresholds")
     if exit_rule == "fixed":
         raise UsageError("exit rule 'fixed' is a run-time choice, not a bundle default; use confidence, "
                          "max_softmax, entropy, class_exclusion or final")
@@ -156,8 +162,17 @@ def check_inputs(model: StagedModel, calib_images: np.ndarray, verify_images: np
                  verify_labels: np.ndarray | None) -> None:
     """UsageError for a non-StagedModel, or images/labels that do not fit the model."""
     if not isinstance(model, StagedModel):
-        raise UsageError(f"convert() needs an edgeexit.workstation.models.staged.StagedModel, got {type(model).__name__}; build the "
-                         "model with edgeexit.workstation.models.registry or load a checkpoint")
+        raise UsageError(f"convert() needs an edgeexit.workstation.models.staged.StagedModel, got "
+                         f"{type(model).__name__}; stage a network of your own with "
+                         "edgeexit.workstation.methods.user_network.stage_network, build one with "
+                         "edgeexit.workstation.models.registry or load a checkpoint")
+    for i, stage in enumerate(model.stages):
+        head = stage.head
+        if getattr(head, "scores", None) not in ("softmax", "sigmoid") or not isinstance(
+                getattr(head, "has_confidence", None), bool):
+            raise UsageError(f"stage {i}'s head {type(head).__name__} is not an ExitHead (it needs attributes scores "
+                             "'softmax'|'sigmoid' and has_confidence, and returns {'logits', 'confidence'}); stage a "
+                             "network of your own with edgeexit.workstation.methods.user_network.stage_network")
     check_calibration_images(model, calib_images, "calibration")
     if verify_images is not None:
         check_calibration_images(model, verify_images, "verification")
@@ -290,7 +305,7 @@ def training_info(model: StagedModel) -> dict[str, Any]:
 def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *,
             verify_images: np.ndarray | None = None, verify_labels: np.ndarray | None = None,
             thresholds: Sequence[float] | None = None, exit_rule: str = "confidence", monolithic: bool = True,
-            force: bool = False, strict: bool = False, tolerances: Tolerances = Tolerances(),
+            force: bool = False, strict: bool = True, tolerances: Tolerances = Tolerances(),
             name: str | None = None, training: dict[str, Any] | None = None,
             progress: Progress | None = None) -> ConversionReport:
     """Convert ``model`` into a bundle at ``out_dir``: one full-int8 .tflite per stage (+ monolithic.tflite).
@@ -306,7 +321,8 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
         exit_rule: the bundle's default exit rule (see :func:`resolve_exit_rule`).
         monolithic: also convert the network without exits (the baseline) into monolithic.tflite.
         force: replace an existing ``out_dir``.
-        strict: a verification that misses the tolerances raises ConversionError and writes nothing.
+        strict: True: a verification that misses the tolerances raises ConversionError naming them and
+            writes nothing; False: the bundle is written and a ``warnings.warn`` names the missed tolerances.
         tolerances: the verification tolerances.
         name: the bundle's name (default: the model's builder name).
         training: extra facts for the manifest's ``training`` section (checkpoint metrics, calibration set).
@@ -318,7 +334,7 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
     Raises:
         UsageError: bad inputs, an unknown rule, or an existing ``out_dir`` without ``force``.
         ConversionError: a layer that cannot be exported or converted (named), broken graph outputs, or a
-            failed verification with ``strict``.
+            failed verification with ``strict`` (the default).
     """
     out = Path(out_dir).absolute()
     check_inputs(model, calib_images, verify_images, verify_labels)
@@ -358,23 +374,25 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
                     log.warning("VERIFICATION FAILED: %s", "; ".join(report_v.failures))
                     if strict:
                         raise ConversionError(f"int8 verification failed ({'; '.join(report_v.failures)}); nothing "
-                                              "was written: use more/better calibration images, retrain, or drop "
-                                              "--strict to keep the bundle anyway")
+                                              "was written: use more/better calibration images, retrain, or pass "
+                                              "strict=False (CLI: drop --strict) to keep the bundle anyway")
             verification = report_v.to_dict() if report_v is not None else {"skipped": "no verification images"}
             manifest = steps.run("write bundle", _write, model, staged, out, force, stage_paths, interps, stage_costs,
                                  rule, full_macs, mono_path, mono_interp, mono_costs, verification,
                                  name or model.spec.builder, training or {})
     finally:
         model.train(was_training)
-    warnings = [f"hand-off {h['from']}->{h['to']} quantization differs" for h in handoffs if not h["equal"]]
-    warnings += [f"stage {c['stage']}: tflite MACs differ from torch" for c in cost_records if not c["agree"]]
+    notes = [f"hand-off {h['from']}->{h['to']} quantization differs" for h in handoffs if not h["equal"]]
+    notes += [f"stage {c['stage']}: tflite MACs differ from torch" for c in cost_records if not c["agree"]]
     if mono_costs is not None and mono_costs.macs != monolithic_macs(full_macs, cost_records):
-        warnings.append(f"monolithic MACs {mono_costs.macs} != segments + final logits path "
-                        f"{monolithic_macs(full_macs, cost_records)}")
+        notes.append(f"monolithic MACs {mono_costs.macs} != segments + final logits path "
+                     f"{monolithic_macs(full_macs, cost_records)}")
     if report_v is not None and not report_v.passed:
-        warnings += report_v.failures
+        notes += report_v.failures
+        warnings.warn(f"int8 verification of {out} failed: {'; '.join(report_v.failures)}; the bundle was written "
+                      "because strict=False", VerificationWarning, stacklevel=2)
     return ConversionReport(out_dir=out, manifest=manifest, verification=report_v, handoffs=handoffs,
-                            costs=cost_records, timings_s=steps.timings, warnings=warnings)
+                            costs=cost_records, timings_s=steps.timings, warnings=notes)
 
 
 def _write(model: StagedModel, staged: Path, out: Path, force: bool, stage_paths: Sequence[Path],

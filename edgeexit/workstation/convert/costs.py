@@ -38,6 +38,29 @@ def layer_macs(module: nn.Module, output_shape: Sequence[int]) -> int:
     return 0
 
 
+def _count_calls(groups: list[nn.Module], run: Any, batch: int) -> tuple[list[int], Any]:
+    """MACs per input spent by the Conv2d/Linear layers of each module in ``groups`` while ``run()`` runs."""
+    totals = [0] * len(groups)
+    handles = []
+
+    def hook(i: int) -> Any:
+        def count(m: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
+            totals[i] += layer_macs(m, out.shape)
+        return count
+
+    for i, group in enumerate(groups):
+        for sub in group.modules():
+            if isinstance(sub, (nn.Conv2d, nn.Linear)):
+                handles.append(sub.register_forward_hook(hook(i)))
+    try:
+        with torch.no_grad():
+            out = run()
+    finally:
+        for h in handles:
+            h.remove()
+    return [t // batch for t in totals], out
+
+
 def count_macs(module: nn.Module, example: torch.Tensor) -> tuple[int, Any]:
     """MACs of ``module(example)`` for one input: :func:`layer_macs` of every Conv2d / Linear call (forward hooks).
 
@@ -118,10 +141,9 @@ def model_costs(model: StagedModel) -> ModelCosts:
     x = model.example_input(1)
     seg_macs, head_macs = [], []
     try:
-        for stage in model.stages:
-            macs, x = count_macs(stage.segment, x)
+        for stage in model.stages:  # one stage call: a head may read values inside its segment
+            (macs, hmacs), (x, _) = _count_calls([stage.segment, stage.head], lambda: stage(x), int(x.shape[0]))
             seg_macs.append(macs)
-            hmacs, _ = count_macs(stage.head, x)
             head_macs.append(hmacs)
     finally:
         model.train(was_training)

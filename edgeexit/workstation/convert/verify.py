@@ -24,10 +24,12 @@ import numpy as np
 import torch
 
 from edgeexit.runtime.interpreter import create_interpreter, resolve_backend
-from edgeexit.runtime.manifest import ExitRuleSpec
+from edgeexit.runtime.manifest import ExitRuleSpec, Preprocessing, Quantization, TensorSpec
+from edgeexit.runtime.preprocess import Preprocessor
 from edgeexit.runtime.trace import Trace
 from edgeexit.runtime.rules import rule_from_spec
 
+from .export import INPUT_NAME
 from .quantize import normalize_images
 from ..models.staged import MonolithicExport, StagedModel
 
@@ -89,6 +91,21 @@ def _outputs_by_name(interp: Any) -> dict[str, dict[str, Any]]:
     return {d["name"]: d for d in interp.get_output_details()}
 
 
+def _device_preprocessor(images: np.ndarray, mean: Sequence[float], std: Sequence[float],
+                         detail: dict[str, Any]) -> Preprocessor:
+    """The device's image quantizer for an input tensor (a float64 table over the 256 pixel values).
+
+    Using it here, not a float32 recomputation, keeps exact rounding ties (e.g. mean 0.5, std 0.25, where a
+    quarter of the pixels land on .5) on the device's side of the tie.
+    """
+    scale, zero_point = detail["quantization"]
+    prep = Preprocessing(size=(int(images.shape[1]), int(images.shape[2])),
+                         color_mode="L" if images.shape[3] == 1 else "RGB", mean=tuple(mean), std=tuple(std))
+    spec = TensorSpec(INPUT_NAME, tuple(int(v) for v in detail["shape"]), np.dtype(detail["dtype"]).name,
+                      Quantization(float(scale), int(zero_point)))
+    return Preprocessor(prep, spec)
+
+
 @dataclass
 class Int8Outputs:
     """Dequantized int8 outputs over N images, in the same layout as :class:`FloatOutputs`."""
@@ -105,13 +122,12 @@ def int8_outputs(stage_paths: Sequence[os.PathLike[str] | str], images: np.ndarr
     interps = [create_interpreter(p, backend) for p in stage_paths]
     ins = [it.get_input_details()[0] for it in interps]
     outs = [_outputs_by_name(it) for it in interps]
-    x_all = normalize_images(images, mean, std)  # [N, H, W, C] float32
-    n = len(x_all)
+    n = len(images)
+    device_input = _device_preprocessor(images, mean, std, ins[0])
     logits = [np.zeros((n, int(np.prod(o["logits"]["shape"]))), np.float32) for o in outs]
     conf = [np.zeros(n, np.float32) if "confidence" in o else None for o in outs]
     for j in range(n):
-        scale, zp = ins[0]["quantization"]
-        value = _quantize(x_all[j:j + 1], scale, zp, ins[0]["dtype"])
+        value = device_input(images[j])[None]
         for k, it in enumerate(interps):
             it.set_tensor(ins[k]["index"], value)
             it.invoke()
@@ -131,9 +147,10 @@ def int8_outputs(stage_paths: Sequence[os.PathLike[str] | str], images: np.ndarr
     if monolithic_path is not None:
         it = create_interpreter(monolithic_path, backend)
         inp, out = it.get_input_details()[0], it.get_output_details()[0]
+        mono_input = _device_preprocessor(images, mean, std, inp)
         mono = np.zeros((n, int(np.prod(out["shape"]))), np.float32)
         for j in range(n):
-            it.set_tensor(inp["index"], _quantize(x_all[j:j + 1], *inp["quantization"], inp["dtype"]))
+            it.set_tensor(inp["index"], mono_input(images[j])[None])
             it.invoke()
             mono[j] = _dequantize(it.get_tensor(out["index"]), out).reshape(-1)
     return Int8Outputs(logits=logits, confidence=conf, monolithic=mono)
@@ -219,7 +236,8 @@ def compare(flt: FloatOutputs, q: Int8Outputs, labels: np.ndarray | None, scores
             failures.append(f"exit {i}: exit-decision agreement {decision:.4f} < {tolerances.min_decision_agreement}")
 
     def drop(name: str, acc_f: float | None, acc_q: float | None) -> None:
-        if acc_f is not None and acc_q is not None and (acc_f - acc_q) * 100 > tolerances.max_accuracy_drop_pp:
+        # a drop of exactly the allowance (e.g. 1 image in 200 = 0.5 pp) passes despite float rounding
+        if acc_f is not None and acc_q is not None and (acc_f - acc_q) * 100 > tolerances.max_accuracy_drop_pp + 1e-9:
             failures.append(f"{name}: int8 accuracy {acc_q:.4f} is {100 * (acc_f - acc_q):.2f} pp below float "
                             f"{acc_f:.4f} (allowed {tolerances.max_accuracy_drop_pp} pp)")
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import fx, nn
@@ -55,8 +55,9 @@ class CutPoint:
 class _RecordingTracer(fx.Tracer):
     """A tracer that records, for every submodule call, the graph node of its output."""
 
-    def __init__(self) -> None:
+    def __init__(self, leaf_modules: Sequence[str] = ()) -> None:
         super().__init__()
+        self.leaf_names = set(leaf_modules)
         self.order: list[str] = []              # qualified names in call order (pre-order)
         self.outputs: dict[str, fx.Node] = {}   # name -> output node
         self.calls: dict[str, int] = {}         # name -> number of calls
@@ -75,6 +76,9 @@ class _RecordingTracer(fx.Tracer):
             self.outputs[name] = out.node
         return out
 
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return module_qualified_name in self.leaf_names or super().is_leaf_module(m, module_qualified_name)
+
 
 @dataclass
 class _Trace:
@@ -88,14 +92,21 @@ class _Trace:
         return [n for n in self.tracer.order if n]
 
 
-def _trace(module: nn.Module) -> _Trace:
-    tracer = _RecordingTracer()
+def _trace(module: nn.Module, leaf_modules: Sequence[str] = ()) -> _Trace:
+    """Trace ``module`` with torch.fx, not tracing into the submodules named in ``leaf_modules``."""
+    known = {name for name, _ in module.named_modules()}
+    unknown = [n for n in leaf_modules if n not in known]
+    if unknown:
+        raise UsageError(f"leaf_modules names {unknown[0]!r}, which is not a submodule of {type(module).__name__}; "
+                         "give qualified names as in named_modules(), e.g. 'blocks.2'")
+    tracer = _RecordingTracer(leaf_modules)
     try:
         graph = tracer.trace(module)
     except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError... on data-dependent control flow
-        raise ConversionError(f"cannot trace {type(module).__name__} with torch.fx ({type(exc).__name__}: "
-                              f"{str(exc)[:160]}); remove data-dependent control flow from forward() or build "
-                              "the stages by hand") from None
+        raise ConversionError(f"cannot trace {type(module).__name__}.forward with torch.fx ({type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())[:160]}); remove if/loops on tensor values from "
+                              "forward() (compute every exit; the device applies the exit rule), or name the "
+                              "submodule that holds them in leaf_modules") from None
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
     if len(inputs) != 1:
         raise UsageError(f"{type(module).__name__}.forward takes {len(inputs)} inputs; only single-input "
@@ -134,6 +145,11 @@ def _resolve(tr: _Trace, name: str, role: str) -> fx.Node:
         raise UsageError(f"{role} {name!r} does not return a single tensor; cut after a module that does")
     node = tr.tracer.outputs[name]
     bad = _violation(tr, node)
+    returned = next(n for n in tr.graph.nodes if n.op == "output").args[0]
+    if bad is not None and isinstance(returned, (tuple, list, dict)):
+        raise UsageError(f"cannot cut {type(tr.module).__name__} after {name!r}: {type(tr.module).__name__}.forward "
+                         f"returns {len(returned)} outputs (exits of its own?): stage it with "
+                         "edgeexit.workstation.methods.user_network.stage_network, which cuts at its exits")
     if bad is not None:
         raise UsageError(f"cannot cut after {name!r}: '{bad[0].name}' after the cut uses '{bad[1].name}' from "
                          "before it (a skip connection crosses the cut); cut after the enclosing block instead")
