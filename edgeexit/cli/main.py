@@ -84,6 +84,9 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
 
 def entry_point(argv: list[str] | None = None) -> None:
     """Console-script entry: one-line errors, documented exit codes, never a traceback for user errors."""
+    from ..runtime.interpreter import cli_owns_stderr
+
+    cli_owns_stderr()
     try:
         rv = main.main(args=argv, prog_name="edgeexit", standalone_mode=False)
     except EdgeExitError as exc:

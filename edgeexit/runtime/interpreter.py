@@ -16,12 +16,15 @@ experimental_delegates)``, ``allocate_tensors``, ``get_input_details``, ``get_ou
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib
 import logging
 import os
+import sys
+import tempfile
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ..errors import BundleError, InterpreterError, UsageError, printable
 from .files import open_regular
@@ -129,6 +132,48 @@ def edgetpu_delegate(backend: Backend, library: str = EDGETPU_LIBRARY) -> Any:
                                "without --edgetpu") from None
 
 
+#: The native line ai-edge-litert prints when a process creates its first interpreter.
+_ROUTINE_NATIVE_LINES = ("Created TensorFlow Lite XNNPACK delegate for CPU.",)
+_cli_owns_stderr = False
+
+
+def cli_owns_stderr() -> None:
+    """Called by the ``edgeexit`` command (a process that owns its stderr and creates interpreters from one
+    thread): from now on the interpreter's routine INFO line is dropped, so a refusal prints exactly one line.
+    Library users are never affected: without this call file descriptor 2 is left alone."""
+    global _cli_owns_stderr
+    _cli_owns_stderr = True
+
+
+@contextlib.contextmanager
+def _routine_native_lines_dropped() -> Iterator[None]:
+    """Capture what native code writes to file descriptor 2 while the block runs; pass on all but the routine
+    XNNPACK line (to ``logging`` as warnings). Only for the CLI: a process-wide redirection would swallow other
+    threads' output in a library."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no usable stderr
+        yield
+        return
+    with tempfile.TemporaryFile() as capture:
+        sys.stderr.flush()
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            try:
+                ctypes.CDLL(None).fflush(None)   # the native logger's stream is buffered when not a terminal
+            except (OSError, AttributeError):
+                pass
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            for line in capture.read().decode("utf-8", "replace").splitlines():
+                text = line.removeprefix("INFO: ").strip()
+                if text and text not in _ROUTINE_NATIVE_LINES:
+                    log.warning("interpreter: %s", line.strip())
+
+
 def create_interpreter(model_path: str | os.PathLike[str], backend: Backend, *, num_threads: int = 1,
                        delegates: list[Any] | None = None) -> Any:
     """Create and allocate an interpreter for one .tflite file.
@@ -137,6 +182,7 @@ def create_interpreter(model_path: str | os.PathLike[str], backend: Backend, *, 
     lost): ai-edge-litert writes one line ``INFO: Created TensorFlow Lite XNNPACK delegate for CPU.`` there the
     first time a process creates an interpreter, and exposes no log-level setting to Python that could
     silence it (its ``TF_CPP_MIN_LOG_LEVEL`` does not reach that logger); tflite-runtime 2.14 prints nothing.
+    Only the ``edgeexit`` command, which owns its process, drops that line (:func:`cli_owns_stderr`).
 
     Raises:
         UsageError: ``num_threads`` not in 1..MAX_THREADS.
@@ -157,8 +203,9 @@ def create_interpreter(model_path: str | os.PathLike[str], backend: Backend, *, 
                                       "num_threads": num_threads}
             if delegates:
                 kwargs["experimental_delegates"] = delegates
-            interp = backend.interpreter_class(**kwargs)
-            interp.allocate_tensors()
+            with _routine_native_lines_dropped() if _cli_owns_stderr else contextlib.nullcontext():
+                interp = backend.interpreter_class(**kwargs)
+                interp.allocate_tensors()
     except (ValueError, RuntimeError) as exc:
         msg = " ".join(str(exc).split())
         raise InterpreterError(f"{name}: the {backend.name} interpreter cannot load it ({msg:.160}); the file is "

@@ -290,6 +290,8 @@ class Runner:
             read per inference (a sensor updates every few ms; ``edgeexit bench`` measures energy over phases
             of many inputs and can store per-exit figures in the bundle, which ``Result.energy`` then reports).
         device_tree_model: device-tree model file used for board detection (injectable for tests).
+        trusted_key: require the bundle to be signed by this Ed25519 public key (a PEM path or a loaded key;
+            see :func:`~edgeexit.runtime.bundle.load_bundle`); None = ``$EDGEEXIT_TRUSTED_KEY`` if set.
 
     A Runner is safe to share between threads (calls are serialised by a lock).
 
@@ -300,10 +302,13 @@ class Runner:
     def __init__(self, bundle: str | os.PathLike[str] | Bundle, *, backend: str = "auto", num_threads: int = 1,
                  rule: ExitRule | ExitRuleSpec | str | None = None, board: str | Board | None = None,
                  edgetpu: bool = False, power_sensor: str | HwmonSensor | None = "auto",
-                 device_tree_model: str = DEVICE_TREE_MODEL):
+                 device_tree_model: str = DEVICE_TREE_MODEL, trusted_key: Any = None):
         self.backend = resolve_backend(backend)
         if not isinstance(bundle, Bundle):
-            bundle = load_bundle(bundle, backend=self.backend, check_tensors=False)
+            bundle = load_bundle(bundle, backend=self.backend, check_tensors=False, trusted_key=trusted_key)
+        elif trusted_key is not None:
+            raise UsageError("trusted_key checks a bundle while loading it: pass the bundle directory, or "
+                             "load_bundle(path, trusted_key=...) yourself")
         self.bundle = bundle
         self.manifest: Manifest = bundle.manifest
         self.num_threads = num_threads
@@ -581,6 +586,7 @@ class Runner:
             in_idx, out_idx = check_model_tensors(interp, spec.input, spec.output, spec.file)
             inp = interp.tensor(in_idx)()
             prep = Preprocessor(self.manifest.preprocessing, spec.input)
+            self._mono_interp = interp   # keeps the interpreter (its buffers and delegates) alive
             self._mono = (native_invoke(interp), _Input(prep, inp), interp.tensor(out_idx)()[0])
         return self._mono
 
