@@ -94,6 +94,11 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "runtime.json"))
     args = ap.parse_args()
 
+    # first, while this process is small: a child's peak RSS starts from its parent's at fork time
+    probe = subprocess.run([sys.executable, "-c", IMPORT_PROBE], capture_output=True, text=True, cwd=ROOT,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
+    probe_runner = subprocess.run([sys.executable, "-c", IMPORT_PROBE, args.bundle], capture_output=True, text=True,
+                                  cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
     data = load_dataset(args.data, limit=args.limit)
     settings = BenchSettings(repeat=args.repeat, sweep=False, rule=args.rule, warmup=50)
     rounds, env = [], None
@@ -107,10 +112,6 @@ def main() -> None:
               f"{r.get('speedup', {}).get('p50', float('nan')):.2f}x, forced last "
               f"{r.get('forced_last_over_monolithic', {}).get('p50', float('nan')):.3f}x, outside invokes "
               f"{r['outside_invokes_us']:.1f} us", file=sys.stderr)
-    probe = subprocess.run([sys.executable, "-c", IMPORT_PROBE], capture_output=True, text=True, cwd=ROOT,
-                           env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
-    probe_runner = subprocess.run([sys.executable, "-c", IMPORT_PROBE, args.bundle], capture_output=True, text=True,
-                                  cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
     summary = {"early_exit_p50_ms": _median(rounds, "early_exit_ms", "p50"),
                "early_exit_p90_ms": _median(rounds, "early_exit_ms", "p90"),
                "early_exit_mean_ms": _median(rounds, "early_exit_ms", "mean"),
