@@ -530,7 +530,7 @@ def test_cli_converts_a_network_file_with_weights(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_failed_verification_raises_unless_strict_is_off(tmp_path):
+def test_failed_verification_warns_by_default_and_raises_when_strict(tmp_path):
     from edgeexit.workstation.convert.convert import VerificationWarning, convert
     from edgeexit.workstation.convert.verify import Tolerances
 
@@ -539,13 +539,13 @@ def test_failed_verification_raises_unless_strict_is_off(tmp_path):
     staged = stage_network(SkipAround(), SHAPE, MEAN, STD)
     impossible = Tolerances(min_top1_agreement=1.01)
     with pytest.raises(ConversionError, match=r"int8 verification failed \(exit 0: top-1 agreement [0-9.]+ < 1.01;.*"
-                                              r"nothing was written.*strict=False"):
+                                              r"nothing was written \(strict=True\).*strict=False"):
         convert(staged, calib, tmp_path / "b", verify_images=images, exit_rule="final", monolithic=False,
-                tolerances=impossible)
+                tolerances=impossible, strict=True)
     assert not (tmp_path / "b").exists()
     with pytest.warns(VerificationWarning, match=r"int8 verification of .* failed: exit 0: top-1 agreement"):
         report = convert(staged, calib, tmp_path / "b", verify_images=images, exit_rule="final", monolithic=False,
-                         tolerances=impossible, strict=False)
+                         tolerances=impossible)
     assert (tmp_path / "b" / "manifest.json").is_file() and not report.verification.passed
 
 
@@ -555,7 +555,7 @@ def test_readme_example_runs(tmp_path):
 
     example = runpy.run_path(str(Path(__file__).parents[1] / "docs" / "examples" / "own_network.py"))
     result = example["main"]([str(tmp_path / "bundle")])
-    assert result["verification"].passed  # convert() would have raised otherwise; the report says so too
+    assert result["verification"].passed
     assert result["accuracy"] >= EXAMPLE_MIN_ACCURACY
     assert result["mean_macs"] < result["full_macs"]  # the early exits are taken
 

@@ -305,7 +305,7 @@ def training_info(model: StagedModel) -> dict[str, Any]:
 def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *,
             verify_images: np.ndarray | None = None, verify_labels: np.ndarray | None = None,
             thresholds: Sequence[float] | None = None, exit_rule: str = "confidence", monolithic: bool = True,
-            force: bool = False, strict: bool = True, tolerances: Tolerances = Tolerances(),
+            force: bool = False, strict: bool = False, tolerances: Tolerances = Tolerances(),
             name: str | None = None, training: dict[str, Any] | None = None,
             progress: Progress | None = None) -> ConversionReport:
     """Convert ``model`` into a bundle at ``out_dir``: one full-int8 .tflite per stage (+ monolithic.tflite).
@@ -321,8 +321,9 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
         exit_rule: the bundle's default exit rule (see :func:`resolve_exit_rule`).
         monolithic: also convert the network without exits (the baseline) into monolithic.tflite.
         force: replace an existing ``out_dir``.
-        strict: True: a verification that misses the tolerances raises ConversionError naming them and
-            writes nothing; False: the bundle is written and a ``warnings.warn`` names the missed tolerances.
+        strict: False (the default): a verification that misses the tolerances still writes the bundle and
+            ``warnings.warn`` names the missed tolerances (a :class:`VerificationWarning`; the report's
+            ``verification.passed`` is False); True: it raises ConversionError naming them and writes nothing.
         tolerances: the verification tolerances.
         name: the bundle's name (default: the model's builder name).
         training: extra facts for the manifest's ``training`` section (checkpoint metrics, calibration set).
@@ -334,7 +335,7 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
     Raises:
         UsageError: bad inputs, an unknown rule, or an existing ``out_dir`` without ``force``.
         ConversionError: a layer that cannot be exported or converted (named), broken graph outputs, or a
-            failed verification with ``strict`` (the default).
+            failed verification with ``strict=True``.
     """
     out = Path(out_dir).absolute()
     check_inputs(model, calib_images, verify_images, verify_labels)
@@ -374,8 +375,8 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
                     log.warning("VERIFICATION FAILED: %s", "; ".join(report_v.failures))
                     if strict:
                         raise ConversionError(f"int8 verification failed ({'; '.join(report_v.failures)}); nothing "
-                                              "was written: use more/better calibration images, retrain, or pass "
-                                              "strict=False (CLI: drop --strict) to keep the bundle anyway")
+                                              "was written (strict=True): use more/better calibration images, retrain, "
+                                              "or pass strict=False (CLI: drop --strict) to keep the bundle anyway")
             verification = report_v.to_dict() if report_v is not None else {"skipped": "no verification images"}
             manifest = steps.run("write bundle", _write, model, staged, out, force, stage_paths, interps, stage_costs,
                                  rule, full_macs, mono_path, mono_interp, mono_costs, verification,
@@ -390,7 +391,7 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
     if report_v is not None and not report_v.passed:
         notes += report_v.failures
         warnings.warn(f"int8 verification of {out} failed: {'; '.join(report_v.failures)}; the bundle was written "
-                      "because strict=False", VerificationWarning, stacklevel=2)
+                      "(pass strict=True to write nothing instead)", VerificationWarning, stacklevel=2)
     return ConversionReport(out_dir=out, manifest=manifest, verification=report_v, handoffs=handoffs,
                             costs=cost_records, timings_s=steps.timings, warnings=notes)
 
