@@ -80,3 +80,25 @@ def test_publish_dir_never_leaves_the_destination_missing(tmp_path):
     assert (out / "manifest.json").read_text() == "200"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no staging or old directories left
     assert len(seen) > 1  # the reader really ran during the swaps
+
+
+def test_a_killed_writer_s_temporary_file_is_removed_by_the_next_write(tmp_path):
+    """A process killed between writing its temporary file and the rename (e.g. `tune` killed) leaves
+    `.manifest.json.XXXX.tmp`; the next write of that file removes it once it is stale, never a fresh one."""
+    import os
+    import time
+
+    from edgeexit.runtime.atomic import STALE_TEMP_S
+
+    target = tmp_path / "manifest.json"
+    stale = tmp_path / ".manifest.json.k1ll3d.tmp"
+    fresh = tmp_path / ".manifest.json.inflight.tmp"   # another writer, still working
+    other = tmp_path / ".other.json.k1ll3d.tmp"        # not this file's
+    for p in (stale, fresh, other):
+        p.write_text("{half")
+    old = time.time() - STALE_TEMP_S - 5
+    os.utime(stale, (old, old))
+    os.utime(other, (old, old))
+    write_file_atomic(target, "{}")
+    assert target.read_text() == "{}"
+    assert not stale.exists() and fresh.exists() and other.exists()

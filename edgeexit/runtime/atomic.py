@@ -17,10 +17,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import glob
 import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Union
 
@@ -30,6 +32,9 @@ Content = Union[bytes, str, Callable[[BinaryIO], object]]
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
+#: A temporary file of an earlier write to the same target, untouched for this long, was left by a process that
+#: was killed mid-write (an exception removes its own); the next write removes it.
+STALE_TEMP_S = 600.0
 
 
 def _fsync_path(path: Path) -> None:
@@ -55,6 +60,7 @@ def write_file_atomic(path: str | os.PathLike[str], content: Content) -> Path:
         OSError: the directory cannot be written (the target is untouched and no temporary file is left).
     """
     path = Path(path)
+    _remove_stale_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -70,6 +76,18 @@ def write_file_atomic(path: str | os.PathLike[str], content: Content) -> Path:
         raise
     _fsync_path(path.parent)
     return path
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Remove temporary files that killed writers of ``path`` left (older than :data:`STALE_TEMP_S`)."""
+    now = time.time()
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        try:
+            if tmp.is_file() and not tmp.is_symlink() and now - tmp.stat().st_mtime > STALE_TEMP_S:
+                tmp.unlink()
+                log.info("removed %s, left by an interrupted write", tmp)
+        except OSError:
+            pass
 
 
 @contextlib.contextmanager
