@@ -33,7 +33,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from edgeexit.errors import ConversionError, UsageError
+from edgeexit.errors import CheckpointError, ConversionError, UsageError
 
 from ..models.staged import ExitHead, ModelSpec, Stage, StagedModel
 from .split import _trace
@@ -607,36 +607,14 @@ def network_from_file(source: str, weights: str | None = None) -> nn.Module:
 
 
 def load_weights(module: nn.Module, weights: str) -> None:
-    """Load the state_dict saved in ``weights`` into ``module`` (all keys must fit); UsageError in one line."""
-    import pickle
-    from pathlib import Path
+    """Load the state_dict saved in ``weights`` into ``module`` (all keys must fit); UsageError in one line.
 
-    if not Path(weights).is_file():
-        raise UsageError(f"weights file {weights} does not exist; save it with torch.save(model.state_dict(), PATH)")
+    The file is read as the zoo's weights are (:func:`edgeexit.workstation.models.zoo.load_weights`: a bare or
+    wrapped state_dict, DataParallel / torch.compile prefixes removed).
+    """
+    from ..models.zoo import load_weights as load_state_dict_file
+
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise UsageError(f"cannot read weights {weights} ({type(exc).__name__}: {' '.join(str(exc).split())[:120]}); "
-                         "save them with torch.save(model.state_dict(), PATH), not the whole model") from None
-    if isinstance(state, Mapping):
-        for key in ("state_dict", "model_state_dict"):
-            if isinstance(state.get(key), Mapping):
-                state = state[key]
-                break
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UsageError(f"weights {weights} hold a {type(state).__name__}, not a state_dict of tensors; save them "
-                         "with torch.save(model.state_dict(), PATH)")
-    own = module.state_dict()
-    if state and all(k.startswith("module.") for k in state) and not any(k.startswith("module.") for k in own):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        parts = [f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
-                 f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "",
-                 f"{len(wrong)} of another shape (e.g. {wrong[0]}: {list(state[wrong[0]].shape)} vs "
-                 f"{list(own[wrong[0]].shape)})" if wrong else ""]
-        raise UsageError(f"weights {weights} do not fit {type(module).__name__}: keys "
-                         f"{', '.join(p for p in parts if p)}; build the network the weights were saved from")
-    module.load_state_dict(state, strict=True)
+        load_state_dict_file(module, weights)
+    except CheckpointError as exc:
+        raise UsageError(str(exc)) from None

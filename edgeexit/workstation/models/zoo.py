@@ -433,20 +433,16 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    if not (missing or unexpected or shapes):
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if not (missing or unexpected or wrong):
         return
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing (first: {', '.join(missing[:3])})")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected (first: {', '.join(unexpected[:3])})")
-    if shapes:
-        parts.append(f"{len(shapes)} mis-shaped, file vs model (first: {'; '.join(shapes[:3])})")
-    raise CheckpointError(f"weights {source} do not fit {type(model).__name__}: {'; '.join(parts)}; build the "
-                          "architecture with the options the weights were trained with (num_classes, in_channels, "
-                          "small_input, width)")
+    parts = [f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
+             f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "",
+             f"{len(wrong)} of another shape, file vs model (e.g. {wrong[0]} {tuple(state[wrong[0]].shape)} vs "
+             f"{tuple(own[wrong[0]].shape)})" if wrong else ""]
+    raise CheckpointError(f"weights {source} do not fit {type(model).__name__}: keys "
+                          f"{', '.join(p for p in parts if p)}; build the network the weights were saved from "
+                          "(for zoo architectures: num_classes, in_channels, small_input, width)")
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
