@@ -21,7 +21,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -140,6 +140,21 @@ def _same_tensor(actual: TensorSpec, expected: TensorSpec, file: str, what: str)
                           "the file's exactly); the manifest was edited: re-create the bundle")
 
 
+def _match_io(spec: StageSpec, inputs: Sequence[Any], outputs: Mapping[str, Any],
+              as_spec: Callable[[Any], TensorSpec]) -> None:
+    """A stage's one graph input and its named outputs (interpreter details or file tensors, read by
+    ``as_spec``) are the manifest's; BundleError naming the difference otherwise."""
+    if len(inputs) != 1:
+        raise BundleError(f"{spec.file}: has {len(inputs)} inputs, expected 1; re-create the bundle")
+    _same_tensor(as_spec(inputs[0]), spec.input, spec.file, "input")
+    for key, expected in spec.outputs.items():
+        actual = outputs.get(expected.name)
+        if actual is None:
+            raise BundleError(f"{spec.file}: has no output tensor named {expected.name!r} ('{key}'); it has "
+                              f"{sorted(outputs)}; re-create the bundle")
+        _same_tensor(as_spec(actual), expected, spec.file, f"output '{key}'")
+
+
 def check_stage_tensors(interp: Any, spec: StageSpec) -> StageTensors:
     """Compare a stage interpreter's tensors with the manifest and find their indices.
 
@@ -147,18 +162,9 @@ def check_stage_tensors(interp: Any, spec: StageSpec) -> StageTensors:
         BundleError: a missing output, or a shape / dtype / quantization that differs from the manifest.
     """
     inputs = interp.get_input_details()
-    if len(inputs) != 1:
-        raise BundleError(f"{spec.file}: has {len(inputs)} inputs, expected 1; re-create the bundle")
-    _same_tensor(tensor_from_detail(inputs[0]), spec.input, spec.file, "input")
     by_name = {str(d["name"]): d for d in interp.get_output_details()}
-    index = {}
-    for key, expected in spec.outputs.items():
-        detail = by_name.get(expected.name)
-        if detail is None:
-            raise BundleError(f"{spec.file}: has no output tensor named {expected.name!r} ('{key}'); it has "
-                              f"{sorted(by_name)}; re-create the bundle")
-        _same_tensor(tensor_from_detail(detail), expected, spec.file, f"output '{key}'")
-        index[key] = int(detail["index"])
+    _match_io(spec, inputs, by_name, tensor_from_detail)
+    index = {key: int(by_name[expected.name]["index"]) for key, expected in spec.outputs.items()}
     return StageTensors(input_index=int(inputs[0]["index"]), output_index=index)
 
 
@@ -330,16 +336,8 @@ def _file_tensor(t: Tensor) -> TensorSpec:
 
 def _check_stage_file(model: Model, spec: StageSpec) -> None:
     """The file's graph inputs and outputs are the manifest's (compared before any interpreter sees the file)."""
-    if len(model.inputs) != 1:
-        raise BundleError(f"{spec.file}: has {len(model.inputs)} inputs, expected 1; re-create the bundle")
-    _same_tensor(_file_tensor(model.tensors[model.inputs[0]]), spec.input, spec.file, "input")
-    by_name = {model.tensors[t].name: model.tensors[t] for t in model.outputs}
-    for key, expected in spec.outputs.items():
-        tensor = by_name.get(expected.name)
-        if tensor is None:
-            raise BundleError(f"{spec.file}: has no output tensor named {expected.name!r} ('{key}'); it has "
-                              f"{sorted(by_name)}; re-create the bundle")
-        _same_tensor(_file_tensor(tensor), expected, spec.file, f"output '{key}'")
+    _match_io(spec, [model.tensors[i] for i in model.inputs],
+              {model.tensors[t].name: model.tensors[t] for t in model.outputs}, _file_tensor)
 
 
 def _check_monolithic_file(model: Model, manifest: Manifest) -> None:
