@@ -28,7 +28,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -320,9 +320,9 @@ def run_benchmark(bundle: str | os.PathLike[str] | Bundle, data: ImageSet, setti
                           progress=progress)
     runner.set_rule(rule)
     at = {v.name: j for j, v in enumerate(variants)}
-    machine = collect_environment(num_threads=settings.num_threads, backend=runner.backend.name,
-                                  paths=env_paths).get("machine") or ""
-    costs = cost_table(ms, variants, kinds, e, settings.repeat, machine)
+    env = collect_environment(num_threads=settings.num_threads,  # right after the timed pass: its temperatures
+                              backend=f"{runner.backend.name} {runner.backend.version}", paths=env_paths)
+    costs = cost_table(ms, variants, kinds, e, settings.repeat, env.get("machine") or "")
 
     # ---- the early-exit rule against the baseline
     lat = per_input(ms[at[EARLY]])                                             # [N] ms
@@ -394,8 +394,6 @@ def run_benchmark(bundle: str | os.PathLike[str] | Bundle, data: ImageSet, setti
                                      rule)
     measurement = None if settings.energy is None else measure_bench(runner, images, settings.energy,
                                                                       with_monolithic=has_mono, progress=progress)
-    env = collect_environment(num_threads=settings.num_threads,
-                              backend=f"{runner.backend.name} {runner.backend.version}", paths=env_paths)
     spec = rule.to_spec()
     result = {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION,

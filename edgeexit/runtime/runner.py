@@ -318,6 +318,7 @@ class Runner:
                                                   delegates=self._delegates), self.manifest, k)
                         for k, path in enumerate(bundle.stage_files)]
         self._handoffs: tuple[Requantization | None, ...] = bundle.handoffs
+        self._handoff_calls = self._handoff_plan()
         self._prep = Preprocessor(self.manifest.preprocessing, self.manifest.input)
         self._input = _Input(self._prep, self._stages[0].inp)
         self.quant = tuple(s.quant for s in self._stages)
@@ -357,6 +358,16 @@ class Runner:
                              f"{type(rule).__name__}")
         return rule
 
+    def _handoff_plan(self) -> tuple[Callable[[], Any] | None, ...]:
+        """Per stage, the call that moves its features into the next stage's input (None after the last):
+        one copy of the int8 bytes, or a requantization where the two quantizations differ."""
+        stages, calls = self._stages, []
+        for k, st in enumerate(stages[:-1]):
+            requant = self._handoffs[k]
+            calls.append(functools.partial(np.copyto, stages[k + 1].inp, st.feat) if requant is None else
+                         functools.partial(requant.apply, st.feat, stages[k + 1].inp))
+        return (*calls, None)
+
     def _compile(self, rule: ExitRule) -> tuple[Decider, tuple[_PlanStep, ...]]:
         """The rule's decider for this bundle and the per-stage plan of the hot loop. The last
         ``_PLAN_CACHE`` rules are kept by value, so that switching between operating points recompiles nothing."""
@@ -366,15 +377,8 @@ class Runner:
             self._plans.move_to_end(key)
             return cached
         decider = rule.compile(self.quant)
-        stages, last = self._stages, len(self._stages) - 1
-        plan = []
-        for k, st in enumerate(stages):
-            handoff = None
-            if k < last:
-                requant = self._handoffs[k]
-                handoff = (functools.partial(np.copyto, stages[k + 1].inp, st.feat) if requant is None else
-                           functools.partial(requant.apply, st.feat, stages[k + 1].inp))
-            plan.append((st.run, decider.steps[k], st.logits, st.conf, handoff))
+        plan = [(st.run, decider.steps[k], st.logits, st.conf, self._handoff_calls[k])
+                for k, st in enumerate(self._stages)]
         self._plans[key] = (decider, tuple(plan))
         if len(self._plans) > _PLAN_CACHE:
             self._plans.popitem(last=False)
@@ -533,7 +537,7 @@ class Runner:
             A :class:`~edgeexit.runtime.trace.Trace` with the exits' raw int8 outputs and their dequantized
             values, and ``[N, E]`` per-stage latencies (invoke + hand-off, ms).
         """
-        stages, handoffs = self._stages, self._handoffs
+        stages, handoffs = self._stages, self._handoff_calls
         raw_logits: list[list[np.ndarray]] = [[] for _ in stages]
         raw_conf: list[list[np.ndarray]] = [[] for _ in stages]
         times: list[list[int]] = []
@@ -547,11 +551,8 @@ class Runner:
                     raw_logits[k].append(st.logits.copy())
                     if st.conf is not None:
                         raw_conf[k].append(st.conf.copy())
-                    if k + 1 < len(stages):
-                        if handoffs[k] is None:
-                            np.copyto(stages[k + 1].inp, st.feat)
-                        else:
-                            handoffs[k].apply(st.feat, stages[k + 1].inp)
+                    if handoffs[k] is not None:
+                        handoffs[k]()
                     now = _clock()
                     row.append(now - t)
                     t = now
