@@ -53,6 +53,48 @@ def test_training_is_deterministic_on_cpu(mnist_small, trained):
         assert torch.equal(a, b), k
 
 
+class _Stop(Exception):
+    pass
+
+
+def test_training_stopped_mid_epoch_resumes_to_the_same_weights(mnist_small, tmp_path):
+    """A run killed in epoch 3 of 4 continues from the end of epoch 2 and ends bit-identical to an
+    uninterrupted run (weights, optimiser moments, schedule, augmentation draws and best epoch all restored)."""
+    tr, va = mnist_small
+    cfg = TrainConfig(epochs=4, warmup_epochs=1, seed=3, lr=1e-2, batch_size=32, augment_shift=2)
+
+    def fresh():
+        torch.manual_seed(0)
+        return create("eenet-small", **TINY)
+
+    whole = train(fresh(), tr, va, cfg)
+    state = tmp_path / "run.state"
+
+    def stop_in_epoch_3(phase, done, total):
+        if phase.startswith("epoch 3/") and done > total // 2:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        train(fresh(), tr, va, cfg, progress=stop_in_epoch_3, state_path=state)
+    assert state.is_file()
+    resumed = train(fresh(), tr, va, cfg, state_path=state)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
+    assert resumed.best_epoch == whole.best_epoch
+    for (k, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert [h["val_loss"] for h in resumed.history] == [h["val_loss"] for h in whole.history]
+    # a finished state resumes to the end at once (nothing is trained twice) with the same result
+    again = train(fresh(), tr, va, cfg, state_path=state)
+    assert torch.equal(next(iter(again.model.state_dict().values())), next(iter(whole.model.state_dict().values())))
+    # a state from other settings is refused, not mixed in
+    other = TrainConfig(epochs=4, warmup_epochs=1, seed=4, lr=1e-2, batch_size=32, augment_shift=2)
+    with pytest.raises(UsageError, match="other settings"):
+        train(fresh(), tr, va, other, state_path=state)
+    state.write_bytes(b"junk")
+    with pytest.raises(UsageError, match="not readable"):
+        train(fresh(), tr, va, cfg, state_path=state)
+
+
 def test_class_based_training_and_frozen_trunk(mnist_small):
     tr, va = mnist_small
     model = create("eenet-small", head="class", **TINY)

@@ -71,7 +71,8 @@ def data_stats(data: ImageSet) -> tuple[list[float], list[float]]:
 
 def run_training(model_name: str, dataset: str, config: TrainConfig, exits: int | None = None,
                  placement: str | list[int] | None = None, head: str | None = None, val_fraction: float = 0.1,
-                 train_limit: int | None = None, threshold: float = 0.5, progress: Progress | None = None) -> TrainingRun:
+                 train_limit: int | None = None, threshold: float = 0.5, progress: Progress | None = None,
+                 state_path: str | None = None) -> TrainingRun:
     """Load data, build ``model_name`` for it, train, and evaluate on the test split.
 
     Named datasets (mnist, fashion-mnist, cifar10:DIR, svhn:DIR) are tested on their test split; a
@@ -99,7 +100,7 @@ def run_training(model_name: str, dataset: str, config: TrainConfig, exits: int 
     model = create(model_name, **kwargs)
     model.spec.extra["train"] = {k: v for k, v in vars(config).items()}
     model.spec.extra["dataset"] = dataset
-    result = train_model(model, train_set, val_set, config, progress=progress)
+    result = train_model(model, train_set, val_set, config, progress=progress, state_path=state_path)
     test = evaluate(result.model, test_set, threshold)
     return TrainingRun(result, test, test_set.name if has_splits else f"{val_set.name} (no test split)", config)
 
@@ -172,11 +173,15 @@ def _common_options(fn: Any) -> Any:
 @click.option("--force", is_flag=True, help="Overwrite an existing --output.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the summary as JSON here.")
+@click.option("--state", "state_path", type=click.Path(dir_okay=False), default=None,
+              help="Resumable training: the whole training state is written here after every epoch; run the same "
+              "command again after a stop to continue from the last finished epoch (same result).")
 @click.pass_context
 def train_command(ctx: click.Context, model_name: str, dataset: str, exits: int | None, placement: str,
                   head: str | None, loss: str, warmup_epochs: int, epochs: int, batch_size: int, lr: float, seed: int,
                   val_fraction: float, train_limit: int | None, augment: int, freeze_trunk: bool, threshold: float,
-                  amp: bool, lam: float, output: str, force: bool, json_path: str | None) -> None:
+                  amp: bool, lam: float, output: str, force: bool, json_path: str | None,
+                  state_path: str | None) -> None:
     """Train an early-exit network and write a checkpoint; print a per-exit summary.
 
     Runs unchanged under ``torchrun`` (data-parallel over the processes; rank 0 writes and prints).
@@ -187,7 +192,8 @@ def train_command(ctx: click.Context, model_name: str, dataset: str, exits: int 
     cfg = _config(epochs, batch_size, lr, seed, loss, lam, warmup_epochs, augment, freeze_trunk, amp)
     with distributed.session() as info:
         run = run_training(model_name, dataset, cfg, exits, parse_placement(placement), head, val_fraction,
-                           train_limit, threshold, progress=StderrProgress(not quiet, unit="images"))
+                           train_limit, threshold, progress=StderrProgress(not quiet, unit="images"),
+                           state_path=state_path)
     if not info.is_main:
         return
     metrics = {"test": run.test.to_dict(), "test_set": run.test_name, "best_epoch": run.result.best_epoch,

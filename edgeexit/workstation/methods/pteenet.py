@@ -206,7 +206,7 @@ def attach_branches(backbone: nn.Module, input_shape: Sequence[int], labels: Seq
         raise UsageError(f"the backbone returns {shape} for an input of shape {tuple(example.shape)}; expected "
                          f"logits [1, {len(labels)}] (one per label): build it with num_classes={len(labels)}")
     end = features_end or default_features_end(backbone, backbone_desc, example)
-    points = list(exits_after) if exits_after else place_branches(backbone, example, end, num_exits, placement)
+    points = list(exits_after) if exits_after is not None else place_branches(backbone, example, end, num_exits, placement)
     pieces = split_module(backbone, points, end)
     heads = []
     x = example

@@ -167,10 +167,14 @@ class VGG(nn.Module):
     """torchvision's VGG module tree: features (Sequential), avgpool (7x7), classifier (Sequential 0..6)."""
 
     def __init__(self, cfg: list[int | str], batch_norm: bool = False, num_classes: int = 1000,
-                 in_channels: int = 3, width_div: int = 1, hidden: int = 4096, dropout: float = 0.5):
+                 in_channels: int = 3, width_div: int = 1, hidden: int = 4096, dropout: float = 0.5,
+                 small_input: bool = False):
         super().__init__()
         layers: list[nn.Module] = []
         cin = in_channels
+        if small_input:  # 28x28 / 32x32 images: no fifth max-pool (it would leave 0x0 of 28x28), 1x1 pooled features
+            cfg = cfg[:-1]
+        pooled = 1 if small_input else 7
         for v in cfg:
             if v == "M":
                 layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
@@ -182,8 +186,8 @@ class VGG(nn.Module):
             layers.append(nn.ReLU(inplace=True))
             cin = cout
         self.features = nn.Sequential(*layers)
-        self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
-        self.classifier = nn.Sequential(nn.Linear(cin * 7 * 7, hidden), nn.ReLU(True), nn.Dropout(p=dropout),
+        self.avgpool = nn.AdaptiveAvgPool2d((pooled, pooled))
+        self.classifier = nn.Sequential(nn.Linear(cin * pooled * pooled, hidden), nn.ReLU(True), nn.Dropout(p=dropout),
                                         nn.Linear(hidden, hidden), nn.ReLU(True), nn.Dropout(p=dropout),
                                         nn.Linear(hidden, num_classes))
         for m in self.modules():
@@ -198,13 +202,14 @@ class VGG(nn.Module):
                 nn.init.constant_(m.bias, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.flatten(self.avgpool(self.features(x)), 1)  # [N, C*49]
+        x = torch.flatten(self.avgpool(self.features(x)), 1)  # [N, C*49] (C with small_input)
         return self.classifier(x)
 
 
 def _vgg(cfg: str, batch_norm: bool) -> Callable[..., VGG]:
-    def build(num_classes: int = 1000, in_channels: int = 3, width_div: int = 1, hidden: int = 4096) -> VGG:
-        return VGG(VGG_CONFIGS[cfg], batch_norm, num_classes, in_channels, width_div, hidden)
+    def build(num_classes: int = 1000, in_channels: int = 3, width_div: int = 1, hidden: int = 4096,
+              small_input: bool = False) -> VGG:
+        return VGG(VGG_CONFIGS[cfg], batch_norm, num_classes, in_channels, width_div, hidden, small_input=small_input)
 
     build.__doc__ = f"VGG configuration {cfg}{' with BatchNorm' if batch_norm else ''} (torchvision keys)."
     return build

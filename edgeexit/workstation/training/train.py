@@ -13,8 +13,10 @@ import contextlib
 import copy
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -25,6 +27,7 @@ from torch.utils.data import DistributedSampler
 from edgeexit.bench.datasets import ImageSet
 from edgeexit.errors import UsageError
 from edgeexit.progress import Progress
+from edgeexit.runtime.atomic import write_file_atomic
 
 from ..convert.costs import ModelCosts, model_costs
 from . import distributed
@@ -262,7 +265,7 @@ def _set_trainable(model: StagedModel, freeze_trunk: bool) -> None:
 
 
 def train(model: StagedModel, train_set: ImageSet, val_set: ImageSet, config: TrainConfig,
-          progress: Progress | None = None) -> TrainResult:
+          progress: Progress | None = None, state_path: str | os.PathLike | None = None) -> TrainResult:
     """Train ``model`` in place and return it with the weights of its best validation epoch.
 
     The best epoch has the lowest validation loss among the epochs that use the final loss (after the
@@ -279,9 +282,15 @@ def train(model: StagedModel, train_set: ImageSet, val_set: ImageSet, config: Tr
         config: hyper-parameters.
         progress: ``progress("epoch E/N (loss)", images done, images per epoch)`` (see :mod:`edgeexit.progress`);
             only rank 0 reports.
+        state_path: resumable training. After every finished epoch the whole training state (weights, optimiser,
+            schedule, random generators, best epoch so far, history) is written there atomically; a later call
+            with the same path, model, data and config continues from the last finished epoch and ends with the
+            same weights as an uninterrupted run (CPU, bit for bit). The file is left in place at the end; delete
+            it to train anew. A state written with other settings is refused.
 
     Raises:
-        UsageError: invalid config; DatasetError: data that does not fit the model.
+        UsageError: invalid config, or a ``state_path`` written with other settings; DatasetError: data that
+        does not fit the model.
     """
     config.validate()
     if config.loss != "class" and config.loss != "v0" and not all(s.head.has_confidence for s in model.stages[:-1]):
@@ -334,7 +343,20 @@ def train(model: StagedModel, train_set: ImageSet, val_set: ImageSet, config: Tr
     final_loss = config.loss_at(config.epochs - 1)
     best_state, best_loss, best_epoch, history = None, math.inf, -1, []
     start = time.perf_counter()
-    for epoch in range(config.epochs):
+    resumable = _Resumable(state_path, config, model, len(y_tr), len(y_va)) if state_path is not None else None
+    first_epoch = 0
+    if resumable is not None and (saved := resumable.load()) is not None:
+        inner.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["schedule"])
+        scaler.load_state_dict(saved["scaler"])
+        gen.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])
+        best_state, best_loss, best_epoch = saved["best_state"], saved["best_loss"], saved["best_epoch"]
+        history, first_epoch = saved["history"], saved["epoch"]
+        start -= history[-1]["seconds"] if history else 0.0
+        log.info("resuming from %s after epoch %d/%d", state_path, first_epoch, config.epochs)
+    for epoch in range(first_epoch, config.epochs):
         name = phases[epoch]
         view.keys = keys[name]
         _set_trainable(inner, config.freeze_trunk)
@@ -378,12 +400,54 @@ def train(model: StagedModel, train_set: ImageSet, val_set: ImageSet, config: Tr
         if name == final_loss and val_loss < best_loss:  # the same reduced value on every rank
             best_loss, best_epoch = val_loss, epoch + 1
             best_state = copy.deepcopy(inner.state_dict())
+        if resumable is not None and info.is_main:
+            resumable.save(epoch=epoch + 1, model=inner.state_dict(), optimizer=opt.state_dict(),
+                           schedule=sched.state_dict(), scaler=scaler.state_dict(), generator=gen.get_state(),
+                           torch_rng=torch.get_rng_state(), best_state=best_state, best_loss=best_loss,
+                           best_epoch=best_epoch, history=history)
+        if resumable is not None and info.enabled:
+            torch.distributed.barrier()  # every rank sees the state of this epoch before any can stop
     model.load_state_dict(best_state if best_state is not None else inner.state_dict())
     model.to(device="cpu", memory_format=torch.contiguous_format)
     model.eval()
     seconds = time.perf_counter() - start
     val_summary = summarize(_trace(model, x_va, y_va, info), costs)
     return TrainResult(model, costs, best_epoch, history, val_summary, seconds)
+
+
+class _Resumable:
+    """The per-epoch training state file of :func:`train` (``torch.save`` of a dict, written atomically).
+
+    A state belongs to one run: its key is the config, the model's spec and the sizes of the training and
+    validation sets; a state with another key is refused rather than silently mixed into this run.
+    """
+
+    FORMAT = "edgeexit-training-state"
+
+    def __init__(self, path: str | os.PathLike, config: TrainConfig, model: StagedModel, n_train: int, n_val: int):
+        self.path = Path(path)
+        self.key = {"config": asdict(config), "spec": model.spec.to_dict(), "train_images": n_train,
+                    "val_images": n_val}
+
+    def load(self) -> dict[str, Any] | None:
+        if not self.path.is_file():
+            return None
+        try:
+            saved = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch's unpickler raises any of a dozen types on junk bytes
+            raise UsageError(f"training state {self.path} is not readable (torch.load failed: {type(exc).__name__}); "
+                             "delete it to train from the start") from None
+        if not isinstance(saved, dict) or saved.get("format") != self.FORMAT:
+            raise UsageError(f"{self.path} is not an edgeexit training state; delete it or choose another path")
+        if saved.get("key") != self.key:
+            raise UsageError(f"training state {self.path} was written by a run with other settings (config, model "
+                             "or data); delete it to train anew with these settings, or resume with the same ones")
+        return saved
+
+    def save(self, **state: Any) -> None:
+        payload = {"format": self.FORMAT, "key": self.key, **state}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_file_atomic(self.path, lambda f: torch.save(payload, f))
 
 
 @torch.no_grad()
