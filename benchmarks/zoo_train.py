@@ -24,7 +24,7 @@ import logging
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -96,8 +96,10 @@ def build_model(name: str, labels: list[str]) -> StagedModel:
     return model
 
 
-def run(name: str, dataset: str, seed: int = 0) -> dict[str, Any]:
+def run(name: str, dataset: str, seed: int = 0, epochs: int | None = None) -> dict[str, Any]:
     recipe = RECIPES[name]
+    if epochs is not None:
+        recipe = replace(recipe, epochs=epochs)
     splits = common.load_splits(dataset, None)
     torch.manual_seed(seed)
     model = build_model(name, splits.labels)
@@ -137,6 +139,7 @@ def main() -> None:
     ap.add_argument("--net", required=True, help=f"one of {', '.join(RECIPES)}, a comma list, or all")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs (recorded in the result)")
     args = ap.parse_args()
     common.setup(args.threads)
     names = list(RECIPES) if args.net == "all" else args.net.split(",")
@@ -144,7 +147,7 @@ def main() -> None:
     if unknown:
         sys.exit(f"error: unknown --net {', '.join(unknown)}; expected {', '.join(RECIPES)} or all")
     for name in names:
-        run(name, args.dataset, args.seed)
+        run(name, args.dataset, args.seed, args.epochs)
 
 
 if __name__ == "__main__":

@@ -77,6 +77,23 @@ def test_final_exit_is_the_backbone_and_the_spec_rebuilds_the_model():
             assert torch.equal(a["logits"], b["logits"])
 
 
+def test_no_branches_is_the_backbone_alone_and_its_checkpoint_refills_a_zoo_module(tmp_path):
+    """exits_after=[] (not None) means no branches: a one-exit model of the whole backbone, e.g. to train a zoo
+    network as a plain classifier; its checkpoint rebuilds it and fills a fresh zoo module with the weights."""
+    from edgeexit.workstation.training.checkpoint import load_checkpoint, save_checkpoint
+
+    backbone = _backbone(seed=3)
+    model = pteenet.attach_branches(backbone, (1, 28, 28), LABELS, exits_after=[], backbone_desc=DESC)
+    assert model.num_exits == 1
+    save_checkpoint(model, tmp_path / "plain.pt")
+    fresh = _backbone(seed=4)
+    shell = pteenet.attach_branches(fresh, (1, 28, 28), LABELS, exits_after=[], backbone_desc=DESC)
+    shell.load_state_dict(load_checkpoint(tmp_path / "plain.pt").state_dict())
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), backbone(x))
+
+
 def test_placement_by_cost_fraction():
     backbone = _backbone()
     names = pteenet.place_branches(backbone, torch.zeros(1, 1, 28, 28), "layer4", num_exits=3, scheme="linear")
