@@ -2,9 +2,10 @@
 
 Rows (``--rows``, comma-separated; default every row whose backbone has been trained by zoo_train.py):
 
-* ``eenet-resnet20``: EENet. A CIFAR-style ResNet-20 with 3 early exits (pareto placement, pooled EENet heads)
-  trained jointly: a warm-up with every exit's cross-entropy (loss v0), then the cost-aware loss v2 for each
-  lambda of ``--lambdas`` from the same warm-up weights; the lambda is chosen on the tuning half.
+* ``eenet-resnet20``: EENet. A CIFAR-style ResNet-20 with 3 early exits (pareto placement, pooled EENet heads),
+  its trunk initialised from the trained ResNet-20 of zoo_train.py, then trained jointly (trunk and exits): a
+  warm-up with every exit's cross-entropy (loss v0), then the cost-aware loss v2 for each lambda of
+  ``--lambdas`` from the same warm-up weights; the lambda is chosen on the tuning half.
 * ``pteenet-<net>``: PTEENet. The frozen backbone ``runs/zoo/<dataset>-<net>.pt`` (zoo_train.py) with 3 branches
   (``--branch``, pareto placement), only the branches trained (v0 warm-up, then v2); checked bit-identical.
 * ``classexit-<net>``: class-based early exit: per-class sigmoid exits on the same frozen backbone, class loss,
@@ -84,6 +85,16 @@ CLAIMS = {
 
 # ------------------------------------------------------------------------------------------------- models
 
+def trunk_from_backbone(model: StagedModel, backbone: StagedModel) -> None:
+    """Start the EENet's trunk from the trained one-exit ResNet-20 of zoo_train.py (the same layers in the same
+    order, cut into segments at other places); the exit heads start fresh. Raises if the layers differ."""
+    src = [(k, v) for k, v in backbone.state_dict().items() if ".segment." in k]
+    dst = [k for k in model.state_dict() if ".segment." in k]
+    if len(src) != len(dst) or any(model.state_dict()[d].shape != v.shape for d, (_, v) in zip(dst, src)):
+        raise SystemExit("error: the trained ResNet-20 and the EENet ResNet-20 trunks differ; retrain both")
+    model.load_state_dict({d: v for d, (_, v) in zip(dst, src)}, strict=False)
+
+
 def eenet_resnet20(dataset: str, splits: common.Splits, lam: float, warmup_epochs: int, epochs: int) -> StagedModel:
     """EENet ResNet-20: warm-up (v0) once, then ``epochs`` of v2 at ``lam`` from the warm-up weights; cached."""
     stem = RUNS / f"{dataset}-eenet-resnet20"
@@ -92,6 +103,7 @@ def eenet_resnet20(dataset: str, splits: common.Splits, lam: float, warmup_epoch
         torch.manual_seed(0)
         model = create("resnet20", num_classes=len(splits.labels), exits=NUM_EXITS, placement="pareto", head="pool",
                        input_shape=INPUT_SHAPE, labels=splits.labels, mean=MEAN, std=STD)
+        trunk_from_backbone(model, load_checkpoint(RUNS / f"{dataset}-resnet20.pt"))
         cfg = TrainConfig(loss="v0", epochs=warmup_epochs, lr=3e-3, batch_size=128, augment_shift=2)
         res = train(model, splits.train, splits.val, cfg, state_path=warm.with_suffix(".state"))
         save_checkpoint(res.model, warm, {"history": res.history}, force=True)
