@@ -13,9 +13,10 @@ Rows (``--rows``, comma-separated; default every row whose backbone has been tra
 
 Every row is converted to an int8 bundle with the monolithic baseline and verified against torch; a bundle whose
 verification failed is refused (``--allow-unverified`` runs it and says so in the result). The test set is cut
-in two: per-exit thresholds (or betas) are searched on ``test[:5000]`` for the row's accuracy target (at most
+in two interleaved halves: per-exit thresholds (or betas) are searched on ``test[0::2]`` for the row's accuracy
+target (at most
 ``--drop`` percentage points below the bundle's own int8 final exit, fewest MACs) and everything is reported on
-``test[5000:]``: float backbone, int8 monolithic, int8 final exit, the tuned point's accuracy and average MACs,
+``test[1::2]``: float backbone, int8 monolithic, int8 final exit, the tuned point's accuracy and average MACs,
 and the whole-call latency of ``Runner.classify`` at that point against ``Runner.run_monolithic`` (the benchmark
 harness of edgeexit/bench/timing.py: image array in -> result out, interleaved, per-input medians).
 
@@ -95,13 +96,14 @@ def trunk_from_backbone(model: StagedModel, backbone: StagedModel) -> None:
     model.load_state_dict({d: v for d, (_, v) in zip(dst, src)}, strict=False)
 
 
-def eenet_resnet20(dataset: str, splits: common.Splits, lam: float, warmup_epochs: int, epochs: int) -> StagedModel:
+def eenet_resnet20(dataset: str, splits: common.Splits, lam: float, warmup_epochs: int, epochs: int,
+                   head: str = "pool") -> StagedModel:
     """EENet ResNet-20: warm-up (v0) once, then ``epochs`` of v2 at ``lam`` from the warm-up weights; cached."""
-    stem = RUNS / f"{dataset}-eenet-resnet20"
+    stem = RUNS / (f"{dataset}-eenet-resnet20" + ("" if head == "pool" else f"-{head}"))
     warm = stem.with_name(stem.name + f"-warmup{warmup_epochs}.pt")
     if not warm.is_file():
         torch.manual_seed(0)
-        model = create("resnet20", num_classes=len(splits.labels), exits=NUM_EXITS, placement="pareto", head="pool",
+        model = create("resnet20", num_classes=len(splits.labels), exits=NUM_EXITS, placement="pareto", head=head,
                        input_shape=INPUT_SHAPE, labels=splits.labels, mean=MEAN, std=STD)
         trunk_from_backbone(model, load_checkpoint(RUNS / f"{dataset}-resnet20.pt"))
         cfg = TrainConfig(loss="v0", epochs=warmup_epochs, lr=3e-3, batch_size=128, augment_shift=2)
@@ -216,17 +218,30 @@ def latency(bundle: Path, spec: ExitRuleSpec, data: ImageSet, limit: int) -> dic
             "speedup_p90": round(mono["p90"] / ee["p90"], 3), "environment": res.get("environment")}
 
 
-def tuned_point(runner: Runner, splits: common.Splits, rule: str, drop_pp: float) -> dict[str, Any]:
-    """Thresholds searched on test[:5000] (fewest MACs within ``drop_pp`` of the int8 final exit there),
-    reported on test[5000:]."""
-    n_tune, tune, held = common.traced_halves(runner, splits.test)
+def halves(test: ImageSet) -> tuple[ImageSet, ImageSet]:
+    """(tuning half test[0::2], held-out half test[1::2])."""
+    return tuple(ImageSet(test.images[k::2], test.labels[k::2], test.classes, f"{test.name}[{k}::2]")  # type: ignore
+                 for k in (0, 1))
+
+
+def tuned_point(runner: Runner, splits: common.Splits, rules: list[str], drop_pp: float) -> dict[str, Any]:
+    """Thresholds searched on test[0::2] for each rule of ``rules`` (fewest MACs within ``drop_pp`` of the int8
+    final exit there); the rule whose point is cheapest there is reported on test[1::2]. (Interleaved halves:
+    the two contiguous halves of these test sets differ in difficulty by more than the tolerances.)"""
+    tune_set, held_set = halves(splits.test)
+    tune = runner.trace(list(tune_set.images), tune_set.labels)
+    held = runner.trace(list(held_set.images), held_set.labels)
+    n_tune = len(tune_set.labels)
     costs = exit_costs(runner.manifest)
     full = runner.manifest.full_macs
-    search = search_front(tune, costs, rule, Target(max_drop_pp=drop_pp, minimize="macs"))
+    searches = {r: search_front(tune, costs, r, Target(max_drop_pp=drop_pp, minimize="macs")) for r in rules}
+    rule = min(searches, key=lambda r: searches[r].chosen.avg_macs_fraction)  # cheapest on the TUNING half
+    search = searches[rule]
     spec = rule_spec(search.chosen)
     point = evaluate_rule(held, spec, costs)
     final_held = common.exit_accuracies(held)[-1]
     return {"tune_images": n_tune, "heldout_images": len(held.labels), "rule": rule,
+            "rules_searched": {r: common.point_record(searches[r].chosen, full) for r in rules},
             "thresholds": [round(float(t), 6) for t in spec.thresholds],
             "tune": common.point_record(search.chosen, full), "heldout": common.point_record(point, full),
             "heldout_int8_exit_accuracy": [round(a, 6) for a in common.exit_accuracies(held)],
@@ -238,9 +253,10 @@ def tuned_point(runner: Runner, splits: common.Splits, rule: str, drop_pp: float
 
 def run_row(row: str, dataset: str, splits: common.Splits, args: argparse.Namespace) -> dict[str, Any]:
     method, net = row.split("-", 1)
-    held = ImageSet(splits.test.images[common.TUNE_SIZE:], splits.test.labels[common.TUNE_SIZE:],
-                    splits.test.classes, splits.test.name + "[5000:]")
-    rule = "class_exclusion" if method == "classexit" else "confidence"
+    held = halves(splits.test)[1]
+    rule = "class_exclusion" if method == "classexit" else "confidence"  # the bundle's default rule
+    # EENet / PTEENet exits have a confidence and class scores: the device can use any of the three rules on them
+    rules = ["class_exclusion"] if method == "classexit" else ["confidence", "max_softmax", "entropy"]
     max_macs, drop = TARGETS[method]
     if method == "pteenet" and net == "mobilenet_v2":
         max_macs = TARGET_MOBILENET
@@ -250,11 +266,13 @@ def run_row(row: str, dataset: str, splits: common.Splits, args: argparse.Namesp
     candidates: list[tuple[dict[str, Any], StagedModel, Path, dict[str, Any]]] = []
     if method == "eenet":
         for lam in args.lambdas:
-            model = eenet_resnet20(dataset, splits, lam, args.warmup_epochs, args.v2_epochs)
-            bundle, conv = bundle_of(model, f"{dataset}-eenet-resnet20-lam{lam:g}", splits, rule)
+            model = eenet_resnet20(dataset, splits, lam, args.warmup_epochs, args.v2_epochs, args.eenet_head)
+            tag = "" if args.eenet_head == "pool" else f"-{args.eenet_head}"
+            bundle, conv = bundle_of(model, f"{dataset}-eenet-resnet20{tag}-lam{lam:g}", splits, rule)
             candidates.append(({"lambda": lam}, model, bundle, conv))
         record["training"] = {"warmup_epochs_v0": args.warmup_epochs, "v2_epochs": args.v2_epochs,
-                              "lambdas": args.lambdas}
+                              "lambdas": args.lambdas, "heads": args.eenet_head}
+        record["row"] = row = f"{row}-{args.eenet_head}"
     else:
         model, info = post_trained(method, dataset, net, splits, args)
         bundle, conv = bundle_of(model, f"{dataset}-{row_tag(method, net, args)}", splits, rule)
@@ -266,7 +284,7 @@ def run_row(row: str, dataset: str, splits: common.Splits, args: argparse.Namesp
             raise SystemExit(f"error: {bundle} failed its verification ({'; '.join(conv['verification_failures'])}); "
                              "it is not quoted; pass --allow-unverified to measure it anyway")
         runner = Runner(bundle, power_sensor=None)
-        point = tuned_point(runner, splits, rule, drop)
+        point = tuned_point(runner, splits, rules, drop)
         sweep.append((point["tune"]["avg_macs_fraction"], settings, model, bundle, conv, runner, point))
     sweep.sort(key=lambda s: s[0])  # the cheapest on the TUNING half meeting the drop target there
     _, settings, model, bundle, conv, runner, point = sweep[0]
@@ -304,7 +322,7 @@ def table(dataset: str) -> str:
                     f"{100 * p['heldout']['avg_macs_fraction']:.1f} | {lat['speedup_p50']:.2f}x / "
                     f"{lat['speedup_p90']:.2f}x | {target}: {'met' if v['met'] else 'MISSED'} | "
                     f"{'passed' if r['verification_passed'] else 'FAILED'} | {path.name} |")
-    head = (f"Held-out half of the {dataset} test set (test[5000:]); thresholds tuned on test[:5000].\n\n"
+    head = (f"Held-out half of the {dataset} test set (test[1::2]); thresholds tuned on test[0::2].\n\n"
             "| method | backbone | float % | int8 mono % | int8 final exit % | int8 early exit % | loss pp | "
             "MACs % | speed-up p50 / p90 | target | verification | file |\n|" + "---|" * 12)
     return head + "\n" + "\n".join(rows) + "\n"
@@ -318,6 +336,7 @@ def main() -> None:
     ap.add_argument("--lambdas", default="0.05,0.2,0.5", help="EENet v2 lambdas to sweep")
     ap.add_argument("--warmup-epochs", type=int, default=15, help="EENet v0 warm-up epochs")
     ap.add_argument("--v2-epochs", type=int, default=3, help="EENet v2 epochs per lambda")
+    ap.add_argument("--eenet-head", default="pool", help="EENet exit heads: pool (the paper's) or spatial (whole map)")
     ap.add_argument("--branch", default="spatial", help="PTEENet branch kind (spatial, conv1, conv2, pool, ...)")
     ap.add_argument("--hidden", type=int, default=16, help="width of a spatial branch")
     ap.add_argument("--branch-epochs", type=int, default=3, help="epochs of the branches after the warm-up epoch")
@@ -343,6 +362,7 @@ def main() -> None:
     for row in rows:
         t0 = time.perf_counter()
         record = run_row(row, args.dataset, splits, args)
+        row = record["row"]
         record.update({"seconds": round(time.perf_counter() - t0, 1), "command": " ".join(sys.argv),
                        "torch": torch.__version__})
         path = OUT / f"methods_{args.dataset}_{row}.json"
