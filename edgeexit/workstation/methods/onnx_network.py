@@ -432,7 +432,7 @@ _BINARY = {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Div": torch.di
 @_op(*_BINARY)
 def _binary(b, ins, attrs, opset):
     if len(ins) != 2:
-        if b.op_type in ("Max", "Min", "Add") and len(ins) > 2:  # variadic Max/Min/Sum
+        if b.op_type in ("Max", "Min") and len(ins) > 2:  # variadic
             out = ins[0]
             for other in ins[1:]:
                 out = _binary(b, [out, other], attrs, opset)[0]
@@ -440,12 +440,14 @@ def _binary(b, ins, attrs, opset):
         raise _Unsupported(f"{len(ins)} inputs")
     x, y = ins
     if x.const and y.const:
+        if b.op_type == "Div" and not x.value.is_floating_point() and not y.value.is_floating_point():
+            return [_Val(torch.div(x.value, y.value, rounding_mode="trunc"))]  # integer division, as ONNX
         return [_Val(_BINARY[b.op_type](x.value, y.value))]
     rank = max(x.value.dim(), y.value.dim())
     for v in (x, y):
         if not v.const and v.value.dim() < rank:
-            raise _Unsupported(f"it broadcasts a value of the input {v.shape} with a larger constant, moving the "
-                               "batch dimension")
+            raise _Unsupported(f"it broadcasts a value of the input {v.shape} with a value of higher rank, moving "
+                               "the batch dimension")
     return [b.fn(_BINARY[b.op_type], x, y)]
 
 
@@ -1042,7 +1044,8 @@ def _group_exits(conv: OnnxConversion, outputs: Sequence[str] | None, confidence
             i += 2
         else:
             after = f"is followed by the confidence {names[i + 1]!r}" if i + 1 < len(names) else "is the last output"
-            raise UsageError(f"{source} output {names[i]!r} is a confidence {_show([None] + conv.values[names[i]].shape[1:])} "
+            shape = _show([None] + conv.values[names[i]].shape[1:])
+            raise UsageError(f"{source} output {names[i]!r} is a confidence {shape} "
                              f"that {after}; a confidence comes right before its exit's logits: give the outputs in "
                              "the order conf0,logits0,conf1,logits1,... with outputs=[...] (--outputs)")
     _check_pairs(conv, names, exits)
