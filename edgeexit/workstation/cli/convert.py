@@ -1,8 +1,9 @@
 """``edgeexit convert``: a checkpoint, or a network of one's own, -> a verified int8 bundle (workstation command).
 
-Two sources: an edgeexit checkpoint (``m.pt``), or ``FILE.py:NAME`` (a function/class building the user's
+Three sources: an edgeexit checkpoint (``m.pt``); ``FILE.py:NAME`` (a function/class building the user's
 early-exit network, see :mod:`edgeexit.workstation.methods.user_network`) with ``--weights`` and the input
-description (``--input-shape``, ``--mean``, ``--std``, ``--labels``). Progress goes to stderr (one line per
+description (``--input-shape``, ``--mean``, ``--std``, ``--labels``); or a multi-output ``model.onnx`` (one
+output per exit, see :mod:`edgeexit.workstation.methods.onnx_network`) with the same input description. Progress goes to stderr (one line per
 pipeline step with its time), the summary table to stdout, or the whole report as JSON with ``--json``;
 missed verification tolerances are printed on stderr.
 """
@@ -84,9 +85,12 @@ def _read_labels(path: str) -> list[str]:
     return labels
 
 
-#: Options that only apply to a network file (FILE.py:NAME), with their values when not given.
+#: Options that only apply to a network file (FILE.py:NAME or an .onnx file), with their values when not given.
 NETWORK_OPTIONS = {"weights": None, "input_shape": None, "mean": None, "std": None, "labels": None,
-                   "color_mode": None, "confidence": None, "scores": "softmax", "split_after": None}
+                   "color_mode": None, "confidence": None, "scores": "softmax", "split_after": None,
+                   "input_layout": None, "outputs": None}
+#: The options of NETWORK_OPTIONS that only one kind of network file takes.
+PY_ONLY, ONNX_ONLY = ("weights", "split_after"), ("input_layout", "outputs")
 
 
 def _stage_user_network(source: str, opts: dict[str, Any], classes: tuple[str, ...]) -> Any:
@@ -111,8 +115,27 @@ def _stage_user_network(source: str, opts: dict[str, Any], classes: tuple[str, .
     return staged
 
 
+def _stage_onnx_network(path: str, opts: dict[str, Any], classes: tuple[str, ...]) -> Any:
+    """The StagedModel of the multi-output ONNX file ``path`` (input shape default: the file's own)."""
+    from ..methods.onnx_network import stage_onnx
+
+    missing = [f"--{k}" for k in ("mean", "std") if opts[k] is None]
+    if missing:
+        raise UsageError(f"converting an ONNX file needs {', '.join(missing)}: the normalisation it was trained with "
+                         "(the network sees (pixel/255 - mean) / std), e.g. --mean 0.5 --std 0.5")
+    labels = _read_labels(opts["labels"]) if opts["labels"] is not None else None
+    outputs = [v.strip() for v in opts["outputs"].split(",") if v.strip()] if opts["outputs"] else None
+    shape = _numbers(opts["input_shape"], "--input-shape", int) if opts["input_shape"] is not None else None
+    staged = stage_onnx(path, shape, _numbers(opts["mean"], "--mean"), _numbers(opts["std"], "--std"), labels=labels,
+                        color_mode=opts["color_mode"], confidence=opts["confidence"], scores=opts["scores"],
+                        outputs=outputs, input_layout=opts["input_layout"])
+    if labels is None and len(classes) == staged.num_classes:
+        staged.spec.labels = list(classes)
+    return staged
+
+
 @click.command("convert")
-@click.argument("checkpoint", metavar="CHECKPOINT|FILE.py:NAME")
+@click.argument("checkpoint", metavar="CHECKPOINT|FILE.py:NAME|MODEL.onnx")
 @click.option("--calib", "calib_spec", required=True, metavar="DATASET",
               help="Calibration images: mnist, fashion-mnist, cifar10:DIR, svhn:DIR, a .npz file or an image folder.")
 @click.option("--calib-size", default=256, show_default=True, type=click.IntRange(min=1),
@@ -130,9 +153,9 @@ def _stage_user_network(source: str, opts: dict[str, Any], classes: tuple[str, .
 @click.option("--name", default=None, help="Bundle name (default: the model's architecture name).")
 @click.option("--json", "as_json", is_flag=True, help="Print the conversion report as JSON on stdout.")
 @click.option("--weights", default=None, metavar="FILE",
-              help="Network file only: the state_dict to load (torch.save(model.state_dict(), FILE)).")
+              help="FILE.py:NAME only: the state_dict to load (torch.save(model.state_dict(), FILE)).")
 @click.option("--input-shape", default=None, metavar="C,H,W",
-              help="Network file only: the input it takes, e.g. 1,28,28.")
+              help="Network file only: the input it takes, e.g. 1,28,28 (ONNX: default the file's own).")
 @click.option("--mean", default=None, metavar="M[,M,M]",
               help="Network file only: per-channel mean it was trained with (on pixels / 255).")
 @click.option("--std", default=None, metavar="S[,S,S]", help="Network file only: per-channel std, likewise.")
@@ -145,17 +168,25 @@ def _stage_user_network(source: str, opts: dict[str, Any], classes: tuple[str, .
 @click.option("--scores", type=click.Choice(["softmax", "sigmoid"]), default="softmax", show_default=True,
               help="Network file only: how its logits are read (one class, or independent per-class scores).")
 @click.option("--split-after", default=None, metavar="NAME,...",
-              help="Network file only: the submodule ending each early exit's stage (default: found automatically).")
+              help="FILE.py:NAME only: the submodule ending each early exit's stage (default: found automatically).")
+@click.option("--input-layout", type=click.Choice(["nchw", "nhwc"], case_sensitive=False), default=None,
+              help="ONNX file only: its input's layout (nhwc: Keras) (default: the one its declared input fits).")
+@click.option("--outputs", default=None, metavar="NAME,...",
+              help="ONNX file only: the outputs that are exits, in exit order, each confidence right before its "
+                   "logits (default: every output, in order).")
 @click.pass_context
 def convert(ctx: click.Context, checkpoint: str, calib_spec: str, calib_size: int, verify_size: int, out_dir: str,
             force: bool, strict: bool, no_monolithic: bool, exit_rule: str, thresholds: str | None,
             name: str | None, as_json: bool, **network_opts: Any) -> None:
-    """Convert a trained CHECKPOINT, or the early-exit network FILE.py:NAME builds, into per-stage int8 files.
+    """Convert a trained CHECKPOINT, the early-exit network FILE.py:NAME builds, or a multi-output MODEL.onnx
+    (one output per exit) into per-stage int8 files.
 
     Examples: edgeexit convert runs/mnist-default.pt --calib mnist --out runs/mnist-bundle
 
     edgeexit convert my_net.py:build --weights my_net.pt --input-shape 1,28,28 --mean 0.5 --std 0.5
     --confidence probability --calib fashion-mnist --out bundle/
+
+    edgeexit convert my_net.onnx --mean 0.5 --std 0.5 --confidence probability --calib fashion-mnist --out bundle/
     """
     from ..training.checkpoint import load_checkpoint, read_checkpoint
     from ..convert.convert import VerificationWarning, convert as run_convert
@@ -169,13 +200,20 @@ def convert(ctx: click.Context, checkpoint: str, calib_spec: str, calib_size: in
 
     if Path(out_dir).exists() and not force:
         raise UsageError(f"output {out_dir} already exists; pass --force to replace it, or choose another --out")
-    user_network = ".py:" in checkpoint or checkpoint.endswith(".py")
+    onnx_network = checkpoint.lower().endswith(".onnx")
+    user_network = not onnx_network and (".py:" in checkpoint or checkpoint.endswith(".py"))
     given = [k for k, v in network_opts.items() if v != NETWORK_OPTIONS[k]]
-    if given and not user_network:
-        raise UsageError(f"--{given[0].replace('_', '-')} applies to a network file (FILE.py:NAME), not to the "
-                         f"checkpoint {checkpoint}; drop it")
+    wrong = [k for k in given if not (user_network or onnx_network) or k in (ONNX_ONLY if user_network else PY_ONLY)]
+    if wrong:
+        kind = ("an ONNX file (MODEL.onnx)" if wrong[0] in ONNX_ONLY else "a network file (FILE.py:NAME)"
+                if wrong[0] in PY_ONLY else "a network file (FILE.py:NAME or MODEL.onnx)")
+        what = "the ONNX file" if onnx_network else "the network file" if user_network else "the checkpoint"
+        raise UsageError(f"--{wrong[0].replace('_', '-')} applies to {kind}, not to {what} {checkpoint}; drop it")
     calib, verify = calibration_and_verification(calib_spec, calib_size, verify_size)
-    if user_network:
+    if onnx_network:
+        model = _stage_onnx_network(checkpoint, network_opts, calib.classes)
+        training = {"network": checkpoint}
+    elif user_network:
         model = _stage_user_network(checkpoint, network_opts, calib.classes)
         training = {"network": checkpoint, "weights": network_opts["weights"]}
     else:
