@@ -124,19 +124,25 @@ def _trained_case(arch: str, steps: int, batch: int = 64) -> Case:
     order = np.random.default_rng(0).permutation(len(train_set))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
-    for step in range(steps):
-        idx = order[step * batch:(step + 1) * batch]
-        x = _to_tensor(train_set.images[idx], MNIST_MEAN, MNIST_STD)
-        y = torch.from_numpy(train_set.labels[idx].astype(np.int64))
-        loss = torch.zeros(())
-        for out in model(x):
-            loss = loss + nn.functional.cross_entropy(out["logits"], y)
-            if "confidence" in out:
-                right = (out["logits"].argmax(1) == y).float().unsqueeze(1)
-                loss = loss + nn.functional.binary_cross_entropy_with_logits(out["confidence"], right)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    threads = torch.get_num_threads()
+    # one thread: on a busy 2-core machine, 2 OpenMP threads waiting for each other made these small steps ~50x slower
+    torch.set_num_threads(1)
+    try:
+        for step in range(steps):
+            idx = order[step * batch:(step + 1) * batch]
+            x = _to_tensor(train_set.images[idx], MNIST_MEAN, MNIST_STD)
+            y = torch.from_numpy(train_set.labels[idx].astype(np.int64))
+            loss = torch.zeros(())
+            for out in model(x):
+                loss = loss + nn.functional.cross_entropy(out["logits"], y)
+                if "confidence" in out:
+                    right = (out["logits"].argmax(1) == y).float().unsqueeze(1)
+                    loss = loss + nn.functional.binary_cross_entropy_with_logits(out["confidence"], right)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
     model.eval()
     calib = train_set.images[order[-128:]]  # not among the training steps' images
     return Case(backbone.eval(), model, calib, test_set.images[:300], test_set.labels[:300].astype(np.int64),
