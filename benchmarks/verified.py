@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from edgeexit.errors import printable  # noqa: E402
 from edgeexit.runtime.bundle import read_manifest  # noqa: E402
 
 
@@ -35,6 +36,7 @@ def require_verified(bundle: str | os.PathLike[str], allow_unverified: bool) -> 
     _, manifest = read_manifest(bundle)
     reason = manifest.unverified_reason()
     if reason is not None:
+        reason = printable(reason, 500)  # tolerance names and failures come from the manifest
         if not allow_unverified:
             raise SystemExit(f"error: bundle {bundle}: {reason}; benchmark figures are quoted only for verified "
                              "bundles: re-convert it with verification images, or pass --allow-unverified (the result "

@@ -277,7 +277,12 @@ def test_the_square_handoff_trap_fails_the_verification(channels, tiny_data, tmp
     pytest.importorskip("onnx2tf")
     from edgeexit.workstation.convert.convert import VerificationWarning, convert
 
-    model = train_tiny(dense_handoff_model(channels), steps=120)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small steps: 2 OpenMP threads on a busy 2-core machine wait for each other
+    try:
+        model = train_tiny(dense_handoff_model(channels), steps=120)
+    finally:
+        torch.set_num_threads(threads)
     calib, _ = synthetic_digits(48, seed=3)
     images, labels = tiny_data
     with warnings.catch_warnings(record=True) as caught:

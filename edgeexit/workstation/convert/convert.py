@@ -290,7 +290,7 @@ def verify_bundle(model: StagedModel, stage_paths: Sequence[Path], mono_path: Pa
     return compare(flt, q, None if labels is None else np.asarray(labels, np.int64), scores, rule, tolerances)
 
 
-def missed(report: VerificationReport) -> str:
+def _missed(report: VerificationReport) -> str:
     """"missed max_logit_error, min_top1_agreement": the tolerances a failed verification did not meet."""
     return f"missed {', '.join(report.failed_tolerances)}"
 
@@ -382,7 +382,7 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
                 if not report_v.passed:
                     log.warning("VERIFICATION FAILED: %s", "; ".join(report_v.failures))
                     if strict:
-                        raise ConversionError(f"int8 verification failed, {missed(report_v)} "
+                        raise ConversionError(f"int8 verification failed, {_missed(report_v)} "
                                               f"({'; '.join(report_v.failures)}); nothing was written (strict=True): "
                                               "use more/better calibration images, retrain, or pass strict=False "
                                               "(CLI: drop --strict) to keep the bundle anyway")
@@ -399,7 +399,7 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
                      f"{monolithic_macs(full_macs, cost_records)}")
     if report_v is not None and not report_v.passed:
         notes += report_v.failures
-        warnings.warn(f"int8 verification of {out} failed, {missed(report_v)}: {'; '.join(report_v.failures)}; the "
+        warnings.warn(f"int8 verification of {out} failed, {_missed(report_v)}: {'; '.join(report_v.failures)}; the "
                       "bundle was written (pass strict=True to write nothing instead)", VerificationWarning, stacklevel=2)
     return ConversionReport(out_dir=out, manifest=manifest, verification=report_v, handoffs=handoffs,
                             costs=cost_records, timings_s=steps.timings, warnings=notes)

@@ -441,7 +441,7 @@ def format_table(report: VerificationReport) -> str:
     lines.append(f"limits: logit_err (RMS int8 - float / float logit range) <= {100 * tol['max_logit_error']:g} %; "
                  f"top1_clear (images whose two best float logits are >= {100 * tol['tie_margin']:g} % of the range "
                  f"apart) >= {100 * tol['min_top1_agreement']:g} % and decision_agree >= "
-                 f"{100 * tol['min_decision_agreement']:g} % (upper bounds); drop_pp <= {tol['max_accuracy_drop_pp']:g} "
+                 f"{100 * tol['min_decision_agreement']:g} % (upper bounds); drop_pp <= {tol['max_accuracy_drop_pp']:g} pp "
                  f"(lower bound); {bounds}")
     lines.append("PASSED" if report.passed else "FAILED: " + "; ".join(report.failures))
     return "\n".join(lines)
