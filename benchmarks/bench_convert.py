@@ -91,7 +91,11 @@ def main() -> None:
         "segment_macs": [s.costs.segment_macs for s in m.stages], "head_macs": [s.costs.head_macs for s in m.stages],
         "full_macs": m.full_macs, "torch_macs_agree": all(c["agree"] for c in report.costs),
         "handoffs_equal": all(h["equal"] for h in report.handoffs),
-        "verification": {"top1_agreement": [e.top1_agreement for e in report.verification.exits],
+        # the verdict of a random-weight network on random images: this script times the conversion; a bundle
+        # kept with --keep is refused by the measuring scripts unless it passed (or --allow-unverified)
+        "verification": {**m.verification_verdict(),
+                         "top1_agreement": [e.top1_agreement for e in report.verification.exits],
+                         "logit_error": [e.logit_error for e in report.verification.exits],
                          "logits_max_abs_error": [e.logits_max_abs_error for e in report.verification.exits],
                          "monolithic_top1_agreement": report.verification.monolithic["top1_agreement"]},
         "warnings": report.warnings,

@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from edgeexit.bench.bench import BenchSettings, run_benchmark  # noqa: E402
 from edgeexit.bench.datasets import load_dataset  # noqa: E402
+from verified import add_option, require_verified  # noqa: E402
 
 IMPORT_PROBE = r"""
 import json, resource, sys, time
@@ -92,7 +93,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--rule", default=None, help="an operating point name (default: the bundle's rule)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "runtime.json"))
+    add_option(ap)
     args = ap.parse_args()
+    verification = require_verified(args.bundle, args.allow_unverified)
 
     # first, while this process is small: a child's peak RSS starts from its parent's at fork time
     probe = subprocess.run([sys.executable, "-c", IMPORT_PROBE], capture_output=True, text=True, cwd=ROOT,
@@ -131,7 +134,8 @@ def main() -> None:
             summary[f"throughput_batch{t[0]['batch']}_ratio"] = float(np.median([x["ratio"] for x in t]))
             summary[f"throughput_batch{t[0]['batch']}_early_exit_ips"] = float(np.median([x["early_exit_ips"] for x in t]))
     summary["worst_estimate_error"] = max(max(abs(p["estimate_error"]) for p in r["points"]) for r in rounds)
-    result = {"bundle": str(Path(args.bundle).resolve()), "data": data.name, "images": len(data),
+    result = {"bundle": str(Path(args.bundle).resolve()), "verification": verification, "data": data.name,
+              "images": len(data),
               "rounds": args.rounds, "repeat": args.repeat, "environment": env,
               "definition": "whole call (Runner.classify / Runner.run_monolithic timed from outside), image as a "
                             "uint8 array in -> result out, preprocessing included; per input the median over "

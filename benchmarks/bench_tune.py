@@ -34,6 +34,7 @@ from edgeexit.tuning.results import Target
 from edgeexit.tuning.search import search_front
 from edgeexit.tuning.store import rule_spec  # noqa: E402
 from edgeexit.runtime.manifest import ExitRuleSpec  # noqa: E402
+from verified import add_option, require_verified  # noqa: E402
 from synthetic import synthetic_trace  # noqa: E402 (the tests' synthetic trace, numpy only)
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -109,6 +110,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--bundle", type=Path, default=REPO / "runs" / "mnist-bundle")
     parser.add_argument("--rule", default=None, help="rule for the MNIST comparison (default: the bundle's own)")
+    add_option(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -117,9 +119,10 @@ def main() -> None:
     log.info("wrote %s", RESULTS / "tune_search.json")
     if (args.bundle / "manifest.json").is_file():
         from edgeexit.runtime.bundle import read_manifest
+        verification = require_verified(args.bundle, args.allow_unverified)
         kind = args.rule or read_manifest(args.bundle)[1].exit_rule.kind
         kind = kind if kind in RULES and kind not in ("final", "fixed") else "max_softmax"
-        mnist = bench_mnist(args.bundle, kind)
+        mnist = {**bench_mnist(args.bundle, kind), "verification": verification}
         (RESULTS / "tune_mnist.json").write_text(json.dumps(mnist, indent=2) + "\n")
         log.info("wrote %s", RESULTS / "tune_mnist.json")
     else:

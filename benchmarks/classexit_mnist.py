@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 from common import MEAN, RUNS, STD  # noqa: E402
+from verified import add_option, require_verified  # noqa: E402
 
 from edgeexit.workstation.methods.classexit import attach_class_exits, exclusion_stats, train_class_exits, tune_bundle_betas  # noqa: E402
 from edgeexit.workstation.convert.convert import convert  # noqa: E402
@@ -66,7 +67,6 @@ def train_and_convert(dataset: str, splits: common.Splits, args: argparse.Namesp
     search, _ = tune_bundle_betas(bundle, splits.val.images, splits.val.labels, data_name=f"{dataset} validation")
     return {"backbone_unchanged": digest == backbone_digest(model), "betas_int8_val": list(search.betas),
             "val": search.to_dict(),
-            "verification_passed": None if report.verification is None else report.verification.passed,
             "train_seconds": round(train_s, 1), "convert_seconds": round(report.seconds, 1)}
 
 
@@ -88,6 +88,7 @@ def run_dataset(dataset: str, args: argparse.Namespace) -> dict[str, Any]:
     bundle = RUNS / f"{dataset}-classexit-bundle"
     trained = common.built_or_reused(bundle, config, args.reuse,
                                      lambda: train_and_convert(dataset, splits, args, bundle))
+    verification = require_verified(bundle, args.allow_unverified)
     runner = Runner(bundle, power_sensor=None)  # the manifest holds the searched betas
     costs = exit_costs(runner.manifest)
     full_macs = runner.manifest.full_macs
@@ -98,7 +99,7 @@ def run_dataset(dataset: str, args: argparse.Namespace) -> dict[str, Any]:
     record = {
         "dataset": dataset, "backbone": common.backbone_desc(args.width), "exits_after": EXITS_AFTER,
         "head": args.head, "hidden": config["hidden"], "epochs": args.epochs, **splits.sizes(), **trained,
-        "test": exclusion_record(trace, betas, costs, full_macs),
+        "verification": verification, "test": exclusion_record(trace, betas, costs, full_macs),
         f"heldout test[{n_tune}:]": exclusion_record(held, betas, costs, full_macs),
         "int8_exit_accuracy": common.exit_accuracies(trace),
         "full_macs": full_macs,
@@ -121,6 +122,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=16, help="width of the spatial class exit")
     ap.add_argument("--reuse", action="store_true", help="reuse a bundle built with the same settings")
     ap.add_argument("--out", default="classexit_mnist.json", help="results file name under benchmarks/results/")
+    add_option(ap)
     args = ap.parse_args()
     common.setup()
     print(common.write_results(args.out, [run_dataset(d, args) for d in args.datasets.split(",")]))

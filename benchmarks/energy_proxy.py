@@ -22,6 +22,7 @@ from edgeexit.energy import BOARDS  # noqa: E402
 from edgeexit.energy.proxy import (CONSTANTS_SOURCE, monolithic_cost, sram_weight_fraction, stage_costs,  # noqa: E402
                                    working_set)
 from edgeexit.runtime.bundle import read_manifest  # noqa: E402
+from verified import add_option, require_verified  # noqa: E402
 
 BOARD_NAMES = ("generic", "rpi4", "rpi5", "coral-dev")
 
@@ -75,7 +76,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bundles", nargs="+", metavar="NAME=BUNDLE_DIR")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "energy_proxy.json"))
+    add_option(ap)
     args = ap.parse_args()
+    verification = {name: require_verified(path, args.allow_unverified)
+                    for name, _, path in (item.partition("=") for item in args.bundles)}
     result = {"constants": CONSTANTS_SOURCE, "unit": "microjoules per input (operation proxy, 45 nm)",
               "cache_rule": "working set = every weight byte of the network + the largest stage-boundary activation "
                             "footprint; weight reads served from SRAM = min(1, (cache - activations) / weights), the "
@@ -83,7 +87,7 @@ def main() -> None:
               "bundles": {}}
     for item in args.bundles:
         name, _, path = item.partition("=")
-        result["bundles"][name] = bundle_proxies(path)
+        result["bundles"][name] = {**bundle_proxies(path), "verification": verification[name]}
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     for name, b in result["bundles"].items():
         s = b["summary"]

@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 from common import MEAN, RUNS, STD  # noqa: E402
+from verified import add_option, require_verified  # noqa: E402
 
 from edgeexit.workstation.convert.convert import convert  # noqa: E402
 from edgeexit.workstation.methods.pteenet import attach_branches, backbone_digest, train_branches  # noqa: E402
@@ -112,7 +113,6 @@ def train_and_convert(dataset: str, splits: common.Splits, args: argparse.Namesp
     return {"backbone_sha256_before": digest, "backbone_sha256_after": backbone_digest(model),
             "backbone_unchanged": digest == backbone_digest(model),
             "float_val": result.val_summary.to_dict() if result.val_summary else None,
-            "verification_passed": None if report.verification is None else report.verification.passed,
             "train_seconds": round(train_s, 1), "convert_seconds": round(report.seconds, 1)}
 
 
@@ -126,6 +126,7 @@ def run_dataset(dataset: str, args: argparse.Namespace) -> dict[str, Any]:
     bundle = RUNS / f"{dataset}-bundle"
     trained = common.built_or_reused(bundle, config, args.reuse,
                                      lambda: train_and_convert(dataset, splits, args, bundle))
+    verification = require_verified(bundle, args.allow_unverified)
     t0 = time.perf_counter()
     runner = Runner(bundle, power_sensor=None)
     costs = exit_costs(runner.manifest)
@@ -137,7 +138,7 @@ def run_dataset(dataset: str, args: argparse.Namespace) -> dict[str, Any]:
         "dataset": dataset, "backbone": common.backbone_desc(args.width), "exits_after": args.exits.split(","),
         "branch": args.branch, "hidden": config["hidden"], "loss": "two-stage (v0 warm-up, then v2)",
         "lambda": args.lam, "warmup_epochs": args.warmup, "branch_epochs": args.branch_epochs,
-        "backbone_epochs": args.epochs, **splits.sizes(), **trained,
+        "backbone_epochs": args.epochs, **splits.sizes(), **trained, "verification": verification,
         "int8_backbone_alone": {"accuracy": common.exit_accuracies(trace_test)[-1], "macs": full_macs},
         "int8_exit_accuracy": common.exit_accuracies(trace_test),
         "test_T=0.5": common.point_record(evaluate_rule(trace_test, ExitRuleSpec("confidence", (0.5,) * early),
@@ -173,6 +174,7 @@ def main() -> None:
     ap.add_argument("--lam", type=float, default=0.05, help="lambda of the EENet cost term")
     ap.add_argument("--reuse", action="store_true", help="reuse a bundle built with the same settings")
     ap.add_argument("--out", default="pteenet_mnist.json", help="results file name under benchmarks/results/")
+    add_option(ap)
     args = ap.parse_args()
     common.setup()
     print(common.write_results(args.out, [run_dataset(d, args) for d in args.datasets.split(",")]))

@@ -21,6 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from verified import add_option, require_verified
+
 PROBE = r"""
 import json, sys, time
 import numpy as np
@@ -69,8 +71,11 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--out", default=None)
+    add_option(ap)
     args = ap.parse_args()
-    result = {"bundle": str(Path(args.bundle).resolve()), "point": args.point, "images": args.images,
+    result = {"bundle": str(Path(args.bundle).resolve()),
+              "verification": require_verified(args.bundle, args.allow_unverified), "point": args.point,
+              "images": args.images,
               "repeat": args.repeat, "definition": "whole call timed from outside, uint8 array in -> result out; "
                                                    "per image the median over the repeats"}
     for name, tree in (("before", args.before), ("after", args.after)):

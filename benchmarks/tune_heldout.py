@@ -29,6 +29,7 @@ from edgeexit.tuning.evaluate import evaluate_rule, exit_costs
 from edgeexit.tuning.results import Target
 from edgeexit.tuning.store import reference_rule, rule_spec
 from edgeexit.tuning.tune import tune_bundle  # noqa: E402
+from verified import add_option, require_verified  # noqa: E402
 
 
 def main() -> None:
@@ -39,8 +40,10 @@ def main() -> None:
     ap.add_argument("--rule", default="any", help="rule kind to tune, or 'any'")
     ap.add_argument("--margin", type=float, default=None, help="pp over the reference (default: one standard error)")
     ap.add_argument("--out", default=None)
+    add_option(ap)
     args = ap.parse_args()
 
+    verification = require_verified(args.bundle, args.allow_unverified)
     manifest = load_bundle(args.bundle).manifest
     reference = reference_rule(manifest, args.reference)
     runner = Runner(args.bundle, power_sensor=None)
@@ -67,7 +70,8 @@ def main() -> None:
               f"{100 * ref_point.accuracy:.2f}% at {100 * ref_point.avg_macs_fraction:.1f}%")
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"tune_heldout_{manifest.name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": " ".join(sys.argv), "bundle": manifest.name, "machine": cpu_model(),
+    out.write_text(json.dumps({"command": " ".join(sys.argv), "bundle": manifest.name,
+                               "verification": verification, "machine": cpu_model(),
                                "reference": {"name": args.reference, "kind": reference.kind, "thresholds": list(reference.thresholds)}, "runs": runs},
                               indent=2) + "\n")
     print(f"wrote {out}")

@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 from common import INPUT_SHAPE, MEAN, RESULTS, ROOT, STD  # noqa: E402
+from verified import add_option, require_verified  # noqa: E402
 from zoo_train import RECIPES  # noqa: E402
 
 from edgeexit.bench.bench import BenchSettings, run_benchmark  # noqa: E402
@@ -280,9 +281,7 @@ def run_row(row: str, dataset: str, splits: common.Splits, args: argparse.Namesp
                             "branch_epochs": args.branch_epochs, **info}, model, bundle, conv))
     sweep = []
     for settings, model, bundle, conv in candidates:
-        if conv["verification_passed"] is False and not args.allow_unverified:
-            raise SystemExit(f"error: {bundle} failed its verification ({'; '.join(conv['verification_failures'])}); "
-                             "it is not quoted; pass --allow-unverified to measure it anyway")
+        conv = {**conv, "verification": require_verified(bundle, args.allow_unverified)}  # the manifest's verdict
         runner = Runner(bundle, power_sensor=None)
         point = tuned_point(runner, splits, rules, drop)
         sweep.append((point["tune"]["avg_macs_fraction"], settings, model, bundle, conv, runner, point))
@@ -342,7 +341,7 @@ def main() -> None:
     ap.add_argument("--branch-epochs", type=int, default=3, help="epochs of the branches after the warm-up epoch")
     ap.add_argument("--lam", type=float, default=0.05, help="PTEENet v2 lambda")
     ap.add_argument("--latency-images", type=int, default=2000)
-    ap.add_argument("--allow-unverified", action="store_true", help="measure bundles whose verification failed")
+    add_option(ap)  # --allow-unverified
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--train-limit", type=int, default=None, help="only the first N training images (smoke runs)")
     ap.add_argument("--runs", default=str(RUNS), help="where models and bundles are kept")

@@ -92,6 +92,59 @@ def test_result_has_every_field_and_consistent_counts(bench_run, manifest):
     assert all(kinds <= set(e) for e in (*r["energy"]["exits"], r["energy"]["early_exit"], r["energy"]["monolithic"]))
 
 
+def _mark_failed(bundle: Path) -> dict:
+    """Rewrite ``bundle``'s manifest as if its int8 verification had failed (a bundle converted with
+    strict=False that missed a tolerance); returns the verification section written."""
+    path = bundle / "manifest.json"
+    d = json.loads(path.read_text())
+    d["verification"] = {**d["verification"], "passed": False, "failed_tolerances": ["max_logit_error"],
+                         "failures": ["exit 1: RMS logit error 19.25 % of the float logit range > max_logit_error 3 %"]}
+    path.write_text(json.dumps(d))
+    return d["verification"]
+
+
+def test_bench_records_the_verdict_and_warns_about_an_unverified_bundle(bench_run, manifest, tiny_bundle_copy,
+                                                                        data_npz):
+    r, _, proc = bench_run
+    assert r["bundle"]["verification"] == manifest.verification_verdict()
+    assert r["bundle"]["verification"]["status"] == "passed" and "warning:" not in proc.stderr  # the session bundle
+    _mark_failed(tiny_bundle_copy)
+    failed = cli("bench", tiny_bundle_copy, "--data", data_npz, "--warmup", "0", "--repeat", "1", "--no-sweep",
+                 "--no-points", "--no-save", "--json")
+    assert failed.returncode == 0, failed.stderr
+    assert [ln for ln in failed.stderr.splitlines() if ln.startswith("warning:")] == [
+        (f"warning: bundle {tiny_bundle_copy}: its int8 verification failed at conversion (max_logit_error); its "
+         "figures are not those of a verified conversion")]
+    verdict = json.loads(failed.stdout)["bundle"]["verification"]
+    assert verdict["status"] == "failed" and verdict["failed_tolerances"] == ["max_logit_error"]
+
+
+def test_benchmark_scripts_quote_only_verified_bundles(tiny_bundle, tiny_bundle_copy, tmp_path):
+    """benchmarks/verified.py through a script that needs only the manifest (energy_proxy.py)."""
+    def script(*args: object) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "energy_proxy.py"), *map(str, args)],
+                              capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                              timeout=120, check=False)
+
+    _mark_failed(tiny_bundle_copy)
+    refused = script(f"tiny={tiny_bundle_copy}", "--out", tmp_path / "refused.json")
+    assert refused.returncode == 1 and not (tmp_path / "refused.json").exists()
+    assert refused.stderr.strip().splitlines() == [
+        (f"error: bundle {tiny_bundle_copy}: its int8 verification failed at conversion (max_logit_error); benchmark "
+         "figures are quoted only for verified bundles: re-convert it with verification images, or pass "
+         "--allow-unverified (the result file records the verdict)")]
+    allowed = script(f"tiny={tiny_bundle_copy}", "--out", tmp_path / "allowed.json", "--allow-unverified")
+    assert allowed.returncode == 0, allowed.stderr
+    assert "warning: bundle" in allowed.stderr and "measured anyway (--allow-unverified)" in allowed.stderr
+    record = json.loads((tmp_path / "allowed.json").read_text())["bundles"]["tiny"]["verification"]
+    assert record["status"] == "failed" and record["allowed_unverified"] is True
+    assert record["failed_tolerances"] == ["max_logit_error"]
+    ok = script(f"tiny={tiny_bundle}", "--out", tmp_path / "ok.json")  # the session bundle passed its verification
+    assert ok.returncode == 0 and "warning" not in ok.stderr, ok.stderr
+    record = json.loads((tmp_path / "ok.json").read_text())["bundles"]["tiny"]["verification"]
+    assert record["status"] == "passed" and record["allowed_unverified"] is False
+
+
 def test_accuracies_match_a_recount_of_the_per_input_results(bench_run, manifest):
     r, _, _ = bench_run
     inp = r["inputs"]

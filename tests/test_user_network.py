@@ -392,9 +392,10 @@ def test_cli_network_file_errors_are_one_line(tmp_path, capsys):
 # ---- real conversions: int8 on the Runner against the user's float network ------------------------------------
 
 CALIB, VERIFY = 64, 200
-# int8 vs float on 200 images. Per-exit top-1 agreement is 0.94-1.0 for these briefly trained nets: their weak exits
+# int8 vs float on 200 images. Per-exit top-1 agreement is 0.93-1.0 for these briefly trained nets: their weak exits
 # have near-tied logits (median top-2 margin 0.8 at VGG3's exit 0) that int8 may flip; a broken conversion (wrong
-# layout, weights or hand-off) agrees on ~10 %. Exit decisions at median thresholds agree on 96.5-100 %.
+# layout, weights or hand-off) agrees on ~10 %. Exit decisions at median thresholds agree on 96-100 %. The
+# conversion's own verification discounts the near-ties and passes these nets with its default tolerances.
 TOP1, DECISIONS = 0.90, 0.95
 EXAMPLE_MIN_ACCURACY = 0.85  # docs/examples/own_network.py on MNIST test[500:1000]: 0.90 measured
 
@@ -445,7 +446,6 @@ def _thresholds(values: list[np.ndarray]) -> list[float]:
 @pytest.mark.slow
 def test_vgg_with_sigmoid_confidences_converts_and_runs(tmp_path):
     from edgeexit.workstation.convert.convert import convert
-    from edgeexit.workstation.convert.verify import Tolerances
 
     net = train(seeded(VGG3))
     calib, _ = digits(CALIB, seed=3)
@@ -453,8 +453,8 @@ def test_vgg_with_sigmoid_confidences_converts_and_runs(tmp_path):
     flt = _float_exits(net, images)
     thresholds = _thresholds([c for _, c in flt[:-1]])
     staged = stage_network(net, SHAPE, MEAN, STD, labels=[f"c{i}" for i in range(10)], confidence="probability")
-    convert(staged, calib, tmp_path / "b", verify_images=images, verify_labels=labels, thresholds=thresholds,
-            tolerances=Tolerances(TOP1, DECISIONS, 3.0))
+    report = convert(staged, calib, tmp_path / "b", verify_images=images, verify_labels=labels, thresholds=thresholds)
+    assert report.verification.passed, report.verification.failures
 
     def stop(logits, conf):  # the confidence rule: sigmoid(c) > T, i.e. c > log(T / (1 - T))
         return [c > np.log(t / (1 - t)) for c, t in zip(conf[:-1], thresholds)]
@@ -471,7 +471,6 @@ def test_vgg_with_sigmoid_confidences_converts_and_runs(tmp_path):
 @pytest.mark.slow
 def test_skip_connection_around_an_exit_converts_and_runs(tmp_path):
     from edgeexit.workstation.convert.convert import convert
-    from edgeexit.workstation.convert.verify import Tolerances
 
     net = train(seeded(SkipAround))
     calib, _ = digits(CALIB, seed=3)
@@ -481,8 +480,9 @@ def test_skip_connection_around_an_exit_converts_and_runs(tmp_path):
         flt[0][0] - flt[0][0].max(1, keepdims=True)).sum(1, keepdims=True)).max(1)
     thresholds = _thresholds([p_max])
     staged = stage_network(net, SHAPE, MEAN, STD)
-    convert(staged, calib, tmp_path / "b", verify_images=images, verify_labels=labels, exit_rule="max_softmax",
-            thresholds=thresholds, monolithic=False, tolerances=Tolerances(TOP1, DECISIONS, 3.0))
+    report = convert(staged, calib, tmp_path / "b", verify_images=images, verify_labels=labels,
+                     exit_rule="max_softmax", thresholds=thresholds, monolithic=False)
+    assert report.verification.passed, report.verification.failures
 
     def stop(logits, conf):  # max softmax >= T
         return [1 / np.exp(l - l.max(1, keepdims=True)).sum(1) >= t for l, t in zip(logits[:-1], thresholds)]
@@ -513,12 +513,11 @@ def test_cli_converts_a_network_file_with_weights(tmp_path, capsys):
                           "--exit-rule", "max_softmax", "--thresholds", ",".join(f"{t:.6f}" for t in thresholds),
                           "--no-monolithic", "--out", str(tmp_path / "b"))
     assert code == 0, err
-    failures = edgeexit.Runner(tmp_path / "b").manifest.verification["failures"]
-    # missed tolerances (if any) are on stderr, one line; the verification table is on stdout
-    assert [ln for ln in err.splitlines() if ln.startswith("warning:")] == (
-        [f"warning: int8 missed the verification tolerances: {'; '.join(failures)}; the bundle was written anyway "
-         "(pass --strict to write nothing instead)"] if failures else [])
-    assert ("PASSED" if not failures else "FAILED: ") in out
+    verification = edgeexit.Runner(tmp_path / "b").manifest.verification
+    # with the default tolerances this trained network passes: no warning on stderr, PASSED under the table
+    assert verification["passed"] and verification["failures"] == [], verification["failures"]
+    assert [ln for ln in err.splitlines() if ln.startswith("warning:")] == []
+    assert out.rstrip().endswith("PASSED")
 
     def stop(logits, conf):
         return [p_max(l) >= t for l, t in zip(logits[:-1], [float(f"{t:.6f}") for t in thresholds])]
@@ -531,6 +530,7 @@ def test_cli_converts_a_network_file_with_weights(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_failed_verification_warns_by_default_and_raises_when_strict(tmp_path):
+    import edgeexit
     from edgeexit.workstation.convert.convert import VerificationWarning, convert
     from edgeexit.workstation.convert.verify import Tolerances
 
@@ -538,15 +538,19 @@ def test_failed_verification_warns_by_default_and_raises_when_strict(tmp_path):
     images, labels = digits(16, seed=7)
     staged = stage_network(SkipAround(), SHAPE, MEAN, STD)
     impossible = Tolerances(min_top1_agreement=1.01)
-    with pytest.raises(ConversionError, match=r"int8 verification failed \(exit 0: top-1 agreement [0-9.]+ < 1.01;.*"
+    with pytest.raises(ConversionError, match=r"int8 verification failed, missed [a-z_, ]*min_top1_agreement \(.*"
+                                              r"exit 0: top-1 agreement [0-9.]+ % .*< min_top1_agreement 101 %;.*"
                                               r"nothing was written \(strict=True\).*strict=False"):
         convert(staged, calib, tmp_path / "b", verify_images=images, exit_rule="final", monolithic=False,
                 tolerances=impossible, strict=True)
     assert not (tmp_path / "b").exists()
-    with pytest.warns(VerificationWarning, match=r"int8 verification of .* failed: exit 0: top-1 agreement"):
+    with pytest.warns(VerificationWarning, match=r"int8 verification of .* failed, missed [a-z_, ]*min_top1_agreement: "
+                                                 r".*exit 0: top-1 agreement"):
         report = convert(staged, calib, tmp_path / "b", verify_images=images, exit_rule="final", monolithic=False,
                          tolerances=impossible)
     assert (tmp_path / "b" / "manifest.json").is_file() and not report.verification.passed
+    verdict = edgeexit.Runner(tmp_path / "b").manifest.verification_verdict()
+    assert verdict["status"] == "failed" and "min_top1_agreement" in verdict["failed_tolerances"]
 
 
 @pytest.mark.slow

@@ -104,8 +104,9 @@ def format_report(result: dict[str, Any]) -> str:
     """A readable report: per-exit table, whole-call latency against the monolithic model, estimates,
     overhead, throughput and the sweep table."""
     b, d, s, env = result["bundle"], result["dataset"], result["settings"], result["environment"]
-    lines = [f"bundle {b['name']} ({b['num_exits']} exits, full network {b['full_macs']:,} MACs) on {d['name']} "
-             f"({d['count']} images)",
+    verdict = (b.get("verification") or {}).get("status", "not recorded")
+    lines = [f"bundle {b['name']} ({b['num_exits']} exits, full network {b['full_macs']:,} MACs; int8 verification "
+             f"{verdict}) on {d['name']} ({d['count']} images)",
              f"machine: {env.get('machine')} | {env.get('os')} | python {env.get('python')} | "
              f"{s['backend']} {s['backend_version']} | {s['threads']} thread(s) | governor {env.get('governor') or 'n/a'} | "
              f"board profile {s['board']}",

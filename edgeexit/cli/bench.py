@@ -9,6 +9,7 @@ import click
 
 from .device import _build_rule, _parse_thresholds
 from ..energy.boards import BOARDS
+from ..errors import printable
 from ..progress import StderrProgress
 from ..runtime.interpreter import BACKENDS, MAX_THREADS
 from ..runtime.manifest import EXIT_RULES
@@ -98,6 +99,10 @@ def bench(ctx: click.Context, bundle: str, data_spec: str, split: str, limit: in
 
     quiet = bool((ctx.find_root().obj or {}).get("quiet"))
     loaded = load_bundle(bundle, backend=backend, check_tensors=False)
+    unverified = loaded.manifest.unverified_reason()
+    if unverified is not None:  # measured anyway; the result file records the verdict (names come from the manifest)
+        click.echo(printable(f"warning: bundle {bundle}: {unverified}; its figures are not those of a verified "
+                             "conversion", 1000), err=True)
     chosen = _build_rule(loaded, rule, _parse_thresholds(thresholds), exit_index)
     data = load_dataset(data_spec, split=split, limit=limit)
     settings = BenchSettings(warmup=warmup, repeat=repeat, num_threads=threads, backend=backend, rule=chosen,

@@ -193,8 +193,8 @@ def _table(header: list[str], rows: list[list[str]], indent: str = "  ") -> list
     return [indent + "  ".join(f(str(c), w) for f, c, w in zip(fmt, r, widths)).rstrip() for r in [header, *rows]]
 
 
-def _pct(v: Any) -> str:
-    return "-" if v is None else f"{100 * v:.1f}%"
+def _pct(v: Any, digits: int = 1) -> str:
+    return "-" if v is None else f"{100 * v:.{digits}f}%"
 
 
 def _num(v: Any, spec: str = ".4f") -> str:
@@ -210,19 +210,30 @@ def _verification_lines(v: Mapping[str, Any]) -> list[str]:
     passed = v.get("passed")
     out = [f"verification: {'passed' if passed else 'FAILED' if passed is not None else '?'} on {v.get('samples', '?')} "
            "held-out images (int8 files vs the float network)"]
-    rows = [[str(e.get("exit", i)), _pct(e.get("top1_agreement")), _pct(e.get("decision_agreement")),
-             _pct(e.get("float_accuracy")), _pct(e.get("int8_accuracy")), _num(e.get("logits_max_abs_error"))]
+    rows = [[str(e.get("exit", i)), _pct(e.get("logit_error"), 2), _pct(e.get("top1_agreement")),
+             _pct(e.get("top1_agreement_clear")), _pct(e.get("decision_agreement")), _pct(e.get("float_accuracy")),
+             _pct(e.get("int8_accuracy")), _drop(e.get("accuracy_drop"))]
             for i, e in enumerate(v["exits"])]
-    out += _table(["exit", "top-1 agree", "decision agree", "float acc", "int8 acc", "max |logit err|"], rows)
+    out += _table(["exit", "logit err", "top-1 agree", "clear top-1", "decision agree", "float acc", "int8 acc",
+                   "drop pp [bounds]"], rows)
     ee, mono = v.get("early_exit") or {}, v.get("monolithic") or {}
     if ee:
         out.append(f"  early exit: exit agreement {_pct(ee.get('exit_agreement'))}, accuracy float "
-                   f"{_pct(ee.get('float_accuracy'))} int8 {_pct(ee.get('int8_accuracy'))}")
+                   f"{_pct(ee.get('float_accuracy'))} int8 {_pct(ee.get('int8_accuracy'))}, drop pp "
+                   f"{_drop(ee.get('accuracy_drop'))}")
     if mono:
-        out.append(f"  monolithic: top-1 agreement {_pct(mono.get('top1_agreement'))}, accuracy float "
-                   f"{_pct(mono.get('float_accuracy'))} int8 {_pct(mono.get('int8_accuracy'))}")
+        out.append(f"  monolithic: logit err {_pct(mono.get('logit_error'), 2)}, top-1 agreement "
+                   f"{_pct(mono.get('top1_agreement'))}, accuracy float {_pct(mono.get('float_accuracy'))} int8 "
+                   f"{_pct(mono.get('int8_accuracy'))}, drop pp {_drop(mono.get('accuracy_drop'))}")
     out += [f"  failure: {f}" for f in v.get("failures") or []]
     return out
+
+
+def _drop(d: Any) -> str:
+    """float - int8 accuracy in pp with its one-sided bounds, as the conversion's verification records it."""
+    if not isinstance(d, Mapping):
+        return "-"
+    return f"{d['pp']:+.2f} [{d['lower_pp']:+.2f}, {d['upper_pp']:+.2f}]"
 
 
 def _points_lines(points: OperatingPoints) -> list[str]:

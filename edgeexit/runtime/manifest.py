@@ -418,6 +418,30 @@ class Manifest:
             raise BundleError(f"manifest: 'operating_points.{name}' is malformed; re-run `edgeexit tune` on the bundle")
         return None
 
+    def verification_verdict(self) -> dict[str, Any]:
+        """What the conversion's int8-vs-float check concluded, for result files and the benchmarks' refusal:
+        ``status`` "passed", "failed" or "not verified" (skipped, or no report), ``samples``, the names of the
+        ``failed_tolerances`` and their ``failures`` (one line each)."""
+        v = self.verification
+        passed = v.get("passed") if isinstance(v, Mapping) else None
+        status = "passed" if passed is True else "failed" if passed is False else "not verified"
+        failures = v.get("failures") if status == "failed" else None
+        names = v.get("failed_tolerances") if status == "failed" else None
+        return {"status": status, "samples": v.get("samples") if status != "not verified" else None,
+                "failed_tolerances": [str(x) for x in names] if isinstance(names, list) else [],
+                "failures": [str(x) for x in failures] if isinstance(failures, list) else []}
+
+    def unverified_reason(self) -> str | None:
+        """None for a bundle whose int8 files passed the conversion's check against float; else why not (a
+        clause for a one-line message)."""
+        verdict = self.verification_verdict()
+        if verdict["status"] == "passed":
+            return None
+        if verdict["status"] == "failed":
+            missed = ", ".join(verdict["failed_tolerances"]) or "; ".join(verdict["failures"][:3]) or "?"
+            return f"its int8 verification failed at conversion ({missed})"
+        return "it was converted without an int8 verification (no verification images)"
+
     def cumulative_macs(self) -> tuple[int, ...]:
         """MACs paid by an input that leaves at exit i: every segment up to i and every head up to i."""
         total, out = 0, []

@@ -232,8 +232,10 @@ def convert(ctx: click.Context, checkpoint: str, calib_spec: str, calib_size: in
         if not issubclass(w.category, VerificationWarning):
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     if report.verification is not None and not report.verification.passed:
-        click.echo(f"warning: int8 missed the verification tolerances: {'; '.join(report.verification.failures)}; "
-                   "the bundle was written anyway (pass --strict to write nothing instead)", err=True)
+        click.echo(f"warning: int8 missed the verification tolerances "
+                   f"{', '.join(report.verification.failed_tolerances)}: {'; '.join(report.verification.failures)}; "
+                   "the bundle was written anyway and is marked unverified (pass --strict to write nothing instead)",
+                   err=True)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:

@@ -290,6 +290,11 @@ def verify_bundle(model: StagedModel, stage_paths: Sequence[Path], mono_path: Pa
     return compare(flt, q, None if labels is None else np.asarray(labels, np.int64), scores, rule, tolerances)
 
 
+def _missed(report: VerificationReport) -> str:
+    """"missed max_logit_error, min_top1_agreement": the tolerances a failed verification did not meet."""
+    return f"missed {', '.join(report.failed_tolerances)}"
+
+
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(d, default=str))
 
@@ -323,8 +328,11 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
         force: replace an existing ``out_dir``.
         strict: False (the default): a verification that misses the tolerances still writes the bundle and
             ``warnings.warn`` names the missed tolerances (a :class:`VerificationWarning`; the report's
-            ``verification.passed`` is False); True: it raises ConversionError naming them and writes nothing.
-        tolerances: the verification tolerances.
+            ``verification.passed`` is False, ``failed_tolerances`` names them, and the manifest records it, so
+            the benchmark scripts refuse the bundle); True: it raises ConversionError naming them and writes nothing.
+        tolerances: the verification tolerances (:class:`~edgeexit.workstation.convert.verify.Tolerances`: the
+            logit error relative to the logit range, top-1 agreement without near-ties, exit-decision agreement,
+            and the accuracy drop judged on its confidence bound; README "Conversion checks").
         name: the bundle's name (default: the model's builder name).
         training: extra facts for the manifest's ``training`` section (checkpoint metrics, calibration set).
         progress: called with one line per finished step (its name and seconds).
@@ -374,9 +382,10 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
                 if not report_v.passed:
                     log.warning("VERIFICATION FAILED: %s", "; ".join(report_v.failures))
                     if strict:
-                        raise ConversionError(f"int8 verification failed ({'; '.join(report_v.failures)}); nothing "
-                                              "was written (strict=True): use more/better calibration images, retrain, "
-                                              "or pass strict=False (CLI: drop --strict) to keep the bundle anyway")
+                        raise ConversionError(f"int8 verification failed, {_missed(report_v)} "
+                                              f"({'; '.join(report_v.failures)}); nothing was written (strict=True): "
+                                              "use more/better calibration images, retrain, or pass strict=False "
+                                              "(CLI: drop --strict) to keep the bundle anyway")
             verification = report_v.to_dict() if report_v is not None else {"skipped": "no verification images"}
             manifest = steps.run("write bundle", _write, model, staged, out, force, stage_paths, interps, stage_costs,
                                  rule, full_macs, mono_path, mono_interp, mono_costs, verification,
@@ -390,8 +399,8 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
                      f"{monolithic_macs(full_macs, cost_records)}")
     if report_v is not None and not report_v.passed:
         notes += report_v.failures
-        warnings.warn(f"int8 verification of {out} failed: {'; '.join(report_v.failures)}; the bundle was written "
-                      "(pass strict=True to write nothing instead)", VerificationWarning, stacklevel=2)
+        warnings.warn(f"int8 verification of {out} failed, {_missed(report_v)}: {'; '.join(report_v.failures)}; the "
+                      "bundle was written (pass strict=True to write nothing instead)", VerificationWarning, stacklevel=2)
     return ConversionReport(out_dir=out, manifest=manifest, verification=report_v, handoffs=handoffs,
                             costs=cost_records, timings_s=steps.timings, warnings=notes)
 
