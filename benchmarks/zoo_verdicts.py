@@ -57,15 +57,23 @@ def verdict(model: Any, bundle: Path, splits: common.Splits, stage_files: list[P
             "failures": list(report.failures), "report": d}
 
 
+def figures(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per exit, the figures the tolerances judge (for a broken copy: how far it moved, pass or fail)."""
+    return [{"exit": e["exit"], "logit_error": round(e["logit_error"], 5),
+             "top1_agreement_clear": e["top1_agreement_clear"], "decision_agreement": e["decision_agreement"],
+             "accuracy_drop_pp": e["accuracy_drop"]["pp"]} for e in report["exits"]]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dataset", default="fashion-mnist")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--bundles", default="*", help="glob after '<dataset>-' (default: every bundle)")
     args = ap.parse_args()
     common.setup(args.threads)
     splits = common.load_splits(args.dataset, None)
     rows = []
-    for bundle in sorted(RUNS.glob(f"{args.dataset}-*-bundle")):
+    for bundle in sorted(RUNS.glob(f"{args.dataset}-{args.bundles}-bundle")):
         record_path = bundle.with_name(bundle.name + ".convert.json")
         earlier = json.loads(record_path.read_text()) if record_path.is_file() else {}
         model = load_checkpoint(checkpoint_of(bundle, args.dataset))
@@ -85,15 +93,17 @@ def main() -> None:
                     except AssertionError:
                         continue
                     v = verdict(model, bundle, splits, files[:k] + [tampered] + files[k + 1:])
-                    broken[f"stage {k} input scale x{factor:g}"] = {key: v[key] for key in
-                                                                    ("passed", "failed_tolerances", "failures")}
+                    broken[f"stage {k} input scale x{factor:g}"] = {
+                        **{key: v[key] for key in ("passed", "failed_tolerances", "failures")},
+                        "figures": figures(v["report"])}
                     break
         row["broken"] = broken
         rows.append(row)
         print(json.dumps({"bundle": bundle.name, "earlier": row["earlier"]["passed"],
                           "current": row["current"]["passed"], "current_failed": row["current"]["failed_tolerances"],
                           "broken": {k: v["passed"] for k, v in broken.items()}}), flush=True)
-    out = RESULTS / "zoo" / f"verdicts_{args.dataset}.json"
+    out = RESULTS / "zoo" / (f"verdicts_{args.dataset}.json" if args.bundles == "*" else
+                             f"verdicts_{args.dataset}_{args.bundles.replace('*', '')}.json")
     write_file_atomic(out, json.dumps({"command": " ".join(sys.argv), "verification_images": len(splits.val.labels),
                                        "rows": rows}, indent=2, default=str) + "\n")
     print(out)

@@ -83,9 +83,9 @@ def _outputs(flt: np.ndarray, q: np.ndarray) -> tuple[FloatOutputs, Int8Outputs]
     return FloatOutputs([flt], [None], flt), Int8Outputs([q], [None], None)
 
 
-def _judge(flt: np.ndarray, q: np.ndarray, labels: np.ndarray | None = None):
+def _judge(flt: np.ndarray, q: np.ndarray, labels: np.ndarray | None = None, tol: Tolerances | None = None):
     fo, qo = _outputs(flt, q)
-    return compare(fo, qo, labels, ["softmax"], ExitRuleSpec("final", ()), Tolerances())
+    return compare(fo, qo, labels, ["softmax"], ExitRuleSpec("final", ()), tol or Tolerances())
 
 
 def test_flipped_near_ties_pass_and_flipped_clear_answers_fail():
@@ -108,12 +108,14 @@ def test_flipped_near_ties_pass_and_flipped_clear_answers_fail():
     assert report.exits[0].top1_agreement == pytest.approx(0.94) and report.exits[0].top1_agreement_clear == 1.0
     assert report.passed, report.failures
 
-    # a third as many flips of clear answers is a broken conversion
+    # a third as many flips of clear answers is a broken conversion, caught by the top-1 check on its own (the
+    # logit error, 2.4 % of the range here, is judged with a loose limit to show that)
     clear = np.arange(100, 120)
     q = flt.copy()
     q[clear, (labels[clear] + 1) % k] = flt[clear, labels[clear]] + 0.1
-    report = _judge(flt, q)
-    assert report.exits[0].clear_images == 940 and report.exits[0].logit_error < Tolerances().max_logit_error
+    assert _judge(flt, q).failed_tolerances == ["max_logit_error", "min_top1_agreement"]
+    report = _judge(flt, q, tol=Tolerances(max_logit_error=0.05))
+    assert report.exits[0].clear_images == 940 and 0.02 < report.exits[0].logit_error < 0.05
     assert report.failed_tolerances == ["min_top1_agreement"], report.failures
     assert report.failures[0].startswith(f"exit 0: top-1 agreement {100 * 920 / 940:.2f} % on the 940 images "
                                          "without a near-tie (at most 98.")

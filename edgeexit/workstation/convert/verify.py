@@ -53,7 +53,7 @@ class Tolerances:
     min_decision_agreement: float = 0.95  # per early exit, "left by exit i" float vs int8 (upper bound)
     max_accuracy_drop_pp: float = 1.0     # float - int8 accuracy of the final exit, the early-exit decision and
     #                                       the monolithic model, in percentage points (lower bound; needs labels)
-    max_logit_error: float = 0.03         # per exit and monolithic: RMS(int8 - float logits) / float logit range
+    max_logit_error: float = 0.02         # per exit and monolithic: RMS(int8 - float logits) / float logit range
     tie_margin: float = 0.02              # a near-tie: the two best float logits closer than this share of the
     #                                       logit range (int8 rounding may flip it; not counted in top-1 agreement)
     confidence_level: float = 0.95        # of the one-sided bounds
