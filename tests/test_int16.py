@@ -315,3 +315,18 @@ def test_cli_refuses_class_exclusion_with_int16_before_converting(tmp_path):
     assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert "class_exclusion' runs on int8 bundles only" in lines[0]
     assert not (tmp_path / "b").exists()
+
+
+def test_tune_any_rule_on_int16_skips_class_exclusion(bundle16, tiny_data, tmp_path):
+    from edgeexit.tuning.results import Target
+    from edgeexit.tuning.tune import tune_bundle
+
+    images, labels = tiny_data
+    np.savez(tmp_path / "val.npz", images=images, labels=labels)
+    copy = tmp_path / "b16"
+    shutil.copytree(bundle16, copy)
+    result = tune_bundle(copy, str(tmp_path / "val.npz"), Target(max_drop_pp=1.0), rule="any", cost_images=0)
+    assert {p.rule for p in result.front} <= {"confidence", "max_softmax", "entropy"}
+    after = _manifest(copy)
+    assert after.activations == "int16" and after.exit_rule.kind == result.chosen.rule
+    Runner(copy, power_sensor=None)   # the tuned bundle still loads and compiles its rule
