@@ -9,28 +9,29 @@ from edgeexit import (ClassExclusionRule, ConfidenceRule, EntropyRule, FinalExit
                       Trace, UsageError, rule_from_spec)
 from edgeexit.runtime.manifest import ExitRuleSpec
 from edgeexit.runtime.rules import CONTINUE, ForcedExitRule
-from edgeexit.runtime.trace import ExitQuant, RawOutputs
+from edgeexit.runtime.trace import ExitQuant, RawOutputs, unsigned
 
 
 def _raw_trace(n=400, k=6, exits=3, scores=("sigmoid", "sigmoid", "softmax"), dtype="int8", seed=0) -> Trace:
     """A trace as a Runner records it: raw integer outputs with their quantization, plus dequantized floats."""
     rng = np.random.default_rng(seed)
-    lo, hi = (-128, 128) if dtype == "int8" else (0, 256)
+    lo, hi = {"int8": (-128, 128), "uint8": (0, 256), "int16": (-32768, 32768)}[dtype]
+    f = 256 if dtype == "int16" else 1   # int16: the same real values on 256 times finer steps
     quant, logits_q, conf_q = [], [], []
     for e in range(exits):
-        scale = float(rng.uniform(0.02, 0.3))
-        zp = int(rng.integers(lo + 20, hi - 20))
-        centre = rng.normal(zp, 10, (n, 1))
-        q = np.clip(np.rint(centre + rng.normal(0, 3 + 12 * e, (n, k))), lo, hi - 1).astype(dtype)
-        c_scale, c_zp = float(rng.uniform(0.01, 0.1)), int(rng.integers(lo + 20, hi - 20))
-        c = np.clip(np.rint(rng.normal(c_zp, 40, n)), lo, hi - 1).astype(dtype)
+        scale = float(rng.uniform(0.02, 0.3)) / f
+        zp = int(rng.integers(lo + 20 * f, hi - 20 * f))
+        centre = rng.normal(zp, 10 * f, (n, 1))
+        q = np.clip(np.rint(centre + rng.normal(0, (3 + 12 * e) * f, (n, k))), lo, hi - 1).astype(dtype)
+        c_scale, c_zp = float(rng.uniform(0.01, 0.1)) / f, int(rng.integers(lo + 20 * f, hi - 20 * f))
+        c = np.clip(np.rint(rng.normal(c_zp, 40 * f, n)), lo, hi - 1).astype(dtype)
         quant.append(ExitQuant(scale=scale, zero_point=zp, dtype=dtype, num_classes=k, scores=scores[e],
                                confidence=(c_scale, c_zp, dtype)))
         logits_q.append(q)
         conf_q.append(c)
     raw = RawOutputs(tuple(logits_q), tuple(conf_q), tuple(quant))
-    return Trace(logits=tuple((x.byte_values()[q.view(np.uint8)]).astype(np.float32) for x, q in zip(quant, logits_q)),
-                 confidence=tuple(x.confidence_byte_values()[c.view(np.uint8)].astype(np.float32)
+    return Trace(logits=tuple((x.byte_values()[unsigned(q)]).astype(np.float32) for x, q in zip(quant, logits_q)),
+                 confidence=tuple(x.confidence_byte_values()[unsigned(c)].astype(np.float32)
                                   for x, c in zip(quant, conf_q)),
                  scores=tuple(scores[:exits]), raw=raw)
 
@@ -58,9 +59,15 @@ RULES = [ConfidenceRule([0.6, 0.7]), MaxSoftmaxRule([0.5, 0.6]), MaxSoftmaxRule(
          ForcedExitRule(ClassExclusionRule([0.5, 0.8]), 2), ForcedExitRule(EntropyRule([1.0, 0.8]), 1)]
 
 
-@pytest.mark.parametrize("dtype, k", [("int8", 6), ("uint8", 6), ("int8", 70)])
+def _uses_class_exclusion(rule) -> bool:
+    return "ClassExclusion" in repr(rule)
+
+
+@pytest.mark.parametrize("dtype, k", [("int8", 6), ("uint8", 6), ("int8", 70), ("int16", 6), ("int16", 70)])
 @pytest.mark.parametrize("rule", RULES, ids=lambda r: repr(r))
 def test_per_input_decisions_equal_simulate_on_raw_outputs(rule, dtype, k):
+    if dtype == "int16" and _uses_class_exclusion(rule):
+        pytest.skip("class_exclusion is refused on int16 outputs (test_class_exclusion_refuses_int16)")
     trace = _raw_trace(dtype=dtype, k=k)
     exit_index, prediction = rule.simulate(trace)
     assert _per_input(rule, trace) == list(zip(exit_index.tolist(), prediction.tolist()))
@@ -96,12 +103,42 @@ def _float64_reference(rule, trace):
 
 @pytest.mark.parametrize("rule", [r for r in RULES if r.kind in ("confidence", "max_softmax", "entropy",
                                                                  "class_exclusion")], ids=lambda r: repr(r))
-def test_fixed_point_decisions_equal_float64_away_from_ties(rule):
+@pytest.mark.parametrize("dtype", ["int8", "int16"])
+def test_fixed_point_decisions_equal_float64_away_from_ties(rule, dtype):
     """The integer tables decide as float64 maths does; at most a value within 1e-6 of a threshold may differ."""
-    trace = _raw_trace(n=600)
+    if dtype == "int16" and _uses_class_exclusion(rule):
+        pytest.skip("class_exclusion is refused on int16 outputs")
+    trace = _raw_trace(n=600, dtype=dtype)
     got = _per_input(rule, trace)
     want = _float64_reference(rule, trace)
     assert sum(a != b for a, b in zip(got, want)) <= 1
+
+
+def test_int16_outputs_span_both_signs_and_wrap_like_uint16():
+    """The int16 traces above reach negative and positive values and top-to-class distances past 255, so the
+    65536-entry tables are indexed through their wrap-around (a negative value -x indexes entry 65536 - x)."""
+    trace = _raw_trace(dtype="int16")
+    q = np.concatenate([x.ravel() for x in trace.raw.logits]).astype(np.int32)
+    c = np.concatenate([x.ravel() for x in trace.raw.confidence]).astype(np.int32)
+    assert q.min() < -256 and q.max() > 256 and c.min() < 0 < c.max()
+    wide = [q.astype(np.int32) for q in trace.raw.logits]
+    d = np.concatenate([(x.max(axis=1, keepdims=True) - x).ravel() for x in wide])
+    assert d.max() > 255
+    x = trace.raw.quant[0]
+    values = x.byte_values()
+    assert values.shape == (65536,)
+    assert values[np.uint16(np.int16(-5).view(np.uint16))] == x.scale * (-5 - x.zero_point)
+    assert values[int(np.int16(-5))] == values[65536 - 5]   # Python's negative index == the uint16 view
+
+
+def test_class_exclusion_refuses_int16():
+    trace = _raw_trace(dtype="int16")
+    for rule in (ClassExclusionRule([0.5, 0.8]), ForcedExitRule(ClassExclusionRule([0.5, 0.8]), 2)):
+        with pytest.raises(UsageError, match="class_exclusion' runs on int8 bundles only") as info:
+            rule.simulate(trace)
+        assert "\n" not in str(info.value)
+    with pytest.raises(UsageError, match="int8 bundles only"):
+        ClassExclusionRule([0.5, 0.8]).kept(trace, 0)
 
 
 def test_class_exclusion_candidate_sets():

@@ -112,7 +112,7 @@ def _info_dict(b: Bundle) -> dict[str, Any]:
                        "cumulative_macs": c, "kappa": k,
                        "param_bytes": s.costs.segment_param_bytes + s.costs.head_param_bytes})
     return {"path": str(b.path), "name": m.name, "producer": m.producer, "format_version": m.format_version,
-            "labels": list(m.labels), "input": _tensor(m.input),
+            "labels": list(m.labels), "input": _tensor(m.input), "activations": m.activations,
             "preprocessing": {"size": list(m.preprocessing.size), "color_mode": m.preprocessing.color_mode,
                               "mean": list(m.preprocessing.mean), "std": list(m.preprocessing.std),
                               "pixel_scale": m.preprocessing.pixel_scale},
@@ -152,7 +152,8 @@ def info(bundle: str, backend: str, as_json: bool, trusted_key: str | None) -> N
         return
     out = [f"bundle   {d['path']}  ({d['name']}, format {d['format_version']}, by {d['producer']}; all files "
            f"checked with {d['checked_with']})",
-           f"input    {d['input']}  {d['preprocessing']['color_mode']} {d['preprocessing']['size'][0]}x"
+           f"input    {d['input']} ({d['activations']} activations)  {d['preprocessing']['color_mode']} "
+           f"{d['preprocessing']['size'][0]}x"
            f"{d['preprocessing']['size'][1]} mean={d['preprocessing']['mean']} std={d['preprocessing']['std']}",
            f"classes  {len(d['labels'])}: {', '.join(d['labels'][:10])}{' ...' if len(d['labels']) > 10 else ''}",
            f"{'exit':>4} {'file':<18} {'segment MACs':>13} {'head MACs':>10} {'cumulative':>12} {'kappa':>6} "

@@ -12,8 +12,8 @@ board draws: no static power, no OS, no clock tree):
 **Cache rule** (memory-aware). A bundle runs the same stages input after input, so whatever stays in the
 board's last-level cache between inputs is read from SRAM, not DRAM. The *working set* is every weight byte the
 network can read (all stages and heads of the bundle; the monolithic model's parameters for the monolithic
-model) plus the largest stage-boundary activation footprint (a stage's int8 input + outputs). Then, per
-inference:
+model) plus the largest stage-boundary activation footprint (a stage's input + outputs: a byte a value, two in
+int16-activation bundles). Then, per inference:
 
 * activations (a stage's input read once, its outputs written once) come from SRAM when that footprint fits
   in the cache, else from DRAM;
@@ -31,7 +31,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..runtime.manifest import Manifest, StageSpec
+from ..runtime.manifest import Manifest, StageSpec, TensorSpec
 from .boards import Board
 
 INT8_MULT_PJ = 0.2
@@ -63,8 +63,13 @@ def _elements(shape: Sequence[int]) -> int:
     return int(math.prod(shape))
 
 
+def _bytes(t: TensorSpec) -> int:
+    return _elements(t.shape) * (2 if t.dtype == "int16" else 1)   # int16-activation bundles: 2 bytes a value
+
+
 def _stage_io(stage: StageSpec) -> tuple[int, int]:
-    return _elements(stage.input.shape), sum(_elements(t.shape) for t in stage.outputs.values())
+    """Bytes of a stage's input and of its outputs."""
+    return _bytes(stage.input), sum(_bytes(t) for t in stage.outputs.values())
 
 
 def working_set(manifest: Manifest) -> tuple[int, int]:
@@ -112,7 +117,7 @@ def monolithic_cost(manifest: Manifest, cache_bytes: int | None) -> ProxyCost | 
     mono = manifest.monolithic
     if mono is None:
         return None
-    act_in, act_out = _elements(mono.input.shape), _elements(mono.output.shape)
+    act_in, act_out = _bytes(mono.input), _bytes(mono.output)
     frac = sram_weight_fraction(mono.param_bytes, act_in + act_out, cache_bytes)
     return _cost(mono.macs, act_in, act_out, mono.param_bytes, frac,
                  cache_bytes is None or act_in + act_out <= cache_bytes)

@@ -29,7 +29,8 @@ from ..errors import BundleError, UsageError, printable
 from .atomic import write_file_atomic
 from .files import describe_os_error, read_regular
 from .interpreter import Backend, create_interpreter, resolve_backend
-from .manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES, Manifest, Quantization, StageSpec, TensorSpec, quant_equal
+from .manifest import (ACTIVATION_DTYPES, MANIFEST_FILE, MAX_MANIFEST_BYTES, Manifest, Quantization, StageSpec,
+                       TensorSpec, quant_equal)
 from .preprocess import check_preprocessing
 from .rules import rule_from_spec
 from .tflite import MAX_FILE_BYTES, Model, Tensor, graph_costs, read_model
@@ -38,13 +39,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Requantization:
-    """Re-encode an int8 hand-off from one quantization to another: q' = round(s/s' (q - z)) + z'."""
+    """Re-encode an integer hand-off (int8 or int16) from one quantization to another: q' = round(s/s' (q - z)) + z',
+    clipped to the destination dtype's range."""
 
     src: Quantization
     dst: Quantization
 
     def apply(self, q: np.ndarray, out: np.ndarray) -> None:
-        """Requantize ``q`` (int8/uint8, any shape) into ``out`` (same shape, destination dtype)."""
+        """Requantize ``q`` (int8/uint8/int16, any shape) into ``out`` (same shape, destination dtype)."""
         info = np.iinfo(out.dtype)
         real = (q.astype(np.float32) - self.src.zero_point) * np.float32(self.src.scale / self.dst.scale)
         np.copyto(out, np.clip(np.rint(real) + self.dst.zero_point, info.min, info.max).astype(out.dtype))
@@ -179,9 +181,10 @@ def plan_handoffs(manifest: Manifest) -> tuple[Requantization | None, ...]:
         if feats.shape != nxt.input.shape:
             raise BundleError(f"hand-off {prev.index}->{nxt.index}: {prev.file} features {list(feats.shape)} do not "
                               f"fit {nxt.file} input {list(nxt.input.shape)}; re-create the bundle")
-        if feats.dtype != nxt.input.dtype or feats.dtype not in ("int8", "uint8"):
+        if feats.dtype != nxt.input.dtype or feats.dtype not in ("int8", "uint8", "int16"):
             raise BundleError(f"hand-off {prev.index}->{nxt.index}: features are {feats.dtype}, next input is "
-                              f"{nxt.input.dtype}; expected int8 on both sides: re-create the bundle")
+                              f"{nxt.input.dtype}; expected the same integer type (int8 or int16) on both sides: "
+                              "re-create the bundle")
         if quant_equal(feats.quantization, nxt.input.quantization):
             plan.append(None)
         elif feats.quantization is None or nxt.input.quantization is None:
@@ -319,9 +322,26 @@ def _check_manifest(manifest: Manifest) -> None:
         if "confidence" in s.outputs and s.scores != "softmax":
             raise BundleError(f"manifest: stage {s.index} has a confidence output (an EENet-style exit, softmax "
                               f"scores) but says scores {s.scores!r}; the manifest was edited: re-create the bundle")
+    _check_activations(manifest)
     names = [s.file for s in manifest.stages] + ([manifest.monolithic.file] if manifest.monolithic else [])
     if len(set(names)) != len(names):
         raise BundleError(f"manifest: a file is named twice in {names}; re-create the bundle")
+
+
+def _check_activations(manifest: Manifest) -> None:
+    """Every stage's input and outputs, and the monolithic model's, are of the bundle's activation type: a bundle
+    never mixes int8 and int16 files (nor hands int16 features to an int8 stage)."""
+    allowed = ACTIVATION_DTYPES[manifest.activations]
+    # other types (float32, int32) are refused later, with their own messages
+    units = [(s.file, [s.input, *s.outputs.values()]) for s in manifest.stages]
+    if manifest.monolithic is not None:
+        units.append((manifest.monolithic.file, [manifest.monolithic.input, manifest.monolithic.output]))
+    for file, tensors in units:
+        for t in tensors:
+            if t.dtype in ("int8", "uint8", "int16") and t.dtype not in allowed:
+                raise BundleError(f"{file}: tensor {t.name!r} is {t.dtype} but the bundle's activations are "
+                                  f"{manifest.activations}; a bundle must not mix int8 and int16 files: re-create it "
+                                  f"with `edgeexit convert --activations {manifest.activations}`")
 
 
 def _file_tensor(t: Tensor) -> TensorSpec:

@@ -39,7 +39,14 @@ EXIT_RULES = ("confidence", "max_softmax", "entropy", "class_exclusion", "final"
 #: How an exit's logits become class scores: softmax (EENet, PTEENet, final exits) or per-class sigmoid
 #: (class-based early exit, seed 002).
 SCORE_KINDS = ("softmax", "sigmoid")
-DTYPES = ("int8", "uint8", "float32", "int32")
+DTYPES = ("int8", "uint8", "int16", "float32", "int32")
+#: A bundle's activation type (``Manifest.activations``): every stage's input and outputs, and the monolithic
+#: model's, are of this type. int16 = TFLite "16x8" (int8 weights, int16 activations); manifests written before
+#: the field existed are int8.
+ACTIVATIONS = ("int8", "int16")
+#: The tensor dtypes each activation type allows.
+ACTIVATION_DTYPES = {"int8": ("int8", "uint8"), "int16": ("int16",)}
+_INT_RANGES = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767)}
 
 # Bounds on what a manifest may hold: far above any real bundle, low enough that no field can make the
 # device allocate, recurse or print without limit.
@@ -225,8 +232,8 @@ class TensorSpec:
             raise BundleError(f"manifest: '{where}.shape' is {_short(list(shape))}; expected at most {MAX_RANK} "
                               f"dimensions from 1 to {MAX_DIM}")
         quant = None if q is None else Quantization.from_dict(q, f"{where}.quantization")
-        if quant is not None and dtype in ("int8", "uint8"):
-            lo, hi = (-128, 127) if dtype == "int8" else (0, 255)
+        if quant is not None and dtype in _INT_RANGES:
+            lo, hi = _INT_RANGES[dtype]
             if not lo <= quant.zero_point <= hi:
                 raise BundleError(f"manifest: '{where}.quantization.zero_point' {quant.zero_point} is outside the "
                                   f"{dtype} range")
@@ -391,6 +398,7 @@ class Manifest:
     training: Mapping[str, Any] = field(default_factory=dict)  # method, loss, lambda, dataset, accuracy...
     edgetpu: Mapping[str, Any] = field(default_factory=dict)  # Edge TPU readiness / compilation report
     energy: Mapping[str, Any] = field(default_factory=dict)  # {"measured": {board: per-exit mJ}} (bench --store-energy)
+    activations: str = "int8"  # "int8" or "int16" (16x8: int8 weights, int16 activations); see ACTIVATIONS
 
     @property
     def num_exits(self) -> int:
@@ -500,7 +508,8 @@ class Manifest:
                    verification=_opt(d, "verification", dict, "manifest", {}),
                    training=_opt(d, "training", dict, "manifest", {}),
                    edgetpu=_opt(d, "edgetpu", dict, "manifest", {}),
-                   energy=_opt(d, "energy", dict, "manifest", {}))
+                   energy=_opt(d, "energy", dict, "manifest", {}),
+                   activations=_activations(d))
 
     def to_dict(self) -> dict[str, Any]:
         def plain(obj: Any) -> Any:
@@ -539,6 +548,14 @@ class Manifest:
 
     def replace(self, **changes: Any) -> "Manifest":
         return dataclasses.replace(self, **changes)
+
+
+def _activations(d: Mapping[str, Any]) -> str:
+    value = _opt(d, "activations", str, "manifest", "int8")
+    if value not in ACTIVATIONS:
+        raise BundleError(f"manifest: 'activations' is {_short(value)}; expected one of {', '.join(ACTIVATIONS)}: "
+                          "re-create the bundle with `edgeexit convert`")
+    return value
 
 
 def tensor_spec(name: str, shape: Sequence[int], dtype: str, scale: float | None = None,

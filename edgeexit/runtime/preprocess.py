@@ -1,4 +1,4 @@
-"""Turning an image into the first stage's int8 input tensor.
+"""Turning an image into the first stage's int8 (or int16) input tensor.
 
 Accepted inputs (:data:`ImageLike`):
 
@@ -15,7 +15,7 @@ Accepted inputs (:data:`ImageLike`):
 
 Then ``x = (pixel * pixel_scale - mean) / std`` per channel and ``q = clip(round(x / scale) + zero_point)``
 with the input tensor's quantization. For uint8 inputs both steps are one precomputed 256-entry lookup
-table per channel, straight to int8.
+table per channel, straight to the input tensor's type (int8, uint8, or int16 for int16-activation bundles).
 
 Image files must be regular files of at most :data:`MAX_IMAGE_PIXELS` pixels (64 megapixels: an 8000 x 8000
 image, more than any camera a board is used with; below Pillow's own decompression-bomb warning at 89
@@ -44,6 +44,8 @@ MAX_IMAGE_PIXELS = 64_000_000
 #: The preprocessing must map pixels 0..255 onto at least this many distinct input levels per channel: fewer
 #: means mean / std / pixel_scale do not fit the input tensor's quantization (every image nearly one input).
 MIN_INPUT_LEVELS = 32
+#: Quantized input types the lookup tables write.
+INPUT_DTYPES = ("int8", "uint8", "int16")
 
 
 def check_preprocessing(prep: Preprocessing, tensor: TensorSpec) -> None:
@@ -58,7 +60,7 @@ def check_preprocessing(prep: Preprocessing, tensor: TensorSpec) -> None:
         raise BundleError(f"manifest: preprocessing {prep.color_mode} {prep.size[0]}x{prep.size[1]} does not fit the "
                           f"input tensor {list(shape)} ([1, height, width, channels]); the manifest was edited: "
                           "re-create the bundle")
-    if tensor.dtype not in ("int8", "uint8") or tensor.quantization is None:
+    if tensor.dtype not in INPUT_DTYPES or tensor.quantization is None:
         return  # the Preprocessor refuses such a bundle with its own message
     levels = Preprocessor(prep, tensor).lut
     fewest = min(len(np.unique(row)) for row in levels)
@@ -75,9 +77,9 @@ class Preprocessor:
         self.prep = prep
         self.height, self.width = prep.size
         self.channels = prep.channels
-        if tensor.dtype not in ("int8", "uint8") or tensor.quantization is None:
-            raise InputError(f"the bundle's input tensor is {tensor.dtype} without int8 quantization; edgeexit runs "
-                             "full-integer bundles only: re-create it with `edgeexit convert`")
+        if tensor.dtype not in INPUT_DTYPES or tensor.quantization is None:
+            raise InputError(f"the bundle's input tensor is {tensor.dtype} without int8/int16 quantization; edgeexit "
+                             "runs full-integer bundles only: re-create it with `edgeexit convert`")
         self.dtype = np.dtype(tensor.dtype)
         self.scale = float(tensor.quantization.scale)
         self.zero_point = int(tensor.quantization.zero_point)
@@ -89,7 +91,7 @@ class Preprocessor:
         pixels = np.arange(256, dtype=np.float64)[None, :]                       # [1, 256]
         with np.errstate(over="ignore", invalid="ignore"):
             real = (pixels * prep.pixel_scale - self._mean[:, None]) / self._std[:, None]  # [C, 256]
-            self.lut = self._quantize(np.nan_to_num(real))                       # [C, 256] int8
+            self.lut = self._quantize(np.nan_to_num(real))                       # [C, 256] input dtype
         self._channel = np.arange(self.channels)                                 # [C] for lut[channel, pixel]
 
     def _quantize(self, real: np.ndarray) -> np.ndarray:

@@ -22,9 +22,13 @@ R of the last exit's logits).
 **Deciding on the device.** A rule is compiled once per bundle (:meth:`ExitRule.compile`) into a
 :class:`Decider` that works on the exits' raw int8 (or uint8) outputs: every threshold is mapped into the
 quantized domain once, as tables over the 256 byte values, so deciding an input costs a few Python integer
-operations on its K logit bytes and no numpy call. The same tables drive the vectorised
-:meth:`Decider.decide_many` (``simulate``, tuning, ``Runner.classify_batch``), and sums are exact integers,
-so the per-input and the vectorised decisions are equal bit for bit (tests keep them equal).
+operations on its K logit bytes and no numpy call. Bundles with int16 activations get the same tables over the
+65536 int16 values (d = q_max - q_j is then 0..65535; E(d) and G(d) are 0 from where exp(-s d) 2^F < 0.5 on);
+a negative int16 value indexes them like its uint16 view, as a signed byte indexes a 256-entry table like its
+uint8 view. class_exclusion is refused on int16 outputs (its tables are [256, 256]): use an int8 bundle.
+The same tables drive the vectorised :meth:`Decider.decide_many` (``simulate``, tuning,
+``Runner.classify_batch``), and sums are exact integers, so the per-input and the vectorised decisions are
+equal bit for bit (tests keep them equal).
 
 With ``x_j = s (q_j - z)`` the dequantized logits, ``d_j = q_max - q_j >= 0`` (steps below the top logit) and
 ``F = 32`` fraction bits, the tables are ``E(d) = round(2^F exp(-s d))`` and ``G(d) = round(2^F s d exp(-s d))``:
@@ -48,7 +52,7 @@ import numpy as np
 
 from ..errors import UsageError
 from .manifest import ExitRuleSpec
-from .trace import ExitQuant, RawOutputs, Trace
+from .trace import ExitQuant, RawOutputs, Trace, unsigned
 
 CONTINUE = -1  # a decision that lets the input go on to the next stage
 FRACTION_BITS = 32
@@ -70,15 +74,16 @@ def _argmax_step(q: list[int], conf: Any, state: Any) -> tuple[int, Any]:
 
 
 def _ordered(raw: np.ndarray) -> np.ndarray:
-    """Raw int8/uint8 outputs as int16 values that order like the real values (scales are positive)."""
-    return raw.astype(np.int16)
+    """Raw int8/uint8 outputs as int16 values (int16 outputs as int32) that order like the real values (scales are
+    positive) and whose differences do not overflow."""
+    return raw.astype(np.int32 if raw.dtype.itemsize == 2 else np.int16)
 
 
-def _exp_tables(scale: float) -> tuple[list[int], list[int]]:
-    """E(d) and G(d) for d = 0..255 quantization steps below the top logit (see the module docstring)."""
-    d = np.arange(256, dtype=np.float64) * float(scale)
+def _exp_tables(scale: float, levels: int = 256) -> tuple[list[int], list[int]]:
+    """E(d) and G(d) for d = 0..levels-1 quantization steps below the top logit (see the module docstring)."""
+    d = np.arange(levels, dtype=np.float64) * float(scale)
     e = np.exp(-d)
-    return ([int(v) for v in np.rint(e * _ONE)], [int(v) for v in np.rint(d * e * _ONE)])
+    return np.rint(e * _ONE).astype(np.int64).tolist(), np.rint(d * e * _ONE).astype(np.int64).tolist()
 
 
 class Decider:
@@ -273,20 +278,20 @@ class ConfidenceRule(ExitRule):
     uses_confidence = True
 
     def _tables(self, k: int, quant: ExitQuant) -> tuple[bytes, np.ndarray]:
-        stop = quant.confidence_byte_values() > _logit(self.thresholds[k])   # [256] by confidence byte
+        stop = quant.confidence_byte_values() > _logit(self.thresholds[k])   # [levels] by confidence value
         return bytes(stop.astype(np.uint8)), stop
 
     def _step(self, tables: tuple[bytes, np.ndarray]) -> Callable[[list[int], Any, Any], tuple[int, Any]]:
         stop = tables[0]
 
         def step(q: list[int], conf: Any, state: Any) -> tuple[int, Any]:
-            if stop[conf[0]]:   # a signed byte indexes the table modulo 256, like its uint8 view
+            if stop[conf[0]]:   # a signed value indexes the table modulo its length, like its unsigned view
                 return q.index(max(q)), state
             return CONTINUE, state
         return step
 
     def _stop_many(self, tables: tuple[bytes, np.ndarray], values: np.ndarray, conf: np.ndarray | None) -> np.ndarray:
-        return tables[1][np.asarray(conf).reshape(-1).view(np.uint8)]
+        return tables[1][unsigned(np.asarray(conf).reshape(-1))]
 
     def _stop_float(self, k: int, logits: np.ndarray, conf: np.ndarray | None) -> np.ndarray:
         if conf is None:
@@ -300,7 +305,7 @@ class MaxSoftmaxRule(ExitRule):
     kind = "max_softmax"
 
     def _tables(self, k: int, quant: ExitQuant) -> tuple[list[int], np.ndarray, float]:
-        e, _ = _exp_tables(quant.scale)
+        e, _ = _exp_tables(quant.scale, quant.levels)
         t = self.thresholds[k]
         limit = math.inf if t == 0 else math.floor(_ONE / t)
         return e, np.asarray(e, dtype=np.int64), limit
@@ -334,7 +339,7 @@ class EntropyRule(ExitRule):
     _range = (0.0, math.inf)
 
     def _tables(self, k: int, quant: ExitQuant) -> tuple[list[int], list[int], np.ndarray, np.ndarray, float]:
-        e, g = _exp_tables(quant.scale)
+        e, g = _exp_tables(quant.scale, quant.levels)
         return e, g, np.asarray(e, dtype=np.int64), np.asarray(g, dtype=np.int64), \
             self.thresholds[k] + FRACTION_BITS * math.log(2.0)
 
@@ -374,8 +379,17 @@ def narrow_candidates(remaining: np.ndarray, kept: np.ndarray) -> tuple[np.ndarr
     return remaining, np.count_nonzero(remaining, axis=-1) == 1
 
 
+def _int8_only(quant: Sequence[ExitQuant]) -> None:
+    """class_exclusion's tables are [256, 256] over (top byte, class byte): UsageError for int16 outputs."""
+    if any(x.levels != 256 for x in quant):
+        raise UsageError("rule 'class_exclusion' runs on int8 bundles only and this bundle has int16 activations; "
+                         "use an int8 bundle (edgeexit convert without --activations int16) for class_exclusion, or "
+                         "max_softmax, entropy or confidence on this one")
+
+
 def _keep_table(quant: ExitQuant, beta: float) -> np.ndarray:
     """[256, 256] bool over (top byte m, class byte c): ``s_c > beta * s_max`` in float64."""
+    _int8_only([quant])
     v = quant.byte_values()
     if quant.scores == "sigmoid":
         s = 1.0 / (1.0 + np.exp(-v))
@@ -388,6 +402,7 @@ class _ClassExclusionDecider(Decider):
     ``[n, K]`` bool array (many inputs)."""
 
     def __init__(self, rule: "ClassExclusionRule", quant: Sequence[ExitQuant]):
+        _int8_only(quant)
         super().__init__(rule, quant)
         self.keep = [rule.keep_table(k, quant[k]) for k in range(self.last)]   # [256, 256] bool: [top, class]
         self.every_class = int.from_bytes(b"\x01" * self.quant[0].num_classes, "little")

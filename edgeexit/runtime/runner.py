@@ -42,7 +42,7 @@ from .manifest import ExitRuleSpec, Manifest, TensorSpec
 from .preprocess import ImageLike, Preprocessor
 from .rules import CONTINUE, Decider, ExitRule, exit_scores, rule_from_spec
 from .stats import RunnerStats
-from .trace import ExitQuant, RawOutputs, Trace
+from .trace import ExitQuant, RawOutputs, Trace, unsigned
 
 log = logging.getLogger(__name__)
 
@@ -262,9 +262,9 @@ class _Stage:
 
 def _exit_quant(logits: TensorSpec, conf: TensorSpec | None, scores: str, num_classes: int) -> ExitQuant:
     for t in (logits, conf):
-        if t is not None and (t.quantization is None or t.dtype not in ("int8", "uint8")):
-            raise BundleError(f"output {t.name!r} is not int8-quantized; edgeexit runs full-integer bundles only: "
-                              "re-create it with `edgeexit convert`")
+        if t is not None and (t.quantization is None or t.dtype not in ("int8", "uint8", "int16")):
+            raise BundleError(f"output {t.name!r} is not int8- or int16-quantized; edgeexit runs full-integer bundles "
+                              "only: re-create it with `edgeexit convert`")
     c = None if conf is None else (conf.quantization.scale, conf.quantization.zero_point, conf.dtype)
     return ExitQuant(scale=logits.quantization.scale, zero_point=logits.quantization.zero_point, dtype=logits.dtype,
                      num_classes=num_classes, scores=scores, confidence=c)
@@ -313,6 +313,10 @@ class Runner:
         self.manifest: Manifest = bundle.manifest
         self.num_threads = num_threads
         self._lock = threading.Lock()
+        if edgetpu and self.manifest.activations != "int8":
+            raise UsageError(f"this bundle has {self.manifest.activations} activations and the Edge TPU runs int8 "
+                             "only; run it without --edgetpu (edgetpu=False), or convert an int8 bundle for the "
+                             "Edge TPU")
         self._delegates = [edgetpu_delegate(self.backend)] if edgetpu else None
         self._stages = [_Stage(create_interpreter(path, self.backend, num_threads=num_threads,
                                                   delegates=self._delegates), self.manifest, k)
@@ -569,8 +573,8 @@ class Runner:
                        for c, st in zip(raw_conf, stages))
         raw = RawOutputs(logits=logits_q, confidence=conf_q, quant=self.quant)
         return Trace(
-            logits=tuple(x.byte_values().astype(np.float32)[q.view(np.uint8)] for x, q in zip(self.quant, logits_q)),
-            confidence=tuple(None if c is None else np.asarray(x.confidence_byte_values(), np.float32)[c.view(np.uint8)]
+            logits=tuple(x.byte_values().astype(np.float32)[unsigned(q)] for x, q in zip(self.quant, logits_q)),
+            confidence=tuple(None if c is None else np.asarray(x.confidence_byte_values(), np.float32)[unsigned(c)]
                              for x, c in zip(self.quant, conf_q)),
             scores=tuple(x.scores for x in self.quant),
             stage_latency_ms=np.asarray(times, dtype=np.float64).reshape(n, len(stages)) * 1e-6,
@@ -626,7 +630,7 @@ class Runner:
                 np.copyto(hwc, x[j])
                 run()
                 logits[j] = out
-            labels = logits.astype(np.int16).argmax(axis=-1).astype(np.int64) if n else np.zeros(0, np.int64)
+            labels = logits.astype(np.int32).argmax(axis=-1).astype(np.int64) if n else np.zeros(0, np.int64)
             dt = _clock() - t0
         return MonolithicBatchResult(labels, dt * 1e-6, self.manifest.labels)
 

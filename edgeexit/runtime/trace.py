@@ -20,7 +20,8 @@ from ..errors import UsageError
 class ExitQuant:
     """How one exit's integer outputs map to real values: ``x = scale * (q - zero_point)``.
 
-    ``dtype`` is "int8" or "uint8". ``confidence`` is None when the exit has no confidence output.
+    ``dtype`` is "int8", "uint8" or "int16" (int16-activation bundles). ``confidence`` is None when the exit has no
+    confidence output.
     """
 
     scale: float
@@ -30,20 +31,39 @@ class ExitQuant:
     scores: str                                        # "softmax" or "sigmoid": the exit's class scores
     confidence: tuple[float, int, str] | None = None   # (scale, zero_point, dtype) of the confidence logit
 
+    @property
+    def levels(self) -> int:
+        """How many integer values a logit output can take: 256 (int8/uint8) or 65536 (int16)."""
+        return levels(self.dtype)
+
     def byte_values(self) -> np.ndarray:
-        """[256] float64: the real logit value of every output byte, indexed by the byte (uint8 view)."""
+        """[levels] float64: the real logit value of every output value, indexed by its unsigned view
+        (:func:`unsigned`: the uint8 view of an int8 byte, the uint16 view of an int16 value)."""
         return _byte_values(self.scale, self.zero_point, self.dtype)
 
     def confidence_byte_values(self) -> np.ndarray:
-        """[256] float64: the real confidence logit of every confidence byte."""
+        """[levels] float64: the real confidence logit of every confidence value (unsigned view)."""
         if self.confidence is None:
             raise UsageError("this exit has no confidence output")
         return _byte_values(*self.confidence)
 
 
+def levels(dtype: str) -> int:
+    """256 for 8-bit outputs, 65536 for int16 outputs."""
+    return 65536 if dtype == "int16" else 256
+
+
+def unsigned(q: np.ndarray) -> np.ndarray:
+    """The unsigned view of raw integer outputs (uint8 for int8/uint8, uint16 for int16): the index of a value in
+    the tables over all its levels. A negative value -x indexes entry levels - x, as Python's negative indexing
+    of a table of ``levels`` entries does."""
+    return q.view(np.uint16 if q.dtype.itemsize == 2 else np.uint8)
+
+
 def _byte_values(scale: float, zero_point: int, dtype: str) -> np.ndarray:
-    b = np.arange(256, dtype=np.int64)
-    q = np.where(b >= 128, b - 256, b) if dtype == "int8" else b
+    n = levels(dtype)
+    b = np.arange(n, dtype=np.int64)
+    q = np.where(b >= n // 2, b - n, b) if dtype in ("int8", "int16") else b
     return float(scale) * (q - int(zero_point)).astype(np.float64)
 
 
@@ -52,7 +72,7 @@ class RawOutputs:
     """The exits' integer outputs as the interpreter wrote them.
 
     ``logits[i]`` is ``[N, K]`` and ``confidence[i]`` is ``[N]`` (or None), both of the tensor's own dtype
-    (int8 or uint8); ``quant[i]`` says how to read them.
+    (int8, uint8 or int16); ``quant[i]`` says how to read them.
     """
 
     logits: tuple[np.ndarray, ...]

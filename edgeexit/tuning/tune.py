@@ -91,6 +91,8 @@ def tune_bundle(bundle: str | os.PathLike[str], data: str, target: Target, *, ru
     log.info("tracing %d images through %d stages", len(images), manifest.num_exits)
     trace = runner.trace(seq, images.labels)
     searched = TUNABLE_RULES if kind == "any" else (kind,)
+    if kind == "any" and manifest.activations != "int8":   # class_exclusion runs on int8 bundles only
+        searched = tuple(k for k in searched if k != "class_exclusion")
     ref_spec = reference_rule(manifest, target.no_worse_than) if target.no_worse_than is not None else None
     table = _measure_costs(runner, images.images, searched, manifest, ref_spec, cost_images)
     if table is None and target.cost_kind == "latency":

@@ -152,6 +152,9 @@ def _stage_onnx_network(path: str, opts: dict[str, Any], classes: tuple[str, ...
               help="Per-exit thresholds of the exit rule (default: confidence 0.5 at every early exit).")
 @click.option("--name", default=None, help="Bundle name (default: the model's architecture name).")
 @click.option("--json", "as_json", is_flag=True, help="Print the conversion report as JSON on stdout.")
+@click.option("--activations", type=click.Choice(["int8", "int16"]), default="int8", show_default=True,
+              help="int16: keep TFLite's 16x8 files (int8 weights, int16 activations; more accurate where int8 "
+                   "loses too much; no Edge TPU, no class_exclusion).")
 @click.option("--weights", default=None, metavar="FILE",
               help="FILE.py:NAME only: the state_dict to load (torch.save(model.state_dict(), FILE)).")
 @click.option("--input-shape", default=None, metavar="C,H,W",
@@ -177,7 +180,7 @@ def _stage_onnx_network(path: str, opts: dict[str, Any], classes: tuple[str, ...
 @click.pass_context
 def convert(ctx: click.Context, checkpoint: str, calib_spec: str, calib_size: int, verify_size: int, out_dir: str,
             force: bool, strict: bool, no_monolithic: bool, exit_rule: str, thresholds: str | None,
-            name: str | None, as_json: bool, **network_opts: Any) -> None:
+            name: str | None, as_json: bool, activations: str, **network_opts: Any) -> None:
     """Convert a trained CHECKPOINT, the early-exit network FILE.py:NAME builds, or a multi-output MODEL.onnx
     (one output per exit) into per-stage int8 files.
 
@@ -189,7 +192,9 @@ def convert(ctx: click.Context, checkpoint: str, calib_spec: str, calib_size: in
     edgeexit convert my_net.onnx --mean 0.5 --std 0.5 --confidence probability --calib fashion-mnist --out bundle/
     """
     from ..training.checkpoint import load_checkpoint, read_checkpoint
-    from ..convert.convert import VerificationWarning, convert as run_convert
+    from ..convert.convert import VerificationWarning, check_activations, convert as run_convert
+
+    check_activations(activations, exit_rule)
 
     quiet = bool((ctx.obj or {}).get("quiet"))
     start = time.perf_counter()
@@ -227,6 +232,7 @@ def convert(ctx: click.Context, checkpoint: str, calib_spec: str, calib_size: in
                              verify_labels=None if verify is None else verify.labels,
                              thresholds=_parse_thresholds(thresholds), exit_rule=exit_rule,
                              monolithic=not no_monolithic, force=force, strict=strict, name=name, progress=progress,
+                             activations=activations,
                              training={**training, "calibration": {"dataset": calib.name, "images": len(calib)}})
     for w in caught:  # a failed verification is said below, in the CLI's words
         if not issubclass(w.category, VerificationWarning):

@@ -34,7 +34,7 @@ from edgeexit.runtime.manifest import EXIT_RULES, ExitRuleSpec, Manifest, Prepro
 
 from . import bundle_writer as bw
 from .export import ExportUnit, export_onnx, monolithic_unit, split_stages
-from .quantize import check_calibration_images, onnx_to_int8_tflite, stage_inputs
+from .quantize import ACTIVATIONS, check_calibration_images, onnx_to_int8_tflite, stage_inputs
 from ..models.staged import StagedModel
 from .verify import (Tolerances, VerificationReport, compare, float_outputs, format_table, int8_outputs)
 
@@ -183,10 +183,24 @@ def check_inputs(model: StagedModel, calib_images: np.ndarray, verify_images: np
 
 # ---- steps 1-3: split, export, quantize --------------------------------------------------------------------
 
-def convert_unit(unit: ExportUnit, calibration: np.ndarray, workdir: Path, out_path: Path) -> Path:
-    """Export one unit to ONNX in ``workdir`` and convert it into a full-int8 .tflite at ``out_path``."""
+def convert_unit(unit: ExportUnit, calibration: np.ndarray, workdir: Path, out_path: Path,
+                 activations: str = "int8") -> Path:
+    """Export one unit to ONNX in ``workdir`` and convert it into a full-integer .tflite at ``out_path`` (int8, or
+    int16 activations with int8 weights)."""
     onnx_path = export_onnx(unit, workdir / f"{unit.name}.onnx")
-    return onnx_to_int8_tflite(unit.name, onnx_path, calibration, out_path, keep_nhwc_input=not unit.first)
+    return onnx_to_int8_tflite(unit.name, onnx_path, calibration, out_path, keep_nhwc_input=not unit.first,
+                               activations=activations)
+
+
+def check_activations(activations: Any, exit_rule: str) -> str:
+    """The activation type asked for ("int8" or "int16"); UsageError for another, or for int16 with the
+    class_exclusion rule (its run-time tables are built over int8 outputs only)."""
+    if activations not in ACTIVATIONS:
+        raise UsageError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r:.40}")
+    if activations == "int16" and exit_rule == "class_exclusion":
+        raise UsageError("exit rule 'class_exclusion' runs on int8 bundles only; convert with activations int8 "
+                         "(the default; CLI: drop --activations int16) or choose max_softmax, entropy or confidence")
+    return activations
 
 
 # ---- step 4: the graphs are full-int8, hand-offs fit, costs ------------------------------------------------
@@ -195,12 +209,19 @@ def convert_unit(unit: ExportUnit, calibration: np.ndarray, workdir: Path, out_p
 _CONVERSION_OPS = ("QUANTIZE", "DEQUANTIZE", "DELEGATE")
 
 
-def check_int8_graph(interpreter: Any, name: str) -> None:
-    """ConversionError if an op of the graph computes in float32 (a layer without an int8 kernel).
+def check_int8_graph(interpreter: Any, name: str, activations: str = "int8") -> None:
+    """ConversionError if an op of the graph computes in float32 (a layer without an int8 kernel, or without an
+    int16-activation kernel for ``activations="int16"``).
 
     The TFLite converter keeps such layers as a float island (DEQUANTIZE -> op -> QUANTIZE) instead of failing;
     they run slowly on CPUs and not at all on int8-only accelerators, so they are refused here, named.
     """
+    io = list(interpreter.get_input_details()) + list(interpreter.get_output_details())
+    wrong = [f"{d['name']} {np.dtype(d['dtype']).name}" for d in io if np.dtype(d["dtype"]).name != activations]
+    if wrong:
+        raise ConversionError(f"{name}: the converted graph's inputs/outputs are not {activations} "
+                              f"({', '.join(wrong)}); the converter did not produce a full-integer file: check the "
+                              "onnx2tf version")
     details = {int(d["index"]): d for d in interpreter.get_tensor_details()}
     for op in interpreter._get_ops_details():
         if op["op_name"] in _CONVERSION_OPS:
@@ -208,8 +229,10 @@ def check_int8_graph(interpreter: Any, name: str) -> None:
         types = [np.dtype(t).name for t in list(op.get("operand_types", [])) + list(op.get("result_types", []))]
         if "float32" in types:
             outs = [str(details[int(i)]["name"]) for i in op["outputs"] if int(i) in details]
-            raise ConversionError(f"{name}: op {op['op_name']} (tensor {outs[0] if outs else '?'}) has no int8 kernel "
-                                  "and would run in float32 inside the int8 graph; replace that layer with one TFLite "
+            kernel = "int8" if activations == "int8" else "int16-activation (16x8)"
+            raise ConversionError(f"{name}: op {op['op_name']} (tensor {outs[0] if outs else '?'}) has no {kernel} "
+                                  f"kernel and would run in float32 inside the {activations} graph; replace that layer "
+                                  "with one TFLite "
                                   "quantizes (conv, linear, pooling, ReLU/ReLU6, sigmoid, tanh, add, mul, concat)")
 
 
@@ -312,8 +335,12 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
             thresholds: Sequence[float] | None = None, exit_rule: str = "confidence", monolithic: bool = True,
             force: bool = False, strict: bool = False, tolerances: Tolerances = Tolerances(),
             name: str | None = None, training: dict[str, Any] | None = None,
-            progress: Progress | None = None) -> ConversionReport:
+            progress: Progress | None = None, activations: str = "int8") -> ConversionReport:
     """Convert ``model`` into a bundle at ``out_dir``: one full-int8 .tflite per stage (+ monolithic.tflite).
+
+    With ``activations="int16"`` every file (stages and monolithic) is the TFLite "16x8" conversion instead: int8
+    weights, int16 activations, int16 input and outputs (more accurate, larger activations, no Edge TPU; the
+    class_exclusion rule is refused). The manifest records it in ``activations``.
 
     Args:
         model: the trained early-exit network.
@@ -336,6 +363,7 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
         name: the bundle's name (default: the model's builder name).
         training: extra facts for the manifest's ``training`` section (checkpoint metrics, calibration set).
         progress: called with one line per finished step (its name and seconds).
+        activations: "int8" (the default) or "int16" (see above).
 
     Returns:
         The :class:`ConversionReport`.
@@ -348,6 +376,7 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
     out = Path(out_dir).absolute()
     check_inputs(model, calib_images, verify_images, verify_labels)
     rule = resolve_exit_rule(model, exit_rule, thresholds)
+    activations = check_activations(activations, rule.kind)
     bw.check_target(out, force)
     was_training = model.training
     model.eval()
@@ -360,17 +389,18 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
             stage_paths = []
             for unit, calib in zip(units, calibration):
                 path = staged / f"{unit.name}.tflite"
-                stage_paths.append(steps.run(f"convert {unit.name}", convert_unit, unit, calib, workdir, path))
+                stage_paths.append(steps.run(f"convert {unit.name}", convert_unit, unit, calib, workdir, path,
+                                             activations))
             mono_path = None
             if monolithic:
                 mono_path = steps.run("convert monolithic", convert_unit, monolithic_unit(model), calibration[0],
-                                      workdir, staged / "monolithic.tflite")
+                                      workdir, staged / "monolithic.tflite", activations)
             backend = resolve_backend("auto")
             interps = [create_interpreter(p, backend) for p in stage_paths]
             mono_interp = None if mono_path is None else create_interpreter(mono_path, backend)
             named = [(f"stage_{i}", it) for i, it in enumerate(interps)] + (
                 [("monolithic", mono_interp)] if mono_interp is not None else [])
-            steps.run("check int8 graphs", lambda: [check_int8_graph(it, n) for n, it in named])
+            steps.run(f"check {activations} graphs", lambda: [check_int8_graph(it, n, activations) for n, it in named])
             handoffs = steps.run("check hand-offs", check_handoffs, interps)
             stage_costs, cost_records, full_macs, mono_costs = steps.run("count costs", count_costs, model, stage_paths,
                                                                          mono_path)
@@ -389,7 +419,7 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
             verification = report_v.to_dict() if report_v is not None else {"skipped": "no verification images"}
             manifest = steps.run("write bundle", _write, model, staged, out, force, stage_paths, interps, stage_costs,
                                  rule, full_macs, mono_path, mono_interp, mono_costs, verification,
-                                 name or model.spec.builder, training or {})
+                                 name or model.spec.builder, training or {}, activations)
     finally:
         model.train(was_training)
     notes = [f"hand-off {h['from']}->{h['to']} quantization differs" for h in handoffs if not h["equal"]]
@@ -408,7 +438,7 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
 def _write(model: StagedModel, staged: Path, out: Path, force: bool, stage_paths: Sequence[Path],
            interps: Sequence[Any], stage_costs: Sequence[StageCosts], rule: ExitRuleSpec, full_macs: int,
            mono_path: Path | None, mono_interp: Any | None, mono_costs: GraphCosts | None,
-           verification: dict[str, Any], name: str, training: dict[str, Any]) -> Manifest:
+           verification: dict[str, Any], name: str, training: dict[str, Any], activations: str = "int8") -> Manifest:
     """Build the manifest, write it next to the files and move the whole directory into place."""
     stages = [bw.stage_spec(i, p, it, model.stages[i].head.scores, c)
               for i, (p, it, c) in enumerate(zip(stage_paths, interps, stage_costs))]
@@ -420,7 +450,7 @@ def _write(model: StagedModel, staged: Path, out: Path, force: bool, stage_paths
     if mono_path is not None and mono_interp is not None and mono_costs is not None:
         mono = bw.model_file(mono_path, mono_interp, mono_costs.macs, mono_costs.param_bytes)
     manifest = bw.build_manifest(name, stages, pre, spec.labels, rule, full_macs, mono, _jsonable(verification),
-                                 {**training_info(model), **_jsonable(training)})
+                                 {**training_info(model), **_jsonable(training)}, activations)
     bw.write_manifest(staged, manifest)
     bw.publish(staged, out, force)
     return manifest

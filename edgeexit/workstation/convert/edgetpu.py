@@ -375,7 +375,8 @@ def compile_for_edgetpu(bundle_dir: str | os.PathLike[str], compiler: str = "edg
         is :func:`edgetpu_report` of the uncompiled stages.
 
     Raises:
-        ConversionError: the compiler is not installed, fails or times out, or wrote no output file.
+        ConversionError: the bundle has int16 activations (the Edge TPU has no int16), the compiler is not
+            installed, fails or times out, or wrote no output file.
         BundleError: the bundle cannot be read.
     """
     root = Path(bundle_dir)
@@ -383,6 +384,9 @@ def compile_for_edgetpu(bundle_dir: str | os.PathLike[str], compiler: str = "edg
     if not manifest_path.is_file():
         raise BundleError(f"{root}: no {MANIFEST_FILE}; pass a bundle directory made by `edgeexit convert`")
     manifest = Manifest.from_json(manifest_path.read_text())
+    if manifest.activations != "int8":
+        raise ConversionError(f"{root}: the bundle has {manifest.activations} activations and the Edge TPU runs int8 "
+                              "only; convert it with --activations int8 (the default) to compile it for the Edge TPU")
     stages = [root / s.file for s in manifest.stages]
     exe = find_compiler(compiler)
     if exe is None:

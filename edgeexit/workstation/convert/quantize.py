@@ -76,7 +76,7 @@ def stage_inputs(model: StagedModel, images: np.ndarray, batch: int = 256) -> li
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def _failure_summary(name: str, log_text: str, exc: BaseException) -> str:
+def _failure_summary(name: str, log_text: str, exc: BaseException, activations: str = "int8") -> str:
     """One line naming the ONNX op/layer onnx2tf failed on, and why, from its console output."""
     text = _ANSI.sub("", log_text)
     op = None
@@ -91,13 +91,21 @@ def _failure_summary(name: str, log_text: str, exc: BaseException) -> str:
     if errors:
         reason = errors[-1][:200] if not str(exc).strip() else reason
     where = f"layer {layer[-1]} (ONNX op {op})" if layer and op else (f"ONNX op {op}" if op else "the graph")
-    return (f"{name}: onnx2tf cannot convert {where} to int8 TFLite: {reason[:300]}; replace the layer with "
+    kind = "int8" if activations == "int8" else "int16-activation (16x8)"
+    return (f"{name}: onnx2tf cannot convert {where} to {kind} TFLite: {reason[:300]}; replace the layer with "
             "standard conv/linear/pool/activation layers")
 
 
+#: Activation types a conversion can produce: int8 (int8 weights and activations), or int16 (TFLite "16x8":
+#: int8 weights, int16 activations, int16 input and outputs), and the onnx2tf file of each.
+ACTIVATIONS = ("int8", "int16")
+_PRODUCED = {"int8": "*_full_integer_quant.tflite", "int16": "*_full_integer_quant_with_int16_act.tflite"}
+
+
 def onnx_to_int8_tflite(name: str, onnx_path: Path, calibration: np.ndarray, out_path: Path,
-                        keep_nhwc_input: bool) -> Path:
-    """Convert one ONNX file into a full-integer int8 .tflite (int8 input and outputs).
+                        keep_nhwc_input: bool, activations: str = "int8") -> Path:
+    """Convert one ONNX file into a full-integer .tflite: int8 (int8 input and outputs), or with
+    ``activations="int16"`` the 16x8 file onnx2tf writes from the same calibration (int16 input and outputs).
 
     Args:
         name: unit name for messages ("stage_1").
@@ -105,6 +113,7 @@ def onnx_to_int8_tflite(name: str, onnx_path: Path, calibration: np.ndarray, out
         calibration: float32 [N, H, W, C] inputs in the converted (NHWC) layout, already normalized.
         out_path: where to put the .tflite.
         keep_nhwc_input: True for later stages, whose ONNX input is already NHWC.
+        activations: "int8" or "int16" (:data:`ACTIVATIONS`).
 
     Raises:
         ConversionError: onnx2tf fails or produces no int8 model, naming the failing layer when it can.
@@ -134,10 +143,11 @@ def onnx_to_int8_tflite(name: str, onnx_path: Path, calibration: np.ndarray, out
         if error is not None:
             log.debug("onnx2tf output for %s:\n%s", name, captured.getvalue())
             raise ConversionError(_failure_summary(name, captured.getvalue(), error)) from None
-        produced = sorted(out_dir.glob("*_full_integer_quant.tflite"))
+        pattern = _PRODUCED[activations]
+        produced = sorted(out_dir.glob(pattern))
         if not produced:
             log.debug("onnx2tf output for %s:\n%s", name, captured.getvalue())
             raise ConversionError(_failure_summary(name, captured.getvalue(),
-                                                   RuntimeError("no *_full_integer_quant.tflite was produced")))
+                                                   RuntimeError(f"no {pattern} was produced"), activations))
         shutil.copyfile(produced[0], out_path)
     return out_path
