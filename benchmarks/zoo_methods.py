@@ -172,8 +172,8 @@ def post_trained(method: str, dataset: str, net: str, splits: common.Splits, arg
                                    placement="pareto", mean=MEAN, std=STD, backbone_desc=desc)
         before = backbone_digest(model)
         res = train_class_exits(model, splits.train, splits.val, epochs=args.branch_epochs)
-    info = {"backbone_unchanged": before == backbone_digest(res.model), "train_seconds": round(time.perf_counter() - t0, 1),
-            "exits_after": res.model.spec.extra.get("exits_after")}
+    info = {"backbone_unchanged": before == backbone_digest(res.model),
+            "train_seconds": round(time.perf_counter() - t0, 1), "exits_after": res.model.spec.extra.get("exits_after")}
     save_checkpoint(res.model, path, info, force=True)
     return res.model, info
 
@@ -333,7 +333,8 @@ def table(dataset: str) -> str:
         target = (f"<= {100 * r['target']['max_macs_fraction']:.0f} % MACs, " if r["target"]["max_macs_fraction"]
                   else "") + f"<= {r['target']['max_drop_pp']:g} pp"
         act = r.get("activations", "int8")
-        rows.append(f"| {r['method']}{'' if act == 'int8' else f' ({act} activations)'} | {r['backbone']} | {100 * r['heldout_float']['final_exit']:.2f} | "
+        method = r["method"] + ("" if act == "int8" else f" ({act} activations)")
+        rows.append(f"| {method} | {r['backbone']} | {100 * r['heldout_float']['final_exit']:.2f} | "
                     f"{100 * r['heldout_int8_monolithic']:.2f} | {100 * p['heldout_int8_final_exit']:.2f} | "
                     f"{100 * p['heldout']['accuracy']:.2f} | {p['heldout_drop_pp']:+.2f} | "
                     f"{100 * p['heldout']['avg_macs_fraction']:.1f} | {lat['speedup_p50']:.2f}x / "

@@ -8,7 +8,9 @@ validation images the conversion used::
     python benchmarks/zoo_verdicts.py [--dataset fashion-mnist]
 
 Writes ``benchmarks/results/zoo/verdicts_<dataset>.json``: per bundle the earlier verdict and failures (recorded
-at conversion), the current verdict, failed tolerances and the measured figures behind them.
+at conversion), the current verdict, failed tolerances and the measured figures behind them, the broken copies'
+verdicts and figures, and the command that measured the row (``--bundles GLOB`` re-measures those rows only and
+keeps the others).
 """
 
 from __future__ import annotations
@@ -102,10 +104,19 @@ def main() -> None:
         print(json.dumps({"bundle": bundle.name, "earlier": row["earlier"]["passed"],
                           "current": row["current"]["passed"], "current_failed": row["current"]["failed_tolerances"],
                           "broken": {k: v["passed"] for k, v in broken.items()}}), flush=True)
-    out = RESULTS / "zoo" / (f"verdicts_{args.dataset}.json" if args.bundles == "*" else
-                             f"verdicts_{args.dataset}_{args.bundles.replace('*', '')}.json")
-    write_file_atomic(out, json.dumps({"command": " ".join(sys.argv), "verification_images": len(splits.val.labels),
-                                       "rows": rows}, indent=2, default=str) + "\n")
+    out = RESULTS / "zoo" / f"verdicts_{args.dataset}.json"
+    command = " ".join(sys.argv)
+    if out.is_file() and args.bundles != "*":  # a subset: replace those rows, keep the others with their command
+        old = json.loads(out.read_text())
+        done = {r["bundle"] for r in rows}
+        for r in old["rows"]:
+            r.setdefault("command", old.get("command"))
+        rows = sorted([r for r in old["rows"] if r["bundle"] not in done] + [{**r, "command": command} for r in rows],
+                      key=lambda r: r["bundle"])
+    else:
+        rows = [{**r, "command": command} for r in rows]
+    write_file_atomic(out, json.dumps({"verification_images": len(splits.val.labels), "rows": rows}, indent=2,
+                                      default=str) + "\n")
     print(out)
 
 
