@@ -39,8 +39,9 @@ RUNS = ROOT / "runs" / "zoo"
 
 
 def checkpoint_of(bundle: Path, dataset: str) -> Path:
-    """runs/zoo/<dataset>-eenet-resnet20[-spatial]-lam1-bundle -> ...-warmup3-lam1.pt; others: the same stem."""
-    stem = bundle.name[: -len("-bundle")]
+    """runs/zoo/<dataset>-eenet-resnet20[-spatial]-lam1-bundle -> ...-warmup3-lam1.pt; others: the same stem
+    (without "-int16")."""
+    stem = bundle.name[: -len("-bundle")].removesuffix("-int16")  # an int16-activation bundle of the same model
     if "-eenet-" in stem:
         head, lam = stem.rsplit("-lam", 1)
         matches = sorted(RUNS.glob(f"{head}-warmup*-lam{lam}.pt"))
