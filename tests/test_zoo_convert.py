@@ -27,6 +27,7 @@ from torch import nn  # noqa: E402
 from edgeexit.workstation.convert.costs import count_macs  # noqa: E402
 from edgeexit.workstation.methods import pteenet  # noqa: E402
 from edgeexit.workstation.models import zoo  # noqa: E402
+from tinymodels import exits_loss  # noqa: E402
 
 LABELS = [f"class{i}" for i in range(10)]
 SIZE = 32
@@ -132,12 +133,7 @@ def _trained_case(arch: str, steps: int, batch: int = 64) -> Case:
             idx = order[step * batch:(step + 1) * batch]
             x = _to_tensor(train_set.images[idx], MNIST_MEAN, MNIST_STD)
             y = torch.from_numpy(train_set.labels[idx].astype(np.int64))
-            loss = torch.zeros(())
-            for out in model(x):
-                loss = loss + nn.functional.cross_entropy(out["logits"], y)
-                if "confidence" in out:
-                    right = (out["logits"].argmax(1) == y).float().unsqueeze(1)
-                    loss = loss + nn.functional.binary_cross_entropy_with_logits(out["confidence"], right)
+            loss = exits_loss(model(x), y)
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -85,16 +85,22 @@ def train_tiny(model: StagedModel, steps: int = 120, batch: int = 64, seed: int 
     for step in range(steps):
         sl = slice(step * batch, (step + 1) * batch)
         x, y = to_tensor(images[sl], model), torch.from_numpy(labels[sl])
-        loss = torch.zeros(())
-        for out in model(x):
-            loss = loss + nn.functional.cross_entropy(out["logits"], y)
-            if "confidence" in out:
-                correct = (out["logits"].argmax(1) == y).float().unsqueeze(1)
-                loss = loss + nn.functional.binary_cross_entropy_with_logits(out["confidence"], correct)
+        loss = exits_loss(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
     return model.eval()
+
+
+def exits_loss(outputs, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of every exit's logits, plus each confidence head's BCE against "this exit is right"."""
+    loss = torch.zeros(())
+    for out in outputs:
+        loss = loss + nn.functional.cross_entropy(out["logits"], y)
+        if "confidence" in out:
+            correct = (out["logits"].argmax(1) == y).float().unsqueeze(1)
+            loss = loss + nn.functional.binary_cross_entropy_with_logits(out["confidence"], correct)
+    return loss
 
 
 CALIBRATION_SAMPLES = 48

@@ -29,8 +29,8 @@ from ..errors import BundleError, UsageError, printable
 from .atomic import write_file_atomic
 from .files import describe_os_error, read_regular
 from .interpreter import Backend, create_interpreter, resolve_backend
-from .manifest import (ACTIVATION_DTYPES, MANIFEST_FILE, MAX_MANIFEST_BYTES, Manifest, Quantization, StageSpec,
-                       TensorSpec, quant_equal)
+from .manifest import (ACTIVATION_DTYPES, MANIFEST_FILE, MAX_MANIFEST_BYTES, QUANTIZED_DTYPES, Manifest,
+                       Quantization, StageSpec, TensorSpec, quant_equal)
 from .preprocess import check_preprocessing
 from .rules import rule_from_spec
 from .tflite import MAX_FILE_BYTES, Model, Tensor, graph_costs, read_model
@@ -181,7 +181,7 @@ def plan_handoffs(manifest: Manifest) -> tuple[Requantization | None, ...]:
         if feats.shape != nxt.input.shape:
             raise BundleError(f"hand-off {prev.index}->{nxt.index}: {prev.file} features {list(feats.shape)} do not "
                               f"fit {nxt.file} input {list(nxt.input.shape)}; re-create the bundle")
-        if feats.dtype != nxt.input.dtype or feats.dtype not in ("int8", "uint8", "int16"):
+        if feats.dtype != nxt.input.dtype or feats.dtype not in QUANTIZED_DTYPES:
             raise BundleError(f"hand-off {prev.index}->{nxt.index}: features are {feats.dtype}, next input is "
                               f"{nxt.input.dtype}; expected the same integer type (int8 or int16) on both sides: "
                               "re-create the bundle")
@@ -338,7 +338,7 @@ def _check_activations(manifest: Manifest) -> None:
         units.append((manifest.monolithic.file, [manifest.monolithic.input, manifest.monolithic.output]))
     for file, tensors in units:
         for t in tensors:
-            if t.dtype in ("int8", "uint8", "int16") and t.dtype not in allowed:
+            if t.dtype in QUANTIZED_DTYPES and t.dtype not in allowed:
                 raise BundleError(f"{file}: tensor {t.name!r} is {t.dtype} but the bundle's activations are "
                                   f"{manifest.activations}; a bundle must not mix int8 and int16 files: re-create it "
                                   f"with `edgeexit convert --activations {manifest.activations}`")

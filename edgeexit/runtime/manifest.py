@@ -47,6 +47,8 @@ ACTIVATIONS = ("int8", "int16")
 #: The tensor dtypes each activation type allows.
 ACTIVATION_DTYPES = {"int8": ("int8", "uint8"), "int16": ("int16",)}
 _INT_RANGES = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767)}
+#: The quantized (integer activation) tensor types a bundle's inputs, hand-offs and outputs may have.
+QUANTIZED_DTYPES = tuple(_INT_RANGES)
 
 # Bounds on what a manifest may hold: far above any real bundle, low enough that no field can make the
 # device allocate, recurse or print without limit.

@@ -33,7 +33,7 @@ from typing import Any, Union
 import numpy as np
 
 from ..errors import BundleError, InputError, printable
-from .manifest import Preprocessing, TensorSpec
+from .manifest import QUANTIZED_DTYPES, Preprocessing, TensorSpec
 
 ImageLike = Union[str, "os.PathLike[str]", np.ndarray, Any]  # Any: PIL.Image.Image (Pillow imported lazily)
 
@@ -44,8 +44,6 @@ MAX_IMAGE_PIXELS = 64_000_000
 #: The preprocessing must map pixels 0..255 onto at least this many distinct input levels per channel: fewer
 #: means mean / std / pixel_scale do not fit the input tensor's quantization (every image nearly one input).
 MIN_INPUT_LEVELS = 32
-#: Quantized input types the lookup tables write.
-INPUT_DTYPES = ("int8", "uint8", "int16")
 
 
 def check_preprocessing(prep: Preprocessing, tensor: TensorSpec) -> None:
@@ -60,7 +58,7 @@ def check_preprocessing(prep: Preprocessing, tensor: TensorSpec) -> None:
         raise BundleError(f"manifest: preprocessing {prep.color_mode} {prep.size[0]}x{prep.size[1]} does not fit the "
                           f"input tensor {list(shape)} ([1, height, width, channels]); the manifest was edited: "
                           "re-create the bundle")
-    if tensor.dtype not in INPUT_DTYPES or tensor.quantization is None:
+    if tensor.dtype not in QUANTIZED_DTYPES or tensor.quantization is None:
         return  # the Preprocessor refuses such a bundle with its own message
     levels = Preprocessor(prep, tensor).lut
     fewest = min(len(np.unique(row)) for row in levels)
@@ -77,7 +75,7 @@ class Preprocessor:
         self.prep = prep
         self.height, self.width = prep.size
         self.channels = prep.channels
-        if tensor.dtype not in INPUT_DTYPES or tensor.quantization is None:
+        if tensor.dtype not in QUANTIZED_DTYPES or tensor.quantization is None:
             raise InputError(f"the bundle's input tensor is {tensor.dtype} without int8/int16 quantization; edgeexit "
                              "runs full-integer bundles only: re-create it with `edgeexit convert`")
         self.dtype = np.dtype(tensor.dtype)

@@ -38,7 +38,7 @@ from ..energy.sources import HwmonSensor, find_power_sensor
 from ..errors import BundleError, InputError, UsageError
 from .bundle import Bundle, Requantization, check_model_tensors, check_stage_tensors, load_bundle
 from .interpreter import create_interpreter, edgetpu_delegate, native_invoke, resolve_backend
-from .manifest import ExitRuleSpec, Manifest, TensorSpec
+from .manifest import QUANTIZED_DTYPES, ExitRuleSpec, Manifest, TensorSpec
 from .preprocess import ImageLike, Preprocessor
 from .rules import CONTINUE, Decider, ExitRule, exit_scores, rule_from_spec
 from .stats import RunnerStats
@@ -262,7 +262,7 @@ class _Stage:
 
 def _exit_quant(logits: TensorSpec, conf: TensorSpec | None, scores: str, num_classes: int) -> ExitQuant:
     for t in (logits, conf):
-        if t is not None and (t.quantization is None or t.dtype not in ("int8", "uint8", "int16")):
+        if t is not None and (t.quantization is None or t.dtype not in QUANTIZED_DTYPES):
             raise BundleError(f"output {t.name!r} is not int8- or int16-quantized; edgeexit runs full-integer bundles "
                               "only: re-create it with `edgeexit convert`")
     c = None if conf is None else (conf.quantization.scale, conf.quantization.zero_point, conf.dtype)

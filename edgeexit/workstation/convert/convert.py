@@ -30,11 +30,12 @@ from edgeexit.errors import ConversionError, UsageError
 from edgeexit.runtime.tflite import GraphCosts, graph_costs
 from edgeexit.runtime.atomic import staging_dir
 from edgeexit.runtime.interpreter import create_interpreter, resolve_backend
-from edgeexit.runtime.manifest import EXIT_RULES, ExitRuleSpec, Manifest, Preprocessing, StageCosts, quant_equal
+from edgeexit.runtime.manifest import (ACTIVATIONS, EXIT_RULES, ExitRuleSpec, Manifest, Preprocessing, StageCosts,
+                                      quant_equal)
 
 from . import bundle_writer as bw
 from .export import ExportUnit, export_onnx, monolithic_unit, split_stages
-from .quantize import ACTIVATIONS, check_calibration_images, onnx_to_int8_tflite, stage_inputs
+from .quantize import check_calibration_images, onnx_to_int8_tflite, stage_inputs
 from ..models.staged import StagedModel
 from .verify import (Tolerances, VerificationReport, compare, float_outputs, format_table, int8_outputs)
 

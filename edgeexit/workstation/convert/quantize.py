@@ -96,9 +96,8 @@ def _failure_summary(name: str, log_text: str, exc: BaseException, activations: 
             "standard conv/linear/pool/activation layers")
 
 
-#: Activation types a conversion can produce: int8 (int8 weights and activations), or int16 (TFLite "16x8":
-#: int8 weights, int16 activations, int16 input and outputs), and the onnx2tf file of each.
-ACTIVATIONS = ("int8", "int16")
+#: The onnx2tf file of each activation type (:data:`edgeexit.runtime.manifest.ACTIVATIONS`): int8 (int8 weights
+#: and activations), or int16 (TFLite "16x8": int8 weights, int16 activations, int16 input and outputs).
 _PRODUCED = {"int8": "*_full_integer_quant.tflite", "int16": "*_full_integer_quant_with_int16_act.tflite"}
 
 
@@ -113,7 +112,7 @@ def onnx_to_int8_tflite(name: str, onnx_path: Path, calibration: np.ndarray, out
         calibration: float32 [N, H, W, C] inputs in the converted (NHWC) layout, already normalized.
         out_path: where to put the .tflite.
         keep_nhwc_input: True for later stages, whose ONNX input is already NHWC.
-        activations: "int8" or "int16" (:data:`ACTIVATIONS`).
+        activations: "int8" or "int16" (:data:`edgeexit.runtime.manifest.ACTIVATIONS`).
 
     Raises:
         ConversionError: onnx2tf fails or produces no int8 model, naming the failing layer when it can.
@@ -142,7 +141,7 @@ def onnx_to_int8_tflite(name: str, onnx_path: Path, calibration: np.ndarray, out
                 error = exc
         if error is not None:
             log.debug("onnx2tf output for %s:\n%s", name, captured.getvalue())
-            raise ConversionError(_failure_summary(name, captured.getvalue(), error)) from None
+            raise ConversionError(_failure_summary(name, captured.getvalue(), error, activations)) from None
         pattern = _PRODUCED[activations]
         produced = sorted(out_dir.glob(pattern))
         if not produced:
