@@ -44,14 +44,19 @@ def digits(tmp_path_factory) -> Path:
     return path
 
 
+def _launch(nproc: int, argv: list[str], workdir: Path, timeout: float, **env: str) -> subprocess.CompletedProcess:
+    """``python argv`` in ``workdir``: 1 process started plainly, more by ``torch.distributed.run``."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env}
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+    return subprocess.run([sys.executable, *launcher, *argv], capture_output=True, text=True, env=full_env,
+                          cwd=workdir, timeout=timeout)
+
+
 def _run(nproc: int, args: list[str], workdir: Path, timeout: float = 150,
          **env: str) -> subprocess.CompletedProcess:
     workdir.mkdir(parents=True, exist_ok=True)
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-                "EDGEEXIT_TEST_WRITES": str(workdir / "writes.log"), **env}
-    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
-    return subprocess.run([sys.executable, *launcher, str(ENTRY), "-q", *args], capture_output=True, text=True,
-                          env=full_env, cwd=workdir, timeout=timeout)
+    return _launch(nproc, [str(ENTRY), "-q", *args], workdir, timeout,
+                   EDGEEXIT_TEST_WRITES=str(workdir / "writes.log"), **env)
 
 
 def _pair(tmp_path: Path, args: list[str]) -> tuple[Path, Path]:
@@ -217,12 +222,10 @@ def test_every_process_exits_cleanly_after_distributed_training(tmp_path):
     (exit -6); each run here has that chance, so 10 runs catch the defect with probability about 0.9."""
     script = tmp_path / "ddp_exit.py"
     script.write_text(_DDP_EXIT)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     for run in range(10):
         for rank in (0, 1):
             (tmp_path / f"done{rank}").unlink(missing_ok=True)
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                               str(script)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+        proc = _launch(2, [str(script)], tmp_path, timeout=120)
         assert proc.returncode == 0, f"run {run}: {proc.stderr[-2000:]}"
         assert (tmp_path / "done0").exists() and (tmp_path / "done1").exists()  # both ran to the end
 
