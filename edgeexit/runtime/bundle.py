@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ..errors import BundleError, UsageError, printable
-from .atomic import write_file_atomic
+from .atomic import STALE_TEMP_S, locked_directory, remove_temps, temp_files, write_file_atomic
 from .files import describe_os_error, read_regular
 from .interpreter import Backend, create_interpreter, resolve_backend
 from .manifest import (ACTIVATION_DTYPES, MANIFEST_FILE, MAX_MANIFEST_BYTES, QUANTIZED_DTYPES, Manifest,
@@ -36,6 +36,9 @@ from .rules import rule_from_spec
 from .tflite import MAX_FILE_BYTES, Model, Tensor, graph_costs, read_model
 
 log = logging.getLogger(__name__)
+
+#: The files of a bundle that are rewritten in place (tune, bench --store-energy, sign), under the bundle's lock.
+_WRITTEN_FILES = (MANIFEST_FILE, "manifest.sig")
 
 @dataclass(frozen=True)
 class Requantization:
@@ -241,7 +244,8 @@ def load_bundle(path: str | os.PathLike[str], *, backend: str | Backend = "auto"
             The files' structure, tensors and costs are checked either way (without an interpreter), and the
             monolithic model (which the Runner loads only on demand) with an interpreter.
         trusted_key: require ``manifest.sig`` to be a valid signature by this Ed25519 public key (a PEM
-            file's path or a loaded key); None = the key named by ``$EDGEEXIT_TRUSTED_KEY`` if set, else none.
+            file's path or a loaded key); None = the key named by ``$EDGEEXIT_TRUSTED_KEY`` if set (set but
+            empty is a UsageError), else none.
 
     Returns:
         The validated :class:`Bundle`.
@@ -249,12 +253,21 @@ def load_bundle(path: str | os.PathLike[str], *, backend: str | Backend = "auto"
     Raises:
         BundleError: anything wrong with the manifest, its signature or the files (one-line message).
         InterpreterError: no interpreter is installed, or one cannot load a file.
-        UsageError: an unreadable trusted key, or signing support (cryptography) not installed.
+        UsageError: ``path`` is not a path, an unreadable trusted key, ``$EDGEEXIT_TRUSTED_KEY`` set but empty, or
+            signing support (cryptography) not installed.
     """
     from .signing import TRUSTED_KEY_ENV
 
-    if trusted_key is None and os.environ.get(TRUSTED_KEY_ENV):
-        trusted_key = os.environ[TRUSTED_KEY_ENV]
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise UsageError(f"a bundle is a directory path (str or pathlib.Path) or a Bundle from load_bundle(), got "
+                         f"{type(path).__name__}")
+    env_key = os.environ.get(TRUSTED_KEY_ENV)
+    if trusted_key is None and env_key is not None:
+        if not env_key.strip():  # set but empty: a mistake (an unset variable in a script), never "no check"
+            raise UsageError(f"${TRUSTED_KEY_ENV} is set but empty; set it to the trusted public key file "
+                             f"(PEM), or unset it to load bundles without requiring a signature")
+        trusted_key = env_key
+    _clean_abandoned_temps(path)
     return _load_bundle(path, backend=backend, check_tensors=check_tensors, trusted_key=trusted_key)
 
 
@@ -286,9 +299,10 @@ def _load_bundle(path: str | os.PathLike[str], *, backend: str | Backend, check_
     resolved = backend if isinstance(backend, Backend) else resolve_backend(backend)
     if check_tensors:
         for spec, file in zip(manifest.stages, stage_files):
-            check_stage_tensors(create_interpreter(file, resolved), spec)
+            check_stage_tensors(create_interpreter(file, resolved, sha256=spec.sha256), spec)
     if mono is not None and mono_file is not None:  # the Runner creates it only when asked: check it here
-        check_model_tensors(create_interpreter(mono_file, resolved), mono.input, mono.output, mono.file)
+        check_model_tensors(create_interpreter(mono_file, resolved, sha256=mono.sha256), mono.input, mono.output,
+                            mono.file)
     log.info("bundle %s: %d stages checked%s", root, manifest.num_exits,
              f", signed by {signed_by}" if signed_by else "")
     return Bundle(path=root, manifest=manifest, stage_files=stage_files, monolithic_file=mono_file,
@@ -431,16 +445,36 @@ def write_manifest_atomic(bundle_dir: str | os.PathLike[str], manifest: Manifest
 
 
 def replace_file_atomic(bundle_dir: str | os.PathLike[str], name: str, data: bytes) -> Path:
-    """Replace ``bundle_dir/name`` with ``data`` atomically (:func:`edgeexit.runtime.atomic.write_file_atomic`)."""
+    """Replace ``bundle_dir/name`` with ``data`` atomically (:func:`edgeexit.runtime.atomic.write_file_atomic`),
+    holding the bundle directory's lock (:func:`~edgeexit.runtime.atomic.locked_directory`): writers of one bundle
+    take turns, and the temporary files that killed writers left are removed first, whatever their age."""
     root = Path(os.fspath(bundle_dir))
     if not root.is_dir():
         raise BundleError(f"{root}: not a bundle directory; cannot write {name}")
     target = root / name
     try:
-        write_file_atomic(target, data)
+        with locked_directory(root) as held:
+            for written in _WRITTEN_FILES:
+                remove_temps(root / written, older_than_s=0.0 if held else STALE_TEMP_S)
+            write_file_atomic(target, data, stale_after_s=None)
     except OSError as exc:
         raise BundleError(f"{target}: cannot write ({exc.strerror}); check permissions and free space") from None
     return target
+
+
+def _clean_abandoned_temps(path: str | bytes | os.PathLike[str]) -> None:
+    """Remove the temporary files of manifest / signature writers that were killed (see
+    :func:`replace_file_atomic`), when no writer holds the bundle's lock now. Never fails a load."""
+    try:
+        root = Path(os.fsdecode(path))
+        if not root.is_dir() or not any(temp_files(root / n) for n in _WRITTEN_FILES):
+            return
+        with locked_directory(root, blocking=False) as held:
+            if held:
+                for written in _WRITTEN_FILES:
+                    remove_temps(root / written)
+    except (OSError, ValueError) as exc:  # a read-only copy, odd names: the load reports what matters
+        log.debug("bundle %r: temporary files left as they are (%s)", path, exc)
 
 
 __all__ = ["Bundle", "Requantization", "StageTensors", "load_bundle", "read_manifest", "write_manifest_atomic",

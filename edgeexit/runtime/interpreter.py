@@ -8,7 +8,7 @@ The three packages expose the same ``Interpreter`` class. They are tried in this
   32-bit armv7 Raspberry Pi OS; needs numpy<2);
 * ``tensorflow``      -- ``tensorflow.lite`` (a workstation with full TensorFlow; heavy, never preferred).
 
-Only APIs that tflite-runtime 2.14 also has are used: ``Interpreter(model_path, num_threads,
+Only APIs that tflite-runtime 2.14 also has are used: ``Interpreter(model_content, num_threads,
 experimental_delegates)``, ``allocate_tensors``, ``get_input_details``, ``get_output_details``,
 ``tensor``, ``invoke`` and ``load_delegate``, plus the native ``Invoke`` behind ``invoke`` (see
 :func:`native_invoke`).
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import importlib
 import logging
 import os
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from ..errors import BundleError, InterpreterError, UsageError, printable
-from .files import open_regular
+from .files import read_regular
 from .tflite import MAX_FILE_BYTES, Model, read_model
 
 log = logging.getLogger(__name__)
@@ -175,8 +176,13 @@ def _routine_native_lines_dropped() -> Iterator[None]:
 
 
 def create_interpreter(model_path: str | os.PathLike[str], backend: Backend, *, num_threads: int = 1,
-                       delegates: list[Any] | None = None) -> Any:
+                       delegates: list[Any] | None = None, sha256: str | None = None) -> Any:
     """Create and allocate an interpreter for one .tflite file.
+
+    The file is read once; its bytes are checked (:func:`~edgeexit.runtime.tflite.read_model`, and their sha256
+    against ``sha256`` when given) and the interpreter is built from those very bytes (``model_content``), so
+    what runs is what was checked: a file replaced or rewritten on disk after the check is never mapped.
+    The Python interpreter object keeps the bytes alive as long as it lives.
 
     The process's stderr is left alone (no file-descriptor redirection, so no other thread's output can be
     lost): ai-edge-litert writes one line ``INFO: Created TensorFlow Lite XNNPACK delegate for CPU.`` there the
@@ -184,33 +190,41 @@ def create_interpreter(model_path: str | os.PathLike[str], backend: Backend, *, 
     silence it (its ``TF_CPP_MIN_LOG_LEVEL`` does not reach that logger); tflite-runtime 2.14 prints nothing.
     Only the ``edgeexit`` command, which owns its process, drops that line (:func:`cli_owns_stderr`).
 
+    Args:
+        model_path: the .tflite file.
+        backend: the interpreter package (:func:`resolve_backend`).
+        num_threads: interpreter threads.
+        delegates: delegates to apply (the Edge TPU's).
+        sha256: the hex sha256 the file's bytes must have (the bundle manifest's); None = not checked.
+
     Raises:
         UsageError: ``num_threads`` not in 1..MAX_THREADS.
-        BundleError: the file cannot be read, or breaks a rule of :func:`~edgeexit.runtime.tflite.read_model`
-            (checked before the interpreter sees it), or its declared tensor shapes differ from the computed ones.
+        BundleError: the file cannot be read, its sha256 is not ``sha256``, or it breaks a rule of
+            :func:`~edgeexit.runtime.tflite.read_model` (checked before the interpreter sees it), or its declared
+            tensor shapes differ from the computed ones.
         InterpreterError: the interpreter rejects the file (unsupported op, ...).
     """
     if not isinstance(num_threads, int) or isinstance(num_threads, bool) or not 1 <= num_threads <= MAX_THREADS:
         raise UsageError(f"num_threads must be an integer from 1 to {MAX_THREADS}, got {num_threads!r:.40}")
     name = printable(os.path.basename(os.fspath(model_path)))
+    data = read_regular(model_path, MAX_FILE_BYTES, name)
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256.lower():
+        raise BundleError(f"{name}: sha256 mismatch (the file was changed after the bundle was checked, or is "
+                          "corrupt); re-copy the bundle and load it again")
+    model = read_model(data, name)  # refuses what would crash or mislead the interpreter, before it sees it
+    kwargs: dict[str, Any] = {"model_content": data, "num_threads": num_threads}
+    if delegates:
+        kwargs["experimental_delegates"] = delegates
     try:
-        with open_regular(model_path, MAX_FILE_BYTES, name) as (fd, data):
-            model = read_model(data, name)  # refuses what would crash or mislead the interpreter, before it sees it
-            # The interpreter maps the very file just checked (not whatever the path names by now). Not
-            # model_content: the Python Interpreter owns those bytes, and the Runner keeps only the native object.
-            proc = f"/proc/self/fd/{fd}"
-            kwargs: dict[str, Any] = {"model_path": proc if os.path.exists(proc) else os.fspath(model_path),
-                                      "num_threads": num_threads}
-            if delegates:
-                kwargs["experimental_delegates"] = delegates
-            with _routine_native_lines_dropped() if _cli_owns_stderr else contextlib.nullcontext():
-                interp = backend.interpreter_class(**kwargs)
-                interp.allocate_tensors()
+        with _routine_native_lines_dropped() if _cli_owns_stderr else contextlib.nullcontext():
+            interp = backend.interpreter_class(**kwargs)
+            interp.allocate_tensors()
     except (ValueError, RuntimeError) as exc:
         msg = " ".join(str(exc).split())
         raise InterpreterError(f"{name}: the {backend.name} interpreter cannot load it ({msg:.160}); the file is "
                                "corrupt or needs a newer interpreter: re-copy the bundle or upgrade the interpreter"
                                ) from None
+    interp._edgeexit_model_content = data  # the native model points into these bytes: keep them with it
     _same_shapes(interp, model)
     return interp
 

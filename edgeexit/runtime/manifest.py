@@ -21,6 +21,7 @@ Only the standard library is used here, so the manifest can be read anywhere.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -401,6 +402,9 @@ class Manifest:
     edgetpu: Mapping[str, Any] = field(default_factory=dict)  # Edge TPU readiness / compilation report
     energy: Mapping[str, Any] = field(default_factory=dict)  # {"measured": {board: per-exit mJ}} (bench --store-energy)
     activations: str = "int8"  # "int8" or "int16" (16x8: int8 weights, int16 activations); see ACTIVATIONS
+    #: the JSON object this manifest was read from: :meth:`to_dict` writes back the fields this version does not
+    #: know (a newer producer's), so that rewriting a manifest (tune, bench --store-energy) never drops them
+    source: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
 
     @property
     def num_exits(self) -> int:
@@ -511,12 +515,12 @@ class Manifest:
                    training=_opt(d, "training", dict, "manifest", {}),
                    edgetpu=_opt(d, "edgetpu", dict, "manifest", {}),
                    energy=_opt(d, "energy", dict, "manifest", {}),
-                   activations=_activations(d))
+                   activations=_activations(d), source=d)
 
     def to_dict(self) -> dict[str, Any]:
         def plain(obj: Any) -> Any:
             if dataclasses.is_dataclass(obj):
-                return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+                return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.name != "source"}
             if isinstance(obj, Mapping):
                 return {k: plain(v) for k, v in obj.items()}
             if isinstance(obj, (list, tuple)):
@@ -530,6 +534,8 @@ class Manifest:
         out["name"] = d.pop("name")
         out["input"] = {"tensor": d.pop("input"), "preprocessing": d.pop("preprocessing")}
         out.update(d)
+        if self.source is not None:
+            _keep_unknown(out, self.source, top=True)
         return out
 
     def to_json(self) -> str:
@@ -550,6 +556,29 @@ class Manifest:
 
     def replace(self, **changes: Any) -> "Manifest":
         return dataclasses.replace(self, **changes)
+
+
+#: Top-level fields whose values are free-form objects, written whole from the Manifest (never merged key by key).
+_FREE_FORM = ("operating_points", "verification", "training", "edgetpu", "energy")
+
+
+def _keep_unknown(new: dict[str, Any], old: Mapping[str, Any], top: bool = False) -> None:
+    """Copy into ``new`` (a manifest's JSON form) the fields of ``old`` (the JSON it was read from) that this
+    version does not know, at every level this module models: the top level, ``input``, stages (the same file
+    only), tensors, costs, the monolithic model and the exit rule (the same kind only)."""
+    for key, value in old.items():
+        if key not in new:
+            new[key] = copy.deepcopy(value)
+        elif top and key in _FREE_FORM:
+            continue
+        elif key == "stages" and isinstance(new[key], list) and isinstance(value, list):
+            for n, o in zip(new[key], value):
+                if isinstance(n, dict) and isinstance(o, Mapping) and all(n.get(k) == o.get(k) for k in ("file", "sha256")):
+                    _keep_unknown(n, o)
+        elif isinstance(new[key], dict) and isinstance(value, Mapping):
+            if key == "exit_rule" and new[key].get("kind") != value.get("kind"):
+                continue
+            _keep_unknown(new[key], value)
 
 
 def _activations(d: Mapping[str, Any]) -> str:

@@ -21,6 +21,9 @@ Image files must be regular files of at most :data:`MAX_IMAGE_PIXELS` pixels (64
 image, more than any camera a board is used with; below Pillow's own decompression-bomb warning at 89
 megapixels). The same limit applies to PIL images passed in. A larger image is refused with an InputError
 before it is decoded.
+
+16-bit grey images (PNG / TIFF; Pillow modes ``I;16*``, and ``I``, which is how Pillow opens some of them) are
+scaled to 8 bits, ``round(v * 255 / 65535)`` (:func:`to_8bit`), not clipped; 32-bit float images are refused.
 """
 
 from __future__ import annotations
@@ -190,12 +193,41 @@ class Preprocessor:
         if width * height > MAX_IMAGE_PIXELS:
             raise InputError(f"the image has {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS} accepted; "
                              "downscale it first")
+        img = to_8bit(img)
         if img.mode != self.prep.color_mode:
             img = img.convert(self.prep.color_mode)
         if img.size != (self.width, self.height):
             img = img.resize((self.width, self.height), Image.BILINEAR)
         arr = np.asarray(img, dtype=np.uint8)
         return arr[:, :, None] if arr.ndim == 2 else arr  # [H, W, C] uint8
+
+
+def to_8bit(img: Any) -> Any:
+    """A 16-bit grey PIL image as an 8-bit "L" image, ``v8 = round(v16 * 255 / 65535)``; other images unchanged.
+
+    Pillow's own conversion of these modes to "L" clips every value above 255 (a 16-bit image then reads as
+    nearly white). The rounding formula is the PNG specification's recommended sample-depth scaling: it maps
+    the whole 16-bit range linearly with the least error and inverts exactly the bit replication (``v * 257``)
+    that libpng, Pillow and ImageMagick use to widen 8-bit images to 16 bits (where a plain ``v >> 8`` is exact
+    too, but truncates every other 16-bit value downwards).
+
+    Raises:
+        InputError: a 32-bit integer image with values outside 0..65535, or a floating-point image.
+    """
+    from PIL import Image
+
+    mode = img.mode
+    if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(img)                                              # [H, W] uint16 (I;16*) or int32 (I)
+        if mode == "I" and a.size and (int(a.min()) < 0 or int(a.max()) > 65535):
+            raise InputError(f"a 32-bit integer image with values {int(a.min())}..{int(a.max())}; expected 8-bit "
+                             "or 16-bit pixels: convert it to an 8-bit image first")
+        v8 = (a.astype(np.uint32) * 255 + 32767) // 65535               # round(v * 255 / 65535), exact in integers
+        return Image.fromarray(v8.astype(np.uint8), "L")
+    if mode == "F":
+        raise InputError("a 32-bit floating-point image; its pixel range is not known: convert it to an 8-bit or "
+                         "16-bit image first")
+    return img
 
 
 def _is_pil_image(obj: Any) -> bool:

@@ -318,9 +318,10 @@ class Runner:
                              "only; run it without --edgetpu (edgetpu=False), or convert an int8 bundle for the "
                              "Edge TPU")
         self._delegates = [edgetpu_delegate(self.backend)] if edgetpu else None
+        # each interpreter is built from the bytes whose sha256 the (verified) manifest names, hashed at creation
         self._stages = [_Stage(create_interpreter(path, self.backend, num_threads=num_threads,
-                                                  delegates=self._delegates), self.manifest, k)
-                        for k, path in enumerate(bundle.stage_files)]
+                                                  delegates=self._delegates, sha256=spec.sha256), self.manifest, k)
+                        for k, (path, spec) in enumerate(zip(bundle.stage_files, self.manifest.stages))]
         self._handoffs: tuple[Requantization | None, ...] = bundle.handoffs
         self._handoff_calls = self._handoff_plan()
         self._prep = Preprocessor(self.manifest.preprocessing, self.manifest.input)
@@ -587,7 +588,7 @@ class Runner:
                 raise BundleError("this bundle has no monolithic.tflite; re-convert with the monolithic baseline "
                                   "to compare against it")
             interp = create_interpreter(path, self.backend, num_threads=self.num_threads,
-                                        delegates=self._delegates)
+                                        delegates=self._delegates, sha256=spec.sha256)
             in_idx, out_idx = check_model_tensors(interp, spec.input, spec.output, spec.file)
             inp = interp.tensor(in_idx)()
             prep = Preprocessor(self.manifest.preprocessing, spec.input)
