@@ -10,6 +10,7 @@ from ..energy import BOARDS, KIND_LABELS, KINDS
 from ..progress import StderrProgress
 from ..runtime.interpreter import BACKENDS
 from ..tuning.evaluate import TUNABLE_RULES
+from ..tuning.guarantee import DEFAULT_RISK
 from ..tuning.results import Target, TuneResult
 from ..tuning.search import DEFAULT_LEVELS
 from ..tuning.tune import DEFAULT_COST_IMAGES, tune_bundle
@@ -19,10 +20,18 @@ def _summary(result: TuneResult, name: str, dry_run: bool) -> str:
     c = result.chosen
     kind = KIND_LABELS[result.exit_costs.energy_kind] if result.exit_costs is not None else "energy"
     energy = f", {c.energy_mj:.4g} mJ ({kind})" if c.energy_mj is not None else ""
-    where = "not written (--dry-run)" if dry_run else f"stored as operating point '{name}' and set as the exit rule"
+    where = ("not written (--dry-run)" if dry_run else
+             f"stored as operating point '{name}' and set as the bundle's default exit rule")
+    g = result.guarantee
+    promise = (f"  guaranteed      {g.describe()}" if g is not None else
+               "  guaranteed      nothing: a point estimate on the tuning images (--risk 1); new data may miss "
+               "the target")
     lines = [f"tuned {c.rule} on {result.n} images of {result.data} for {result.target.describe()}: {where}",
+             promise,
              f"  thresholds      {', '.join(f'{t:.6g}' for t in c.thresholds)}",
-             f"  accuracy        {100 * c.accuracy:.2f}% (final exit alone: {100 * result.final_accuracy:.2f}%)",
+             f"  accuracy        {100 * c.accuracy:.2f}% on the tuning images (final exit alone: "
+             f"{100 * result.final_accuracy:.2f}%)" + (f"; bound at {100 * (1 - g.risk):.4g}%: {g.bound:.3g} "
+                                                       f"{g.bound_unit}" if g is not None else ""),
              f"  average cost    {100 * c.avg_macs_fraction:.1f}% of the full MACs, {c.est_latency_ms:.4g} ms "
              f"estimated{energy}",
              f"  exits           {', '.join(f'{100 * f:.1f}%' for f in c.exit_fractions)}"]
@@ -31,7 +40,7 @@ def _summary(result: TuneResult, name: str, dry_run: bool) -> str:
         kept = " (kept: no cheaper point is as accurate)" if c is r else ""
         lines.append(f"  reference       '{result.reference_name}' {r.rule} "
                      f"{', '.join(f'{t:.6g}' for t in r.thresholds)}: {100 * r.accuracy:.2f}% at "
-                     f"{100 * r.avg_macs_fraction:.1f}% of the MACs (floor +{result.margin_pp:.3g} pp){kept}")
+                     f"{100 * r.avg_macs_fraction:.1f}% of the MACs (margin {result.margin_pp:.3g} pp){kept}")
     lines.append(f"  front           {len(result.front)} points, searched in {result.search_s:.2f} s "
                  f"({result.evaluated} threshold vectors)")
     return "\n".join(lines)
@@ -52,10 +61,15 @@ def _summary(result: TuneResult, name: str, dry_run: bool) -> str:
 @click.option("--no-worse-than", default=None, metavar="POINT",
               help="Cheapest point at least as accurate as POINT on the same data: 'current' (the bundle's exit "
                    "rule) or a stored operating point such as 'original'.")
+@click.option("--min-accuracy", type=float, default=None, metavar="PERCENT",
+              help="Cheapest point whose accuracy is at least PERCENT (e.g. 98.5).")
 @click.option("--margin", type=float, default=None, metavar="PP",
-              help="With --no-worse-than: beat the reference by PP percentage points on the tuning data, so that "
-                   "the advantage holds on data the search did not see (default: one standard error of the "
-                   "reference's accuracy on the tuning data).")
+              help="With --no-worse-than: beat the reference by PP percentage points (default 0 with a guarantee; "
+                   "with --risk 1, one standard error of the reference's accuracy on the tuning data).")
+@click.option("--risk", type=float, default=DEFAULT_RISK, show_default=True, metavar="P",
+              help="The target (accuracy or budget) holds on new data from the tuning distribution with probability "
+                   ">= 1 - P: the front is searched on one random half of the images and its points are tested on "
+                   "the other (Learn then Test). 1: the point estimate on the tuning images, no guarantee.")
 @click.option("--minimize", type=click.Choice(["latency", "macs", "energy"]), default="latency", show_default=True,
               help="With an accuracy target (--max-drop, --no-worse-than): the cost to minimize; latency is the "
                    "whole call, estimated from exit costs timed on this device.")
@@ -73,6 +87,7 @@ def _summary(result: TuneResult, name: str, dry_run: bool) -> str:
 @click.option("--board", type=click.Choice(["auto", *BOARDS]), default="auto", show_default=True,
               help="Board whose energy figures are used.")
 @click.option("--name", default="tuned", show_default=True, help="Name of the stored operating point.")
+@click.option("--force", is_flag=True, help="Replace an operating point already stored under --name.")
 @click.option("--levels", type=click.IntRange(min=1), default=DEFAULT_LEVELS, show_default=True,
               help="Candidate thresholds per exit (quantiles of each exit's score).")
 @click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default="auto", show_default=True,
@@ -84,22 +99,27 @@ def _summary(result: TuneResult, name: str, dry_run: bool) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the result (chosen point and front) as JSON.")
 @click.pass_context
 def tune(ctx: click.Context, bundle: str, data: str, split: str, limit: int | None, rule: str | None,
-         max_drop: float | None, no_worse_than: str | None, margin: float | None, minimize: str,
-         budget_macs: float | None,
+         max_drop: float | None, no_worse_than: str | None, min_accuracy: float | None, margin: float | None,
+         risk: float, minimize: str, budget_macs: float | None,
          budget_latency_ms: float | None, budget_energy_mj: float | None, energy_kind: str | None, board: str,
-         name: str, levels: int, backend: str, cost_images: int, dry_run: bool, as_json: bool) -> None:
-    """Search per-exit thresholds of BUNDLE for an accuracy or budget target and store the trade-off front."""
-    if (max_drop is None and no_worse_than is None and budget_macs is None and budget_latency_ms is None
-            and budget_energy_mj is None):
+         name: str, force: bool, levels: int, backend: str, cost_images: int, dry_run: bool, as_json: bool) -> None:
+    """Search per-exit thresholds of BUNDLE for an accuracy or budget target and store the trade-off front.
+
+    By default the target holds on new data with probability >= 95 % (--risk 0.05)."""
+    if (max_drop is None and no_worse_than is None and min_accuracy is None and budget_macs is None
+            and budget_latency_ms is None and budget_energy_mj is None):
         max_drop = 0.5
+    if min_accuracy is not None and not 0 <= min_accuracy <= 100:
+        raise click.BadParameter(f"{min_accuracy:g} is not a percentage in [0, 100]", param_hint="--min-accuracy")
     target = Target(max_drop_pp=max_drop, no_worse_than=no_worse_than, budget_macs=budget_macs,
                     budget_latency_ms=budget_latency_ms, budget_energy_mj=budget_energy_mj, minimize=minimize,
-                    energy_kind=energy_kind)
+                    energy_kind=energy_kind, min_accuracy=None if min_accuracy is None else min_accuracy / 100.0)
     quiet = bool((ctx.find_root().obj or {}).get("quiet"))
-    progress = StderrProgress(not quiet and not as_json, {"trace": "tracing (every stage)"})
+    progress = StderrProgress(not quiet and not as_json, {"trace": "tracing (every stage)",
+                                                           "exit costs": "timing the exit costs on this device"})
     result = tune_bundle(bundle, data, target, rule=rule, name=name, split=split, limit=limit, dry_run=dry_run,
                          levels=levels, backend=backend, margin_pp=margin, progress=progress,
-                         cost_images=cost_images, board=board)
+                         cost_images=cost_images, board=board, risk=risk, force=force)
     if as_json:
         click.echo(json.dumps({"name": name, "written": not dry_run, **result.to_dict()}))
     else:

@@ -12,6 +12,12 @@ from ..runtime.points import COST_KINDS, OperatingPoint
 from .evaluate import ExitCosts
 
 
+#: The command-line option of each target field (errors speak the user's language).
+OPTION_NAMES = {"max_drop_pp": "--max-drop", "min_accuracy": "--min-accuracy", "no_worse_than": "--no-worse-than",
+                "budget_macs": "--budget-macs", "budget_latency_ms": "--budget-latency-ms",
+                "budget_energy_mj": "--budget-energy-mj"}
+
+
 @dataclass(frozen=True)
 class Target:
     """What the tuned point must meet: an accuracy floor, or one cost budget. Exactly one field is set.
@@ -46,19 +52,21 @@ class Target:
             raise UsageError(f"energy kind {self.energy_kind!r} is not one of {', '.join(KINDS)}")
         given = {k: v for k, v in self.__dict__.items() if v is not None and k not in ("minimize", "energy_kind")}
         if len(given) != 1:
-            raise UsageError(f"give exactly one tuning target (--max-drop, --no-worse-than, --budget-macs, "
-                             f"--budget-latency-ms or --budget-energy-mj), got {sorted(given) or 'none'}")
+            raise UsageError(f"give exactly one tuning target (--max-drop, --min-accuracy, --no-worse-than, "
+                             f"--budget-macs, --budget-latency-ms or --budget-energy-mj), got "
+                             f"{', '.join(OPTION_NAMES[k] for k in sorted(given)) or 'none'}")
         (key, value), = given.items()
+        option = OPTION_NAMES[key]
         if key == "no_worse_than":
             if not isinstance(value, str) or not value:
                 raise UsageError(f"no_worse_than must name an operating point or 'current', got {value!r}")
             return
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-            raise UsageError(f"target {key}={value!r} must be a finite number >= 0")
+        if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise UsageError(f"{option} {value!r}: give a finite number >= 0")
         if key == "min_accuracy" and value > 1:
-            raise UsageError(f"target min_accuracy={value!r} is a fraction of correct answers; give a number in [0, 1]")
+            raise UsageError(f"min_accuracy={value!r} is a fraction of correct answers; give a number in [0, 1]")
         if key not in ("max_drop_pp", "min_accuracy") and value == 0:
-            raise UsageError(f"target {key}=0 cannot be met by any network; give a positive budget")
+            raise UsageError(f"{option} 0 cannot be met by any network; give a positive budget")
 
     @property
     def is_accuracy_target(self) -> bool:
@@ -136,6 +144,8 @@ class TuneResult:
             the resolved ``min_accuracy``.
         reference_name: the name the reference was asked for by.
         margin_pp: how far above the reference's accuracy the floor was set.
+        guarantee: what holds on new data (:class:`~edgeexit.tuning.guarantee.Guarantee`), or None for a point
+            estimate on the tuning data (``--risk 1``).
     """
 
     chosen: OperatingPoint
@@ -151,6 +161,7 @@ class TuneResult:
     reference: OperatingPoint | None = None
     reference_name: str | None = None
     margin_pp: float = 0.0
+    guarantee: Any = None
 
     def target_dict(self) -> dict[str, Any]:
         """The target as asked and as resolved (with the reference point for ``no_worse_than``)."""
@@ -163,7 +174,14 @@ class TuneResult:
         return {"chosen": self.chosen.to_dict(), "cost_kind": self.cost_kind,
                 "final_accuracy": round(self.final_accuracy, 6), "target": self.target_dict(), "n": self.n,
                 "data": self.data, "search_s": round(self.search_s, 4), "evaluated": self.evaluated,
-                "front": [p.to_dict() for p in self.front]}
+                "guarantee": self.guarantee_dict(), "front": [p.to_dict() for p in self.front]}
+
+    def guarantee_dict(self) -> dict[str, Any]:
+        """What the chosen point promises on new data; ``{"risk": 1, ...}`` for a point estimate."""
+        if self.guarantee is not None:
+            return self.guarantee.to_dict()
+        return {"statement": "none: a point estimate on the tuning images (--risk 1)", "risk": 1.0,
+                "holds_with_probability": None}
 
 
 def cost_label(kind: str) -> str:

@@ -5,10 +5,14 @@ first exit", and back up), each step taking the move with the best accuracy-per-
 target by coordinate descent over every exit's levels (see :mod:`edgeexit.tuning.evaluate`). Every evaluated
 point is kept; the Pareto set of (average cost, accuracy) is the front. Costs are linear in the exit histogram,
 so every point carries its average MACs fraction, estimated latency and energy.
+
+:func:`search_front` chooses on the tuning data itself (a point estimate); :func:`search_guaranteed` searches on
+one part and tests on the other, so that the target holds on new data (:mod:`edgeexit.tuning.guarantee`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any, Callable, Sequence
@@ -16,10 +20,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..errors import TuningError, UsageError
+from ..runtime.manifest import ExitRuleSpec
 from ..runtime.points import OperatingPoint
+from ..runtime.rules import rule_from_spec
 from ..runtime.trace import Trace
-from .evaluate import TUNABLE_RULES, ExitCosts, _ClassExclusionEvaluator, _LevelEvaluator
-from .results import Target, TuneResult, fmt_cost
+from .evaluate import (TUNABLE_RULES, ExitCosts, _ClassExclusionEvaluator, _LevelEvaluator, evaluate_rule,
+                       labels_of)
+from .guarantee import Check, Guarantee, check_risk, fixed_sequence, split
+from .results import Target, TuneResult, cost_label, fmt_cost
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +136,28 @@ def _point(search: _Search, ev: Any, key: tuple[int, ...], costs: ExitCosts, kin
                           exit_fractions=tuple(float(f) for f in frac))
 
 
+def _explore(trace: Trace, costs: ExitCosts, rule: str, target: Target, levels: int) -> tuple[Any, "_Search", float]:
+    """Search the front of ``rule`` on ``trace`` (greedy walks both ways, refined around the target's point).
+
+    Returns (the level evaluator, the search with every evaluated point, the final exit's accuracy)."""
+    if not isinstance(levels, int) or levels < 1:
+        raise UsageError(f"levels must be a positive integer, got {levels!r}")
+    ev = _evaluator(trace, rule, levels)
+    search = _Search(ev, costs.vector(target.cost_kind))
+    final_accuracy = float(ev.correct[-1].mean()) if hasattr(ev, "correct") else float(
+        (np.asarray(trace.logits[-1]).argmax(axis=-1) == ev.labels).mean())
+    search.greedy(np.zeros(trace.num_exits - 1, dtype=np.int64), step=+1)
+    search.greedy(ev.max_levels().copy(), step=-1)
+    start = _choose_key(search.front(), target, final_accuracy)
+    search.refine(np.asarray(start if start is not None else search.front()[-1][0], dtype=np.int64),
+                  _objective(target, final_accuracy))
+    return ev, search, final_accuracy
+
+
 def search_front(trace: Trace, costs: ExitCosts, rule: str, target: Target, *,
                  levels: int = DEFAULT_LEVELS) -> TuneResult:
-    """Search the accuracy / cost front of ``rule`` on a traced set and choose the point meeting ``target``.
+    """Search the accuracy / cost front of ``rule`` on a traced set and choose the point meeting ``target`` ON
+    THAT SET (a point estimate: see :func:`search_guaranteed` for a target that holds on new data).
 
     Args:
         trace: every exit's outputs on the tuning set, with labels (``Runner.trace``).
@@ -146,20 +173,9 @@ def search_front(trace: Trace, costs: ExitCosts, rule: str, target: Target, *,
         TuningError: no point meets the target (the message names what the closest point achieves).
         UsageError: a rule that cannot be tuned or a bad ``levels``.
     """
-    if not isinstance(levels, int) or levels < 1:
-        raise UsageError(f"levels must be a positive integer, got {levels!r}")
     t0 = time.perf_counter()
     kind = target.cost_kind
-    ev = _evaluator(trace, rule, levels)
-    search = _Search(ev, costs.vector(kind))
-    final_accuracy = float(ev.correct[-1].mean()) if hasattr(ev, "correct") else float(
-        (np.asarray(trace.logits[-1]).argmax(axis=-1) == ev.labels).mean())
-    strictest = np.zeros(trace.num_exits - 1, dtype=np.int64)
-    search.greedy(strictest, step=+1)
-    search.greedy(ev.max_levels().copy(), step=-1)
-    better = _objective(target, final_accuracy)
-    start = _choose_key(search.front(), target, final_accuracy)
-    search.refine(np.asarray(start if start is not None else search.front()[-1][0], dtype=np.int64), better)
+    ev, search, final_accuracy = _explore(trace, costs, rule, target, levels)
     front = search.front()
     key = _choose_key(front, target, final_accuracy)
     if key is None:
@@ -171,6 +187,151 @@ def search_front(trace: Trace, costs: ExitCosts, rule: str, target: Target, *,
              len(points), dt)
     return TuneResult(chosen=chosen, front=points, cost_kind=kind, final_accuracy=final_accuracy, target=target,
                       n=trace.num_inputs, search_s=dt, evaluated=len(search.seen), exit_costs=costs)
+
+
+def search_guaranteed(trace: Trace, costs: ExitCosts, rule: str, target: Target, *, risk: float,
+                      delta: float | None = None, levels: int = DEFAULT_LEVELS,
+                      reference: ExitRuleSpec | None = None, reference_name: str | None = None,
+                      reference_costs: ExitCosts | None = None, margin_pp: float = 0.0,
+                      tolerance: float = 0.0) -> TuneResult:
+    """The point meeting ``target`` on NEW data with probability at least ``1 - risk`` (Learn then Test; see
+    :mod:`edgeexit.tuning.guarantee`).
+
+    The front is searched on a seeded random half of ``trace`` and its points are tested on the other half in
+    fixed sequence. The chosen point's stored metrics are those on the whole trace.
+
+    Args:
+        trace, costs, rule, levels: as for :func:`search_front`.
+        target: an accuracy target (``max_drop_pp``, ``min_accuracy``; ``no_worse_than`` with ``reference``) or a
+            budget.
+        risk: the probability the promise may fail; ``delta`` the level of this rule's tests (``risk`` divided by
+            the number of rule kinds searched; default ``risk``).
+        reference: for ``no_worse_than``: the rule to be no worse than (its name in ``reference_name``); the
+            point must beat it by ``margin_pp`` (default 0: no worse). The reference itself is kept when no
+            cheaper point passes. ``reference_costs``: the exit costs of the reference's rule kind (default
+            ``costs``).
+        tolerance: relative cost differences up to this are measurement noise: among the points that pass, the
+            cheapest by ``target.cost_kind`` within this tolerance, then the fewest MACs, is chosen.
+
+    Raises:
+        TuningError: too few images for the split, or no point can be guaranteed (the message says the bound the
+            safest point reaches and how to relax the target).
+    """
+    t0 = time.perf_counter()
+    risk = check_risk(risk)
+    delta = risk if delta is None else float(delta)
+    rows_s, rows_c = split(trace.num_inputs)
+    everything = range(trace.num_exits)
+    s_trace, c_trace = trace.select(everything, rows_s), trace.select(everything, rows_c)
+    labels_c = labels_of(c_trace)
+    kind = target.cost_kind
+    ref_point = None
+    if reference is not None:
+        ref_point = evaluate_rule(trace, reference, reference_costs or costs)
+        ref_s = evaluate_rule(s_trace, reference, costs)
+        search_target = Target(min_accuracy=min(1.0, ref_s.accuracy + margin_pp / 100.0), minimize=target.minimize,
+                               energy_kind=target.energy_kind)
+    else:
+        search_target = target
+    # An accuracy target's path is the MACs front (exact counts: the same data give the same path, whatever the
+    # timing noise); the measured cost only chooses among the points that passed. A budget's path is its own kind.
+    path_target = dataclasses.replace(search_target, minimize="macs") if target.budget is None else search_target
+    ev, search, _ = _explore(s_trace, costs, rule, path_target, levels)
+    points = [_point(search, ev, k, costs, rule) for k, _, _, _ in search.front()]   # path cost ascending
+    if target.budget is not None:
+        check, path = Check("budget", float(target.budget), cost_per_exit=costs.vector(kind)), points
+    else:
+        path = points[::-1]                                                  # the safest first
+        if reference is not None:
+            check = Check("drop", -margin_pp / 100.0, reference_correct=rule_from_spec(reference).simulate(c_trace)[1]
+                          == labels_c)
+        elif target.max_drop_pp is not None:
+            final_c = np.asarray(c_trace.logits[-1]).argmax(axis=-1) == labels_c
+            check = Check("drop", target.max_drop_pp / 100.0, reference_correct=final_c)
+        else:
+            check = Check("accuracy", float(target.min_accuracy))
+
+    def outcome(p: OperatingPoint) -> tuple[np.ndarray, np.ndarray]:
+        exit_index, prediction = rule_from_spec(ExitRuleSpec(rule, tuple(p.thresholds))).simulate(c_trace)
+        return exit_index, prediction == labels_c
+
+    passed, tested = fixed_sequence(path, outcome, check, delta)
+    final_accuracy = float((np.asarray(trace.logits[-1]).argmax(axis=-1) == labels_of(trace)).mean())
+    unit = {"drop": "pp", "accuracy": "% error"}.get(check.kind, {"macs": "MACs fraction", "latency": "ms",
+                                                                 "energy": "mJ"}[kind])
+    scale = 100.0 if check.kind in ("drop", "accuracy") else 1.0
+    if passed:
+        point, bound = _pick(passed, target, kind, tolerance)
+        chosen = evaluate_rule(trace, ExitRuleSpec(rule, tuple(point.thresholds)), costs)
+    elif ref_point is not None:
+        chosen, bound = ref_point, 0.0
+    else:
+        first = outcome(path[0])
+        raise TuningError(_unguaranteed_message(target, check, check.bound(*first, delta) * scale, unit, risk,
+                                                rows_c.size, kind, path[0]))
+    if ref_point is not None and ref_point.cost(kind) <= chosen.cost(kind):
+        log.info("no point of the %s front that passed is cheaper than %r; keeping the reference", rule,
+                 reference_name)
+        chosen, bound = ref_point, 0.0
+    statement = _statement(target, reference_name, margin_pp)
+    g = Guarantee(statement=statement, risk=risk, bound=bound * scale, bound_unit=unit,
+                  calibration_images=int(rows_c.size), search_images=int(rows_s.size), tested=tested,
+                  passed=len(passed))
+    dt = time.perf_counter() - t0
+    log.info("guaranteed tune %s: %d points tested, %d passed, %.3f s", rule, tested, len(passed), dt)
+    resolved = search_target if reference is not None else target
+    return TuneResult(chosen=chosen, front=tuple(pareto(points, kind)), cost_kind=kind, final_accuracy=final_accuracy,
+                      target=resolved, n=trace.num_inputs, search_s=dt, evaluated=len(search.seen),
+                      exit_costs=costs, reference=ref_point, reference_name=reference_name,
+                      margin_pp=float(margin_pp), guarantee=g)
+
+
+def pareto(points: Sequence[OperatingPoint], kind: str) -> list[OperatingPoint]:
+    """The points no other point beats on both ``kind`` cost and accuracy, by cost ascending."""
+    out: list[OperatingPoint] = []
+    for p in sorted(points, key=lambda p: (p.cost(kind), -p.accuracy, p.avg_macs_fraction)):
+        if not out or p.accuracy > out[-1].accuracy + 1e-12:
+            out.append(p)
+    return out
+
+
+def cheapest(points: Sequence[OperatingPoint], kind: str, tolerance: float) -> OperatingPoint:
+    """The cheapest of ``points`` by ``kind``, where costs within ``tolerance`` (relative) of the cheapest count as
+    equal and the fewest MACs, then the highest accuracy, decide: so timing noise does not pick the point."""
+    best = min(p.cost(kind) for p in points)
+    near = [p for p in points if p.cost(kind) <= best * (1.0 + tolerance) + 1e-15]
+    return min(near, key=lambda p: (p.avg_macs_fraction, -p.accuracy, p.cost(kind), p.thresholds))
+
+
+def _pick(passed: Sequence[tuple[OperatingPoint, float]], target: Target, kind: str,
+          tolerance: float) -> tuple[OperatingPoint, float]:
+    if target.budget is not None:
+        return passed[-1]                   # the most accurate point that passed (the path goes up in cost)
+    chosen = cheapest([p for p, _ in passed], kind, tolerance)
+    return next((p, b) for p, b in passed if p is chosen)
+
+
+def _statement(target: Target, reference_name: str | None, margin_pp: float) -> str:
+    if reference_name is not None:
+        beat = f" by {margin_pp:g} pp" if margin_pp else ""
+        return f"accuracy no worse than '{reference_name}'{beat}"
+    if target.max_drop_pp is not None:
+        return f"accuracy drop <= {target.max_drop_pp:g} pp vs the final exit"
+    if target.min_accuracy is not None:
+        return f"accuracy >= {100 * target.min_accuracy:.4g}%"
+    return f"average {cost_label(target.cost_kind)} <= {fmt_cost(target.cost_kind, target.budget or 0.0)}"
+
+
+def _unguaranteed_message(target: Target, check: Check, bound: float, unit: str, risk: float, n: int, kind: str,
+                          safest: OperatingPoint) -> str:
+    what = _statement(target, None, 0.0)
+    relax = ("allow a larger --max-drop" if target.max_drop_pp is not None else
+             "ask for a lower accuracy" if target.min_accuracy is not None else "raise the budget")
+    shown = f"{bound:.3g} {unit}" if check.kind != "accuracy" else f"{100 - bound:.2f}% accuracy"
+    return (f"no point of the {safest.rule} front can be guaranteed to keep {what} at risk {risk:g} on {n} "
+            f"calibration images: the {'safest' if check.kind != 'budget' else 'cheapest'} point reaches only "
+            f"{shown} at {100 * (1 - risk):.4g}% confidence; {relax}, give more labelled images, or --risk 1 "
+            "for a point estimate without a guarantee")
 
 
 def _objective(target: Target, final_accuracy: float) -> Callable[[float, float, float, float], bool]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Any, Sequence
 
 import numpy as np
@@ -36,7 +37,8 @@ def updated_manifest(manifest: Manifest, result: TuneResult, name: str, original
     chosen = result.chosen
     named[name] = NamedPoint({"kind": chosen.rule, "thresholds": [float(t) for t in chosen.thresholds]},
                              metrics=chosen, data=result.data, n=result.n, target=result.target_dict(),
-                             final_accuracy=round(result.final_accuracy, 6))
+                             final_accuracy=round(result.final_accuracy, 6),
+                             extra={"guarantee": result.guarantee_dict()})
     costs = stored.exit_costs
     if result.exit_costs is not None:
         c = result.exit_costs
@@ -87,7 +89,9 @@ def reference_rule(manifest: Manifest, name: str) -> ExitRuleSpec:
     except BundleError as exc:
         raise UsageError(str(exc)) from None
     if rule is None:
-        names = sorted(points.named)
-        raise UsageError(f"--no-worse-than {name!r}: the bundle has no such operating point; use 'current' or one "
-                         f"of {names or 'none (tune once first)'}")
+        names = sorted({*points.named, "current", "original"})
+        near = difflib.get_close_matches(name, names, n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise UsageError(f"--no-worse-than {name!r}: the bundle has no such operating point; {hint}use one of "
+                         f"{', '.join(names)}")
     return rule
