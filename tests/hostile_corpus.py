@@ -5,7 +5,9 @@ manifest's sha256 and size updated, as an attacker or a broken copy tool would),
 flatbuffer fields (buffer, tensor and op-code indices, dimensions, scales, options), the manifest's fields
 (wrong types, out-of-range and non-finite values, inconsistent costs / quantization / preprocessing / scores,
 deep nesting, huge sizes, control characters), the file system (symlink loops, directories, FIFOs, missing or
-unreadable files, odd names) and image files (decompression bombs, truncated, not images, FIFOs).
+unreadable files, odd names) and image files (decompression bombs, truncated, not images, FIFOs, 16-bit PNGs);
+and data sets given to ``tune`` (pickles that would run code, lying .npy / IDX headers, truncated archives,
+huge images), options a rule ignores and an empty trusted-key variable, each refused with its exit code.
 
 Running (``python hostile_corpus.py CASES.json RESULTS.json``) forks one child per command, with stdout and
 stderr in files and a timeout, so a segfault or a hang is recorded, never fatal to the run.
@@ -163,6 +165,13 @@ class Corpus:
     def images_case(self, case_id: str, paths: list[str]) -> None:
         self.cases.append({"id": case_id, "kind": "image", "expect": "strict", "bundle": str(self.clean),
                            "images": paths})
+
+    def command_case(self, case_id: str, kind: str, argv: list[str], code: int, marker: Path | None = None,
+                     env: dict[str, str] | None = None) -> None:
+        """A whole command (``edgeexit ARGV``) that must be refused with exit code ``code``; ``marker``: a path
+        that exists afterwards only if the input ran code of its own."""
+        self.cases.append({"id": case_id, "kind": kind, "expect": "refused", "argv": argv, "code": code,
+                           "marker": str(marker) if marker else None, "env": env or {}})
 
 
 def _file_edit(name: str, change: Callable[[bytearray], Any], rehash: bool = True) -> Callable[[Path], None]:
@@ -365,7 +374,150 @@ def build(clean: Path, work: Path, seed: int = 0, bit_flips: int = 40, field_cas
         c.images_case(f"image {p.name!r}", [c.images[0], str(p)])
     c.images_case("image path NUL", [c.images[0] + "\x00x"])
     c.images_case("image path 5000 chars", ["i" * 5000 + ".png"])
+    sixteen = work / "sixteen"
+    sixteen.mkdir()
+    for i, path in enumerate(c.images[:2]):  # the same pixels as 16-bit PNGs (v * 257, as tools widen 8-bit)
+        (sixteen / f"img{i}-16bit.png").write_bytes(png16(Path(path).read_bytes()))
+    c.images_case("image 16-bit grey PNG", [c.images[0], str(sixteen / "img0-16bit.png")])
+
+    # 6. data sets given to `tune` (dry run: the clean bundle is never written), and options
+    data = work / "data"
+    data.mkdir()
+    tune = ["tune", str(clean), "--dry-run", "--cost-images", "0", "--data"]
+    for case_id, spec, marker in hostile_data(data):
+        c.command_case(f"data {case_id}", "data", [*tune, spec], 5, marker)
+    img = c.images[0]
+    for case_id, argv in (("--rule final --thresholds", ["--rule", "final", "--thresholds", "0.5,0.5"]),
+                          ("--rule fixed --thresholds", ["--rule", "fixed", "--exit", "1", "--thresholds", "0.5"]),
+                          ("--rule original --exit", ["--rule", "original", "--exit", "1"])):
+        c.command_case(f"option {case_id}", "option", ["run", str(clean), img, *argv], 2)
+    c.command_case("option EDGEEXIT_TRUSTED_KEY=''", "option", ["run", str(clean), img], 2,
+                   env={"EDGEEXIT_TRUSTED_KEY": ""})
     return c
+
+
+# ---- hostile data files -------------------------------------------------------------------------------------
+def png16(png8: bytes) -> bytes:
+    """A grey 8-bit PNG as a 16-bit PNG of the same image (each value v stored as v * 257)."""
+    from PIL import Image
+    import io
+
+    import numpy as np
+
+    with Image.open(io.BytesIO(png8)) as im:
+        a = np.asarray(im.convert("L"), dtype=np.uint16) * 257
+    out = io.BytesIO()
+    Image.fromarray(a).save(out, format="PNG")  # mode I;16
+    return out.getvalue()
+
+
+class _Payload:
+    """Pickles to a call of ``func(*args)``: what a malicious data file holds."""
+
+    def __init__(self, func: Callable[..., Any], *args: Any):
+        self.func, self.args = func, args
+
+    def __reduce__(self) -> tuple:
+        return self.func, self.args
+
+
+def malicious_pickles(marker: Path) -> dict[str, bytes]:
+    """Pickles whose loading would create ``marker`` (a file or directory), in several disguises."""
+    import builtins
+    import pickle
+
+    import numpy as np
+
+    touch = _Payload(os.system, f"touch {marker}")
+    return {
+        "os.system": pickle.dumps(touch, protocol=2),
+        "open() in the batch dict": pickle.dumps({"data": _Payload(builtins.open, str(marker), "w"),
+                                                  "labels": [0]}, protocol=4),
+        "os.mkdir under numpy data": pickle.dumps({"data": np.zeros((1, 3072), np.uint8), "labels": [0],
+                                                   "filenames": [_Payload(os.mkdir, str(marker))]}, protocol=2),
+        "eval": pickle.dumps(_Payload(builtins.eval, f"open({str(marker)!r}, 'w')"), protocol=0),
+    }
+
+
+def _npz_with(path: Path, members: dict[str, bytes]) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+
+
+def _npy(shape_text: str, body: bytes, descr: str = "|u1") -> bytes:
+    header = f"{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_text}, }}".encode()
+    header += b" " * (63 - (10 + len(header)) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header + body
+
+
+def hostile_data(folder: Path) -> list[tuple[str, str, Path | None]]:
+    """(case id, --data spec, marker) for data sets every loader must refuse with one line and exit code 5."""
+    import gzip
+    import io
+    import pickle
+
+    import numpy as np
+
+    out: list[tuple[str, str, Path | None]] = []
+    ok_images, ok_labels = _npy("(2, 28, 28)", bytes(2 * 28 * 28)), _npy("(2,)", bytes(16), "<i8")
+    for i, name in enumerate(malicious_pickles(folder)):
+        d, marker = folder / f"cifar-{i}", folder / f"marker-cifar-{i}"
+        d.mkdir()
+        (d / "test_batch").write_bytes(malicious_pickles(marker)[name])
+        out.append((f"cifar10 pickle {name}", f"cifar10:{d}", marker))
+    marker = folder / "marker-npz"
+    obj = io.BytesIO()
+    np.save(obj, np.array([_Payload(os.mkdir, str(marker))], dtype=object), allow_pickle=True)
+    _npz_with(folder / "object.npz", {"images.npy": obj.getvalue(), "labels.npy": ok_labels})
+    out.append(("npz object array (pickle)", str(folder / "object.npz"), marker))
+    _npz_with(folder / "not-npy.npz", {"images": b"not an array", "labels.npy": ok_labels})
+    out.append(("npz member not .npy", str(folder / "not-npy.npz"), None))
+    _npz_with(folder / "zero-d-classes.npz", {"images.npy": ok_images, "labels.npy": ok_labels,
+                                               "classes.npy": _npy("()", b"a" * 4, "<U1")})
+    out.append(("npz 0-d classes", str(folder / "zero-d-classes.npz"), None))
+    _npz_with(folder / "huge.npz", {"images.npy": _npy(f"({1 << 40},)", bytes(64)), "labels.npy": ok_labels})
+    out.append(("npz .npy header 2^40 elements", str(folder / "huge.npz"), None))
+    _npz_with(folder / "short.npz", {"images.npy": _npy("(2, 28, 28)", bytes(100)), "labels.npy": ok_labels})
+    out.append(("npz .npy body short", str(folder / "short.npz"), None))
+    (folder / "cut.npz").write_bytes((folder / "zero-d-classes.npz").read_bytes()[:300])
+    out.append(("npz cut short", str(folder / "cut.npz"), None))
+    idx = struct.pack(">BBBB3I", 0, 0, 8, 3, 2, 28, 28) + bytes(2 * 28 * 28)
+    labels = struct.pack(">BBBBI", 0, 0, 8, 1, 2) + bytes(2)
+    for case_id, images in (("IDX header cut short", idx[:6]), ("IDX 0 dimensions", struct.pack(">BBBB", 0, 0, 8, 0)),
+                            ("IDX 2^32 x 2^32 declared", struct.pack(">BBBB2I", 0, 0, 8, 2, 2**32 - 1, 2**32 - 1)),
+                            ("IDX body short", idx[:-10])):
+        d = folder / f"idx-{len(out)}"
+        d.mkdir()
+        (d / "t10k-images-idx3-ubyte").write_bytes(images)
+        (d / "t10k-labels-idx1-ubyte").write_bytes(labels)
+        out.append((case_id, f"fashion-mnist:{d}", None))
+    d = folder / "idx-gz"
+    d.mkdir()
+    noisy = idx[:16] + np.random.default_rng(0).integers(0, 256, 2 * 28 * 28, dtype=np.uint8).tobytes()
+    (d / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(noisy)[:-200])
+    (d / "t10k-labels-idx1-ubyte").write_bytes(labels)
+    out.append(("IDX truncated .gz", f"fashion-mnist:{d}", None))
+    d = folder / "cifar-bin"
+    d.mkdir()
+    (d / "test_batch.bin").write_bytes(bytes(3073 + 100))
+    out.append(("cifar10 binary batch cut", f"cifar10:{d}", None))
+    d = folder / "bomb-folder"
+    (d / "a").mkdir(parents=True)
+    (d / "a" / "bomb.png").write_bytes(_png(20000, 20000))
+    out.append(("image folder 20000x20000 PNG", str(d), None))
+    d = folder / "big-folder"
+    (d / "a").mkdir(parents=True)
+    (d / "a" / "big.png").write_bytes(_png(9000, 9000))
+    out.append(("image folder 9000x9000 PNG", str(d), None))
+    d = folder / "float-folder"
+    (d / "a").mkdir(parents=True)
+    from PIL import Image
+    Image.fromarray(np.full((28, 28), 0.5, np.float32), "F").save(d / "a" / "f.tif")
+    out.append(("image folder 32-bit float TIFF", str(d), None))
+    return out
 
 
 # ---- running ------------------------------------------------------------------------------------------------
@@ -423,6 +575,12 @@ def run_cases(cases: list[dict[str, Any]], clean: str, out_dir: Path) -> list[di
     ref = _run_cli(["run", clean, "--json", *cases[0]["images"]], out_dir)
     results = [{"id": "clean", "ref": ref}]
     for case in cases:
+        if "argv" in case:
+            r = {"id": case["id"], "kind": case["kind"], "expect": case["expect"], "code": case["code"],
+                 "run": _run_cli(case["argv"], out_dir, case["env"])}
+            r["executed"] = bool(case["marker"]) and os.path.lexists(case["marker"])
+            results.append(r)
+            continue
         r = {"id": case["id"], "kind": case["kind"], "expect": case["expect"],
              "run": _run_cli(["run", case["bundle"], "--json", *case["images"]], out_dir)}
         if case["kind"] != "image":
