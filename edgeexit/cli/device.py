@@ -32,10 +32,15 @@ def _build_rule(bundle: Bundle, rule: str | None, thresholds: tuple[float, ...] 
     if rule is None and thresholds is None and exit_index is None:
         return None
     if rule is not None and rule not in EXIT_RULES:
-        if thresholds is not None:
-            raise UsageError(f"--thresholds cannot be combined with operating point {rule!r}")
+        if thresholds is not None or exit_index is not None:
+            raise UsageError(f"--{'thresholds' if thresholds is not None else 'exit'} cannot be combined with "
+                             f"operating point {rule!r} (it has its own); drop it, or give --rule KIND")
         return rule  # an operating point name; the Runner checks it
     kind = rule or default.kind
+    if thresholds is not None and kind in ("final", "fixed"):  # these rules take no thresholds: never ignore them
+        how = f"--rule {kind}" if rule else f"the bundle's rule ({kind})"
+        raise UsageError(f"{how} takes no thresholds; drop --thresholds, or give --rule with a thresholded kind "
+                         f"({', '.join(k for k in EXIT_RULES if k not in ('final', 'fixed'))})")
     if kind == "fixed":
         if exit_index is None and default.kind == "fixed":
             exit_index = default.exit

@@ -40,6 +40,15 @@ WORKSTATION_HINT = ("this command needs the workstation install (torch, TensorFl
                     "`bash scripts/env.sh workstation` in an edgeexit checkout and use .venv/bin/edgeexit (see README)")
 
 
+class Interrupted(Exception):
+    """Ctrl-C (SIGINT) while a command ran."""
+
+
+#: What a Ctrl-C prints (exit code 130). Bundles, manifests, signatures and checkpoints are written aside and
+#: renamed into place, so an interrupted command leaves them whole: as they were, or complete.
+INTERRUPTED = "error: interrupted"
+
+
 class LazyGroup(click.Group):
     """A click group whose subcommands are imported only when used."""
 
@@ -58,6 +67,12 @@ class LazyGroup(click.Group):
                 raise EdgeExitError(f"'edgeexit {name}' cannot import {missing}: {WORKSTATION_HINT}") from None
             raise
         return getattr(module, attr)
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:  # before click turns it into Abort (which a closed stdin also raises)
+            raise Interrupted() from None
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # `edgeexit --help` lists commands from COMMANDS, importing nothing.
@@ -92,15 +107,18 @@ def entry_point(argv: list[str] | None = None) -> None:
     except EdgeExitError as exc:
         click.echo(f"error: {printable(exc, 1000)}", err=True)
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        click.echo("error: aborted", err=True)
+    except Interrupted:
+        click.echo(INTERRUPTED, err=True)
+        sys.exit(130)
+    except click.exceptions.Abort as exc:
+        click.echo(INTERRUPTED if isinstance(exc.__context__, KeyboardInterrupt) else "error: aborted", err=True)
         sys.exit(130)
     except click.ClickException as exc:
         # bad options and arguments: click's own one-line message
         click.echo(f"error: {printable(exc.format_message(), 1000)}", err=True)
         sys.exit(UsageError.exit_code)
     except KeyboardInterrupt:
-        click.echo("error: interrupted; nothing was written", err=True)
+        click.echo(INTERRUPTED, err=True)
         sys.exit(130)
     except Exception as exc:  # a defect, not a user error: still one line; -vv logs the traceback
         log.debug("internal error", exc_info=True)
