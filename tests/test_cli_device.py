@@ -39,20 +39,21 @@ def _one_error(proc: subprocess.CompletedProcess, code: int, match: str) -> None
 
 
 def test_run_prints_one_line_per_input(bundle_dir, image):
-    proc = cli("run", bundle_dir, image, image, "--board", "rpi4")
+    proc = cli("run", bundle_dir, image, image, "--board", "rpi4", "--resize")  # the image is 4 pixels larger
     assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 2 and all(str(image) in l and "MACs" in l and "ms" in l and "mJ" in l for l in lines)
+    header, *lines = proc.stdout.strip().splitlines()
+    assert header.split()[:3] == ["file", "label", "p(label)"] and "MACs" in header and "mJ (rpi4)" in header
+    assert len(lines) == 2 and all(line.startswith(str(image)) and len(line.split()) == 7 for line in lines)
 
 
 def test_run_json_with_rule_and_thresholds(bundle_dir, image):
     n = len(json.loads((bundle_dir / "manifest.json").read_text())["stages"])
     proc = cli("run", bundle_dir, image, "--rule", "max_softmax", "--thresholds", ",".join(["0"] * (n - 1)),
-               "--json")
+               "--json", "--resize")
     assert proc.returncode == 0, proc.stderr
     d = json.loads(proc.stdout.strip())
     assert d["exit_index"] == 0 and d["stages_run"] == 1 and d["file"] == str(image)
-    proc = cli("run", bundle_dir, image, "--rule", "fixed", "--exit", str(n - 1), "--json")
+    proc = cli("run", bundle_dir, image, "--rule", "fixed", "--exit", str(n - 1), "--json", "--resize")
     assert json.loads(proc.stdout)["exit_index"] == n - 1
 
 

@@ -196,8 +196,10 @@ def _invoke_ms(invoke: Any, reps: int = 3000) -> float:
     return float(np.median(ns)) * 1e-6
 
 
-def _throughput(runner: Any, images: np.ndarray, batch: int, has_mono: bool) -> dict[str, Any]:
-    """Images per second of the early-exit and the monolithic model at one batch size, chunks interleaved."""
+def _throughput(runner: Any, images: np.ndarray, batch: int, has_mono: bool,
+                report: Any = None) -> dict[str, Any]:
+    """Images per second of the early-exit and the monolithic model at one batch size, chunks interleaved;
+    ``report(images)`` after each chunk (progress)."""
     n = images.shape[0] - images.shape[0] % batch if images.shape[0] >= batch else 0
     if n == 0:
         return {"batch": batch, "images": 0, "early_exit_ips": None, "monolithic_ips": None, "ratio": None}
@@ -221,6 +223,8 @@ def _throughput(runner: Any, images: np.ndarray, batch: int, has_mono: bool) -> 
                 ee_ns += dt
             else:
                 mono_ns += dt
+            if report is not None:
+                report(len(chunk) if batch > 1 else 1)
     ee = n / (ee_ns * 1e-9)
     mono = n / (mono_ns * 1e-9) if has_mono else None
     return {"batch": batch, "images": n, "early_exit_ips": ee, "monolithic_ips": mono,
@@ -363,7 +367,12 @@ def run_benchmark(bundle: str | os.PathLike[str] | Bundle, data: ImageSet, setti
                                      np.array([x.label for x in res], dtype=np.int64), labels, costs))
 
     # ---- time outside the invokes
-    invoke_ms = [_invoke_ms(f) for f in runner.stage_invokers()]
+    invokers = runner.stage_invokers()
+    invoke_ms = []
+    for k, f in enumerate(invokers):  # 3000 bare invokes per stage: seconds on a slow board
+        invoke_ms.append(_invoke_ms(f))
+        if progress is not None:
+            progress("overhead", k + 1, len(invokers) + int(has_mono))
     cum_invoke = np.cumsum(invoke_ms)
     overhead = {"stage_invoke_ms": invoke_ms,
                 "early_exit_invokes_ms": float(cum_invoke[exits].mean()),
@@ -372,13 +381,22 @@ def run_benchmark(bundle: str | os.PathLike[str] | Bundle, data: ImageSet, setti
                         "an upper bound"}
     if has_mono:
         mono_invoke = _invoke_ms(runner._monolithic()[0])
+        if progress is not None:
+            progress("overhead", len(invokers) + 1, len(invokers) + 1)
         overhead.update({"monolithic_invoke_ms": mono_invoke,
                          "monolithic_outside_invoke_us": 1e3 * float(mono_lat.mean() - mono_invoke)})
 
     # ---- throughput at several batch sizes
-    throughput = [_throughput(runner, images, b, has_mono) for b in settings.batch_sizes]
-    if progress is not None:
-        progress("throughput", 1, 1)
+    calls = (2 if has_mono else 1)
+    planned = sum(calls * (images.shape[0] - images.shape[0] % b) for b in settings.batch_sizes)
+    done = [0]
+
+    def report(n: int) -> None:
+        done[0] += n
+        if progress is not None:
+            progress("throughput", min(done[0], planned), planned)
+
+    throughput = [_throughput(runner, images, b, has_mono, report) for b in settings.batch_sizes]
 
     sweep: dict[str, Any] | None = None
     if settings.sweep:

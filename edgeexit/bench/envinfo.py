@@ -68,6 +68,32 @@ def cpu_model(paths: EnvPaths = EnvPaths()) -> str | None:
     return None
 
 
+#: CPU flags that change int8 kernel speed (x86: AVX2, AVX-512 VNNI, AVX-VNNI, AMX; Arm: dot product, i8mm, SVE):
+#: the same CPU name can hide an 8x difference (see :func:`int8_features`).
+INT8_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimd", "asimddp", "i8mm", "sve", "sve2")
+
+
+def int8_features(paths: EnvPaths = EnvPaths()) -> tuple[str, ...]:
+    """The int8-relevant flags of the first CPU in /proc/cpuinfo ("flags" on x86, "Features" on Arm), in
+    :data:`INT8_FLAGS` order; empty when unreadable."""
+    text = _read(paths.cpuinfo)
+    if text is None:
+        return ()
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() in ("flags", "Features"):
+            have = set(value.split())
+            return tuple(f for f in INT8_FLAGS if f in have)
+    return ()
+
+
+def machine_stamp(paths: EnvPaths = EnvPaths()) -> dict[str, Any]:
+    """Who timed a measurement: {"machine": board or CPU model, "cpu": CPU model, "int8_features": [...]}."""
+    board, cpu = board_model(paths), cpu_model(paths)
+    return {"machine": board or cpu or platform.machine() or "unknown", "cpu": cpu,
+            "int8_features": list(int8_features(paths))}
+
+
 def os_name(paths: EnvPaths = EnvPaths()) -> str | None:
     """PRETTY_NAME from /etc/os-release (e.g. "Debian GNU/Linux 12 (bookworm)"), or None."""
     text = _read(paths.os_release)

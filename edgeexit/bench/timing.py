@@ -109,6 +109,9 @@ class ExitCostTable:
     inputs: int
     repeat: int
     machine: str = ""
+    #: the timing machine's CPU model and int8-relevant CPU flags (see :func:`edgeexit.bench.envinfo.machine_stamp`)
+    cpu: str | None = None
+    int8_features: tuple[str, ...] = ()
 
     def for_rule(self, kind: str) -> np.ndarray:
         """[E] cost of leaving at each exit under a rule of ``kind`` ("final" and "fixed" decide nothing)."""
@@ -126,7 +129,8 @@ class ExitCostTable:
                               "decisions evaluated at every exit up to k",
                 "latency_ms": {k: [round(float(x), 6) for x in v] for k, v in self.latency_ms.items()},
                 "monolithic_ms": None if self.monolithic_ms is None else round(self.monolithic_ms, 6),
-                "inputs": self.inputs, "repeat": self.repeat, "machine": self.machine}
+                "inputs": self.inputs, "repeat": self.repeat, "machine": self.machine, "cpu": self.cpu,
+                "int8_features": list(self.int8_features)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ExitCostTable":
@@ -134,11 +138,48 @@ class ExitCostTable:
         try:
             lat = {str(k): tuple(float(x) for x in v) for k, v in dict(d["latency_ms"]).items()}
             mono = d.get("monolithic_ms")
+            cpu = d.get("cpu")
             return cls(latency_ms=lat, monolithic_ms=None if mono is None else float(mono),
-                       inputs=int(d.get("inputs", 0)), repeat=int(d.get("repeat", 0)), machine=str(d.get("machine", "")))
+                       inputs=int(d.get("inputs", 0)), repeat=int(d.get("repeat", 0)), machine=str(d.get("machine", "")),
+                       cpu=None if cpu is None else str(cpu),
+                       int8_features=tuple(str(f) for f in d.get("int8_features") or ()))
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"manifest: operating_points.exit_costs is malformed ({exc}); re-run `edgeexit tune`"
                               ) from None
+
+
+def timed_elsewhere(stored: Mapping[str, Any] | None, paths: Any = None) -> str | None:
+    """Why exit costs stored in a bundle (``operating_points.exit_costs``, :meth:`ExitCostTable.to_dict`) may not
+    hold on this machine: a warning naming where they were timed, or None when this machine timed them.
+
+    Costs without a machine stamp (written by an older edgeexit) are reported as of an unknown machine.
+    """
+    from .envinfo import EnvPaths, machine_stamp
+
+    if not stored or not stored.get("latency_ms"):
+        return None
+    here = machine_stamp(paths or EnvPaths())
+    there = {"machine": str(stored.get("machine") or ""), "int8_features": list(stored.get("int8_features") or [])}
+    if not there["machine"]:
+        return (f"the stored exit costs (est. ms) do not say which machine timed them; re-time them here with "
+                f"`edgeexit tune` (this machine: {_describe(here)})")
+    if there["machine"] != here["machine"] or ("int8_features" in stored
+                                                and there["int8_features"] != here["int8_features"]):
+        return (f"the stored exit costs (est. ms) were timed on {_describe(there)}, not on this machine "
+                f"({_describe(here)}); latencies here differ: re-time them with `edgeexit tune`")
+    return None
+
+
+def _describe(stamp: Mapping[str, Any]) -> str:
+    flags = stamp.get("int8_features") or []
+    return f"{stamp.get('machine') or 'unknown'} [int8 features: {' '.join(flags) if flags else 'none'}]"
+
+
+def this_machine() -> dict[str, Any]:
+    """This machine's stamp for exit costs (:func:`edgeexit.bench.envinfo.machine_stamp`)."""
+    from .envinfo import machine_stamp
+
+    return machine_stamp()
 
 
 def stand_in_rule(kind: str, num_exits: int, rules: Sequence[ExitRule] = ()) -> ExitRule:
@@ -169,12 +210,16 @@ def rule_setter(runner: Any, rule: ExitRule) -> Callable[[], None]:
 
 def cost_table(ms: np.ndarray, variants: Sequence[Variant], kinds: Sequence[str], num_exits: int, repeat: int,
                machine: str = "") -> ExitCostTable:
-    """Build the table from :func:`time_calls` output of :func:`forced_variants` (+ an optional "monolithic")."""
+    """Build the table from :func:`time_calls` output of :func:`forced_variants` (+ an optional "monolithic"),
+    stamped with this machine (``machine``, default: the board or CPU model; its CPU model and int8 features)."""
     index = {v.name: j for j, v in enumerate(variants)}
     lat = {kind: tuple(float(per_input(ms[index[f"{kind}@{k}"]]).mean()) for k in range(num_exits))
            for kind in kinds}
     mono = float(per_input(ms[index["monolithic"]]).mean()) if "monolithic" in index else None
-    return ExitCostTable(latency_ms=lat, monolithic_ms=mono, inputs=int(ms.shape[2]), repeat=repeat, machine=machine)
+    stamp = this_machine()  # the costs were just timed here
+    return ExitCostTable(latency_ms=lat, monolithic_ms=mono, inputs=int(ms.shape[2]), repeat=repeat,
+                         machine=machine or stamp["machine"], cpu=stamp["cpu"],
+                         int8_features=tuple(stamp["int8_features"]))
 
 
 def measure_exit_costs(runner: Any, images: Sequence[Any], kinds: Sequence[str], *, rules: Sequence[ExitRule] = (),

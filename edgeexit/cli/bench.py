@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import click
 
 from .device import _build_rule, _parse_thresholds
 from ..energy.boards import BOARDS
-from ..errors import printable
+from ..errors import UsageError, printable
+from .options import Choice
 from ..progress import StderrProgress
 from ..runtime.interpreter import BACKENDS, MAX_THREADS
 from ..runtime.manifest import EXIT_RULES
@@ -17,8 +22,36 @@ from ..runtime.manifest import EXIT_RULES
 
 #: How the benchmark's phases are named on stderr.
 PHASES = {"timed": "timed pass (whole calls: early exit, monolithic, stored points, forced to each exit)",
-          "throughput": "throughput at batch sizes", "trace": "trace pass (every stage)", "float": "float network",
+          "overhead": "bare invokes (3000 per model)",
+          "throughput": "throughput at batch sizes (images through the early-exit and monolithic calls)",
+          "trace": "trace pass (every stage)", "float": "float network",
           "energy": "energy phases (idle, each exit, early exit, monolithic)"}
+#: What a phase counts, where it is not inputs.
+UNITS = {"timed": "inputs x repeats", "overhead": "models (stages and monolithic)", "throughput": "images"}
+
+
+def _check_writable_dir(path: str, option: str) -> None:
+    """UsageError unless ``path`` is a directory this user can write, or one that can be created there (its
+    nearest existing parent is a writable directory); checked before the run, nothing is created here."""
+    p = Path(path).absolute()
+    existing = next((q for q in (p, *p.parents) if q.exists()), None)
+    if existing is None or not existing.is_dir():
+        raise UsageError(f"{option} {path}: {existing or p} is not a directory; pass a writable {option}, or --no-save")
+    try:  # a file made and removed at once: the real test (read-only mounts, /proc, root's access() answers)
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{option} {path}: cannot write into {existing} ({exc.strerror}); pass a writable {option}, "
+                         "or --no-save") from None
+
+
+def _check_float_checkpoint(path: str) -> None:
+    """--float-checkpoint needs torch and a readable file: refused before the benchmark starts."""
+    if importlib.util.find_spec("torch") is None:
+        raise UsageError("--float-checkpoint needs torch (the workstation install), which is not installed here; "
+                         "drop --float-checkpoint, or run the benchmark with the workstation install")
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        raise UsageError(f"--float-checkpoint {path}: no such readable file")
 
 
 def _parse_batch_sizes(text: str) -> tuple[int, ...]:
@@ -37,7 +70,7 @@ def _parse_batch_sizes(text: str) -> tuple[int, ...]:
 @click.argument("bundle", type=click.Path(file_okay=False))
 @click.option("--data", "data_spec", required=True, metavar="SPEC",
               help="Labelled set: mnist, fashion-mnist, cifar10:DIR, svhn:DIR, a .npz file or an image folder.")
-@click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True,
+@click.option("--split", type=Choice(["test", "train"]), default="test", show_default=True,
               help="Split of a named dataset.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N images.")
 @click.option("--warmup", type=click.IntRange(min=0), default=20, show_default=True,
@@ -46,14 +79,14 @@ def _parse_batch_sizes(text: str) -> tuple[int, ...]:
               help="Timed passes; each input's latency is its median over them.")
 @click.option("--threads", type=click.IntRange(min=1, max=MAX_THREADS), default=1, show_default=True,
               help="Interpreter threads.")
-@click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default="auto", show_default=True,
+@click.option("--backend", type=Choice(["auto", *BACKENDS]), default="auto", show_default=True,
               help="TFLite interpreter package.")
 @click.option("--rule", default=None, metavar="KIND|POINT",
               help=f"Exit rule kind ({', '.join(EXIT_RULES)}) or an operating point stored in the bundle "
                    "(default: the bundle's own rule).")
 @click.option("--thresholds", default=None, metavar="T0,T1,...", help="One threshold per exit except the last.")
 @click.option("--exit", "exit_index", type=int, default=None, help="Exit index for --rule fixed.")
-@click.option("--board", type=click.Choice(["auto", *BOARDS]), default="auto", show_default=True,
+@click.option("--board", type=Choice(["auto", *BOARDS]), default="auto", show_default=True,
               help="Board power profile for the energy estimate.")
 @click.option("--sweep/--no-sweep", default=True, show_default=True,
               help="Trace every stage once per input and sweep the exit thresholds (accuracy vs MACs/latency).")
@@ -70,7 +103,7 @@ def _parse_batch_sizes(text: str) -> tuple[int, ...]:
               help="Batch sizes of the throughput comparison (1 = single-image calls).")
 @click.option("--points/--no-points", default=True, show_default=True,
               help="Also time every stored operating point (estimated vs measured latency).")
-@click.option("--power-sensor", type=click.Choice(["auto", "none"]), default="auto", show_default=True,
+@click.option("--power-sensor", type=Choice(["auto", "none"]), default="auto", show_default=True,
               help="Measure energy with the first hwmon power sensor (INA2xx) or the Raspberry Pi 5 PMIC (auto), "
                    "or not at all (none).")
 @click.option("--power-trace", type=click.Path(dir_okay=False), default=None, metavar="CSV",
@@ -94,23 +127,37 @@ def bench(ctx: click.Context, bundle: str, data_spec: str, split: str, limit: in
     from ..bench.bench import BenchSettings, run_benchmark
     from ..bench.report import format_report, write_results
     from ..runtime.bundle import load_bundle
-    from ..bench.datasets import load_dataset
+    from ..bench.datasets import check_dataset, load_dataset
     from ..energy.report import EnergySettings, check_measurement, store_measured
 
     quiet = bool((ctx.find_root().obj or {}).get("quiet"))
+    # every option is checked here, before the data is read and anything is timed
+    sizes = _parse_batch_sizes(batch_sizes)
+    parsed_thresholds = _parse_thresholds(thresholds)
+    energy = EnergySettings(sensor=power_sensor, power_trace=power_trace, reps=energy_reps, phase_s=energy_phase_s,
+                            idle_s=energy_phase_s)
+    energy.validate()
+    if not no_save:
+        _check_writable_dir(out_dir, "--out")
+    if float_checkpoint is not None:
+        _check_float_checkpoint(float_checkpoint)
     loaded = load_bundle(bundle, backend=backend, check_tensors=False)
+    if store_energy and not os.access(loaded.path, os.W_OK):
+        raise UsageError(f"--store-energy writes into the bundle, but {loaded.path} is not writable by this user; "
+                         "run as the bundle's owner or drop --store-energy")
     unverified = loaded.manifest.unverified_reason()
     if unverified is not None:  # measured anyway; the result file records the verdict (names come from the manifest)
         click.echo(printable(f"warning: bundle {bundle}: {unverified}; its figures are not those of a verified "
                              "conversion", 1000), err=True)
-    chosen = _build_rule(loaded, rule, _parse_thresholds(thresholds), exit_index)
+    chosen = _build_rule(loaded, rule, parsed_thresholds, exit_index)
     data = load_dataset(data_spec, split=split, limit=limit)
     settings = BenchSettings(warmup=warmup, repeat=repeat, num_threads=threads, backend=backend, rule=chosen,
                              board=board, sweep=sweep, resize=resize, float_checkpoint=float_checkpoint,
-                             batch_sizes=_parse_batch_sizes(batch_sizes), points=points,
-                             energy=EnergySettings(sensor=power_sensor, power_trace=power_trace, reps=energy_reps,
-                                                   phase_s=energy_phase_s, idle_s=energy_phase_s))
-    result: dict[str, Any] = run_benchmark(loaded, data, settings, progress=StderrProgress(not quiet, PHASES),
+                             batch_sizes=sizes, points=points, energy=energy)
+    settings.validate()
+    check_dataset(loaded.manifest, data, resize=resize)
+    progress = StderrProgress(not quiet, PHASES, units=UNITS)
+    result: dict[str, Any] = run_benchmark(loaded, data, settings, progress=progress,
                                            dataset_spec=data_spec)
     files = None
     if not no_save:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+import os
+import sys
+from typing import Any, Mapping, Sequence
 
 import click
 
 from ..energy.boards import BOARDS
 from ..runtime.bundle import Bundle, load_bundle
-from ..errors import UsageError, printable
+from ..errors import EdgeExitError, InputError, UsageError, printable
+from .options import Choice, did_you_mean
 from ..runtime.interpreter import BACKENDS, MAX_THREADS
 from ..runtime.manifest import EXIT_RULES, ExitRuleSpec
 from ..runtime.points import OperatingPoints
@@ -32,6 +35,12 @@ def _build_rule(bundle: Bundle, rule: str | None, thresholds: tuple[float, ...] 
     if rule is None and thresholds is None and exit_index is None:
         return None
     if rule is not None and rule not in EXIT_RULES:
+        points = point_names(bundle)
+        if rule not in points:
+            stored = (f"one of the bundle's operating points ({', '.join(points)})" if points else
+                      "an operating point of the bundle (it has none; `edgeexit tune` stores them)")
+            raise UsageError(f"--rule {rule!r} is neither an exit rule kind ({', '.join(EXIT_RULES)}) nor "
+                             f"{stored}{did_you_mean(rule, [*EXIT_RULES, *points])}")
         if thresholds is not None or exit_index is not None:
             raise UsageError(f"--{'thresholds' if thresholds is not None else 'exit'} cannot be combined with "
                              f"operating point {rule!r} (it has its own); drop it, or give --rule KIND")
@@ -57,6 +66,29 @@ def _build_rule(bundle: Bundle, rule: str | None, thresholds: tuple[float, ...] 
     return rule_from_spec(ExitRuleSpec(kind=kind, thresholds=thresholds))
 
 
+def point_names(bundle: Bundle) -> list[str]:
+    """Names ``--rule`` accepts as operating points: the stored named points (readable or not)."""
+    ops = bundle.manifest.operating_points
+    return [n for n in [*ops.named, *ops.unreadable] if n not in ("front", "exit_costs")]
+
+
+def image_mismatch(path: str, size: tuple[int, int], color_mode: str) -> str | None:
+    """How an image file differs from the bundle's input (size, or grey vs colour), from its header only;
+    None when it fits or cannot be read (classifying it then says why)."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            w, h, mode = im.width, im.height, im.mode
+    except Exception:  # noqa: BLE001 - Pillow raises many types for bad files; the Runner reports them properly
+        return None
+    grey = mode in ("L", "1", "I;16", "I", "F")  # as the image-folder datasets read them (bench)
+    have = "L" if grey else "RGB"
+    if (h, w) == tuple(size) and have == color_mode:
+        return None
+    return f"{w}x{h} {mode}, the bundle takes {size[1]}x{size[0]} {color_mode}"
+
+
 TRUSTED_KEY = click.option(
     "--trusted-key", metavar="PUBLIC.pem", default=None,
     help="Refuse the bundle unless manifest.sig is a valid signature by this Ed25519 public key "
@@ -70,34 +102,92 @@ TRUSTED_KEY = click.option(
               help=f"Exit rule kind ({', '.join(EXIT_RULES)}) or an operating point stored in the bundle.")
 @click.option("--thresholds", default=None, metavar="T0,T1,...", help="One threshold per exit except the last.")
 @click.option("--exit", "exit_index", type=int, default=None, help="Exit index for --rule fixed.")
-@click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default="auto", show_default=True,
+@click.option("--backend", type=Choice(["auto", *BACKENDS]), default="auto", show_default=True,
               help="TFLite interpreter package.")
 @click.option("--threads", type=click.IntRange(min=1, max=MAX_THREADS), default=1, show_default=True,
               help="Interpreter threads.")
-@click.option("--board", type=click.Choice(["auto", *BOARDS]), default="auto", show_default=True,
+@click.option("--board", type=Choice(["auto", *BOARDS]), default="auto", show_default=True,
               help="Board power profile for energy estimates.")
 @click.option("--edgetpu", is_flag=True, help="Run through the Edge TPU delegate (libedgetpu.so.1).")
+@click.option("--resize", is_flag=True,
+              help="Convert images of another size or colour mode to the bundle's with Pillow (bilinear, aspect "
+                   "ratio not kept) instead of refusing them, as `bench --resize` does.")
+@click.option("--keep-going", is_flag=True,
+              help="Go on past an input that cannot be classified (one error line for it); exit non-zero at the end.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per input (JSON Lines).")
 @TRUSTED_KEY
 def run(bundle: str, inputs: tuple[str, ...], rule: str | None, thresholds: str | None, exit_index: int | None,
-        backend: str, threads: int, board: str, edgetpu: bool, as_json: bool, trusted_key: str | None) -> None:
-    """Classify image files with BUNDLE: label, exit, MACs, latency and energy per input."""
+        backend: str, threads: int, board: str, edgetpu: bool, resize: bool, keep_going: bool, as_json: bool,
+        trusted_key: str | None) -> None:
+    """Classify image files with BUNDLE: label, score, exit, MACs, latency and energy per input.
+
+    Images must have the bundle's size and colour mode unless --resize is given (the same policy as `bench`).
+    """
     from ..runtime.runner import Runner
 
     loaded = load_bundle(bundle, backend=backend, check_tensors=False, trusted_key=trusted_key)
     chosen = _build_rule(loaded, rule, _parse_thresholds(thresholds), exit_index)
     runner = Runner(loaded, backend=backend, num_threads=threads, rule=chosen, board=board, edgetpu=edgetpu)
-    n = runner.num_exits
+    prep = loaded.manifest.preprocessing
+    table = None if as_json else _RunTable(runner, inputs)
+    failed: EdgeExitError | None = None
+    resized = 0
     for path in inputs:
-        r = runner.classify(path)
+        try:
+            mismatch = image_mismatch(path, prep.size, prep.color_mode)
+            if mismatch is not None and not resize:
+                raise InputError(f"{printable(path)}: image is {mismatch}; pass --resize to convert it with Pillow "
+                                 "(bilinear), or give images of the bundle's size")
+            resized += mismatch is not None
+            r = runner.classify(path)
+        except EdgeExitError as exc:
+            if not keep_going:
+                raise
+            click.echo(f"error: {printable(exc, 1000)}", err=True)
+            failed = failed or exc
+            continue
         if as_json:
             click.echo(json.dumps({"file": path, **r.to_dict()}))
         else:
-            measured = (f", measured {r.energy.measured_mj:.3f} mJ" if r.energy.measured_mj is not None else "")
-            click.echo(f"{printable(path)}\t{printable(r.label_name)}\t{r.score:.3f}\texit {r.exit_index} (0..{n - 1})\t"
-                       f"{r.macs} MACs\t"
-                       f"{r.latency_ms:.3f} ms\t{r.energy.board_estimate_mj:.3f} mJ board estimate ({runner.board.name})"
-                       f"{measured}")
+            click.echo(table.row(path, r))
+    if resized:
+        click.echo(f"note: {resized} of {len(inputs)} image(s) converted to {prep.size[1]}x{prep.size[0]} "
+                   f"{prep.color_mode} (--resize)", err=True)
+    if failed is not None:
+        sys.exit(failed.exit_code)
+
+
+class _RunTable:
+    """`run`'s human output: a header, then one aligned row per input (widths known before the first row)."""
+
+    def __init__(self, runner: Any, inputs: Sequence[str]):
+        manifest = runner.manifest
+        self.n = runner.num_exits
+        self.board = runner.board.name
+        self.fw = min(max([len("file"), *(len(printable(p)) for p in inputs)]), 60)
+        self.lw = min(max([len("label"), *(len(printable(label)) for label in manifest.labels)]), 30)
+        # the exit's score of the predicted class: a softmax probability, or a per-class sigmoid
+        kinds = {s.scores for s in manifest.stages}
+        self.score_name = {frozenset({"softmax"}): "p(label)", frozenset({"sigmoid"}): "sigmoid"}.get(
+            frozenset(kinds), "score")
+        self.header_done = False
+
+    def row(self, path: str, r: Any) -> str:
+        cells = [printable(path).ljust(self.fw), printable(r.label_name).ljust(self.lw),
+                 f"{r.score:.3f}".rjust(len(self.score_name)), f"{r.exit_index}".rjust(len(f"exit (0..{self.n - 1})")),
+                 f"{r.macs:,}".rjust(12), f"{r.latency_ms:.3f}".rjust(9),
+                 f"{r.energy.board_estimate_mj:.4f}".rjust(len(f"mJ ({self.board})"))]
+        if r.energy.measured_mj is not None:
+            cells.append(f"{r.energy.measured_mj:.4f}".rjust(11))
+        line = "  ".join(cells).rstrip()
+        if not self.header_done:
+            self.header_done = True
+            head = ["file".ljust(self.fw), "label".ljust(self.lw), self.score_name, f"exit (0..{self.n - 1})",
+                    "MACs".rjust(12), "ms".rjust(9), f"mJ ({self.board})"]
+            if r.energy.measured_mj is not None:
+                head.append("measured mJ")
+            line = "  ".join(head).rstrip() + "\n" + line
+        return line
 
 
 def _tensor(t: Any) -> str:
@@ -143,7 +233,7 @@ def _signature_state(b: Bundle) -> str:
 
 @click.command()
 @click.argument("bundle", type=click.Path(file_okay=False))
-@click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default="auto", show_default=True,
+@click.option("--backend", type=Choice(["auto", *BACKENDS]), default="auto", show_default=True,
               help="TFLite interpreter package used to check the files.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @TRUSTED_KEY
@@ -171,14 +261,15 @@ def info(bundle: str, backend: str, as_json: bool, trusted_key: str | None) -> N
         out.append(f"  stage {s['index']}: in {s['input']}; {outs}")
     out.append(f"full network MACs {d['full_macs']:,}; hand-offs: {', '.join(d['handoffs']) or 'none'}")
     rule = d["exit_rule"]
-    out.append(f"exit rule {rule['kind']} thresholds={rule['thresholds']}"
-               + (f" exit={rule['exit']}" if rule["exit"] is not None else ""))
+    out.append(f"exit rule {rule['kind']}"
+               + (f" thresholds {', '.join(_sig(t) for t in rule['thresholds'])}" if rule["thresholds"] else "")
+               + (f" exit {rule['exit']}" if rule["exit"] is not None else ""))
     if d["monolithic"]:
         out.append(f"monolithic {d['monolithic']['file']} ({d['monolithic']['macs']:,} MACs)")
     out += _or_raw(_verification_lines, d["verification"], "verification")
     out += _or_raw(_points_lines, loaded.manifest.operating_points, "operating points")
-    for key in ("training", "edgetpu"):
-        out += _mapping_lines(key.replace("_", " "), d[key])
+    out += _training_lines(d["training"])
+    out += _mapping_lines("edgetpu", d["edgetpu"])
     out.append(f"signature: {d['signature']}")
     click.echo("\n".join(printable(line, 100_000) for line in out))  # names and labels come from the manifest
 
@@ -261,9 +352,65 @@ def _points_lines(points: OperatingPoints) -> list[str]:
         out.append(f"  front: {len(points.front)} points, {points.front[0].rule}; accuracy {_pct(lo.accuracy)} at "
                    f"{_pct(lo.avg_macs_fraction)} MACs .. {_pct(hi.accuracy)} at {_pct(hi.avg_macs_fraction)} MACs")
     if points.exit_costs is not None:
-        out.append(f"  exit costs: stored ({', '.join(k for k in points.exit_costs)})")
+        costs = points.exit_costs
+        timed = costs.get("latency_ms") or {}
+        where = costs.get("machine") or "an unrecorded machine"
+        flags = costs.get("int8_features")
+        out.append(f"  exit costs: {', '.join(timed) or 'no latency'} timed on {where}"
+                   + (f" [int8 features: {' '.join(flags) or 'none'}]" if isinstance(flags, list) else ""))
+        warning = _elsewhere(costs)
+        if warning:
+            out.append(f"  warning: {warning}")
     out += [f"  unreadable entry: {k}" for k in points.unreadable]
     return out
+
+
+def _elsewhere(costs: Mapping[str, Any]) -> str | None:
+    from ..bench.timing import timed_elsewhere
+
+    return timed_elsewhere(costs)
+
+
+def _sig(v: Any, digits: int = 4) -> str:
+    """A number to ``digits`` significant digits (thresholds, losses); anything else as it is."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)
+    return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
+
+
+def _flat(prefix: str, v: Any) -> list[tuple[str, Any]]:
+    """Nested mappings as (dotted key, value) pairs."""
+    if isinstance(v, Mapping) and v:
+        return [kv for k, sub in v.items() for kv in _flat(f"{prefix}.{k}" if prefix else str(k), sub)]
+    return [(prefix, v)]
+
+
+def _training_lines(d: Mapping[str, Any], rows: int = 6) -> list[str]:
+    """How the network was trained: scalars as ``key  value`` (4 significant digits), a history (a list of
+    per-epoch records) as a short table (first and last epochs), other lists compactly."""
+    if not d:
+        return ["training: none"]
+    out, tables = ["training:"], []
+    pairs = _flat("", d)
+    width = max(len(k) for k, v in pairs if not _is_records(v)) if any(not _is_records(v) for _, v in pairs) else 0
+    for key, value in pairs:
+        if _is_records(value):
+            tables.append((key, value))
+        elif isinstance(value, (list, tuple)):
+            out.append(f"  {key:<{width}}  [{', '.join(_sig(x) for x in value[:12])}{', ...' if len(value) > 12 else ''}]")
+        else:
+            out.append(f"  {key:<{width}}  {_sig(value)}")
+    for key, records in tables:
+        cols = list(dict.fromkeys(k for r in records for k in r))
+        shown = records if len(records) <= rows else [*records[: rows // 2], None, *records[-(rows // 2):]]
+        body = [["..."] + [""] * (len(cols) - 1) if r is None else [_sig(r.get(c, "-")) for c in cols] for r in shown]
+        out.append(f"  {key} ({len(records)} rows):")
+        out += _table(cols, body, indent="    ")
+    return out
+
+
+def _is_records(v: Any) -> bool:
+    return isinstance(v, (list, tuple)) and bool(v) and all(isinstance(r, Mapping) for r in v)
 
 
 def _mapping_lines(title: str, d: Mapping[str, Any]) -> list[str]:

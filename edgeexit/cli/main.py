@@ -11,6 +11,7 @@ exit code; no traceback.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import sys
 
@@ -36,8 +37,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "keygen": ("edgeexit.cli.sign:keygen", "Create an Ed25519 key pair for signing bundles."),
 }
 
-WORKSTATION_HINT = ("this command needs the workstation install (torch, TensorFlow, onnx2tf): run "
-                    "`bash scripts/env.sh workstation` in an edgeexit checkout and use .venv/bin/edgeexit (see README)")
+WORKSTATION_FIX = ("on a workstation, run `bash scripts/env.sh workstation` in an edgeexit checkout and use "
+                   ".venv/bin/edgeexit (see README); device installs run run, info, bench, tune and compare")
+WORKSTATION_HINT = f"this command needs the workstation install (torch, TensorFlow, onnx2tf): {WORKSTATION_FIX}"
 
 
 class Interrupted(Exception):
@@ -49,22 +51,48 @@ class Interrupted(Exception):
 INTERRUPTED = "error: interrupted"
 
 
+#: Commands that need torch, TensorFlow and onnx2tf (the workstation install).
+WORKSTATION_COMMANDS = ("train", "sweep", "post-train", "convert")
+#: The top-level packages of the workstation install; a device install has none of them.
+WORKSTATION_PACKAGES = ("torch", "tensorflow", "onnx", "onnx2tf", "onnxruntime")
+
+
+def _require_workstation(name: str, missing: str | None = None) -> None:
+    """UsageError (exit 2, one line) when a workstation command runs where torch is not installed."""
+    if missing is None:
+        missing = "torch" if importlib.util.find_spec("torch") is None else None
+    if missing is not None:
+        raise UsageError(f"'edgeexit {name}' needs the workstation install and {missing} is not installed here; "
+                         f"{WORKSTATION_FIX}")
+
+
 class LazyGroup(click.Group):
     """A click group whose subcommands are imported only when used."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(COMMANDS)
 
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[str | None, click.Command | None,
+                                                                            list[str]]:
+        name = args[0] if args else ""
+        if name and name not in COMMANDS and not name.startswith("-"):
+            from .options import did_you_mean
+
+            ctx.fail(f"no command {name!r}; the commands are {', '.join(COMMANDS)}{did_you_mean(name, COMMANDS)}")
+        return super().resolve_command(ctx, args)
+
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in COMMANDS:
             return None
+        if name in WORKSTATION_COMMANDS:
+            _require_workstation(name)
         module_name, attr = COMMANDS[name][0].split(":")
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
             missing = exc.name or ""
-            if missing.split(".")[0] in ("torch", "tensorflow", "onnx", "onnx2tf", "onnxruntime"):
-                raise EdgeExitError(f"'edgeexit {name}' cannot import {missing}: {WORKSTATION_HINT}") from None
+            if missing.split(".")[0] in WORKSTATION_PACKAGES:
+                _require_workstation(name, missing)
             raise
         return getattr(module, attr)
 
@@ -120,12 +148,24 @@ def entry_point(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo(INTERRUPTED, err=True)
         sys.exit(130)
+    except ModuleNotFoundError as exc:
+        # a workstation package imported while a workstation command runs on a device install
+        if (exc.name or "").split(".")[0] not in WORKSTATION_PACKAGES:
+            _internal_error(exc)
+        command = next((a for a in (argv if argv is not None else sys.argv[1:]) if a in COMMANDS), "")
+        click.echo(f"error: {'edgeexit ' + command if command else 'this command'} needs the workstation install "
+                   f"and {exc.name} is not installed here; {WORKSTATION_FIX}", err=True)
+        sys.exit(UsageError.exit_code)
     except Exception as exc:  # a defect, not a user error: still one line; -vv logs the traceback
-        log.debug("internal error", exc_info=True)
-        click.echo(f"error: internal error ({type(exc).__name__}: {printable(exc, 200)}); please report it with the "
-                   "output of the same command run with -vv", err=True)
-        sys.exit(70)
+        _internal_error(exc)
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _internal_error(exc: BaseException) -> None:
+    log.debug("internal error", exc_info=True)
+    click.echo(f"error: internal error ({type(exc).__name__}: {printable(exc, 200)}); please report it with the "
+               "output of the same command run with -vv", err=True)
+    sys.exit(70)
 
 
 if __name__ == "__main__":  # python -m edgeexit.cli.main (or python -m edgeexit)
