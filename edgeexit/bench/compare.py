@@ -20,7 +20,7 @@ from ..errors import UsageError
 from ..runtime.manifest import Manifest
 
 #: Columns of the comparison CSV (one row per result).
-COLUMNS = ("label", "machine", "board_profile", "backend", "threads", "bundle", "bundle_sha256", "images",
+COLUMNS = ("label", "rule", "time", "machine", "board_profile", "backend", "threads", "bundle", "bundle_sha256", "images",
            "accuracy", "latency_mean_ms", "latency_p50_ms", "monolithic_accuracy", "monolithic_latency_mean_ms",
            "monolithic_latency_p50_ms", "speedup_mean", "energy_kind", "energy_mj", "energy_ci95_mj",
            "monolithic_energy_mj", "monolithic_energy_ci95_mj", "proxy_mj", "monolithic_proxy_mj", "file")
@@ -69,10 +69,29 @@ def load_results(paths: Sequence[str | os.PathLike[str]], allow_mixed: bool = Fa
     return results
 
 
-def _label(r: Mapping[str, Any]) -> str:
+def _machine(r: Mapping[str, Any]) -> str:
     env, s = r.get("environment") or {}, r.get("settings") or {}
     machine = env.get("board") or env.get("cpu") or env.get("machine") or "unknown"
     return f"{machine} ({s.get('backend', '?')}, {s.get('threads', '?')} thr)"
+
+
+def _rule(r: Mapping[str, Any]) -> str:
+    rule = (r.get("settings") or {}).get("rule") or {}
+    kind = rule.get("kind", "?")
+    if kind == "fixed":
+        return f"fixed exit {rule.get('exit')}"
+    thresholds = rule.get("thresholds") or []
+    return f"{kind} {','.join(f'{t:.3g}' for t in thresholds)}".strip()
+
+
+def _when(r: Mapping[str, Any]) -> str:
+    created = str(r.get("created") or "")
+    return created[:16].replace("T", " ") if created else "?"
+
+
+def _label(r: Mapping[str, Any], index: int) -> str:
+    """A label that tells runs apart: run number, machine, rule and time (the file is its own column)."""
+    return f"#{index} {_machine(r)}, {_rule(r)}, {_when(r)}"
 
 
 def _energy(block: Mapping[str, Any] | None) -> tuple[str | None, float | None, float | None]:
@@ -90,13 +109,14 @@ def _energy(block: Mapping[str, Any] | None) -> tuple[str | None, float | None, 
 def comparison_rows(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """One row per result with the columns of :data:`COLUMNS`."""
     rows = []
-    for r in results:
+    for i, r in enumerate(results, 1):
         o, m, e = r["overall"], r.get("monolithic") or {}, r.get("energy") or {}
         kind, mj, ci = _energy(e.get("early_exit"))
         mkind, mmj, mci = _energy(e.get("monolithic"))
         mlat = m.get("latency_ms") or {}
         rows.append({
-            "label": _label(r), "machine": (r.get("environment") or {}).get("machine"),
+            "label": _label(r, i), "run": i, "machine_label": _machine(r), "rule": _rule(r), "time": _when(r),
+            "machine": (r.get("environment") or {}).get("machine"),
             "board_profile": r["settings"].get("board"), "backend": r["settings"].get("backend"),
             "threads": r["settings"].get("threads"), "bundle": r["bundle"]["name"],
             "bundle_sha256": r["bundle"].get("sha256"), "images": r["dataset"]["count"],
@@ -128,13 +148,20 @@ def _num(v: float | None, fmt: str) -> str:
 
 
 def format_comparison(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The terminal table: one line per result, early exit vs its board's monolithic model."""
-    head = (f"{'machine':44} {'acc.':>7} {'mono':>7} {'mean ms':>9} {'mono ms':>9} {'speed-up':>8} "
-            f"{'energy mJ/input':>22} {'mono mJ':>9} {'kind':>15}")
+    """The terminal table: one line per result (run number, machine, rule, time, file), early exit vs its board's
+    monolithic model. Text columns are as wide as their longest entry: nothing is cut."""
+    text_cols = [("#", [str(r["run"]) for r in rows]), ("machine", [r["machine_label"] for r in rows]),
+                 ("rule", [r["rule"] for r in rows]), ("time", [r["time"] for r in rows]),
+                 ("file", [os.path.basename(r["file"]) for r in rows])]
+    widths = [max(len(h), *(len(v) for v in vals)) for h, vals in text_cols]
+    head = ("  ".join(h.ljust(w) for (h, _), w in zip(text_cols, widths))
+            + f"  {'acc.':>7} {'mono':>7} {'mean ms':>9} {'mono ms':>9} {'speed-up':>8} {'energy mJ/input':>22} "
+              f"{'mono mJ':>9} {'kind':>15}")
     lines = [head, "-" * len(head)]
-    for r in rows:
+    for i, r in enumerate(rows):
         energy = _num(r["energy_mj"], ".4f") + ("" if r["energy_ci95_mj"] is None else f" +-{r['energy_ci95_mj']:.4f}")
-        lines.append(f"{r['label'][:44]:44} {_num(r['accuracy'] and 100 * r['accuracy'], '.2f'):>6}% "
+        lines.append("  ".join(vals[i].ljust(w) for (_, vals), w in zip(text_cols, widths))
+                     + f"  {_num(r['accuracy'] and 100 * r['accuracy'], '.2f'):>6}% "
                      f"{_num(r['monolithic_accuracy'] and 100 * r['monolithic_accuracy'], '.2f'):>6}% "
                      f"{_num(r['latency_mean_ms'], '.4f'):>9} {_num(r['monolithic_latency_mean_ms'], '.4f'):>9} "
                      f"{_num(r['speedup_mean'], '.2f'):>7}x {energy:>22} {_num(r['monolithic_energy_mj'], '.4f'):>9} "
