@@ -194,6 +194,27 @@ def headline(result: Mapping[str, Any]) -> str:
 
 
 def plot_tradeoff(result: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write :func:`tradeoff_figure` of ``result`` to the PNG file ``path`` (120 dpi) and return ``path``.
+
+    Raises:
+        PlotUnavailable: matplotlib is not installed.
+    """
+    plt = _pyplot()
+    fig = tradeoff_figure(result)
+    out = Path(os.fspath(path))
+    try:
+        fig.savefig(out, dpi=DPI)
+    finally:
+        plt.close(fig)
+    log.info("wrote %s", out)
+    return out
+
+
+#: Resolution of the PNG (the label placement is computed for it).
+DPI = 120
+
+
+def tradeoff_figure(result: Mapping[str, Any]) -> Any:
     """Draw accuracy vs average MACs, vs mean latency and vs energy per input from a benchmark result.
 
     Left panel: the sweep's accuracy [%] against average MACs [% of the full network]. Middle panel: the same
@@ -208,10 +229,9 @@ def plot_tradeoff(result: Mapping[str, Any], path: str | os.PathLike[str]) -> Pa
 
     Args:
         result: a dict as returned by :func:`edgeexit.bench.bench.run_benchmark` (or read from its JSON file).
-        path: the PNG file to write.
 
     Returns:
-        The path written.
+        The matplotlib Figure, laid out for :data:`DPI` (the caller closes it).
 
     Raises:
         PlotUnavailable: matplotlib is not installed.
@@ -226,7 +246,7 @@ def plot_tradeoff(result: Mapping[str, Any], path: str | os.PathLike[str]) -> Pa
     mono = result.get("monolithic") or {}
     overall = result.get("overall") or {}
 
-    fig, axes = plt.subplots(1, 3, figsize=(18, 6.6), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(18, 6.6), sharey=True, dpi=DPI)
     per_axis: list[list[Marked]] = []
     for ax, xkey in ((axes[0], "mac_fraction"), (axes[1], "est_latency_ms")):
         scale = 100.0 if xkey == "mac_fraction" else 1.0
@@ -282,8 +302,4 @@ def plot_tradeoff(result: Mapping[str, Any], path: str | os.PathLike[str]) -> Pa
         groups = _groups(ax, here)
         _draw_markers(ax, groups)
         _place_labels(ax, groups, renderer)
-    out = Path(os.fspath(path))
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    log.info("wrote %s", out)
-    return out
+    return fig

@@ -96,8 +96,10 @@ def write_file_atomic(path: str | os.PathLike[str], content: Content, *,
     path = Path(path)
     if stale_after_s is not None:
         remove_temps(path, older_than_s=stale_after_s)
+    mode = _new_file_mode(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, mode)  # mkstemp's 0600 -> what a plain open() would give (or the replaced file's mode)
         with os.fdopen(fd, "wb") as f:
             if callable(content):
                 content(f)
