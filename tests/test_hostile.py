@@ -108,7 +108,7 @@ def test_forged_lines_are_escaped(bundle_dir, tmp_path):
     forged = tmp_path / "x\nerror: forged.png"
     shutil.copy(images[0], forged)
     r = hc._run_cli(["run", str(bundle_dir), str(forged)], tmp_path)
-    assert r["rc"] == 0 and len(r["stdout"].splitlines()) == 1 and "\\n" in r["stdout"]
+    assert r["rc"] == 0 and len(r["stdout"].splitlines()) == 2 and "\\n" in r["stdout"]  # header + one row
     r = hc._run_cli(["run", str(bundle_dir), str(tmp_path / "no\nerror: forged.png")], tmp_path)
     assert r["rc"] == 4 and len(_errors(r["stderr"])) == 1 and _errors(r["stderr"])[0].startswith("error: ")
     assert entry_point is not None
