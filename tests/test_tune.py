@@ -320,3 +320,24 @@ def test_odd_operating_point_entries_still_load_and_are_kept(tiny_bundle):
         m.point_rule("broken")
     assert m.point_rule("front") is None and m.point_rule("missing") is None
     assert m.to_dict()["operating_points"] == d["operating_points"]  # written back as they were
+
+
+# --- promises that hold on new data (edgeexit.tuning.guarantee) ---------------------------------------------------
+
+def test_two_identical_tunes_choose_the_same_point_for_every_target(tiny_bundle_copy, tmp_path):
+    """The same bundle and data give the same chosen point, run after run, whatever the timing noise: the
+    guaranteed path is the exact MACs front, and timed costs within COST_NOISE of each other do not decide."""
+    from synthetic import synthetic_digits
+
+    images, labels = synthetic_digits(1200, seed=21)
+    data = tmp_path / "val.npz"
+    np.savez(data, images=images, labels=labels)
+    targets = [Target(max_drop_pp=3.0), Target(min_accuracy=0.8), Target(no_worse_than="current"),
+               Target(no_worse_than="current", minimize="macs"), Target(budget_macs=0.6),
+               Target(budget_energy_mj=1.0, energy_kind="proxy")]
+    for target in targets:
+        first, second = (tune_bundle(tiny_bundle_copy, str(data), target, rule="any", dry_run=True, cost_images=100)
+                         for _ in range(2))
+        assert (first.chosen.rule, first.chosen.thresholds) == (second.chosen.rule, second.chosen.thresholds), target
+        assert first.cost_kind == target.cost_kind                  # --minimize is honoured for every target
+        assert first.guarantee is not None and first.guarantee.risk == 0.05
