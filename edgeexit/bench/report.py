@@ -110,7 +110,8 @@ def format_report(result: dict[str, Any]) -> str:
              f"machine: {env.get('machine')} | {env.get('os')} | python {env.get('python')} | "
              f"{s['backend']} {s['backend_version']} | {s['threads']} thread(s) | governor {env.get('governor') or 'n/a'} | "
              f"board profile {s['board']}",
-             f"rule: {s['rule']['kind']} {s['rule']['thresholds'] or ''}{'' if s['rule']['exit'] is None else s['rule']['exit']}"
+             f"rule: {s['rule']['kind']} {', '.join(f'{t:.4g}' for t in s['rule']['thresholds'])}"
+             f"{'' if s['rule']['exit'] is None else 'exit ' + str(s['rule']['exit'])}"
              f" | warm-up {s['warmup']} | repeat {s['repeat']} | batch 1",
              f"latency = {result['latency_definition']}", ""]
     head = (f"{'exit':>4} {'share':>8} {'accuracy':>9} {'cum. MACs':>12} {'MAC %':>7} {'p50 ms':>8} {'p90 ms':>8} "
