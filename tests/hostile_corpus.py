@@ -505,17 +505,17 @@ def hostile_data(folder: Path) -> list[tuple[str, str, Path | None]]:
     (d / "test_batch.bin").write_bytes(bytes(3073 + 100))
     out.append(("cifar10 binary batch cut", f"cifar10:{d}", None))
     d = folder / "bomb-folder"
-    (d / "a").mkdir(parents=True)
-    (d / "a" / "bomb.png").write_bytes(_png(20000, 20000))
+    (d / "0").mkdir(parents=True)
+    (d / "0" / "bomb.png").write_bytes(_png(20000, 20000))
     out.append(("image folder 20000x20000 PNG", str(d), None))
     d = folder / "big-folder"
-    (d / "a").mkdir(parents=True)
-    (d / "a" / "big.png").write_bytes(_png(9000, 9000))
+    (d / "0").mkdir(parents=True)
+    (d / "0" / "big.png").write_bytes(_png(9000, 9000))
     out.append(("image folder 9000x9000 PNG", str(d), None))
     d = folder / "float-folder"
-    (d / "a").mkdir(parents=True)
+    (d / "0").mkdir(parents=True)
     from PIL import Image
-    Image.fromarray(np.full((28, 28), 0.5, np.float32), "F").save(d / "a" / "f.tif")
+    Image.fromarray(np.full((28, 28), 0.5, np.float32), "F").save(d / "0" / "f.tif")
     out.append(("image folder 32-bit float TIFF", str(d), None))
     return out
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
 from typing import Any, Mapping, Sequence
 
@@ -78,8 +79,12 @@ def image_mismatch(path: str, size: tuple[int, int], color_mode: str) -> str | N
     try:
         from PIL import Image
 
-        with Image.open(path) as im:
-            w, h, mode = im.width, im.height, im.mode
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not hang the open
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or device: never read here (would block)
+                return None
+            with Image.open(f) as im:
+                w, h, mode = im.width, im.height, im.mode
     except Exception:  # noqa: BLE001 - Pillow raises many types for bad files; the Runner reports them properly
         return None
     grey = mode in ("L", "1", "I;16", "I", "F")  # as the image-folder datasets read them (bench)
