@@ -303,8 +303,15 @@ def test_cli_tune(tiny_bundle_copy, tiny_npz, tmp_path):
     beat = json.loads(proc.stdout)
     assert beat["target"]["no_worse_than"] == "original"
     assert beat["chosen"]["accuracy"] >= beat["target"]["reference"]["accuracy"]
+    # a budget can be guaranteed on 100 test images; `info` says what each stored point promises
+    proc = cli("-q", "tune", tiny_bundle_copy, "--data", tiny_npz, "--budget-macs", "0.9", "--name", "cheap")
+    assert proc.returncode == 0, proc.stderr
+    assert "guaranteed      average MACs <= 90.0% of the full MACs on new data with probability >= 95 %" in proc.stdout
+    text = cli("info", tiny_bundle_copy).stdout
+    assert "cheap: guaranteed average MACs <= 90.0% of the full MACs on new data with probability >= 95 %" in text
+    assert "tuned: no guarantee (a point estimate" in text
     info = json.loads(cli("info", tiny_bundle_copy, "--json").stdout)
-    assert info["exit_rule"]["thresholds"] == out["chosen"]["thresholds"]
+    assert info["operating_points"]["cheap"]["guarantee"]["risk"] == 0.05
     assert {"original", "tuned", "front"} <= set(info["operating_points"])
 
 

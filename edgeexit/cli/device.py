@@ -338,6 +338,15 @@ def _drop(d: Any) -> str:
     return f"{d['pp']:+.2f} [{d['lower_pp']:+.2f}, {d['upper_pp']:+.2f}]"
 
 
+def _promise(g: Any) -> str:
+    """What a stored point promises on new data (written by ``edgeexit tune``)."""
+    if not isinstance(g, Mapping) or g.get("holds_with_probability") is None:
+        return "no guarantee (a point estimate on the tuning images; re-tune with --risk 0.05 for one)"
+    return (f"guaranteed {g.get('statement')} on new data with probability >= "
+            f"{100 * float(g['holds_with_probability']):.4g} % (tested on {g.get('calibration_images')} images; "
+            "assumes inputs like the tuning images)")
+
+
 def _points_lines(points: OperatingPoints) -> list[str]:
     """Named operating points and the stored front, one row each (exit shares from exit 0)."""
     if not points:
@@ -352,6 +361,8 @@ def _points_lines(points: OperatingPoints) -> list[str]:
                      f"{p.data} (n={p.n})" if p.data else "-"])
     out = ["operating points:"] + _table(["name", "rule", "thresholds", "accuracy", "MACs", "est. ms",
                                           "exit shares % (0..)", "tuned on"], rows)
+    out += [f"  {name}: {_promise(p.extra.get('guarantee'))}" for name, p in points.named.items()
+            if p.metrics is not None and name != "original"]
     if points.front:
         lo, hi = points.front[0], points.front[-1]
         out.append(f"  front: {len(points.front)} points, {points.front[0].rule}; accuracy {_pct(lo.accuracy)} at "
