@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "pip install 'edgeexit[plot]' (matplotlib)"
+INSTALL_HINT = "pip install 'edgeexit[plot]' (or pip install matplotlib)"
 
 Marked = tuple[float, float, str, str]  # (x, y, label, style)
 
