@@ -212,6 +212,15 @@ def test_stats_count_exits_and_are_json(runner, images, trace):
     assert d["mean_macs"] == pytest.approx(np.mean([r.macs for r in results]))
 
 
+def test_load_warms_up_without_counting_it(bundle_dir, images):
+    """The load runs a zero image through every stage and the monolithic model (first-call costs paid there), yet
+    the statistics start empty and the first counted input is the caller's."""
+    fresh = Runner(bundle_dir, power_sensor=None)
+    assert fresh.stats.total == 0 and fresh._mono is not None
+    fresh(images[0])
+    assert fresh.stats.to_dict()["total"] == 1
+
+
 def test_trace_records_every_exit(runner, images, trace):
     assert trace.num_inputs == len(images) and trace.num_exits == runner.num_exits
     assert trace.stage_latency_ms.shape == (len(images), runner.num_exits)
@@ -295,3 +304,54 @@ def test_one_runner_shared_by_threads_answers_like_one_thread(runner, images, tr
     for t in threads:
         t.join()
     assert not errors and not wrong   # 2 threads x 5,000 calls, every answer as in one thread
+
+
+@pytest.mark.parametrize("x,dof,p", [(3.841459, 1, 0.05), (6.634897, 1, 0.01), (11.070498, 5, 0.05),
+                                     (43.772972, 30, 0.05), (0.0, 3, 1.0)], ids=["1dof", "1dof-1pct", "5dof", "30dof",
+                                                                                 "zero"])
+def test_chi_square_survival_matches_the_tables(x, dof, p):
+    from edgeexit.runtime.stats import chi2_sf
+
+    assert chi2_sf(x, dof) == pytest.approx(p, rel=1e-5)
+
+
+def test_drift_flags_shifted_inputs_and_not_the_tuning_distribution(tiny_bundle_copy):
+    """A point tuned on synthetic digits (exit shares stored with their n, as `tune` stores them): new samples of
+    the same task raise no drift, noise images and a different class mix do."""
+    from synthetic import synthetic_digits
+    from edgeexit.runtime.bundle import read_manifest, write_manifest_atomic
+    from edgeexit.runtime.points import NamedPoint, OperatingPoint, OperatingPoints
+
+    images, labels = synthetic_digits(600, seed=11)
+    trace = Runner(tiny_bundle_copy, power_sensor=None).trace(images, labels)
+    top = [np.max(np.exp(z - z.max(1, keepdims=True)) / np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True), 1)
+           for z in trace.logits]
+    thresholds = tuple(float(np.quantile(t, 0.5)) for t in top[:-1])   # sends the tuning images to every exit
+    exits, pred = MaxSoftmaxRule(thresholds).simulate(trace)
+    shares = np.bincount(exits, minlength=trace.num_exits) / exits.size
+    assert shares.min() > 0.1
+    point = OperatingPoint(rule="max_softmax", thresholds=thresholds, accuracy=float(np.mean(pred == labels)),
+                           avg_macs_fraction=0.5, est_latency_ms=0.1, energy_mj=None, exit_fractions=tuple(shares))
+    manifest = read_manifest(tiny_bundle_copy)[1]
+    stored = NamedPoint({"kind": "max_softmax", "thresholds": list(thresholds)}, metrics=point, data="synthetic",
+                        n=600)
+    write_manifest_atomic(tiny_bundle_copy, manifest.replace(operating_points=OperatingPoints(named={"tuned": stored})))
+
+    runner = Runner(tiny_bundle_copy, rule="tuned", power_sensor=None)
+    assert runner.stats.reference.n == 600
+
+    def drift(batch):
+        runner.reset_stats()
+        for image in batch:
+            runner(image)
+        return runner.stats.to_dict()["drift"]
+
+    same = [drift(synthetic_digits(300, seed=seed)[0]) for seed in range(1, 9)]
+    assert not any(d["drift"] for d in same), [d["p_value"] for d in same]
+    assert all(d["test"].startswith("chi-square homogeneity") and d["dof"] == trace.num_exits - 1 for d in same)
+    noise = drift(np.random.default_rng(0).integers(0, 256, (300, 28, 28, 1), dtype=np.uint8))
+    assert noise["drift"] and noise["p_value"] < 1e-6
+    x, y = synthetic_digits(1000, seed=3)
+    assert drift(x[y < 5][:300])["drift"]                      # another class mix
+    runner.set_thresholds([0.0] * (trace.num_exits - 1))       # a rule that is not a stored point: no reference
+    assert runner.stats.to_dict()["drift"] is None

@@ -38,6 +38,7 @@ from ..progress import Progress
 from ..runtime.bundle import Bundle, load_bundle
 from ..runtime.manifest import ExitRuleSpec, Manifest
 from ..runtime.rules import ExitRule
+from ..runtime.stats import DRIFT_ALPHA, exit_share_test, reference_shares
 from ..runtime.trace import Trace
 from .compare import bundle_hash
 from .datasets import ImageSet, check_dataset
@@ -338,7 +339,8 @@ def run_benchmark(bundle: str | os.PathLike[str] | Bundle, data: ImageSet, setti
     overall = {"accuracy": float(np.mean(pred == labels)), "avg_macs": float(macs.mean()),
                "mac_fraction": float(macs.mean()) / full, "full_macs": manifest.full_macs,
                "latency_ms": latency_summary(lat),
-               "estimated_latency_ms": costs.estimate_ms(rule.kind, exits)}
+               "estimated_latency_ms": costs.estimate_ms(rule.kind, exits),
+               "drift": _drift(manifest, rule, exits)}
     forced_lat = per_input(ms[at[forced_last]])
     forced_pred = np.array([r.label for r in kept[forced_last]], dtype=np.int64)
     forced_block: dict[str, Any] = {"rule": rule_text(rule), "latency_ms": latency_summary(forced_lat),
@@ -454,6 +456,25 @@ def run_benchmark(bundle: str | os.PathLike[str] | Bundle, data: ImageSet, setti
     }
     result["energy"] = energy_section(result, manifest, runner.board, measurement)
     return result
+
+
+def _drift(manifest: Manifest, rule: ExitRule, exits: np.ndarray) -> dict[str, Any] | None:
+    """The run's exit shares against the rule's tuned shares (when the rule is a stored operating point): does
+    this set look like the tuning data to the rule? (See :mod:`edgeexit.runtime.stats`.)"""
+    spec = rule.to_spec()
+    ref = reference_shares(manifest.operating_points, spec.kind, spec.thresholds)
+    if ref is None or len(ref.shares) != manifest.num_exits:
+        return None
+    counts = np.bincount(exits, minlength=manifest.num_exits).tolist()
+    test = exit_share_test(counts, ref.shares, ref.n)
+    out = {"reference": ref.source, "tuned_shares": list(ref.shares), "n_tuned": ref.n, "observed": counts,
+           **{k: v for k, v in test.items() if k != "n"}, "alpha": DRIFT_ALPHA, "drift": test["p_value"] < DRIFT_ALPHA}
+    if out["drift"]:
+        log.warning("benchmark: the exit shares %s differ from those the rule was tuned to (%s, %s) beyond chance "
+                    "(p = %.2g): this set does not look like the tuning data to the rule; re-tune on data like it",
+                    [round(c / max(len(exits), 1), 4) for c in counts], [round(f, 4) for f in ref.shares],
+                    ref.source, test["p_value"])
+    return out
 
 
 def _point_row(name: str, rule: ExitRule, lat: np.ndarray, exits: np.ndarray, pred: np.ndarray, labels: np.ndarray,

@@ -129,6 +129,11 @@ def format_report(result: dict[str, Any]) -> str:
         lines.append(f"{name:24}{_ms(o['latency_ms'][key]):>12}{_ms(flat[key]):>13}{_ms(mlat.get(key)):>12}{ratio:>10}")
     lines.append(f"{'accuracy':24}{_pct(o['accuracy']):>12}{_pct(f['accuracy']):>13}{_pct(m.get('accuracy')):>12}")
     lines.append(f"{'MACs / full network':24}{_pct(o['mac_fraction']):>12}{'100.00%':>13}{_pct(m.get('mac_fraction')):>12}")
+    d = o.get("drift")
+    if d:
+        lines.append(f"exit shares vs {d['reference']} (tuned on {d['n_tuned'] or 'an unknown number of'} images): "
+                     f"{'DRIFT: ' if d['drift'] else ''}p = {d['p_value']:.3g} ({d['test']}, chi2 {d['chi2']:.1f}, "
+                     f"{d['dof']} dof; drift below {d['alpha']:g})")
     if sp.get("p50") is not None:
         vs = f["vs_monolithic"]
         lines.append(f"early exit vs monolithic: {_x(sp['p50'])} (p50), {_x(sp['mean'])} (mean), {_x(sp['p90'])} (p90); "

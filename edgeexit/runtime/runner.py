@@ -41,7 +41,7 @@ from .interpreter import create_interpreter, edgetpu_delegate, native_invoke, re
 from .manifest import QUANTIZED_DTYPES, ExitRuleSpec, Manifest, TensorSpec
 from .preprocess import ImageLike, Preprocessor
 from .rules import CONTINUE, Decider, ExitRule, exit_scores, rule_from_spec
-from .stats import RunnerStats
+from .stats import ExitShareReference, RunnerStats, reference_shares
 from .trace import ExitQuant, RawOutputs, Trace, unsigned
 
 log = logging.getLogger(__name__)
@@ -339,8 +339,38 @@ class Runner:
         self.rule: ExitRule = self._resolve_rule(rule)
         self._decider, self._plan = self._compile(self.rule)
         self._state0 = self._decider.start()
+        self._warm_up()
+        self.stats.set_reference(self._tuned_shares(self.rule))
         log.info("runner: %d stages, backend %s %s, %d thread(s), rule %r, board %s", len(self._stages),
                  self.backend.name, self.backend.version, num_threads, self.rule, self.board.name)
+
+    def _warm_up(self) -> None:
+        """Pay the one-time costs here, not in the first result's latency (and energy): Pillow's import, its
+        format plugins (``Image.init()``) and a PNG decode through the image path; the first touch of the input
+        tables and tensors; one invoke of every stage and of the monolithic model on a zero image. The
+        per-exit statistics are restored afterwards."""
+        h, w = self.manifest.preprocessing.size
+        zero = np.zeros((h, w, self.manifest.preprocessing.channels), dtype=np.uint8)      # [H, W, C]
+        try:
+            import io
+
+            from PIL import Image
+        except ImportError:  # arrays only: nothing of Pillow's to warm up
+            pass
+        else:
+            Image.init()
+            png = io.BytesIO()
+            Image.new(self.manifest.preprocessing.color_mode, (w + 1, h + 1)).save(png, format="PNG")
+            png.seek(0)
+            with Image.open(png) as img:
+                self._prep(img)                                    # decode, convert, resize, lookup
+        counts, latency_ns = list(self._counts), list(self._latency_ns)
+        self.classify(zero)
+        for st in self._stages:                                   # the stages the zero image did not reach
+            st.run()
+        if self.has_monolithic:
+            self.run_monolithic(zero)
+        self._counts[:], self._latency_ns[:] = counts, latency_ns  # in place: the hot path holds these lists
 
     # ---- configuration ------------------------------------------------------------------------------
     @staticmethod
@@ -409,17 +439,24 @@ class Runner:
         """Use another exit rule from the next input on (no reload; a rule used before is not recompiled)."""
         resolved = self._resolve_rule(rule)
         compiled = self._compile(resolved)
+        reference = self._tuned_shares(resolved)
         with self._lock:
             self.rule = resolved
             self._decider, self._plan = compiled
             self._state0 = compiled[0].start()
+            self.stats.set_reference(reference)
+
+    def _tuned_shares(self, rule: ExitRule) -> ExitShareReference | None:
+        """The exit shares ``rule`` was tuned to, when it is one of the bundle's stored operating points."""
+        spec = rule.to_spec()
+        return reference_shares(self.manifest.operating_points, spec.kind, spec.thresholds)
 
     def set_thresholds(self, thresholds: Sequence[float]) -> None:
         """Keep the rule's kind, change its thresholds (one per exit except the last)."""
         self.set_rule(self.rule.with_thresholds(thresholds))
 
     def reset_stats(self) -> None:
-        """Forget the per-exit statistics."""
+        """Forget the per-exit statistics (the drift test then starts again from the next input)."""
         self.stats.reset()
 
     @property
