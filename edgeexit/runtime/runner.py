@@ -448,7 +448,10 @@ class Runner:
 
     def _tuned_shares(self, rule: ExitRule) -> ExitShareReference | None:
         """The exit shares ``rule`` was tuned to, when it is one of the bundle's stored operating points."""
-        spec = rule.to_spec()
+        try:
+            spec = rule.to_spec()
+        except UsageError:            # a rule that cannot be stored (the benchmark's forced exits) was never tuned
+            return None
         return reference_shares(self.manifest.operating_points, spec.kind, spec.thresholds)
 
     def set_thresholds(self, thresholds: Sequence[float]) -> None:
