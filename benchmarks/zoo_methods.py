@@ -13,12 +13,15 @@ Rows (``--rows``, comma-separated; default every row whose backbone has been tra
 
 Every row is converted to an int8 bundle with the monolithic baseline and verified against torch; a bundle whose
 verification failed is refused (``--allow-unverified`` runs it and says so in the result). The test set is cut
-in two interleaved halves: per-exit thresholds (or betas) are searched on ``test[0::2]`` for the row's accuracy
-target (at most
-``--drop`` percentage points below the bundle's own int8 final exit, fewest MACs) and everything is reported on
-``test[1::2]``: float backbone, int8 monolithic, int8 final exit, the tuned point's accuracy and average MACs,
-and the whole-call latency of ``Runner.classify`` at that point against ``Runner.run_monolithic`` (the benchmark
-harness of edgeexit/bench/timing.py: image array in -> result out, interleaved, per-input medians).
+in two interleaved halves: per-exit thresholds (or betas) are tuned on ``test[0::2]`` for the row's accuracy
+target (at most the row's drop in percentage points below the bundle's own int8 final exit, fewest MACs) with
+the guarantee of ``edgeexit tune`` (``--risk``, default 0.05: Learn then Test, the target holds on new data with
+probability at least 95 %; see edgeexit/tuning/guarantee.py), and everything is reported on ``test[1::2]``:
+float backbone, int8 monolithic, int8 final exit, the guaranteed point's accuracy and average MACs, whether the
+drop target held there, the point estimate's (``--risk 1``, tuned to the limit) held-out result beside it (the
+price of the guarantee), and the whole-call latency of ``Runner.classify`` at the guaranteed point against
+``Runner.run_monolithic`` (the benchmark harness of edgeexit/bench/timing.py: image array in -> result out,
+interleaved, per-input medians).
 
 Usage::
 
@@ -51,12 +54,14 @@ from zoo_train import RECIPES  # noqa: E402
 
 from edgeexit.bench.bench import BenchSettings, run_benchmark  # noqa: E402
 from edgeexit.bench.datasets import ImageSet  # noqa: E402
+from edgeexit.errors import TuningError, UsageError  # noqa: E402
 from edgeexit.runtime.atomic import write_file_atomic  # noqa: E402
 from edgeexit.runtime.manifest import ExitRuleSpec  # noqa: E402
 from edgeexit.runtime.runner import Runner  # noqa: E402
 from edgeexit.tuning.evaluate import evaluate_rule, exit_costs  # noqa: E402
+from edgeexit.tuning.guarantee import check_risk  # noqa: E402
 from edgeexit.tuning.results import Target  # noqa: E402
-from edgeexit.tuning.search import search_front  # noqa: E402
+from edgeexit.tuning.search import search_front, search_guaranteed  # noqa: E402
 from edgeexit.tuning.store import rule_spec  # noqa: E402
 from edgeexit.workstation.convert.convert import convert  # noqa: E402
 from edgeexit.workstation.methods.classexit import attach_class_exits, train_class_exits  # noqa: E402
@@ -74,6 +79,8 @@ NUM_EXITS = 4
 #: the issue's targets per method: (max MACs fraction, max drop in pp below the row's reference)
 TARGETS = {"eenet": (0.40, 0.5), "pteenet": (0.50, 1.0), "classexit": (None, 1.0)}
 TARGET_MOBILENET = 0.60
+#: the tuned drop target holds on new data with probability at least 1 - RISK (the tuner's default)
+RISK = 0.05
 #: what each method's paper claims, quoted beside the measured rows
 CLAIMS = {
     "eenet": "EENets (Early-exit Convolutional Neural Networks, Demir et al.): similar accuracy to the network "
@@ -227,29 +234,75 @@ def halves(test: ImageSet) -> tuple[ImageSet, ImageSet]:
                  for k in (0, 1))
 
 
-def tuned_point(runner: Runner, splits: common.Splits, rules: list[str], drop_pp: float) -> dict[str, Any]:
-    """Thresholds searched on test[0::2] for each rule of ``rules`` (fewest MACs within ``drop_pp`` of the int8
-    final exit there); the rule whose point is cheapest there is reported on test[1::2]. (Interleaved halves:
-    the two contiguous halves of these test sets differ in difficulty by more than the tolerances.)"""
+def _tune_drop_pp(trace: Any, point: Any) -> float:
+    """The final exit's accuracy minus the point's on ``trace`` (pp; the point's accuracy is on that trace)."""
+    return round(100 * (common.exit_accuracies(trace)[-1] - point.accuracy), 3)
+
+
+def tuned_point(runner: Runner, splits: common.Splits, rules: list[str], drop_pp: float, risk: float = RISK,
+                tests: int = 1) -> dict[str, Any]:
+    """Thresholds tuned on test[0::2] for each rule of ``rules`` (fewest MACs, accuracy drop at most ``drop_pp``
+    below the int8 final exit); the rule whose point is cheapest there is reported on test[1::2]. (Interleaved
+    halves: the two contiguous halves of these test sets differ in difficulty by more than the tolerances.)
+
+    The point is *guaranteed* (``search_guaranteed``, Learn then Test): on the tuning half, the front is searched
+    on one random part and its points tested on the other, so that the drop target holds on new data with
+    probability at least ``1 - risk``. Each rule is tested at level ``risk / (len(rules) * tests)`` (``tests``:
+    the number of trained candidates the row chooses among, e.g. EENet lambdas), so that choosing the cheapest
+    rule and candidate afterwards keeps the guarantee (a union bound). The point estimate (``search_front``: the
+    cheapest point within the target on the whole tuning half, risk 1) is reported beside it on the same held-out
+    half: the difference in MACs is the price of the guarantee."""
     tune_set, held_set = halves(splits.test)
     tune = runner.trace(list(tune_set.images), tune_set.labels)
     held = runner.trace(list(held_set.images), held_set.labels)
-    n_tune = len(tune_set.labels)
     costs = exit_costs(runner.manifest)
     full = runner.manifest.full_macs
-    searches = {r: search_front(tune, costs, r, Target(max_drop_pp=drop_pp, minimize="macs")) for r in rules}
-    rule = min(searches, key=lambda r: searches[r].chosen.avg_macs_fraction)  # cheapest on the TUNING half
-    search = searches[rule]
-    spec = rule_spec(search.chosen)
-    point = evaluate_rule(held, spec, costs)
     final_held = common.exit_accuracies(held)[-1]
-    return {"tune_images": n_tune, "heldout_images": len(held.labels), "rule": rule,
-            "rules_searched": {r: common.point_record(searches[r].chosen, full) for r in rules},
+    target = Target(max_drop_pp=drop_pp, minimize="macs")
+    delta = risk / (len(rules) * tests)
+
+    def on_heldout(point: Any) -> tuple[ExitRuleSpec, dict[str, Any], float]:
+        spec = rule_spec(point)
+        p = evaluate_rule(held, spec, costs)
+        return spec, common.point_record(p, full), round(100 * (final_held - p.accuracy), 3)
+
+    guaranteed, refused = {}, {}
+    for r in rules:
+        try:
+            guaranteed[r] = search_guaranteed(tune, costs, r, target, risk=risk, delta=delta)
+        except TuningError as exc:  # no point of this rule's front could be guaranteed: said in the record
+            refused[r] = str(exc)
+    estimates = {r: search_front(tune, costs, r, target) for r in rules}
+    est_rule = min(estimates, key=lambda r: estimates[r].chosen.avg_macs_fraction)
+    est = estimates[est_rule].chosen
+    _, est_held, est_drop = on_heldout(est)
+    estimate = {"risk": 1, "rule": est_rule, "thresholds": [round(float(t), 6) for t in est.thresholds],
+                "tune": common.point_record(est, full), "tune_drop_pp": _tune_drop_pp(tune, est),
+                "heldout": est_held, "heldout_drop_pp": est_drop, "heldout_met": est_drop <= drop_pp}
+    if guaranteed:
+        rule = min(guaranteed, key=lambda r: guaranteed[r].chosen.avg_macs_fraction)  # cheapest on the TUNING half
+        chosen, g = guaranteed[rule].chosen, guaranteed[rule].guarantee
+        guarantee = {**g.to_dict(), "rule_level": delta, "rules_tested": len(rules), "candidates": tests,
+                     "bound": round(g.bound, 4)}
+    else:  # nothing could be guaranteed: every input runs to the final exit (drop 0 by construction)
+        rule = "final"
+        chosen = evaluate_rule(tune, ExitRuleSpec("final", ()), costs)
+        guarantee = {"statement": f"no point could be guaranteed to keep the accuracy drop <= {drop_pp:g} pp at "
+                                  f"risk {risk:g}; every input runs to the final exit", "risk": risk}
+    spec, held_record, held_drop = on_heldout(chosen)
+    return {"tune_images": len(tune_set.labels), "heldout_images": len(held.labels), "rule": rule,
+            "tuning": "guaranteed", "guarantee": guarantee, "refused": refused,
+            "rules_searched": {r: {**common.point_record(res.chosen, full), "bound_pp": round(res.guarantee.bound, 4)}
+                               for r, res in guaranteed.items()},
             "thresholds": [round(float(t), 6) for t in spec.thresholds],
-            "tune": common.point_record(search.chosen, full), "heldout": common.point_record(point, full),
+            "tune": common.point_record(chosen, full), "tune_drop_pp": _tune_drop_pp(tune, chosen),
+            "heldout": held_record,
             "heldout_int8_exit_accuracy": [round(a, 6) for a in common.exit_accuracies(held)],
             "heldout_int8_final_exit": round(final_held, 6),
-            "heldout_drop_pp": round(100 * (final_held - point.accuracy), 3), "spec": spec}
+            "heldout_drop_pp": held_drop, "heldout_met": held_drop <= drop_pp,
+            "point_estimate": estimate,
+            "price_macs_fraction": round(held_record["avg_macs_fraction"] - est_held["avg_macs_fraction"], 6),
+            "spec": spec}
 
 
 # ----------------------------------------------------------------------------------------------------- rows
@@ -266,7 +319,8 @@ def run_row(row: str, dataset: str, splits: common.Splits, args: argparse.Namesp
     record: dict[str, Any] = {"row": row if args.activations == "int8" else f"{row}-{args.activations}",
                               "activations": args.activations, "dataset": dataset, "method": method, "backbone": net,
                               "recipe": RECIPES[net].note if net in RECIPES else None, "claim": CLAIMS[method],
-                              "target": {"max_macs_fraction": max_macs, "max_drop_pp": drop}}
+                              "target": {"max_macs_fraction": max_macs, "max_drop_pp": drop,
+                                         "drop_guaranteed_at_risk": args.risk}}
     candidates: list[tuple[dict[str, Any], StagedModel, Path, dict[str, Any]]] = []
     if method == "eenet":
         for lam in args.lambdas:
@@ -288,7 +342,7 @@ def run_row(row: str, dataset: str, splits: common.Splits, args: argparse.Namesp
     for settings, model, bundle, conv in candidates:
         conv = {**conv, "verification": require_verified(bundle, args.allow_unverified)}  # the manifest's verdict
         runner = Runner(bundle, power_sensor=None)
-        point = tuned_point(runner, splits, rules, drop)
+        point = tuned_point(runner, splits, rules, drop, args.risk, tests=len(candidates))
         sweep.append((point["tune"]["avg_macs_fraction"], settings, model, bundle, conv, runner, point))
     sweep.sort(key=lambda s: s[0])  # the cheapest on the TUNING half meeting the drop target there
     _, settings, model, bundle, conv, runner, point = sweep[0]
@@ -324,6 +378,27 @@ def margin_text(r: dict[str, Any]) -> str:
     return (f"MISSED by {', '.join(missed)}" if missed else "met") + (f" ({', '.join(parts)} spare)" if parts else "")
 
 
+def tuning_text(r: dict[str, Any]) -> str:
+    """How the row's point was tuned: the guarantee (risk, calibration images, bound) or an older point estimate."""
+    p = r["point"]
+    g = p.get("guarantee")
+    if p.get("tuning") != "guaranteed" or g is None:
+        return "point estimate, tuned without the guarantee (older run)"
+    if "calibration_images" not in g:
+        return f"refused at risk {g['risk']:g}: final exit only"
+    return (f"guaranteed at risk {g['risk']:g} ({g['calibration_images']:,} calibration / {g['search_images']:,} "
+            f"search images, bound {g['bound']:.2f} pp)")
+
+
+def estimate_text(r: dict[str, Any]) -> str:
+    """The point estimate's (risk 1) held-out loss and MACs beside the guaranteed point: the price."""
+    e = r["point"].get("point_estimate")
+    if e is None:
+        return "-"
+    return (f"{e['heldout_drop_pp']:+.2f} pp, {100 * e['heldout']['avg_macs_fraction']:.1f} % "
+            f"({'met' if e['heldout_met'] else 'MISSED'})")
+
+
 def table(dataset: str) -> str:
     rows, claims = [], {}
     for path in sorted(OUT.glob(f"methods_{dataset}_*.json")):
@@ -338,12 +413,19 @@ def table(dataset: str) -> str:
                     f"{100 * r['heldout_int8_monolithic']:.2f} | {100 * p['heldout_int8_final_exit']:.2f} | "
                     f"{100 * p['heldout']['accuracy']:.2f} | {p['heldout_drop_pp']:+.2f} | "
                     f"{100 * p['heldout']['avg_macs_fraction']:.1f} | {lat['speedup_p50']:.2f}x / "
-                    f"{lat['speedup_p90']:.2f}x | {target}: {margin_text(r)} | "
-                    f"{'passed' if r['verification_passed'] else 'FAILED'} | {path.name} |")
+                    f"{lat['speedup_p90']:.2f}x | {target}: {margin_text(r)} | {tuning_text(r)} | "
+                    f"{estimate_text(r)} | {'passed' if r['verification_passed'] else 'FAILED'} | {path.name} |")
     head = (f"Held-out half of the {dataset} test set (test[1::2]); thresholds tuned on test[0::2]. Loss: the bundle's "
-            "own int8 final exit minus the early exit. Speed-up: whole-call latency, int8 monolithic / early exit.\n\n"
+            "own int8 final exit minus the early exit. Speed-up: whole-call latency, int8 monolithic / early exit. "
+            "Tuning: a guaranteed row's drop target holds on new data with probability at least 1 - risk (Learn then "
+            "Test on the tuning half: front searched on one random part, points tested on the other; bound: the "
+            "chosen point's upper confidence bound of its drop); a point-estimate row was tuned to the limit of the "
+            "tuning half, without a guarantee. Point estimate: the risk-1 point of the same tuning half on the same "
+            "held-out half (loss, MACs, target met or missed): the MACs between it and the guaranteed point are the "
+            "price of the guarantee.\n\n"
             "| method | backbone | float % | int8 mono % | int8 final exit % | int8 early exit % | loss pp | "
-            "MACs % | speed-up p50 / p90 | target | verification | file |\n|" + "---|" * 12)
+            "MACs % | speed-up p50 / p90 | target (held out) | tuning | point estimate (risk 1): loss, MACs | "
+            "verification | file |\n|" + "---|" * 14)
     # (rows with 16-bit activations: their "int8" columns are that bundle's int16-activation files)
     papers = "\n".join(f"- {m}: {c}" for m, c in sorted(claims.items()))
     return head + "\n" + "\n".join(rows) + "\n\nThe papers' claims beside these rows:\n\n" + papers + "\n"
@@ -362,6 +444,8 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=16, help="width of a spatial branch")
     ap.add_argument("--branch-epochs", type=int, default=3, help="epochs of the branches after the warm-up epoch")
     ap.add_argument("--lam", type=float, default=0.05, help="PTEENet v2 lambda")
+    ap.add_argument("--risk", type=float, default=RISK,
+                    help="the drop target holds on new data with probability at least 1 - RISK (default 0.05)")
     ap.add_argument("--latency-images", type=int, default=2000)
     ap.add_argument("--activations", default="int8", choices=("int8", "int16"),
                     help="int16: 16-bit activations, 8-bit weights (the remedy where int8 loses too much)")
@@ -373,6 +457,10 @@ def main() -> None:
     ap.add_argument("--table-only", action="store_true", help="only rewrite methods_<dataset>.md from the results")
     args = ap.parse_args()
     args.lambdas = [float(v) for v in args.lambdas.split(",")]
+    try:
+        args.risk = check_risk(args.risk)
+    except UsageError as exc:
+        raise SystemExit(f"error: {exc}") from None
     common.setup(args.threads)
     RUNS, OUT = Path(args.runs).resolve(), Path(args.out).resolve()
     if args.table_only:
