@@ -283,9 +283,10 @@ def search_guaranteed(trace: Trace, costs: ExitCosts, rule: str, target: Target,
                   passed=len(passed))
     dt = time.perf_counter() - t0
     log.info("guaranteed tune %s: %d points tested, %d passed, %.3f s", rule, tested, len(passed), dt)
-    resolved = search_target if reference is not None else target
-    return TuneResult(chosen=chosen, front=tuple(pareto(points, kind)), cost_kind=kind, final_accuracy=final_accuracy,
-                      target=resolved, n=trace.num_inputs, search_s=dt, evaluated=len(search.seen),
+    # the stored front: every evaluated point of the search, the Pareto set by the target's own cost
+    front = pareto([_point(search, ev, key, costs, rule) for key in search.seen], kind)
+    return TuneResult(chosen=chosen, front=tuple(front), cost_kind=kind, final_accuracy=final_accuracy,
+                      target=target, n=trace.num_inputs, search_s=dt, evaluated=len(search.seen),
                       exit_costs=costs, reference=ref_point, reference_name=reference_name,
                       margin_pp=float(margin_pp), guarantee=g)
 
