@@ -278,6 +278,8 @@ def test_cli_tune(tiny_bundle_copy, tiny_npz, tmp_path):
     _one_error(cli("-q", "tune", tiny_bundle_copy, "--data", tiny_npz, "--max-drop", "1"), 9,
                "can be guaranteed to keep accuracy drop <= 1 pp vs the final exit at risk 0.05 on 100 calibration")
     _one_error(cli("-q", "tune", tiny_bundle_copy, "--data", tiny_npz, "--risk", "0"), 2, "--risk must be")
+    _one_error(cli("-q", "tune", tiny_bundle_copy, "--data", tiny_npz, "--rule", "max_sofmax"), 2,
+               "did you mean 'max_softmax'?")
     _one_error(cli("-q", "tune", tiny_bundle_copy, "--data", tiny_npz, "--max-drop", "-1"), 2,
                "--max-drop -1.0: give a finite number >= 0")
     _one_error(cli("-q", "tune", tiny_bundle_copy, "--data", tmp_path / "missing.npz"), 5, "does not exist")

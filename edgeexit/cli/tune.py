@@ -8,6 +8,7 @@ import click
 
 from ..energy import BOARDS, KIND_LABELS, KINDS
 from ..progress import StderrProgress
+from .options import Choice
 from ..runtime.interpreter import BACKENDS
 from ..tuning.evaluate import TUNABLE_RULES
 from ..tuning.guarantee import DEFAULT_RISK
@@ -50,10 +51,10 @@ def _summary(result: TuneResult, name: str, dry_run: bool) -> str:
 @click.argument("bundle", type=click.Path(file_okay=False))
 @click.option("--data", required=True, metavar="VALIDATION",
               help="Labelled validation set: mnist, fashion-mnist, cifar10:DIR, svhn:DIR, PATH.npz or an image folder.")
-@click.option("--split", type=click.Choice(["train", "test"]), default="test", show_default=True,
+@click.option("--split", type=Choice(["train", "test"]), default="test", show_default=True,
               help="Split of a named dataset.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N images.")
-@click.option("--rule", type=click.Choice([*TUNABLE_RULES, "any"]), default=None,
+@click.option("--rule", type=Choice([*TUNABLE_RULES, "any"]), default=None,
               help="Rule to tune (default: the bundle's own rule if tunable, else max_softmax); 'any' searches "
                    "every rule and keeps the best for the target.")
 @click.option("--max-drop", type=float, default=None, metavar="PP",
@@ -70,7 +71,7 @@ def _summary(result: TuneResult, name: str, dry_run: bool) -> str:
               help="The target (accuracy or budget) holds on new data from the tuning distribution with probability "
                    ">= 1 - P: the front is searched on one random half of the images and its points are tested on "
                    "the other (Learn then Test). 1: the point estimate on the tuning images, no guarantee.")
-@click.option("--minimize", type=click.Choice(["latency", "macs", "energy"]), default="latency", show_default=True,
+@click.option("--minimize", type=Choice(["latency", "macs", "energy"]), default="latency", show_default=True,
               help="With an accuracy target (--max-drop, --no-worse-than): the cost to minimize; latency is the "
                    "whole call, estimated from exit costs timed on this device.")
 @click.option("--budget-macs", type=float, default=None, metavar="FRACTION",
@@ -80,17 +81,17 @@ def _summary(result: TuneResult, name: str, dry_run: bool) -> str:
                    "timed on this device).")
 @click.option("--budget-energy-mj", type=float, default=None, metavar="MJ",
               help="Most accurate point with average energy <= MJ per input, of --energy-kind.")
-@click.option("--energy-kind", type=click.Choice(KINDS), default=None,
+@click.option("--energy-kind", type=Choice(KINDS), default=None,
               help="Energy of the budget and the stored front: measured (stored in the bundle by `bench "
                    "--store-energy` for this board), board_estimate or proxy (default: measured if the bundle has "
                    "it, else proxy).")
-@click.option("--board", type=click.Choice(["auto", *BOARDS]), default="auto", show_default=True,
+@click.option("--board", type=Choice(["auto", *BOARDS]), default="auto", show_default=True,
               help="Board whose energy figures are used.")
 @click.option("--name", default="tuned", show_default=True, help="Name of the stored operating point.")
 @click.option("--force", is_flag=True, help="Replace an operating point already stored under --name.")
 @click.option("--levels", type=click.IntRange(min=1), default=DEFAULT_LEVELS, show_default=True,
               help="Candidate thresholds per exit (quantiles of each exit's score).")
-@click.option("--backend", type=click.Choice(["auto", *BACKENDS]), default="auto", show_default=True,
+@click.option("--backend", type=Choice(["auto", *BACKENDS]), default="auto", show_default=True,
               help="TFLite interpreter package.")
 @click.option("--cost-images", type=click.IntRange(min=0, max=1_000_000), default=DEFAULT_COST_IMAGES,
               show_default=True, help="Images that time each exit's whole-call cost on this device (0: no latency "
