@@ -215,6 +215,21 @@ def test_rule_any_keeps_the_best_rule_for_the_target(tiny_bundle_copy, tiny_npz)
     assert budget.chosen.accuracy >= entropy.chosen.accuracy
 
 
+def test_rule_any_leaves_out_the_rules_a_bundle_cannot_run(tiny_bundle, caplog):
+    """SDN/BranchyNet-style exits (logits only) and 16-bit bundles: `--rule any` searches what fits and says what it
+    left out, instead of failing on the confidence rule's timing."""
+    from edgeexit.tuning.tune import _fitting_rules
+
+    d = json.loads((tiny_bundle / "manifest.json").read_text())
+    assert _fitting_rules(Manifest.from_dict(d)) == ("confidence", "max_softmax", "entropy", "class_exclusion")
+    d["stages"][1]["outputs"].pop("confidence")
+    d["activations"] = "int16"
+    with caplog.at_level("WARNING"):
+        assert _fitting_rules(Manifest.from_dict(d)) == ("max_softmax", "entropy")
+    assert "confidence left out: an early exit has no confidence output" in caplog.text
+    assert "class_exclusion left out: it runs on int8 bundles only" in caplog.text
+
+
 def test_interrupted_tune_leaves_the_bundle_unchanged(tiny_bundle_copy, tiny_npz, monkeypatch):
     from edgeexit.tuning import tune as tune_module
     from edgeexit.runtime.bundle import load_bundle

@@ -100,15 +100,13 @@ def tune_bundle(bundle: str | os.PathLike[str], data: str, target: Target, *, ru
     if not dry_run and name in manifest.operating_points.named and not force:
         raise UsageError(f"the bundle already has an operating point {name!r}; give --force to replace it, or "
                          "--name NEW to store the new point beside it")
+    searched = _fitting_rules(manifest) if kind == "any" else (kind,)   # says what it leaves out, before the long work
     images = load_dataset(data, split=split, limit=limit)
     check_dataset(manifest, images)
     runner = Runner(loaded, backend=backend, rule=ExitRuleSpec("final", ()), power_sensor=None, board=board)
     seq = reporting(images.images, len(images), "trace", progress)
     log.info("tracing %d images through %d stages", len(images), manifest.num_exits)
     trace = runner.trace(seq, images.labels)
-    searched = TUNABLE_RULES if kind == "any" else (kind,)
-    if kind == "any" and manifest.activations != "int8":   # class_exclusion runs on int8 bundles only
-        searched = tuple(k for k in searched if k != "class_exclusion")
     table = _measure_costs(runner, images.images, searched, manifest, ref_spec, cost_images, progress)
     if table is None and target.cost_kind == "latency":
         if target.budget_latency_ms is not None:
@@ -156,6 +154,18 @@ def tune_bundle(bundle: str | os.PathLike[str], data: str, target: Target, *, ru
         path = write_manifest_atomic(loaded.path, updated_manifest(manifest, result, name, original, table=table))
         log.info("wrote operating point %r to %s", name, path)
     return result
+
+
+def _fitting_rules(manifest: Manifest) -> tuple[str, ...]:
+    """The tunable rule kinds that can run on this bundle (``--rule any``); the others are logged with the reason."""
+    left_out = {}
+    if any("confidence" not in stage.outputs for stage in manifest.stages[:-1]):
+        left_out["confidence"] = "an early exit has no confidence output"
+    if manifest.activations != "int8":
+        left_out["class_exclusion"] = f"it runs on int8 bundles only (this one has {manifest.activations} activations)"
+    for k, why in left_out.items():
+        log.warning("--rule any: %s left out: %s", k, why)
+    return tuple(k for k in TUNABLE_RULES if k not in left_out)
 
 
 def _measure_costs(runner: Any, images: np.ndarray, searched: Sequence[str], manifest: Manifest,
