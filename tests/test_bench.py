@@ -382,3 +382,76 @@ def test_bench_loads_no_workstation_module(bundle_dir, data_npz, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     loaded = set(json.loads(proc.stdout.strip().splitlines()[-1]))
     assert not loaded & {"torch", "tensorflow", "onnx", "onnx2tf", "onnxruntime", "edgeexit.workstation"}
+
+
+def _cpuinfo_env(tmp_path: Path, name: str, first_cpu: str) -> dict:
+    """The environment record of a machine whose /proc/cpuinfo starts with ``first_cpu`` (a second CPU follows)."""
+    (tmp_path / name).write_text(first_cpu + "\nprocessor\t: 1\nflags\t\t: fpu\nFeatures\t: fp\n")
+    missing = tmp_path / "missing"
+    return collect_environment(num_threads=1, paths=EnvPaths(
+        device_tree_model=missing, cpuinfo=tmp_path / name, os_release=missing, governor=missing,
+        cur_freq=missing, thermal=missing))
+
+
+def _x86(family: int, model: int, flags: str) -> str:
+    return (f"processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: {family}\nmodel\t\t: {model}\n"
+            f"model name\t: AMD EPYC\nstepping\t: 1\nflags\t\t: fpu sse sse2 ssse3 avx {flags} rdpid\n")
+
+
+def _arm(variant: str, part: str, revision: int, features: str) -> str:
+    return (f"processor\t: 0\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm crc32 cpuid {features}\n"
+            f"CPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: {variant}\nCPU part\t: {part}\n"
+            f"CPU revision\t: {revision}\n")
+
+
+def test_environment_records_cpu_family_and_int8_features(tmp_path):
+    zen3 = _cpuinfo_env(tmp_path, "zen3", _x86(25, 1, "fma avx2 bmi2"))
+    zen5 = _cpuinfo_env(tmp_path, "zen5", _x86(26, 2, "avx2 avx512f avx512bw avx512_vnni avx512_bf16"))
+    spr = _cpuinfo_env(tmp_path, "spr", _x86(6, 143, "avx2 avx512f avx512_vnni avx_vnni amx_bf16 amx_tile amx_int8"))
+    assert zen3["cpu"] == zen5["cpu"] == "AMD EPYC"  # one model name, an 8x difference in int8 speed
+    assert (zen3["cpu_family"], zen3["int8_features"]) == ("AuthenticAMD family 25 model 1 stepping 1", ["avx2"])
+    assert (zen5["cpu_family"], zen5["int8_features"]) == ("AuthenticAMD family 26 model 2 stepping 1",
+                                                           ["avx2", "avx512f", "avx512_vnni"])
+    assert spr["int8_features"] == ["avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8"]
+    pi4 = _cpuinfo_env(tmp_path, "pi4", _arm("0x0", "0xd08", 3, ""))
+    pi5 = _cpuinfo_env(tmp_path, "pi5", _arm("0x4", "0xd0b", 1, "atomics asimdrdm lrcpc dcpop asimddp"))
+    v1 = _cpuinfo_env(tmp_path, "v1", _arm("0x1", "0xd40", 1, "asimddp sve i8mm bf16"))
+    assert (pi4["cpu_family"], pi4["int8_features"]) == ("Arm implementer 0x41 part 0xd08 (Cortex-A72) r0p3",
+                                                         ["asimd"])
+    assert (pi5["cpu_family"], pi5["int8_features"]) == ("Arm implementer 0x41 part 0xd0b (Cortex-A76) r4p1",
+                                                         ["asimd", "asimddp"])
+    assert (v1["cpu_family"], v1["int8_features"]) == ("Arm implementer 0x41 part 0xd40 r1p1",
+                                                       ["asimd", "asimddp", "i8mm", "sve"])
+
+
+def test_compare_tells_two_machines_of_one_cpu_name_apart(tmp_path):
+    """Two results whose CPU is "AMD EPYC" (a real demo result file, its environment from two cpuinfo files):
+    `edgeexit compare` prints and writes each machine's family and int8 features."""
+    demo = json.loads((ROOT / "benchmarks/results/demo/amd-epyc_eenet-small_20261202-154358.json").read_text())
+    files = []
+    for name, first_cpu in (("zen3", _x86(25, 1, "avx2")), ("zen5", _x86(26, 2, "avx2 avx512f avx512_vnni"))):
+        files.append(tmp_path / f"{name}.json")
+        files[-1].write_text(json.dumps({**demo, "environment": _cpuinfo_env(tmp_path, name, first_cpu)}))
+    proc = cli("compare", *files, "--out", tmp_path / "c", "--no-plot")
+    assert proc.returncode == 0, proc.stderr
+    head, _, zen3, zen5 = proc.stdout.splitlines()[:4]
+    assert "cpu family" in head and "int8 features" in head
+    assert "AuthenticAMD family 25 model 1 stepping 1" in zen3 and "AuthenticAMD family 26 model 2" in zen5
+    assert zen3.split("stepping 1")[1].split()[0] == "avx2"
+    assert zen5.split("stepping 1")[1].split()[:3] == ["avx2", "avx512f", "avx512_vnni"]
+    with open(tmp_path / "c" / "compare.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["cpu"], r["cpu_family"], r["int8_features"]) for r in rows] == [
+        ("AMD EPYC", "AuthenticAMD family 25 model 1 stepping 1", "avx2"),
+        ("AMD EPYC", "AuthenticAMD family 26 model 2 stepping 1", "avx2 avx512f avx512_vnni")]
+    # a result written before the environment recorded features: those stamped on its exit costs, else "not recorded"
+    old = {**demo, "environment": {k: v for k, v in demo["environment"].items() if k != "int8_features"}}
+    old["exit_costs"] = {**old["exit_costs"], "int8_features": ["avx2", "avx512f", "avx512_vnni"]}
+    older = {**old, "exit_costs": {k: v for k, v in old["exit_costs"].items() if k != "int8_features"}}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    (tmp_path / "older.json").write_text(json.dumps(older))
+    proc = cli("compare", tmp_path / "old.json", tmp_path / "older.json", "--out", tmp_path / "d", "--no-plot")
+    assert proc.returncode == 0, proc.stderr
+    with open(tmp_path / "d" / "compare.csv", newline="") as f:
+        assert [r["int8_features"] for r in csv.DictReader(f)] == ["avx2 avx512f avx512_vnni", ""]
+    assert "not recorded" in proc.stdout.splitlines()[3]

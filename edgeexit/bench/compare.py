@@ -20,8 +20,9 @@ from ..errors import UsageError
 from ..runtime.manifest import Manifest
 
 #: Columns of the comparison CSV (one row per result).
-COLUMNS = ("label", "rule", "time", "machine", "board_profile", "backend", "threads", "bundle", "bundle_sha256", "images",
-           "accuracy", "latency_mean_ms", "latency_p50_ms", "monolithic_accuracy", "monolithic_latency_mean_ms",
+COLUMNS = ("label", "rule", "time", "machine", "cpu", "cpu_family", "int8_features", "board_profile", "backend",
+           "threads", "bundle", "bundle_sha256", "images", "accuracy", "latency_mean_ms", "latency_p50_ms",
+           "monolithic_accuracy", "monolithic_latency_mean_ms",
            "monolithic_latency_p50_ms", "speedup_mean", "energy_kind", "energy_mj", "energy_ci95_mj",
            "monolithic_energy_mj", "monolithic_energy_ci95_mj", "proxy_mj", "monolithic_proxy_mj", "file")
 
@@ -75,6 +76,19 @@ def _machine(r: Mapping[str, Any]) -> str:
     return f"{machine} ({s.get('backend', '?')}, {s.get('threads', '?')} thr)"
 
 
+def _cpu(r: Mapping[str, Any]) -> tuple[str | None, str | None, list[str] | None]:
+    """(CPU model, family, int8 features) of a result's machine: what tells two machines of one model name apart.
+
+    Results written before the environment record had features fall back to the features stamped on the
+    result's exit costs (timed in the same run); None where neither records them.
+    """
+    env = r.get("environment") or {}
+    features = env.get("int8_features")
+    if features is None:
+        features = (r.get("exit_costs") or {}).get("int8_features")
+    return env.get("cpu"), env.get("cpu_family"), None if features is None else [str(f) for f in features]
+
+
 def _rule(r: Mapping[str, Any]) -> str:
     rule = (r.get("settings") or {}).get("rule") or {}
     kind = rule.get("kind", "?")
@@ -114,9 +128,11 @@ def comparison_rows(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
         kind, mj, ci = _energy(e.get("early_exit"))
         mkind, mmj, mci = _energy(e.get("monolithic"))
         mlat = m.get("latency_ms") or {}
+        cpu, family, features = _cpu(r)
         rows.append({
             "label": _label(r, i), "run": i, "machine_label": _machine(r), "rule": _rule(r), "time": _when(r),
-            "machine": (r.get("environment") or {}).get("machine"),
+            "machine": (r.get("environment") or {}).get("machine"), "cpu": cpu, "cpu_family": family,
+            "int8_features": None if features is None else " ".join(features) or "none",
             "board_profile": r["settings"].get("board"), "backend": r["settings"].get("backend"),
             "threads": r["settings"].get("threads"), "bundle": r["bundle"]["name"],
             "bundle_sha256": r["bundle"].get("sha256"), "images": r["dataset"]["count"],
@@ -148,11 +164,14 @@ def _num(v: float | None, fmt: str) -> str:
 
 
 def format_comparison(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The terminal table: one line per result (run number, machine, rule, time, file), early exit vs its board's
-    monolithic model. Text columns are as wide as their longest entry: nothing is cut."""
+    """The terminal table: one line per result (run number, machine, rule, time, file, CPU family and int8
+    features), early exit vs its board's monolithic model. Text columns are as wide as their longest entry:
+    nothing is cut."""
     text_cols = [("#", [str(r["run"]) for r in rows]), ("machine", [r["machine_label"] for r in rows]),
                  ("rule", [r["rule"] for r in rows]), ("time", [r["time"] for r in rows]),
-                 ("file", [os.path.basename(r["file"]) for r in rows])]
+                 ("file", [os.path.basename(r["file"]) for r in rows]),
+                 ("cpu family", [r["cpu_family"] or "not recorded" for r in rows]),
+                 ("int8 features", [r["int8_features"] or "not recorded" for r in rows])]
     widths = [max(len(h), *(len(v) for v in vals)) for h, vals in text_cols]
     head = ("  ".join(h.ljust(w) for (h, _), w in zip(text_cols, widths))
             + f"  {'acc.':>7} {'mono':>7} {'mean ms':>9} {'mono ms':>9} {'speed-up':>8} {'energy mJ/input':>22} "

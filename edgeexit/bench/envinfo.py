@@ -55,11 +55,7 @@ def cpu_model(paths: EnvPaths = EnvPaths()) -> str | None:
     text = _read(paths.cpuinfo)
     if text is None:
         return None
-    fields: dict[str, str] = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key.strip() not in fields and value.strip():
-            fields[key.strip()] = value.strip()
+    fields = _first_cpu_fields(text)
     for key in ("model name", "Model", "Hardware", "Processor", "cpu model"):
         if key in fields:
             return fields[key]
@@ -85,6 +81,61 @@ def int8_features(paths: EnvPaths = EnvPaths()) -> tuple[str, ...]:
             have = set(value.split())
             return tuple(f for f in INT8_FLAGS if f in have)
     return ()
+
+
+#: Arm's own core designs ("CPU implementer" 0x41) by "CPU part", for the boards edgeexit targets and their kin.
+ARM_PARTS = {"0xd03": "Cortex-A53", "0xd04": "Cortex-A35", "0xd05": "Cortex-A55", "0xd07": "Cortex-A57",
+             "0xd08": "Cortex-A72", "0xd09": "Cortex-A73", "0xd0a": "Cortex-A75", "0xd0b": "Cortex-A76",
+             "0xd0c": "Neoverse-N1", "0xd0d": "Cortex-A77", "0xd41": "Cortex-A78"}
+
+
+def _first_cpu_fields(text: str) -> dict[str, str]:
+    """The "key: value" fields of the first processor block of /proc/cpuinfo (later duplicates ignored)."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() not in fields and value.strip():
+            fields[key.strip()] = value.strip()
+    return fields
+
+
+def cpu_family(paths: EnvPaths = EnvPaths()) -> str | None:
+    """The CPU's family, which the model name often hides ("AMD EPYC" names several generations).
+
+    x86: vendor, family, model and stepping as the kernel reports them ("AuthenticAMD family 25 model 17
+    stepping 1"); Arm: implementer, part (with Arm's core name where known), variant and revision ("Arm
+    implementer 0x41 part 0xd08 (Cortex-A72) r0p3"). None when /proc/cpuinfo has neither.
+    """
+    text = _read(paths.cpuinfo)
+    if text is None:
+        return None
+    f = _first_cpu_fields(text)
+    if "cpu family" in f:
+        parts = [f.get("vendor_id", "x86"), f"family {f['cpu family']}"]
+        parts += [f"{k} {f[k]}" for k in ("model", "stepping") if k in f]
+        return " ".join(parts)
+    if "CPU part" in f:
+        part = f["CPU part"].lower()
+        name = ARM_PARTS.get(part) if f.get("CPU implementer", "").lower() == "0x41" else None
+        family = f"Arm implementer {f.get('CPU implementer', '?')} part {part}" + (f" ({name})" if name else "")
+        variant, revision = f.get("CPU variant"), f.get("CPU revision")
+        if variant and revision:
+            try:
+                family += f" r{int(variant, 16)}p{int(revision)}"
+            except ValueError:
+                pass
+        return family
+    return None
+
+
+def cpu_summary(env: dict[str, Any]) -> str:
+    """One line naming a recorded machine's CPU: "AMD EPYC (AuthenticAMD family 25 model 17 stepping 1;
+    int8: avx2 avx512f avx512_vnni)". Older records without family or features say so."""
+    cpu = env.get("cpu") or env.get("machine") or "unknown CPU"
+    family = env.get("cpu_family") or "family not recorded"
+    features = env.get("int8_features")
+    flags = "int8 features not recorded" if features is None else f"int8: {' '.join(features) or 'none'}"
+    return f"{cpu} ({family}; {flags})"
 
 
 def machine_stamp(paths: EnvPaths = EnvPaths()) -> dict[str, Any]:
@@ -151,9 +202,10 @@ def collect_environment(*, num_threads: int | None = None, backend: str | None =
         paths: where to read the machine description (tests pass a fake tree).
 
     Returns:
-        A JSON-able dict: board, cpu, machine (board or cpu, whichever is known), os, kernel, arch, python,
-        numpy, edgeexit version, interpreter backend and installed interpreter packages, threads, CPU count,
-        governor, current CPU frequency (kHz), temperatures (deg C).
+        A JSON-able dict: board, cpu, cpu_family (:func:`cpu_family`), int8_features (:func:`int8_features`:
+        the CPU flags that decide int8 kernel speed), machine (board or cpu, whichever is known), os, kernel,
+        arch, python, numpy, edgeexit version, interpreter backend and installed interpreter packages, threads,
+        CPU count, governor, current CPU frequency (kHz), temperatures (deg C).
     """
     from .. import __version__
 
@@ -163,6 +215,8 @@ def collect_environment(*, num_threads: int | None = None, backend: str | None =
     return {
         "board": board,
         "cpu": cpu,
+        "cpu_family": cpu_family(paths),
+        "int8_features": list(int8_features(paths)),
         "machine": board or cpu or platform.machine() or "unknown",
         "os": os_name(paths),
         "kernel": platform.release() or None,
