@@ -355,3 +355,7 @@ def test_drift_flags_shifted_inputs_and_not_the_tuning_distribution(tiny_bundle_
     assert drift(x[y < 5][:300])["drift"]                      # another class mix
     runner.set_thresholds([0.0] * (trace.num_exits - 1))       # a rule that is not a stored point: no reference
     assert runner.stats.to_dict()["drift"] is None
+    from edgeexit.runtime.rules import ForcedExitRule
+
+    runner.set_rule(ForcedExitRule(MaxSoftmaxRule(thresholds), 1))   # bench's timing rules cannot be stored
+    assert runner.stats.drift() is None
