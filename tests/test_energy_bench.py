@@ -209,7 +209,8 @@ def test_tune_and_controller_use_the_energy_kind_the_bundle_has(bundle_dir, tmp_
     per_exit = [0.05 * (k + 1) for k in range(manifest.num_exits)]  # as `bench --store-energy` would store them
     write_manifest_atomic(bundle, manifest.replace(energy={"measured": {"rpi4": {
         "exit_total_mj": per_exit, "exit_attributable_mj": per_exit, "source": "hwmon ina226"}}}))
-    result = tune_bundle(bundle, str(tmp_path / "val.npz"), Target(budget_energy_mj=0.9 * per_exit[-1]), board="rpi4")
+    result = tune_bundle(bundle, str(tmp_path / "val.npz"), Target(budget_energy_mj=0.9 * per_exit[-1]), board="rpi4",
+                         risk=1)   # 80 images: the point estimate (a guarantee needs >= 200)
     assert result.exit_costs.energy_kind == "measured"
     assert list(result.exit_costs.energy_mj) == pytest.approx(per_exit)
     chosen = result.chosen
@@ -220,5 +221,6 @@ def test_tune_and_controller_use_the_energy_kind_the_bundle_has(bundle_dir, tmp_
     ctl = BudgetController.for_runner(runner, 0.9 * per_exit[-1], cost="energy")
     assert ctl.energy_kind == "measured" and list(ctl.exit_costs) == pytest.approx(per_exit)
     # on another board the bundle holds no measured figures: the proxy, and it says so
-    other = tune_bundle(bundle, str(tmp_path / "val.npz"), Target(max_drop_pp=50.0), board="rpi5", dry_run=True)
+    other = tune_bundle(bundle, str(tmp_path / "val.npz"), Target(max_drop_pp=50.0), board="rpi5", dry_run=True,
+                        risk=1)
     assert other.exit_costs.energy_kind == "proxy"
