@@ -82,6 +82,8 @@ class ConversionReport:
         lines = [f"bundle {self.out_dir} ({self.manifest.name}): {len(self.manifest.stages)} stages, "
                  f"full network {self.manifest.full_macs:,} MACs, converted in {self.seconds:.1f} s",
                  "stage  file            bytes  segment_MACs  head_MACs  torch_agree  handoff_equal"]
+        removed = (self.manifest.training or {}).get("removed_activations") or []
+        lines[1:1] = [f"note: {n}" for n in removed]  # activations taken off the exits' outputs (stage_network)
         for s, c in zip(self.manifest.stages, self.costs):
             h = self.handoffs[s.index]["equal"] if s.index < len(self.handoffs) else None
             lines.append(f"{s.index:>5}  {s.file:<14} {s.size_bytes:>6}  {s.costs.segment_macs:>12,}  "
@@ -159,6 +161,15 @@ def resolve_exit_rule(model: StagedModel, exit_rule: str, thresholds: Sequence[f
     return ExitRuleSpec(kind=exit_rule, thresholds=values if exit_rule != "final" else ())
 
 
+def as_nhwc(model: StagedModel, images: Any) -> Any:
+    """Grey images given as [N, H, W] (as bench and tune accept them) -> [N, H, W, 1] for a 1-channel model;
+    anything else unchanged (:func:`check_inputs` judges it)."""
+    if isinstance(model, StagedModel) and isinstance(images, np.ndarray) and images.ndim == 3 \
+            and model.spec.input_shape[0] == 1:
+        return images[..., None]
+    return images
+
+
 def check_inputs(model: StagedModel, calib_images: np.ndarray, verify_images: np.ndarray | None,
                  verify_labels: np.ndarray | None) -> None:
     """UsageError for a non-StagedModel, or images/labels that do not fit the model."""
@@ -184,11 +195,19 @@ def check_inputs(model: StagedModel, calib_images: np.ndarray, verify_images: np
 
 # ---- steps 1-3: split, export, quantize --------------------------------------------------------------------
 
+def export_units(units: Sequence[ExportUnit], workdir: Path) -> list[Path]:
+    """Export every unit to ONNX in ``workdir`` (seconds), so that a layer the exporter refuses is named before
+    any stage spends its minutes in onnx2tf."""
+    return [export_onnx(unit, workdir / f"{unit.name}.onnx") for unit in units]
+
+
 def convert_unit(unit: ExportUnit, calibration: np.ndarray, workdir: Path, out_path: Path,
                  activations: str = "int8") -> Path:
-    """Export one unit to ONNX in ``workdir`` and convert it into a full-integer .tflite at ``out_path`` (int8, or
-    int16 activations with int8 weights)."""
-    onnx_path = export_onnx(unit, workdir / f"{unit.name}.onnx")
+    """Convert one unit into a full-integer .tflite at ``out_path`` (int8, or int16 activations with int8
+    weights), from its ONNX file in ``workdir`` (exported here unless :func:`export_units` did already)."""
+    onnx_path = workdir / f"{unit.name}.onnx"
+    if not onnx_path.is_file():
+        onnx_path = export_onnx(unit, onnx_path)
     return onnx_to_int8_tflite(unit.name, onnx_path, calibration, out_path, keep_nhwc_input=not unit.first,
                                activations=activations)
 
@@ -345,10 +364,11 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
 
     Args:
         model: the trained early-exit network.
-        calib_images: [N, H, W, C] uint8 calibration images (N >= 8; a few hundred is typical).
+        calib_images: [N, H, W, C] uint8 calibration images (N >= 8; a few hundred is typical); grey images may
+            be [N, H, W].
         out_dir: the bundle directory to create.
-        verify_images: [M, H, W, C] uint8 held-out images (distinct from the calibration images) to check
-            int8 against float; None skips verification.
+        verify_images: [M, H, W, C] uint8 held-out images (grey: or [M, H, W]), distinct from the calibration
+            images, to check int8 against float; None skips verification.
         verify_labels: [M] int labels of ``verify_images`` (for accuracies), or None.
         thresholds: the default exit rule's per-exit thresholds (one per early exit).
         exit_rule: the bundle's default exit rule (see :func:`resolve_exit_rule`).
@@ -375,6 +395,7 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
             failed verification with ``strict=True``.
     """
     out = Path(out_dir).absolute()
+    calib_images, verify_images = (as_nhwc(model, v) for v in (calib_images, verify_images))
     check_inputs(model, calib_images, verify_images, verify_labels)
     rule = resolve_exit_rule(model, exit_rule, thresholds)
     activations = check_activations(activations, rule.kind)
@@ -386,6 +407,8 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
         with staging_dir(out) as staged, tempfile.TemporaryDirectory(prefix="edgeexit-onnx-") as work:
             workdir = Path(work)
             units = steps.run("split into stages", split_stages, model)
+            mono_unit = monolithic_unit(model) if monolithic else None
+            steps.run("export ONNX", export_units, units + ([mono_unit] if mono_unit is not None else []), workdir)
             calibration = steps.run("calibration features", stage_inputs, model, calib_images)
             stage_paths = []
             for unit, calib in zip(units, calibration):
@@ -394,7 +417,7 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
                                              activations))
             mono_path = None
             if monolithic:
-                mono_path = steps.run("convert monolithic", convert_unit, monolithic_unit(model), calibration[0],
+                mono_path = steps.run("convert monolithic", convert_unit, mono_unit, calibration[0],
                                       workdir, staged / "monolithic.tflite", activations)
             backend = resolve_backend("auto")
             interps = [create_interpreter(p, backend) for p in stage_paths]

@@ -77,6 +77,16 @@ _OP_PATTERNS = (
 )
 
 
+def clip(text: str, limit: int = 300) -> str:
+    """``text`` on one line, at most about ``limit`` characters: cut at a word boundary and marked with "..."
+    (a message is never cut inside a word, a number or a quoted name)."""
+    line = " ".join(str(text).split())
+    if len(line) <= limit:
+        return line
+    cut = line.rfind(" ", 0, limit)
+    return (line[:cut] if cut > limit // 2 else line[:limit]).rstrip(" ,;:([{") + " ..."
+
+
 def _failed_op(message: str) -> str | None:
     for pattern in _OP_PATTERNS:
         m = pattern.search(message)
@@ -85,22 +95,40 @@ def _failed_op(message: str) -> str | None:
     return None
 
 
+def adaptive_bins(in_hw: tuple[int, int], out_hw: tuple[int, int]) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """The row and column ranges of adaptive average pooling from ``in_hw`` to ``out_hw``: bin i covers
+    [floor(i*H/oh), ceil((i+1)*H/oh)), as torch computes them."""
+    return tuple(tuple((i * n // o, math.ceil((i + 1) * n / o)) for i in range(o)) for n, o in zip(in_hw, out_hw))
+
+
+def slice_mean_pool2d(x: torch.Tensor, rows: tuple[tuple[int, int], ...],
+                      cols: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """Adaptive average pooling over the given bins as slice means (exported as Slice/ReduceMean/Concat).
+
+    Pooling rows then columns gives the same values as ``F.adaptive_avg_pool2d`` (each bin is a rectangle).
+    """
+    x = torch.cat([x[:, :, a:b].mean(2, keepdim=True) for a, b in rows], 2)        # [N, C, oh, W]
+    return torch.cat([x[:, :, :, a:b].mean(3, keepdim=True) for a, b in cols], 3)  # [N, C, oh, ow]
+
+
+def divides(in_hw: tuple[int, int], out_hw: tuple[int, int]) -> bool:
+    """True when the exporter can write adaptive pooling from ``in_hw`` to ``out_hw`` as a plain average pool."""
+    return in_hw[0] % out_hw[0] == 0 and in_hw[1] % out_hw[1] == 0
+
+
 class _SliceMeanAdaptiveAvgPool2d(nn.Module):
-    """``nn.AdaptiveAvgPool2d`` for one fixed input size, as slice means (exported as Slice/ReduceMean/Concat).
+    """``nn.AdaptiveAvgPool2d`` for one fixed input size, as slice means (:func:`slice_mean_pool2d`).
 
     The ONNX exporter refuses adaptive average pooling whose output size does not divide the input size
-    (torchvision's VGG on 32x32 images pools a 1x1 map to 7x7). Each output bin is the mean of a rectangle,
-    rows [floor(i*H/oh), ceil((i+1)*H/oh)) by columns likewise, so pooling rows then columns gives the same values.
+    (torchvision's VGG on 32x32 images pools a 1x1 map to 7x7).
     """
 
     def __init__(self, in_hw: tuple[int, int], out_hw: tuple[int, int]):
         super().__init__()
-        self.rows = [(i * in_hw[0] // out_hw[0], math.ceil((i + 1) * in_hw[0] / out_hw[0])) for i in range(out_hw[0])]
-        self.cols = [(j * in_hw[1] // out_hw[1], math.ceil((j + 1) * in_hw[1] / out_hw[1])) for j in range(out_hw[1])]
+        self.rows, self.cols = adaptive_bins(in_hw, out_hw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([x[:, :, a:b].mean(2, keepdim=True) for a, b in self.rows], 2)        # [N, C, oh, W]
-        return torch.cat([x[:, :, :, a:b].mean(3, keepdim=True) for a, b in self.cols], 3)  # [N, C, oh, ow]
+        return slice_mean_pool2d(x, self.rows, self.cols)
 
 
 def _pool_sizes(pool: nn.AdaptiveAvgPool2d, in_hw: tuple[int, int]) -> tuple[int, int]:
@@ -138,7 +166,7 @@ def _exportable_adaptive_pools(unit: ExportUnit) -> Iterator[None]:
                 continue
             in_hw = seen[child]
             out_hw = _pool_sizes(child, in_hw)
-            if in_hw[0] % out_hw[0] == 0 and in_hw[1] % out_hw[1] == 0:
+            if divides(in_hw, out_hw):
                 continue  # exported as AveragePool / GlobalAveragePool
             setattr(parent, name, _SliceMeanAdaptiveAvgPool2d(in_hw, out_hw))
             swapped.append((parent, name, child))
@@ -167,10 +195,14 @@ def export_onnx(unit: ExportUnit, path: Path) -> Path:
     except Exception as exc:  # torch raises many unrelated types for export failures; re-raised as one
         message = " ".join(str(exc).split())
         op = _failed_op(message)
-        what = f"operator {op}" if op else "a layer"
-        raise ConversionError(f"{unit.name}: {what} cannot be exported to ONNX ({message[:300]}); replace it with "
-                              "standard conv/linear/pool/activation layers or rewrite it without "
-                              "data-dependent control flow") from exc
+        if op:
+            fix = (f"replace {op} with standard conv/linear/pool/activation layers (or a pooling whose output "
+                   "size divides its input size)")
+        else:
+            fix = ("replace it with standard conv/linear/pool/activation layers, or rewrite it without "
+                   "data-dependent control flow")
+        raise ConversionError(f"{unit.name}: {f'operator {op}' if op else 'a layer'} cannot be exported to ONNX "
+                              f"({clip(message)}); {fix}") from exc
     log.debug("%s: exported ONNX to %s", unit.name, path)
     return path
 

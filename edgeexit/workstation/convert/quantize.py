@@ -22,7 +22,7 @@ import torch
 
 from edgeexit.errors import ConversionError
 
-from .export import INPUT_NAME, quiet_tool
+from .export import INPUT_NAME, clip, quiet_tool
 from ..models.staged import StagedModel
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,9 @@ def stage_inputs(model: StagedModel, images: np.ndarray, batch: int = 256) -> li
     model = model.eval()
     with torch.no_grad():
         for start in range(0, len(x_all), batch):
-            x = torch.from_numpy(x_all[start:start + batch]).permute(0, 3, 1, 2)  # NCHW
+            # NCHW with plain strides: a user's head may .view it (.contiguous() keeps 1-channel permuted strides)
+            x = torch.from_numpy(x_all[start:start + batch]).permute(0, 3, 1, 2).clone(
+                memory_format=torch.contiguous_format)
             per_stage[0].append(x_all[start:start + batch])
             for i, (features, _) in enumerate(model.iter_stages(x)):
                 if i + 1 < len(per_stage):
@@ -89,10 +91,10 @@ def _failure_summary(name: str, log_text: str, exc: BaseException, activations: 
     reason = " ".join(str(exc).split()) or type(exc).__name__
     errors = [ln.strip() for ln in text.splitlines() if "ERROR" in ln or "Error" in ln]
     if errors:
-        reason = errors[-1][:200] if not str(exc).strip() else reason
+        reason = errors[-1] if not str(exc).strip() else reason
     where = f"layer {layer[-1]} (ONNX op {op})" if layer and op else (f"ONNX op {op}" if op else "the graph")
     kind = "int8" if activations == "int8" else "int16-activation (16x8)"
-    return (f"{name}: onnx2tf cannot convert {where} to {kind} TFLite: {reason[:300]}; replace the layer with "
+    return (f"{name}: onnx2tf cannot convert {where} to {kind} TFLite: {clip(reason)}; replace the layer with "
             "standard conv/linear/pool/activation layers")
 
 

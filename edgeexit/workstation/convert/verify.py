@@ -78,7 +78,9 @@ def float_outputs(model: StagedModel, images: np.ndarray, batch: int = 256) -> F
     model.eval()
     with torch.no_grad():
         for start in range(0, len(x_all), batch):
-            x = torch.from_numpy(x_all[start:start + batch]).permute(0, 3, 1, 2)
+            # NCHW with plain strides: a user's head may .view it (.contiguous() keeps 1-channel permuted strides)
+            x = torch.from_numpy(x_all[start:start + batch]).permute(0, 3, 1, 2).clone(
+                memory_format=torch.contiguous_format)
             for i, (_, out) in enumerate(model.iter_stages(x)):
                 logits[i].append(out["logits"].numpy())
                 if "confidence" in out:

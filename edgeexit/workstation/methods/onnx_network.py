@@ -45,6 +45,7 @@ from torch.nn import functional as F
 
 from edgeexit.errors import ConversionError, UsageError
 
+from ..convert.export import clip
 from ..models.staged import StagedModel
 from .user_network import CONFIDENCE_KINDS, _check_args, stage_network
 
@@ -764,7 +765,7 @@ def load_onnx(path: str | Path) -> Any:
         model = onnx.load(str(p))
     except Exception as exc:  # protobuf DecodeError, missing external data...: any reader error
         raise UsageError(f"cannot read {p} as an ONNX model ({type(exc).__name__}: "
-                         f"{' '.join(str(exc).split())[:120]}); export the network to ONNX again") from None
+                         f"{clip(str(exc), 120)}); export the network to ONNX again") from None
     if not model.graph.node:
         raise UsageError(f"{p} holds no ONNX graph (no nodes); export the network to ONNX again")
     return model
@@ -921,7 +922,7 @@ def onnx_to_torch(path: str | Path, input_shape: Sequence[int] | None = None,
                                   "export the network without it") from None
         except (RuntimeError, ValueError, IndexError, TypeError, KeyError) as exc:
             raise ConversionError(f"{source}: node {node.name or i!r} ({node.op_type}) failed on the input shape "
-                                  f"{list(shape)} ({type(exc).__name__}: {' '.join(str(exc).split())[:150]}); give "
+                                  f"{list(shape)} ({type(exc).__name__}: {clip(str(exc), 150)}); give "
                                   "the input shape it was exported with") from None
         if b.bias_used:
             fused[id(add[0])] = node.output[0]
@@ -972,7 +973,7 @@ def check_against_onnxruntime(conv: OnnxConversion, path: str | Path, samples: i
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime refuses the model: any of its error types
         raise UsageError(f"onnxruntime cannot load {conv.source} ({type(exc).__name__}: "
-                         f"{' '.join(str(exc).split())[:160]}); export a valid ONNX model") from None
+                         f"{clip(str(exc), 160)}); export a valid ONNX model") from None
     x = torch.randn(samples, *conv.input_shape, generator=torch.Generator().manual_seed(seed))
     feed = x.permute(0, 2, 3, 1) if conv.input_layout == "NHWC" else x
     feed = feed.contiguous().numpy()
@@ -984,7 +985,7 @@ def check_against_onnxruntime(conv: OnnxConversion, path: str | Path, samples: i
             want = [np.concatenate([r[k] for r in runs]) for k in range(len(conv.outputs))]
     except Exception as exc:  # onnxruntime fails on the declared input: any of its error types
         raise UsageError(f"onnxruntime cannot run {conv.source} on [N, {', '.join(map(str, conv.input_shape))}] "
-                         f"({conv.input_layout}) ({type(exc).__name__}: {' '.join(str(exc).split())[:160]}); give "
+                         f"({conv.input_layout}) ({type(exc).__name__}: {clip(str(exc), 160)}); give "
                          "the input shape it was exported with") from None
     with torch.no_grad():
         got = conv.module(x)

@@ -16,7 +16,9 @@ and the MACs spent before it (used for cost-based exit placement).
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -52,6 +54,14 @@ class CutPoint:
     boundary: bool
 
 
+class _NotASubmodule(Exception):
+    """A module called in forward() that is not a registered submodule (torch.fx cannot name it)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__("module is not installed as a submodule")
+        self.module = module
+
+
 class _RecordingTracer(fx.Tracer):
     """A tracer that records, for every submodule call, the graph node of its output."""
 
@@ -67,7 +77,7 @@ class _RecordingTracer(fx.Tracer):
         try:
             name = self.path_of_module(m)
         except NameError:
-            return super().call_module(m, forward, args, kwargs)
+            raise _NotASubmodule(m) from None
         if name not in self.calls:
             self.order.append(name)
         self.calls[name] = self.calls.get(name, 0) + 1
@@ -92,8 +102,65 @@ class _Trace:
         return [n for n in self.tracer.order if n]
 
 
+def _holder(root: nn.Module, m: nn.Module) -> tuple[str, nn.Module, str, str] | None:
+    """(qualified name of the owner, the owner, its attribute, "list"/"tuple"/"dict") of the plain Python container
+    that holds ``m``, if any."""
+    def flat(v: Any) -> list[Any]:
+        if isinstance(v, dict):
+            v = list(v.values())
+        if isinstance(v, (list, tuple)):
+            return [x for item in v for x in ([item] if isinstance(item, nn.Module) else flat(item))]
+        return []
+
+    for qual, owner in root.named_modules():
+        for attr, value in vars(owner).items():
+            if not attr.startswith("_") and isinstance(value, (list, tuple, dict)) and any(
+                    x is m for x in flat(value)):
+                return qual, owner, attr, type(value).__name__
+    return None
+
+
+def _not_a_submodule(root: nn.Module, m: nn.Module) -> str:
+    net = type(root).__name__
+    held = _holder(root, m)
+    if held is None:
+        return (f"cannot trace {net}.forward: it calls a {type(m).__name__} that is not a registered submodule "
+                f"(created inside forward(), or kept where nn.Module does not register it); create it in __init__ as "
+                "an attribute, in an nn.ModuleList or an nn.ModuleDict")
+    qual, owner, attr, kind = held
+    container = "nn.ModuleDict" if kind == "dict" else "nn.ModuleList"
+    where = f" (at {qual + '.' + attr!r})" if qual else ""
+    leaf = (f", or name {qual!r} in leaf_modules (--leaf-modules {qual}) so that torch.fx calls it whole"
+            if qual else "")
+    return (f"cannot trace {net}.forward: `{type(owner).__name__}.{attr}`{where} is a plain Python {kind}, so its "
+            f"layers are not registered submodules (torch.fx cannot follow them, and their weights are not in "
+            f"state_dict()): register it as {container}(...){leaf}")
+
+
+def _user_frame(exc: BaseException, root: nn.Module) -> str:
+    """" in Block.forward (file.py line 12; submodule 'blocks.0')": the innermost frame of the user's code."""
+    import traceback
+
+    torch_dir = str(Path(torch.__file__).parent)
+    here = str(Path(__file__).parent.parent)
+    frames = [f for f, _ in traceback.walk_tb(exc.__traceback__)
+              if not f.f_code.co_filename.startswith((torch_dir, here)) and "<" not in f.f_code.co_filename]
+    if not frames:
+        return ""
+    frame = frames[-1]
+    owner = frame.f_locals.get("self")
+    where = f"{Path(frame.f_code.co_filename).name} line {frame.f_lineno}"
+    if not isinstance(owner, nn.Module):
+        return f" in {frame.f_code.co_name} ({where})"
+    qual = next((q for q, mod in root.named_modules() if mod is owner), None)
+    sub = f"; submodule {qual!r}" if qual else ""
+    return f" in {type(owner).__name__}.{frame.f_code.co_name} ({where}{sub})"
+
+
 def _trace(module: nn.Module, leaf_modules: Sequence[str] = ()) -> _Trace:
     """Trace ``module`` with torch.fx, not tracing into the submodules named in ``leaf_modules``."""
+    from ..convert.export import clip
+
     known = {name for name, _ in module.named_modules()}
     unknown = [n for n in leaf_modules if n not in known]
     if unknown:
@@ -102,11 +169,16 @@ def _trace(module: nn.Module, leaf_modules: Sequence[str] = ()) -> _Trace:
     tracer = _RecordingTracer(leaf_modules)
     try:
         graph = tracer.trace(module)
+    except _NotASubmodule as exc:
+        raise ConversionError(_not_a_submodule(module, exc.module)) from None
     except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError... on data-dependent control flow
-        raise ConversionError(f"cannot trace {type(module).__name__}.forward with torch.fx ({type(exc).__name__}: "
-                              f"{' '.join(str(exc).split())[:160]}); remove if/loops on tensor values from "
-                              "forward() (compute every exit; the device applies the exit rule), or name the "
-                              "submodule that holds them in leaf_modules") from None
+        where = _user_frame(exc, module)
+        qual = re.search(r"submodule '([^']+)'", where)
+        leaf = f"name {qual.group(1)!r} in leaf_modules" if qual else "name the submodule that holds them in leaf_modules"
+        raise ConversionError(f"cannot trace {type(module).__name__}.forward with torch.fx{where} "
+                              f"({type(exc).__name__}: {clip(str(exc), 160)}); remove if/loops on tensor values from "
+                              "forward() (compute every exit; the device applies the exit rule), or "
+                              f"{leaf} (--leaf-modules; it must still export to ONNX)") from None
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
     if len(inputs) != 1:
         raise UsageError(f"{type(module).__name__}.forward takes {len(inputs)} inputs; only single-input "

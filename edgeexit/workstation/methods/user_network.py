@@ -26,15 +26,18 @@ exit of the staged model is compared with ``module(x)`` on random inputs.
 from __future__ import annotations
 
 import logging
+import operator
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.nn import functional as F
 
 from edgeexit.errors import CheckpointError, ConversionError, UsageError
 
+from ..convert.export import adaptive_bins, clip, divides, slice_mean_pool2d
 from ..models.staged import ExitHead, ModelSpec, Stage, StagedModel
 from .split import _trace
 
@@ -47,6 +50,13 @@ SCORE_KINDS = ("softmax", "sigmoid")
 _SHAPE_METHODS = ("view", "reshape", "squeeze", "unsqueeze", "flatten", "contiguous")
 _SHAPE_FUNCTIONS = (torch.reshape, torch.squeeze, torch.unsqueeze, torch.flatten)
 _SIGMOIDS = (torch.sigmoid, torch.nn.functional.sigmoid)
+#: Softmax over the classes at the end of an exit's logits: removed (the device applies softmax to the logits).
+_SOFTMAX_FUNCTIONS = {torch.softmax: "softmax", F.softmax: "softmax", torch.special.softmax: "softmax",
+                      torch.log_softmax: "log_softmax", F.log_softmax: "log_softmax",
+                      torch.special.log_softmax: "log_softmax"}
+_SOFTMAX_MODULES = {nn.Softmax: "softmax", nn.LogSoftmax: "log_softmax"}
+#: Functional adaptive average pooling (the module form is handled at export).
+_ADAPTIVE_AVG_POOLS = (F.adaptive_avg_pool2d, torch._C._nn.adaptive_avg_pool2d)
 
 #: Relative / absolute tolerance of the staged model against ``module(x)`` (float32, same ops).
 CHECK_RTOL, CHECK_ATOL = 1e-4, 1e-5
@@ -57,6 +67,25 @@ class _Exit:
     name: str                  # "0", "1"... or the dict key
     logits: fx.Node
     confidence: fx.Node | None
+
+
+@dataclass(frozen=True)
+class _Strip:
+    """An activation removed from the end of an exit output: the output is ``kind(source's input)`` through
+    the shape ops ``chain``; the staged head returns that input through the same shape ops."""
+
+    kind: str                  # "sigmoid", "softmax" or "log_softmax"
+    source: fx.Node            # the activation's node
+    chain: tuple[fx.Node, ...]  # shape-only ops from it to the output
+
+    @property
+    def input(self) -> fx.Node:
+        return self.source.args[0] if self.source.args else self.source.kwargs["input"]
+
+    def apply(self, t: torch.Tensor) -> torch.Tensor:
+        """The removed activation on the staged head's [N, K] output (what the network returns)."""
+        return {"sigmoid": torch.sigmoid, "softmax": lambda v: torch.softmax(v, 1),
+                "log_softmax": lambda v: torch.log_softmax(v, 1)}[self.kind](t)
 
 
 class GraphHead(ExitHead):
@@ -180,9 +209,18 @@ def _is_sigmoid(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
             or (node.op == "call_module" and isinstance(modules.get(str(node.target)), nn.Sigmoid)))
 
 
-def _confidence_logit(e: _Exit, kind: str | None, net: str, modules: Mapping[str, nn.Module]
-                      ) -> tuple[fx.Node, list[fx.Node]] | None:
-    """For a probability confidence: (the sigmoid node, the shape ops after it); None for a logit confidence."""
+def _hidden_in(node: fx.Node, modules: Mapping[str, nn.Module]) -> str | None:
+    """The qualified name of the user's submodule ``node`` comes out of when torch.fx did not trace into it."""
+    if node.op == "call_function" and node.target is operator.getitem:
+        node = node.args[0]
+    if node.op != "call_module":
+        return None
+    mod = modules.get(str(node.target))
+    return None if mod is None or type(mod).__module__.startswith("torch.") else str(node.target)
+
+
+def _confidence_logit(e: _Exit, kind: str | None, net: str, modules: Mapping[str, nn.Module]) -> _Strip | None:
+    """For a probability confidence: the sigmoid to remove (and the shape ops after it); None for a logit."""
     if e.confidence is None:
         return None
     if kind is None:
@@ -195,6 +233,12 @@ def _confidence_logit(e: _Exit, kind: str | None, net: str, modules: Mapping[str
             raise UsageError(f"{net}.forward: exit {e.name!r} confidence comes out of a sigmoid but was declared "
                              "confidence='logit'; declare confidence='probability'")
         return None
+    hidden = None if sigmoid else _hidden_in(source, modules)
+    if hidden is not None:
+        raise UsageError(f"{net}.forward: exit {e.name!r} confidence comes out of {hidden!r}, which torch.fx did not "
+                         "trace into (a leaf module), so edgeexit cannot find the sigmoid to remove: let it be traced "
+                         "(keep its layers in nn.Sequential / nn.ModuleList, not a plain list, and do not name it in "
+                         "leaf_modules), or return the pre-sigmoid value and declare confidence='logit'")
     if not sigmoid:
         raise UsageError(f"{net}.forward: exit {e.name!r} confidence is declared a probability but is not the "
                          f"output of a sigmoid (it comes from {_describe(source)!r}); return the pre-sigmoid value "
@@ -205,7 +249,75 @@ def _confidence_logit(e: _Exit, kind: str | None, net: str, modules: Mapping[str
     if others:
         raise UsageError(f"{net}.forward: exit {e.name!r}: the confidence sigmoid is also used by "
                          f"{_describe(others[0])!r}; compute the probability only for the confidence output")
-    return source, chain
+    return _Strip("sigmoid", source, tuple(chain))
+
+
+def _class_axis_softmax(node: fx.Node, modules: Mapping[str, nn.Module]) -> str | None:
+    """"softmax" / "log_softmax" when ``node`` normalises over the class axis (dim 1 of [N, K] or of
+    [N, K, 1, 1]...), else None."""
+    if node.op == "call_module":
+        mod = modules.get(str(node.target))
+        kind = next((k for cls, k in _SOFTMAX_MODULES.items() if isinstance(mod, cls)), None)
+        dim = getattr(mod, "dim", None)
+    elif node.op == "call_function" and node.target in _SOFTMAX_FUNCTIONS:
+        kind = _SOFTMAX_FUNCTIONS[node.target]
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    elif node.op == "call_method" and node.target in ("softmax", "log_softmax"):
+        kind = str(node.target)
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    else:
+        return None
+    shape = _shape(node)
+    if kind is None or shape is None or len(shape) < 2 or not isinstance(dim, (int, type(None))):
+        return None
+    axis = 1 if dim is None and len(shape) in (2, 4) else dim if dim is None or dim >= 0 else dim + len(shape)
+    return kind if axis == 1 and all(v == 1 for v in shape[2:]) else None
+
+
+def _logits_activation(e: _Exit, scores: str, net: str, modules: Mapping[str, nn.Module]) -> _Strip | None:
+    """A softmax (or log-softmax) at the end of exit ``e``'s logits, to be removed; a sigmoid there too when
+    ``scores="sigmoid"`` (UsageError with ``scores="softmax"``: the device would apply softmax to probabilities).
+
+    Softmax(x) and log-softmax(x) give the same softmax scores as x, so the device, which applies softmax to the
+    logits it gets, reads the network's own probabilities; a sigmoid read as independent scores likewise.
+    """
+    source, chain = _unshape(e.logits)
+    kind = _class_axis_softmax(source, modules)
+    if kind is None and _is_sigmoid(source, modules):
+        if scores != "sigmoid":
+            raise UsageError(f"{net}.forward: exit {e.name!r} logits come out of a sigmoid ({_describe(source)!r}); "
+                             "the device applies softmax to the logits, which would squash those probabilities: "
+                             "declare scores='sigmoid' (--scores sigmoid) if they are independent per-class scores "
+                             "(edgeexit then removes the sigmoid), or return the values before it")
+        kind = "sigmoid"
+    if kind is None:
+        return None
+    if kind != "sigmoid" and scores == "sigmoid":
+        raise UsageError(f"{net}.forward: exit {e.name!r} logits come out of a {kind} ({_describe(source)!r}) but "
+                         "scores='sigmoid' was declared (independent per-class scores); drop scores='sigmoid' "
+                         "(--scores) for one class per input, or return the values before the softmax")
+    return _Strip(kind, source, tuple(chain))
+
+
+def _exact_adaptive_pools(graph: fx.Graph) -> int:
+    """Replace functional adaptive average pools whose output size does not divide the input size by exact
+    slice means (the ONNX exporter refuses them); returns how many. The module form is swapped at export."""
+    count = 0
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in _ADAPTIVE_AVG_POOLS:
+            continue
+        src = node.args[0] if node.args else node.kwargs.get("input")
+        shape_in, shape_out = _shape(src) if isinstance(src, fx.Node) else None, _shape(node)
+        if shape_in is None or shape_out is None or len(shape_in) != 4 or len(shape_out) != 4:
+            continue
+        in_hw, out_hw = (shape_in[2], shape_in[3]), (shape_out[2], shape_out[3])
+        if divides(in_hw, out_hw):
+            continue
+        rows, cols = adaptive_bins(in_hw, out_hw)
+        node.target, node.args, node.kwargs = slice_mean_pool2d, (src, rows, cols), {}
+        log.info("%s: adaptive average pooling %s -> %s written as exact slice means", node.name, in_hw, out_hw)
+        count += 1
+    return count
 
 
 # ---- planning the cuts ---------------------------------------------------------------------------------------
@@ -320,24 +432,26 @@ def _graph_module(root: nn.Module, g: fx.Graph) -> fx.GraphModule:
 
 
 def _head_outputs(g: fx.Graph, env: dict[fx.Node, fx.Node], e: _Exit,
-                  sigmoid: tuple[fx.Node, list[fx.Node]] | None) -> dict[str, fx.Node]:
-    out = {"logits": env[e.logits]}
+                  strips: Mapping[str, _Strip]) -> dict[str, fx.Node]:
+    def value(role: str, node: fx.Node) -> fx.Node:
+        strip = strips.get(role)
+        if strip is None:
+            return env[node]
+        # the activation's input through the same shape ops
+        local = dict(env)
+        local[strip.source] = env[strip.input]
+        for n in strip.chain:
+            local[n] = g.node_copy(n, lambda a: local[a])
+        return local[strip.chain[-1]] if strip.chain else local[strip.source]
+
+    out = {"logits": value("logits", e.logits)}
     if e.confidence is not None:
-        if sigmoid is None:
-            conf = env[e.confidence]
-        else:  # the confidence logit: the sigmoid's input through the same shape ops
-            source, chain = sigmoid
-            local = dict(env)
-            local[source] = env[source.args[0]]
-            for n in chain:
-                local[n] = g.node_copy(n, lambda a: local[a])
-            conf = local[chain[-1]] if chain else local[source]
-        out["confidence"] = g.call_method("reshape", (conf, (-1, 1)))  # [N, 1]
+        out["confidence"] = g.call_method("reshape", (value("confidence", e.confidence), (-1, 1)))  # [N, 1]
     return out
 
 
 def _stage(root: nn.Module, plan: _Plan, nodes: set[fx.Node], start: fx.Node, end: fx.Node, e: _Exit,
-           sigmoid: tuple[fx.Node, list[fx.Node]] | None, scores: str) -> Stage:
+           strips: Mapping[str, _Strip], scores: str) -> Stage:
     order = sorted(nodes, key=plan.index.__getitem__)
     seg_nodes = plan.ancestors([end], {start}) & nodes if end is not start else set()
     head_nodes = [n for n in order if n not in seg_nodes]
@@ -347,9 +461,9 @@ def _stage(root: nn.Module, plan: _Plan, nodes: set[fx.Node], start: fx.Node, en
     for x in (e.logits, e.confidence):  # an exit output computed by the segment itself
         if x is not None and x not in head_set and x is not end and x not in taps:
             taps.append(x)
-    if sigmoid is not None and sigmoid[0] not in head_set and sigmoid[0].args[0] not in taps \
-            and sigmoid[0].args[0] is not end:
-        taps.append(sigmoid[0].args[0])
+    for strip in strips.values():  # an activation computed by the segment: its input is read instead
+        if strip.source not in head_set and strip.input not in taps and strip.input is not end:
+            taps.append(strip.input)
     seg_order = [n for n in order if n in seg_nodes]
 
     def segment_graph(outputs: list[fx.Node]) -> fx.GraphModule:
@@ -365,7 +479,7 @@ def _stage(root: nn.Module, plan: _Plan, nodes: set[fx.Node], start: fx.Node, en
     for i, t in enumerate(taps):
         env[t] = g.placeholder(f"tap_{i}")
     _copy_nodes(g, env, head_nodes)
-    g.output(_head_outputs(g, env, e, sigmoid))
+    g.output(_head_outputs(g, env, e, strips))
     head = GraphHead(_graph_module(root, g), scores, e.confidence is not None)
     segment = segment_graph([end])
     if not taps:
@@ -422,11 +536,14 @@ def _outputs_by_exit(out: Any) -> list[tuple[torch.Tensor, torch.Tensor | None]]
     return result
 
 
-def check_split(module: nn.Module, staged: StagedModel, exits_conf: Sequence[bool], samples: int = 4,
+def check_split(module: nn.Module, staged: StagedModel, removed: Sequence[Mapping[str, Any]], samples: int = 4,
                 seed: int = 0) -> float:
     """Largest difference between ``module(x)`` and the staged model on seeded random inputs; raises when too big.
 
-    Confidences are compared as the module returns them (probability or logit).
+    Args:
+        removed: per exit, the activations removed from its outputs (role -> an object whose ``apply`` puts
+            it back, as :class:`_Strip`); outputs are compared as the module returns them (probabilities,
+            log-probabilities, logits).
 
     Raises:
         ConversionError: an exit's logits or confidence differ beyond float32 tolerance.
@@ -436,12 +553,13 @@ def check_split(module: nn.Module, staged: StagedModel, exits_conf: Sequence[boo
         expected = _outputs_by_exit(module(x))
         got = staged(x)
     worst = 0.0
-    for k, ((logits, conf), out, probability) in enumerate(zip(expected, got, exits_conf)):
+    for k, ((logits, conf), out, strips) in enumerate(zip(expected, got, removed)):
         pairs = [("logits", logits, out["logits"])]
         if conf is not None:
-            mine = out["confidence"].reshape(conf.shape)
-            pairs.append(("confidence", conf, torch.sigmoid(mine) if probability else mine))
+            pairs.append(("confidence", conf, out["confidence"].reshape(conf.shape)))
         for what, want, have in pairs:
+            if what in strips:
+                have = strips[what].apply(have.reshape(-1, 1) if have.dim() == 1 else have).reshape(want.shape)
             err = float((want - have).abs().max())
             worst = max(worst, err)
             if not torch.allclose(want, have, rtol=CHECK_RTOL, atol=CHECK_ATOL):
@@ -449,6 +567,45 @@ def check_split(module: nn.Module, staged: StagedModel, exits_conf: Sequence[boo
                                       f"(x) by up to {err:.3g}; forward() must compute the same values every call "
                                       "(no in-place changes of a value another exit reads, no random ops, no state)")
     return worst
+
+
+def _check_probabilities(module: nn.Module, staged: StagedModel, removed: Sequence[Mapping[str, Any]],
+                         net: str, scores: str, seed: int = 1) -> None:
+    """UsageError when an exit's logits are probabilities edgeexit could not see being made (every row sums to 1
+    over the classes on random inputs: a softmax inside a leaf module, ``exp(log_softmax)``, ``x / x.sum()``...).
+
+    The device applies softmax to what it gets, so probabilities taken as logits would be squashed silently.
+    """
+    if scores != "softmax":
+        return
+    x = torch.randn(8, *staged.spec.input_shape, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        outs = staged(x)
+    for k, (out, strips) in enumerate(zip(outs, removed)):
+        logits = out["logits"]
+        if "logits" in strips or logits.shape[1] < 2:
+            continue
+        if bool((logits >= 0).all()) and torch.allclose(logits.sum(1), torch.ones(len(logits)), atol=1e-4):
+            raise UsageError(f"{net}.forward: exit {k} returns probabilities (every row sums to 1 over the classes) "
+                             "made where edgeexit cannot see a softmax to remove (inside a leaf module, or not a "
+                             "softmax call); the device applies softmax to the logits it gets: return the values "
+                             "before the softmax (or end the exit with an nn.Softmax / F.softmax edgeexit can see)")
+
+
+def _removed_notes(exits: Sequence[_Exit], removed: Sequence[Mapping[str, _Strip]]) -> list[str]:
+    notes = []
+    for k, (e, strips) in enumerate(zip(exits, removed)):
+        for role, strip in strips.items():
+            if role == "confidence":
+                notes.append(f"exit {k} confidence: sigmoid {_describe(strip.source)!r} removed (the device compares "
+                             "the logit before it with the threshold's logit: the same test)")
+            elif strip.kind == "sigmoid":
+                notes.append(f"exit {k} logits: sigmoid {_describe(strip.source)!r} removed (the device applies "
+                             "sigmoid to the values before it: the same scores)")
+            else:
+                notes.append(f"exit {k} logits: {strip.kind} {_describe(strip.source)!r} removed (the device applies "
+                             "softmax to the values before it: the same probabilities)")
+    return notes
 
 
 def stage_network(module: nn.Module, input_shape: Sequence[int], mean: Sequence[float] | float,
@@ -493,12 +650,22 @@ def stage_network(module: nn.Module, input_shape: Sequence[int], mean: Sequence[
                 ShapeProp(gm).propagate(torch.zeros(2, *shape))
         except Exception as exc:  # a shape mismatch inside the user's network: any torch error type
             raise UsageError(f"{net} does not run on input_shape {shape}: {type(exc).__name__}: "
-                             f"{' '.join(str(exc).split())[:200]}; give the (C, H, W) it was trained on") from None
+                             f"{clip(str(exc), 200)}; give the (C, H, W) it was trained on") from None
+        pools = _exact_adaptive_pools(tr.graph)
         out_node = next(n for n in tr.graph.nodes if n.op == "output")
         exits = _parse_exits(out_node.args[0], net)
         k = _check_exit_shapes(exits, net, None if labels is None else len(labels))
         modules = dict(module.named_modules())
-        sigmoids = [_confidence_logit(e, confidence, net, modules) for e in exits]
+        removed: list[dict[str, _Strip]] = []
+        for e in exits:
+            strips = {}
+            conf = _confidence_logit(e, confidence, net, modules)
+            if conf is not None:
+                strips["confidence"] = conf
+            act = _logits_activation(e, scores, net, modules)
+            if act is not None:
+                strips["logits"] = act
+            removed.append(strips)
         plan = _Plan(tr.graph, exits, net)
         if split_after is not None and len(split_after) != len(exits) - 1:
             raise UsageError(f"split_after names {len(split_after)} submodules for {len(exits) - 1} early exits; "
@@ -519,19 +686,26 @@ def stage_network(module: nn.Module, input_shape: Sequence[int], mean: Sequence[
             else:
                 nodes = plan.needs[i] - done
                 end = plan.features_end(nodes, start)
-            stages.append(_stage(module, plan, nodes, start, end, e, sigmoids[i], scores))
+            stages.append(_stage(module, plan, nodes, start, end, e, removed[i], scores))
             handoffs.append(_describe(end))
             log.info("stage %d: %d ops, ends at %s %s", i, len(nodes), handoffs[-1], _shape(end))
             done |= nodes
             start = end
+        notes = _removed_notes(exits, removed)
+        for note in notes:
+            log.info("%s: %s", net, note)
+        extra = {"source": "user network", "class": f"{type(module).__module__}.{net}", "handoffs": handoffs[:-1],
+                 "features_end": handoffs[-1], "confidence": confidence, "scores": scores}
+        if notes:
+            extra["removed_activations"] = notes
+        if pools:
+            extra["exact_adaptive_pools"] = pools
         spec = ModelSpec(builder=name or net, kwargs={}, input_shape=shape,
                          labels=[str(v) for v in labels] if labels is not None else [str(c) for c in range(k)],
-                         mean=m, std=s, color_mode=mode,
-                         extra={"source": "user network", "class": f"{type(module).__module__}.{net}",
-                                "handoffs": handoffs[:-1], "features_end": handoffs[-1],
-                                "confidence": confidence, "scores": scores})
+                         mean=m, std=s, color_mode=mode, extra=extra)
         staged = StagedModel(stages, spec).eval()
-        worst = check_split(module, staged, [sg is not None for sg in sigmoids])
+        worst = check_split(module, staged, removed)
+        _check_probabilities(module, staged, removed, net, scores)
         log.info("staged %s: %d stages, largest difference to forward() %.2g", net, len(stages), worst)
         return staged
     finally:
@@ -551,15 +725,17 @@ def _module_output(tr: Any, name: str) -> fx.Node:
 
 # ---- from files (the CLI route) --------------------------------------------------------------------------------
 
-def network_from_file(source: str, weights: str | None = None) -> nn.Module:
+def network_from_file(source: str, weights: str | None = None, trust_pickle: bool = False) -> nn.Module:
     """Build the network ``FILE.py:NAME`` names and load a state_dict into it.
 
     Args:
         source: ``path/to/file.py:NAME``; NAME is a function or class called without arguments that returns
             the network, or an ``nn.Module`` instance defined in the file.
         weights: a file saved with ``torch.save(model.state_dict(), path)`` (a dict holding it under
-            "state_dict" or "model_state_dict" works too; a "module." prefix from DataParallel is removed);
-            None keeps the weights NAME gives the network.
+            "state_dict", "model_state_dict" or "model" works too; a "module." prefix from DataParallel is removed
+            when the network's own keys do not have it); None keeps the weights NAME gives the network.
+        trust_pickle: also read a whole pickled model (``torch.save(model)``); unpickling runs code named in
+            the file, so only for files one trusts. Its classes are looked up in the network file too.
 
     Raises:
         UsageError: a missing or unimportable file, an unknown NAME, or weights that do not fit (one line).
@@ -584,7 +760,7 @@ def network_from_file(source: str, weights: str | None = None) -> nn.Module:
         spec.loader.exec_module(mod)
     except Exception as exc:  # the user's code: any error, reported in one line
         where = f" (line {exc.lineno})" if isinstance(exc, SyntaxError) else ""
-        raise UsageError(f"importing {path} failed{where}: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}; "
+        raise UsageError(f"importing {path} failed{where}: {type(exc).__name__}: {clip(str(exc), 200)}; "
                          "fix the file so that `python -c 'import ...'` works") from None
     finally:
         sys.path.remove(str(path.parent.resolve()))
@@ -597,24 +773,26 @@ def network_from_file(source: str, weights: str | None = None) -> nn.Module:
         try:
             obj = obj()
         except Exception as exc:  # the user's builder
-            raise UsageError(f"{source}() failed: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}; NAME must "
-                             "build the network without arguments") from None
+            raise UsageError(f"{source}() failed: {type(exc).__name__}: {clip(str(exc), 200)}; NAME must build the "
+                             "network without arguments") from None
     if not isinstance(obj, nn.Module):
         raise UsageError(f"{source} gave {type(obj).__name__}, not a torch nn.Module; return the network")
     if weights is not None:
-        load_weights(obj, weights)
+        load_weights(obj, weights, trust_pickle, vars(mod))
     return obj
 
 
-def load_weights(module: nn.Module, weights: str) -> None:
-    """Load the state_dict saved in ``weights`` into ``module`` (all keys must fit); UsageError in one line.
+def load_weights(module: nn.Module, weights: str, trust_pickle: bool = False,
+                 namespace: Mapping[str, Any] | None = None) -> None:
+    """Load the weights in ``weights`` into ``module`` (all keys must fit); UsageError in one line.
 
-    The file is read as the zoo's weights are (:func:`edgeexit.workstation.models.zoo.load_weights`: a bare or
-    wrapped state_dict, DataParallel / torch.compile prefixes removed).
+    See :func:`edgeexit.workstation.training.checkpoint.load_weights_file` (a bare or wrapped state_dict; wrapper
+    prefixes removed only where the network's own keys do not have them; a pickled whole model with
+    ``trust_pickle`` only).
     """
-    from ..models.zoo import load_weights as load_state_dict_file
+    from ..training.checkpoint import load_weights_file
 
     try:
-        load_state_dict_file(module, weights)
+        load_weights_file(module, weights, trust_pickle, namespace)
     except CheckpointError as exc:
         raise UsageError(str(exc)) from None

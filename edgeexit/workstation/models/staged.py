@@ -141,7 +141,8 @@ class StageExport(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if not self.first:
-            x = x.permute(0, 3, 1, 2)  # NHWC hand-off -> NCHW
+            # NHWC hand-off -> NCHW, plain strides (a head may .view it; .contiguous() keeps 1-channel strides)
+            x = x.permute(0, 3, 1, 2).clone(memory_format=torch.contiguous_format)
         features, out = self.stage(x)
         result = [features.permute(0, 2, 3, 1), out["logits"]]
         if self.stage.head.has_confidence:
