@@ -215,14 +215,14 @@ def _flip_weight(path: Path) -> None:
 
 def test_stage_swapped_after_signature_check_is_refused(signed, tmp_path):
     """A bundle verified with the trusted key, whose stage file then changes (replaced by another valid file, or
-    rewritten in place), is refused when the Runner creates its interpreters; the monolithic file when first used."""
+    rewritten in place), is refused when the Runner creates its interpreters (the monolithic model's too, at load)."""
     from edgeexit.runtime.bundle import load_bundle
     from edgeexit.runtime.runner import Runner
 
     b, key, _ = signed
     loaded = load_bundle(b, trusted_key=key, check_tensors=False)
     assert loaded.signed_by
-    runner = Runner(loaded, power_sensor=None)              # the untouched bundle runs
+    Runner(loaded, power_sensor=None)                       # the untouched bundle runs
     original, other = tmp_path / "original.tflite", tmp_path / "other.tflite"
     shutil.copy(b / "stage_0.tflite", original)
     shutil.copy(b / "stage_0.tflite", other)
@@ -234,9 +234,11 @@ def test_stage_swapped_after_signature_check_is_refused(signed, tmp_path):
     _flip_weight(b / "stage_1.tflite")                      # rewritten in place (same inode)
     with pytest.raises(BundleError, match="stage_1.tflite: sha256 mismatch"):
         Runner(loaded, power_sensor=None)
+    _flip_weight(b / "stage_1.tflite")                      # flipped back: the stages are as signed again
+    Runner(loaded, power_sensor=None)
     _flip_weight(b / "monolithic.tflite")
     with pytest.raises(BundleError, match="monolithic.tflite: sha256 mismatch"):
-        runner.run_monolithic(np.zeros((28, 28, 1), np.uint8))
+        Runner(loaded, power_sensor=None)                   # the monolithic model is built at load too
 
 
 def test_runner_of_a_non_path_and_an_empty_trusted_key_are_usage_errors(bundle_dir, monkeypatch):
