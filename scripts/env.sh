@@ -20,8 +20,8 @@ case "$kind" in
   *) echo "error: unknown environment '$kind'; use workstation, device or legacy" >&2; exit 2 ;;
 esac
 
-if ! "$PY" -c 'import sys; sys.exit(sys.version_info[:2] < (3, 9))' 2>/dev/null; then
-  echo "error: $PY is missing or older than Python 3.9; set PYTHON=/path/to/python3.11" >&2; exit 2
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info[:2] < (3, 11))' 2>/dev/null; then
+  echo "error: $PY is missing or older than Python 3.11 (the pinned packages need 3.11); set PYTHON=/path/to/python3.11" >&2; exit 2
 fi
 
 stamp="$dir/.edgeexit-stamp"
