@@ -67,6 +67,7 @@ class _Val:
     node: fx.Node | None = None
     permuted: tuple[_Val, tuple[int, ...]] | None = None  # this value = source.permute(perm)
     softmax_of: _Val | None = None                        # this value = softmax(source) over its last axis
+    region: _PoolRegion | None = None                     # computed inside a lowered adaptive average pool
 
     @property
     def const(self) -> bool:
@@ -75,6 +76,19 @@ class _Val:
     @property
     def shape(self) -> list[int]:
         return list(self.value.shape)
+
+
+@dataclass
+class _PoolRegion:
+    """Values computed from ``source`` after a Transpose that moved its batch dimension: torch's ONNX exporter
+    lowers adaptive average pooling whose output size does not divide the input size that way (Transpose,
+    GatherND with constant indices, masks, sums, a division). They are evaluated on the example input only,
+    never put in the graph, until one equals ``adaptive_avg_pool2d(source)``: that one becomes an
+    ``nn.AdaptiveAvgPool2d`` (exported as exact slice means). Anything else read from the region is refused
+    with ``error``."""
+
+    source: _Val
+    error: str
 
 
 class _Unsupported(Exception):
@@ -168,7 +182,7 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
         a = a.astype(np.int64)
     elif a.dtype.kind == "b":
         a = a.astype(np.bool_)
-    return torch.from_numpy(np.ascontiguousarray(a).copy())
+    return torch.from_numpy(np.array(a, order="C", copy=True))  # (np.ascontiguousarray makes 0-d arrays 1-d)
 
 
 def _attributes(node: Any) -> dict[str, Any]:
@@ -607,6 +621,24 @@ def _gather(b, ins, attrs, opset):
     return [_reshape(b, out, x.shape[:axis] + list(idx.value.shape) + x.shape[axis + 1:])]
 
 
+@_op("GatherND")
+def _gather_nd(b, ins, attrs, opset):
+    x, idx = ins
+    if not (x.const and idx.const) or int(attrs.get("batch_dims", 0)):
+        raise _Unsupported("only constant GatherND without batch_dims is supported (as torch exports adaptive "
+                           "average pooling)")
+    index = idx.value.numpy()
+    return [_Val(_tensor(x.value.numpy()[tuple(index[..., i] for i in range(index.shape[-1]))]))]
+
+
+@_op("Where")
+def _where(b, ins, attrs, opset):
+    cond, x, y = ins
+    if not (cond.const and x.const and y.const):
+        raise _Unsupported("only Where on constants is supported (as torch exports adaptive average pooling)")
+    return [_Val(torch.where(cond.value.bool(), x.value, y.value))]
+
+
 @_op("Slice")
 def _slice(b, ins, attrs, opset):
     x = ins[0]
@@ -915,8 +947,18 @@ def onnx_to_torch(path: str | Path, input_shape: Sequence[int] | None = None,
                              "ONNX graph is broken: export it again") from None
         while ins and ins[-1] is None:
             ins.pop()
+        attrs = _attributes(node)
+        region = next((v.region for v in ins if v is not None and v.region is not None), None)
+        if region is None and node.op_type == "Transpose" and ins and not ins[0].const and ins[0].value.dim() == 4:
+            perm = [int(p) for p in attrs.get("perm", [3, 2, 1, 0])]
+            if perm[0] != 0:  # the start of a lowered adaptive average pool, or an error if nothing matches
+                region = _PoolRegion(ins[0], f"{source}: node {node.name or i!r} (Transpose) cannot be converted: "
+                                              f"perm {perm} moves the batch dimension; export the network without it")
+                ins = [_Val(ins[0].value)]
+        if region is not None and any(v is not None and not v.const and v.region is None for v in ins):
+            raise ConversionError(region.error)
         try:
-            outs = _OPS[node.op_type](b, ins, _attributes(node), opset)
+            outs = _OPS[node.op_type](b, ins, attrs, opset)
         except _Unsupported as exc:
             raise ConversionError(f"{source}: node {node.name or i!r} ({node.op_type}) cannot be converted: {exc}; "
                                   "export the network without it") from None
@@ -926,6 +968,8 @@ def onnx_to_torch(path: str | Path, input_shape: Sequence[int] | None = None,
                                   "the input shape it was exported with") from None
         if b.bias_used:
             fused[id(add[0])] = node.output[0]
+        if region is not None:
+            outs = [None if v is None else _pooled(b, v, region) for v in outs]
         for name, val in zip(node.output, outs):
             if name and val is not None:
                 values[name] = val
@@ -933,12 +977,29 @@ def onnx_to_torch(path: str | Path, input_shape: Sequence[int] | None = None,
                 raise ConversionError(f"{source}: node {node.name or i!r} ({node.op_type}) output {name!r} is used "
                                       "but not supported; export the network without it")
     for name in outputs:
+        if values[name].region is not None:
+            raise ConversionError(values[name].region.error)
         if values[name].const:
             raise UsageError(f"{source} output {name!r} does not depend on the input (a constant); export only the "
                              "exits' outputs")
     b.root.eval()
     gm = _graph_module(b, tuple(values[n].node for n in outputs))
     return OnnxConversion(gm, b, values, outputs, inp.name, layout, shape, batch, source)
+
+
+def _pooled(b: _Builder, v: _Val, region: _PoolRegion) -> _Val:
+    """``v`` as an ``nn.AdaptiveAvgPool2d`` of the region's source when it equals one on the example input, else
+    ``v`` marked as inside the region."""
+    src = region.source
+    value = v.value
+    if value.dim() == 4 and value.is_floating_point() and list(value.shape[:2]) == src.shape[:2] \
+            and value.shape[2] <= src.shape[2] and value.shape[3] <= src.shape[3]:
+        out_hw = (int(value.shape[2]), int(value.shape[3]))
+        if torch.allclose(value, F.adaptive_avg_pool2d(src.value, out_hw), rtol=1e-5, atol=1e-6):
+            log.info("%s: torch's lowering of adaptive average pooling %s -> %s rebuilt as one pool", b.node_name,
+                     tuple(src.shape[2:]), out_hw)
+            return b.module(nn.AdaptiveAvgPool2d(out_hw), src)
+    return _Val(value, None, region=region)
 
 
 def _graph_module(b: _Builder, result: Any) -> fx.GraphModule:
