@@ -88,9 +88,9 @@ def _read_labels(path: str) -> list[str]:
 #: Options that only apply to a network file (FILE.py:NAME or an .onnx file), with their values when not given.
 NETWORK_OPTIONS = {"weights": None, "input_shape": None, "mean": None, "std": None, "labels": None,
                    "color_mode": None, "confidence": None, "scores": "softmax", "split_after": None,
-                   "input_layout": None, "outputs": None}
+                   "leaf_modules": None, "trust_pickle": False, "input_layout": None, "outputs": None}
 #: The options of NETWORK_OPTIONS that only one kind of network file takes.
-PY_ONLY, ONNX_ONLY = ("weights", "split_after"), ("input_layout", "outputs")
+PY_ONLY, ONNX_ONLY = ("weights", "split_after", "leaf_modules", "trust_pickle"), ("input_layout", "outputs")
 
 
 def _stage_user_network(source: str, opts: dict[str, Any], classes: tuple[str, ...]) -> Any:
@@ -104,12 +104,16 @@ def _stage_user_network(source: str, opts: dict[str, Any], classes: tuple[str, .
                          "normalisation it was trained with, e.g. --input-shape 1,28,28 --mean 0.5 --std 0.5")
     if opts["weights"] is None:
         log.warning("no --weights: converting %s with the weights it is built with", source)
-    net = network_from_file(source, opts["weights"])
+    if opts["trust_pickle"] and opts["weights"] is None:
+        raise UsageError("--trust-pickle applies to the --weights file; give --weights or drop --trust-pickle")
+    net = network_from_file(source, opts["weights"], trust_pickle=opts["trust_pickle"])
     labels = _read_labels(opts["labels"]) if opts["labels"] is not None else None
     split_after = [v.strip() for v in opts["split_after"].split(",")] if opts["split_after"] else None
+    leaf_modules = [v.strip() for v in opts["leaf_modules"].split(",") if v.strip()] if opts["leaf_modules"] else []
     staged = stage_network(net, _numbers(opts["input_shape"], "--input-shape", int), _numbers(opts["mean"], "--mean"),
                            _numbers(opts["std"], "--std"), labels=labels, color_mode=opts["color_mode"],
-                           confidence=opts["confidence"], scores=opts["scores"], split_after=split_after)
+                           confidence=opts["confidence"], scores=opts["scores"], split_after=split_after,
+                           leaf_modules=leaf_modules)
     if labels is None and len(classes) == staged.num_classes:
         staged.spec.labels = list(classes)
     return staged
@@ -169,9 +173,16 @@ def _stage_onnx_network(path: str, opts: dict[str, Any], classes: tuple[str, ...
 @click.option("--confidence", type=click.Choice(["probability", "logit"]), default=None,
               help="Network file only: what its exits' confidences are (after a sigmoid, or before it).")
 @click.option("--scores", type=click.Choice(["softmax", "sigmoid"]), default="softmax", show_default=True,
-              help="Network file only: how its logits are read (one class, or independent per-class scores).")
+              help="Network file only: how its logits are read (one class, or independent per-class scores); a "
+                   "softmax (sigmoid) ending an exit's logits is removed and reported.")
 @click.option("--split-after", default=None, metavar="NAME,...",
               help="FILE.py:NAME only: the submodule ending each early exit's stage (default: found automatically).")
+@click.option("--leaf-modules", default=None, metavar="NAME,...",
+              help="FILE.py:NAME only: submodules torch.fx must call whole instead of tracing into (qualified names "
+                   "as in named_modules(), e.g. blocks.2); they must still export to ONNX.")
+@click.option("--trust-pickle", is_flag=True,
+              help="FILE.py:NAME only: also read --weights saved as a whole pickled model (torch.save(model)); "
+                   "unpickling runs code named in the file: only for files you trust.")
 @click.option("--input-layout", type=click.Choice(["nchw", "nhwc"], case_sensitive=False), default=None,
               help="ONNX file only: its input's layout (nhwc: Keras) (default: the one its declared input fits).")
 @click.option("--outputs", default=None, metavar="NAME,...",
@@ -226,6 +237,8 @@ def convert(ctx: click.Context, checkpoint: str, calib_spec: str, calib_size: in
         training = {"checkpoint": str(checkpoint), "metrics": read_checkpoint(checkpoint).get("metrics") or {}}
     progress(f"loaded {checkpoint} ({model.spec.builder}, {model.num_exits} exits); {len(calib)} calibration "
              f"images from {calib.name}, {0 if verify is None else len(verify)} verification images")
+    for note in (model.spec.extra or {}).get("removed_activations") or []:
+        progress(f"note: {note}")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", VerificationWarning)
         report = run_convert(model, calib.images, out_dir, verify_images=None if verify is None else verify.images,
