@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 from typing import Any
@@ -121,7 +122,9 @@ def sdn(tmp_path: Path) -> nn.Module:
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy((images.astype(np.float32) / 255 - MEAN) / STD).permute(0, 3, 1, 2).contiguous()
+    """uint8 NHWC -> normalised NCHW with plain strides (.contiguous() keeps a permuted 1-channel tensor's)."""
+    x = torch.from_numpy((images.astype(np.float32) / 255 - MEAN) / STD).permute(0, 3, 1, 2)
+    return x.clone(memory_format=torch.contiguous_format)
 
 
 def exits_of(out) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -590,10 +593,7 @@ class _WithFlexible(nn.Module):
 
 
 def test_leaf_modules_keep_untraceable_blocks_whole():
-    with pytest.raises(ConversionError, match=r"cannot trace _WithFlexible.forward .*name the submodule that holds "
-                                              r"them in leaf_modules"):
-        stage_network(_WithFlexible(), SHAPE, MEAN, STD)
-    net = seeded(_WithFlexible)
+    net = seeded(_WithFlexible)  # (the trace error naming 'body': test_untraceable_code_is_named_where_it_is)
     staged = stage_network(net, SHAPE, MEAN, STD, leaf_modules=["body"])
     assert staged.spec.extra["handoffs"] == ["body"]
     x = torch.randn(4, *SHAPE)
@@ -602,3 +602,308 @@ def test_leaf_modules_keep_untraceable_blocks_whole():
             torch.testing.assert_close(got["logits"], want, rtol=1e-5, atol=1e-6)
     with pytest.raises(UsageError, match=r"leaf_modules names 'bdy', which is not a submodule of _WithFlexible"):
         stage_network(net, SHAPE, MEAN, STD, leaf_modules=["bdy"])
+
+
+# ---- research code as published (issue 27): softmax heads, functional adaptive pools, .view, plain lists, pickles --
+
+RESEARCH_FILE = '''
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+class PooledExit(nn.Module):
+    """An exit as research code writes it: a fixed pooled map, flattened with .view, ending in nn.Softmax."""
+
+    def __init__(self, ch, k, size):
+        super().__init__()
+        self.size = size
+        self.fc = nn.Linear(ch * size * size, k)
+        self.softmax = nn.Softmax(dim=1)
+
+    def forward(self, x):
+        x = F.adaptive_avg_pool2d(x, self.size)
+        return self.softmax(self.fc(x.view(x.size(0), -1)))
+
+
+class ResearchNet(nn.Module):
+    def __init__(self, k=10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(4))
+        self.block1 = nn.Sequential(nn.Conv2d(8, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU())
+        self.block2 = nn.Sequential(nn.Conv2d(12, 16, 3, padding=1), nn.ReLU())
+        self.exit0 = PooledExit(8, k, 2)
+        self.fc1 = nn.Linear(12 * 3 * 3, k)
+        self.fc2 = nn.Linear(16 * 7 * 7, k)
+
+    def forward(self, x):
+        x = self.stem(x)                                      # [N, 8, 7, 7]
+        out0 = self.exit0(x)                                  # 7x7 -> 2x2: bins overlap
+        x = self.block1(x)
+        p = F.adaptive_avg_pool2d(x, 3)                       # 7x7 -> 3x3
+        out1 = F.softmax(self.fc1(p.view(p.size(0), -1)), dim=1)
+        x = self.block2(x)
+        out2 = self.fc2(x.view(x.size(0), -1)).softmax(-1)   # the final classifier flattens the map with .view
+        return [out0, out1, out2]
+
+
+def build():
+    return ResearchNet()
+'''
+
+
+def research_file(directory: Path) -> Path:
+    path = directory / "research_net.py"
+    path.write_text(RESEARCH_FILE)
+    return path
+
+
+def train_probabilities(net: nn.Module, steps: int = 60, seed: int = 0) -> nn.Module:
+    """Training as the authors do with softmax outputs: NLL of log(p) at every exit."""
+    torch.manual_seed(seed)
+    images, labels = digits(steps * 32, seed=seed + 100)
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    net.train()
+    for step in range(steps):
+        sl = slice(step * 32, (step + 1) * 32)
+        x, y = to_tensor(images[sl]), torch.from_numpy(labels[sl])
+        loss = sum(F.nll_loss(torch.log(p.clamp_min(1e-9)), y) for p in net(x))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def research(tmp_path_factory):
+    """(trained ResearchNet, its file) shared by this module's tests and test_onnx_network's."""
+    path = research_file(tmp_path_factory.mktemp("research"))
+    torch.manual_seed(0)
+    return train_probabilities(network_from_file(f"{path}:build")), path
+
+
+def test_trailing_softmaxes_and_non_dividing_pools_are_taken_exactly(research):
+    net, _ = research
+    staged = stage_network(net, SHAPE, MEAN, STD)
+    notes = staged.spec.extra["removed_activations"]
+    assert notes == [f"exit {k} logits: softmax {name!r} removed (the device applies softmax to the values before it: "
+                     "the same probabilities)" for k, name in [(0, "exit0.softmax"), (1, "softmax"), (2, "softmax_1")]]
+    assert staged.spec.extra["exact_adaptive_pools"] == 2  # 7x7 -> 2x2 and 7x7 -> 3x3 (overlapping bins)
+    x = torch.randn(16, *SHAPE, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        for want, got in zip(net(x), staged(x)):
+            torch.testing.assert_close(got["logits"].softmax(1), want, rtol=1e-5, atol=1e-6)
+
+
+class _Ending(nn.Module):
+    """One conv trunk, two exits; the early exit ends in ``ending``."""
+
+    def __init__(self, ending: str):
+        super().__init__()
+        self.ending = ending
+        self.a, self.b = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.fa, self.fb = nn.Linear(4, 10), nn.Linear(4, 10)
+        self.act = {"nn.Softmax": nn.Softmax(dim=1), "nn.LogSoftmax": nn.LogSoftmax(dim=-1), "nn.Sigmoid": nn.Sigmoid(),
+                    "hidden": _HiddenSoftmax()}.get(ending, nn.Identity())
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        z = self.fa(h.mean((2, 3)))
+        out = {"F.softmax": lambda: F.softmax(z, dim=1), "torch.softmax": lambda: torch.softmax(z, -1),
+               ".softmax": lambda: z.softmax(1), "F.log_softmax": lambda: F.log_softmax(z, 1),
+               "torch.sigmoid": lambda: torch.sigmoid(z)}.get(self.ending, lambda: self.act(z))()
+        return out, self.fb(torch.relu(self.b(h)).mean((2, 3)))
+
+
+class _HiddenSoftmax(nn.Module):
+    def forward(self, z):
+        return torch.exp(z - torch.logsumexp(z, 1, keepdim=True))  # a softmax written without softmax
+
+
+ENDINGS = ["nn.Softmax", "F.softmax", "torch.softmax", ".softmax", "nn.LogSoftmax", "F.log_softmax"]
+
+
+@pytest.mark.parametrize("ending", ENDINGS, ids=ENDINGS)
+def test_every_softmax_form_is_removed_and_reported(ending):
+    net = seeded(lambda: _Ending(ending)).eval()
+    staged = stage_network(net, SHAPE, MEAN, STD)
+    kind = "log_softmax" if "Log" in ending or "log_" in ending else "softmax"
+    assert len(staged.spec.extra["removed_activations"]) == 1
+    assert staged.spec.extra["removed_activations"][0].startswith(f"exit 0 logits: {kind} ")
+    x = torch.randn(8, *SHAPE, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want, got = net(x)[0], staged(x)[0]["logits"]
+    # the device's softmax of the staged logits is the network's own probabilities
+    torch.testing.assert_close(got.softmax(1), want.exp() if kind == "log_softmax" else want, rtol=1e-5, atol=1e-6)
+
+
+def test_sigmoid_logits_and_hidden_probabilities_are_never_taken_as_logits():
+    for ending in ("nn.Sigmoid", "torch.sigmoid"):
+        with pytest.raises(UsageError, match=r"exit '0' logits come out of a sigmoid .* declare scores='sigmoid' "
+                                             r"\(--scores sigmoid\)"):
+            stage_network(_Ending(ending), SHAPE, MEAN, STD)
+        staged = stage_network(_Ending(ending), SHAPE, MEAN, STD, scores="sigmoid")
+        assert staged.spec.extra["removed_activations"][0].startswith("exit 0 logits: sigmoid ")
+    with pytest.raises(UsageError, match=r"exit 0 returns probabilities \(every row sums to 1 over the classes\) made "
+                                         r"where edgeexit cannot see a softmax"):
+        stage_network(_Ending("hidden"), SHAPE, MEAN, STD)
+
+
+def test_view_flatteners_get_plain_nchw_tensors(research, tmp_path):
+    """Calibration, verification and ONNX export feed the network plain-strided NCHW tensors (a 1-channel image or
+    an NHWC hand-off permuted to NCHW is not, and .view on what a conv makes of it fails)."""
+    from edgeexit.workstation.convert.export import export_onnx, split_stages
+    from edgeexit.workstation.convert.quantize import stage_inputs
+    from edgeexit.workstation.convert.verify import float_outputs
+
+    net, _ = research
+    staged = stage_network(net, SHAPE, MEAN, STD)
+    images, _ = digits(12, seed=5)
+    inputs = stage_inputs(staged, images)
+    assert [a.shape for a in inputs] == [(12, 28, 28, 1), (12, 7, 7, 8), (12, 7, 7, 12)]
+    with torch.no_grad():
+        want = net(to_tensor(images))
+    flt = float_outputs(staged, images)
+    for k, probs in enumerate(want):
+        np.testing.assert_allclose(torch.from_numpy(flt.logits[k]).softmax(1).numpy(), probs.numpy(), rtol=1e-4,
+                                   atol=1e-6)
+    for unit in split_stages(staged):  # the hand-off comes in NHWC: the stage permutes it back
+        assert export_onnx(unit, tmp_path / f"{unit.name}.onnx").is_file()
+
+
+class _ExitBlock(nn.Module):
+    def __init__(self, ch: int, k: int):
+        super().__init__()
+        self.layers = [nn.Linear(ch, k)]  # a plain list: not registered
+        self.conf = nn.Linear(ch, 1)
+
+    def forward(self, x):
+        p = x.mean((2, 3))
+        for layer in self.layers:
+            z = layer(p)
+        return torch.sigmoid(self.conf(p)), z
+
+
+class _PlainListNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.exits = nn.ModuleList([_ExitBlock(4, 10), _ExitBlock(4, 10)])
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.exits[0](h), self.exits[1](torch.relu(self.b(h)))
+
+
+PLAIN_LIST_FILE = f'''
+import torch
+from torch import nn
+
+
+{inspect.getsource(_ExitBlock)}
+
+{inspect.getsource(_PlainListNet)}
+
+def build():
+    return _PlainListNet()
+'''
+
+
+def test_trace_failures_name_the_module_and_the_fix(tmp_path, capsys):
+    with pytest.raises(ConversionError) as info:
+        stage_network(_PlainListNet(), SHAPE, MEAN, STD, confidence="probability")
+    assert str(info.value) == (
+        "cannot trace _PlainListNet.forward: `_ExitBlock.layers` (at 'exits.0.layers') is a plain Python list, so its "
+        "layers are not registered submodules (torch.fx cannot follow them, and their weights are not in state_dict()): "
+        "register it as nn.ModuleList(...), or name 'exits.0' in leaf_modules (--leaf-modules exits.0) so that "
+        "torch.fx calls it whole")
+    # following the second advice hides the confidence's sigmoid inside the leaf: said so, with the first fix
+    with pytest.raises(UsageError, match=r"exit '0' confidence comes out of 'exits.0', which torch.fx did not trace "
+                                         r"into \(a leaf module\), so edgeexit cannot find the sigmoid to remove: let it "
+                                         r"be traced \(keep its layers in nn.Sequential / nn.ModuleList, not a plain "
+                                         r"list"):
+        stage_network(_PlainListNet(), SHAPE, MEAN, STD, confidence="probability",
+                      leaf_modules=["exits.0", "exits.1"])
+    # the CLI takes --leaf-modules (and says the same in one line)
+    (tmp_path / "plain.py").write_text(PLAIN_LIST_FILE)
+    code, _, err = _cli(capsys, "convert", f"{tmp_path / 'plain.py'}:build", "--input-shape", "1,28,28", "--mean",
+                        "0.5", "--std", "0.5", "--confidence", "probability", "--leaf-modules", "exits.0,exits.1",
+                        "--calib", str(_npz(tmp_path, 16, 8)), "--out", str(tmp_path / "b"))
+    assert code == 2 and err.count("\n") == 1 and "comes out of 'exits.0', which torch.fx did not trace into" in err
+    assert not (tmp_path / "b").exists()
+
+
+def test_untraceable_code_is_named_where_it_is():
+    with pytest.raises(ConversionError) as info:
+        stage_network(_WithFlexible(), SHAPE, MEAN, STD)
+    assert re.fullmatch(r"cannot trace _WithFlexible.forward with torch.fx in _Flexible.forward \(test_user_network.py "
+                        r"line \d+; submodule 'body'\) \(TraceError: symbolically traced variables cannot be used as "
+                        r"inputs to control flow\); remove if/loops on tensor values from forward\(\) \(compute every "
+                        r"exit; the device applies the exit rule\), or name 'body' in leaf_modules \(--leaf-modules; "
+                        r"it must still export to ONNX\)", str(info.value)), str(info.value)
+
+
+def test_messages_are_cut_between_words():
+    from edgeexit.workstation.convert.export import clip
+
+    text = "operator adaptive_avg_pool2d cannot be exported [Caused by the value '55 defined in (%55 : Long(2, " \
+           "strides=[1], device=cpu) = prim::ListConstruct(%53, %54)' " * 5
+    cut = clip(text, 120)
+    kept = cut[:-4]
+    assert len(cut) <= 124 and cut.endswith(" ...") and text.startswith(kept)
+    assert text[len(kept)] in " ,;:([{"  # cut between words (at most the punctuation before the space dropped)
+    assert clip("short  message\nhere", 120) == "short message here"
+
+
+class Wrapper(nn.Module):
+    """A wrapper whose own attribute is called ``module``: every key starts with "module."."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.module = net
+
+    def forward(self, x):
+        return self.module(x)
+
+
+def test_weights_as_published(research, tmp_path, capsys):
+    """A pickled whole model: refused in one complete line without the opt-in, loaded with it; a wrapper whose
+    attribute is ``module`` keeps its keys; DataParallel's prefix on it is removed once."""
+    import importlib
+    import sys
+
+    from edgeexit.workstation.methods.user_network import load_weights
+
+    net, path = research
+    # the authors' torch.save(model): the pickle names research_net.ResearchNet, importable where it was saved
+    sys.path.insert(0, str(path.parent))
+    try:
+        whole = importlib.import_module("research_net").ResearchNet().eval()
+        torch.save(whole, tmp_path / "whole.pt")
+    finally:
+        sys.path.remove(str(path.parent))
+        sys.modules.pop("research_net", None)
+    with pytest.raises(UsageError) as info:
+        network_from_file(f"{path}:build", str(tmp_path / "whole.pt"))
+    message = str(info.value)
+    assert message.startswith(f"weights file {tmp_path / 'whole.pt'} holds pickled Python objects (it names "
+                              "research_net.ResearchNet), e.g. a whole model saved with torch.save(model)")
+    assert message.endswith("pass --trust-pickle (trust_pickle=True), or save the weights where the model is defined "
+                            "with torch.save(model.state_dict(), 'weights.pt') and give that file")
+    assert message.isprintable() and "\x1b" not in message
+    trusted = network_from_file(f"{path}:build", str(tmp_path / "whole.pt"), trust_pickle=True)
+    assert all(torch.equal(a, b) for a, b in zip(trusted.state_dict().values(), whole.state_dict().values()))
+    code, _, err = _cli(capsys, "convert", f"{path}:build", "--weights", str(tmp_path / "whole.pt"), "--input-shape",
+                        "1,28,28", "--mean", "0.5", "--std", "0.5", "--calib", str(_npz(tmp_path, 16, 8)), "--out",
+                        str(tmp_path / "b"))
+    assert code == 2 and err.count("\n") == 1 and err.rstrip().endswith("and give that file"), err
+
+    wrapped = Wrapper(seeded(VGG3))
+    torch.save(wrapped.state_dict(), tmp_path / "wrapper.pt")
+    fresh = Wrapper(VGG3())
+    load_weights(fresh, str(tmp_path / "wrapper.pt"))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), wrapped.state_dict().values()))
+    torch.save({f"module.{k}": v for k, v in wrapped.state_dict().items()}, tmp_path / "dp.pt")  # DataParallel(it)
+    fresh = Wrapper(VGG3())
+    load_weights(fresh, str(tmp_path / "dp.pt"))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), wrapped.state_dict().values()))

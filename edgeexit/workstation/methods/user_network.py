@@ -150,6 +150,7 @@ def _parse_exits(out: Any, net: str) -> list[_Exit]:
     exits = []
     for key, value in items:
         name = str(key)
+        value = _split_pair(value)
         if isinstance(value, fx.Node):
             exits.append(_Exit(name, value, None))
         elif isinstance(value, Mapping) and "logits" in value and set(value) <= {"logits", "confidence"}:
@@ -165,6 +166,20 @@ def _parse_exits(out: Any, net: str) -> list[_Exit]:
                 raise UsageError(f"{net}.forward: exit {name!r} {role} is a constant ({node!r}), not a tensor "
                                  "computed from the input")
     return exits
+
+
+def _split_pair(value: Any) -> Any:
+    """A node that returns a (confidence, logits) pair as a whole (a leaf module's output) -> two getitem nodes."""
+    meta = value.meta.get("tensor_meta") if isinstance(value, fx.Node) else None
+    if not isinstance(meta, (tuple, list)) or len(meta) != 2 or not all(hasattr(m, "shape") for m in meta):
+        return value
+    items = []
+    with value.graph.inserting_after(value):
+        for i in (1, 0):
+            item = value.graph.call_function(operator.getitem, (value, i))
+            item.meta["tensor_meta"] = meta[i]
+            items.insert(0, item)
+    return tuple(items)
 
 
 def _check_exit_shapes(exits: list[_Exit], net: str, num_labels: int | None) -> int:
