@@ -34,10 +34,9 @@ pytest_ok() {  # pytest's exit code 5 (no tests collected) is a failure here too
 say "1/4 workstation environment: all tests"
 pytest_ok "$ws/bin/python" -m pytest -q -p no:cacheprovider "$@"
 
-runtime_tests=(tests/test_runner.py tests/test_rules.py tests/test_interpreter.py tests/test_atomic.py tests/test_bundle_validation.py tests/test_boundary.py
-               tests/test_cli_device.py tests/test_energy_boards.py tests/test_bench.py tests/test_tune.py
-               tests/test_control.py tests/test_datasets.py tests/test_energy_measure.py tests/test_energy_bench.py
-               tests/test_hostile.py)
+# the runtime tests: marked `runtime` (numpy, Pillow, click and a TFLite interpreter only; see pytest.ini),
+# less the few torch tests inside those files
+runtime_tests=(-m "runtime and not workstation")
 
 say "2/4 device-only environment (ai-edge-litert, no torch/TensorFlow/onnx): runtime tests"
 "$dev/bin/python" - <<'PY'

@@ -8,6 +8,8 @@ import pytest
 
 from edgeexit.runtime.atomic import publish_dir, staging_dir, write_file_atomic
 
+pytestmark = pytest.mark.runtime  # numpy, Pillow, click and a TFLite interpreter only (device/legacy runs)
+
 
 def test_write_file_atomic_replaces_and_leaves_no_temporary_file(tmp_path):
     target = tmp_path / "result.json"

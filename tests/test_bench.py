@@ -22,9 +22,13 @@ from edgeexit.bench.envinfo import EnvPaths, collect_environment, slug
 from edgeexit.errors import DatasetError
 from edgeexit.runtime.runner import Runner
 
+pytestmark = pytest.mark.runtime  # numpy, Pillow, click and a TFLite interpreter only (device/legacy runs)
+
 ROOT = Path(__file__).resolve().parents[1]
 N_IMAGES = 60
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+NO_MONOLITHIC_NOTE = ("the bundle has no monolithic.tflite: no monolithic baseline, speed-up or staging overhead; "
+                      "re-convert with the monolithic model to get them")
 
 
 @pytest.fixture(scope="module")
@@ -165,8 +169,7 @@ def test_accuracies_match_a_recount_of_the_per_input_results(bench_run, manifest
 
 def test_monolithic_baseline_speedup_and_staging_overhead(bench_run, manifest):
     r, _, _ = bench_run
-    if manifest.monolithic is None:
-        pytest.skip("bundle has no monolithic model")
+    assert manifest.monolithic is not None  # the session bundle is converted with its monolithic model
     mono, inp = r["monolithic"], r["inputs"]
     assert mono["available"] is True and mono["macs"] == manifest.monolithic.macs
     assert mono["accuracy"] == pytest.approx(np.mean(np.array(inp["monolithic_prediction"]) == np.array(inp["label"])))
@@ -176,6 +179,18 @@ def test_monolithic_baseline_speedup_and_staging_overhead(bench_run, manifest):
     last = {p["exit"]: p for p in r["sweep"]["points"] if p["source"] == "fixed"}[manifest.num_exits - 1]
     assert r["forced_last"]["accuracy"] == pytest.approx(last["accuracy"])
     assert len(r["inputs"]["forced_last_latency_ms"]) == N_IMAGES
+
+
+def test_bench_without_a_monolithic_model_says_so(bundle_without_monolithic, data_npz, tmp_path):
+    out = tmp_path / "out"
+    proc = cli("bench", bundle_without_monolithic, "--data", data_npz, "--limit", "10", "--warmup", "1", "--repeat", "1",
+               "--out", out, "--json")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert r["monolithic"] == {"available": False}
+    assert r["speedup"] == {"mean": None, "p50": None, "p90": None}
+    assert r["inputs"]["monolithic_prediction"] is None
+    assert NO_MONOLITHIC_NOTE in r["notes"]
 
 
 def test_exit_costs_cover_every_timed_rule_and_throughput_every_batch(bench_run, manifest):
@@ -368,20 +383,37 @@ def test_float_checkpoint_accuracy_beside_the_int8_run(tiny_bundle, tiny_model, 
     assert 0.0 <= r["float"]["rule_accuracy"] <= 1.0
 
 
+#: Packages a benchmark on a device must not load (matplotlib only for the plot, which write_results draws).
+HEAVY = ("torch", "tensorflow", "onnx", "onnx2tf", "onnxruntime", "scipy", "edgeexit.workstation")
+
+
+def heavy_modules(loaded: list[str], heavy: tuple[str, ...] = HEAVY) -> list[str]:
+    """The names in ``loaded`` (full module names, as in sys.modules) that are one of ``heavy`` or inside one."""
+    return sorted(m for m in loaded if any(m == h or m.startswith(h + ".") for h in heavy))
+
+
+def test_heavy_modules_sees_submodules():
+    assert heavy_modules(["edgeexit.workstation.convert.convert", "torch._C", "onnxruntime", "edgeexit.runtime",
+                          "onnx_like", "scipyx"]) == ["edgeexit.workstation.convert.convert", "onnxruntime", "torch._C"]
+
+
 def test_bench_loads_no_workstation_module(bundle_dir, data_npz, tmp_path):
     script = ("import json, sys\n"
               "from edgeexit.bench.bench import BenchSettings, run_benchmark\n"
               "from edgeexit.bench.report import write_results\n"
               "from edgeexit.bench.datasets import load_dataset\n"
               "r = run_benchmark(sys.argv[1], load_dataset(sys.argv[2], limit=10), BenchSettings(warmup=1))\n"
+              "ran = sorted(sys.modules)\n"
               "write_results(r, sys.argv[3])\n"
-              "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n")
+              "print(json.dumps([ran, sorted(sys.modules)]))\n")
     proc = subprocess.run([sys.executable, "-c", script, str(bundle_dir), str(data_npz), str(tmp_path)],
                           capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    loaded = set(json.loads(proc.stdout.strip().splitlines()[-1]))
-    assert not loaded & {"torch", "tensorflow", "onnx", "onnx2tf", "onnxruntime", "edgeexit.workstation"}
+    ran, written = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "edgeexit.bench.bench" in ran and "edgeexit.runtime.runner" in ran  # the real module names are listed
+    assert heavy_modules(ran, (*HEAVY, "matplotlib")) == [], "run_benchmark loaded these"
+    assert heavy_modules(written) == [], "write_results loaded these"
 
 
 def _cpuinfo_env(tmp_path: Path, name: str, first_cpu: str) -> dict:

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.runtime  # numpy, Pillow, click and a TFLite interpreter only (device/legacy runs)
+
 ROOT = Path(__file__).resolve().parents[1]
 XNNPACK_LINE = "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.runtime  # numpy, Pillow, click and a TFLite interpreter only (device/legacy runs)
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 from test_tune import COSTS, synthetic_trace  # noqa: E402

@@ -14,6 +14,8 @@ from edgeexit.bench import datasets
 from edgeexit.bench.datasets import load_dataset, train_val_split
 from edgeexit.errors import DatasetError
 
+pytestmark = pytest.mark.runtime  # numpy, Pillow, click and a TFLite interpreter only (device/legacy runs)
+
 
 def _folder(tmp_path, sizes=((6, 5), (6, 5)), mode="L"):
     root = tmp_path / "imgs"

@@ -26,6 +26,8 @@ from edgeexit.energy.sources import find_power_sensor
 from edgeexit.errors import EnergyError
 from edgeexit.runtime.bundle import read_manifest
 
+pytestmark = pytest.mark.runtime  # numpy, Pillow, click and a TFLite interpreter only (device/legacy runs)
+
 sys.path.insert(0, str(Path(__file__).parent))
 from synthetic import synthetic_digits  # noqa: E402
 

@@ -15,6 +15,8 @@ from edgeexit.energy.proxy import (DRAM_PJ_PER_BYTE, INT8_MAC_PJ, INT32_ADD_PJ, 
 from edgeexit.energy.sources import find_power_sensor
 from edgeexit.runtime.manifest import Manifest
 
+pytestmark = pytest.mark.runtime  # numpy, Pillow, click and a TFLite interpreter only (device/legacy runs)
+
 
 def _hwmon(root: Path, n: int, name: str, files: dict[str, str]) -> Path:
     d = root / f"hwmon{n}"

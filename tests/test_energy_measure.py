@@ -17,6 +17,8 @@ from edgeexit.energy.sources import (HwmonSensor, PmicSensor, PowerTrace, detect
                                      parse_pmic_adc)
 from edgeexit.errors import UsageError
 
+pytestmark = pytest.mark.runtime  # numpy, Pillow, click and a TFLite interpreter only (device/legacy runs)
+
 IDLE_W = 2.0
 LEVELS = {"light": 1.5, "heavy": 3.0}  # W drawn on top of idle while a phase's inputs run
 RIPPLE_W, RIPPLE_S = 0.2, 0.037        # a load-independent ripple, so the signal is not flat

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy import stats
 
 from edgeexit.errors import TuningError
 from edgeexit.runtime.rules import RULES
@@ -17,6 +16,8 @@ from edgeexit.tuning.results import Target
 from edgeexit.tuning.search import search_front, search_guaranteed
 
 from synthetic import synthetic_trace
+
+stats = pytest.importorskip("scipy.stats")  # the workstation environment only: the device ones have no scipy
 
 COSTS = ExitCosts(macs_fraction=np.array([0.2, 0.45, 0.7, 1.05]), latency_ms=np.cumsum([0.1, 0.12, 0.15, 0.2]),
                   energy_mj=np.cumsum([0.01, 0.012, 0.015, 0.02]))

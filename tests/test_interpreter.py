@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.runtime  # numpy, Pillow, click and a TFLite interpreter only (device/legacy runs)
+
 SCRIPT = r"""
 import os, sys, threading, time
 from edgeexit.runtime.interpreter import create_interpreter, resolve_backend

@@ -11,6 +11,8 @@ from edgeexit.runtime.manifest import ExitRuleSpec
 from edgeexit.runtime.rules import CONTINUE, ForcedExitRule
 from edgeexit.runtime.trace import ExitQuant, RawOutputs, unsigned
 
+pytestmark = pytest.mark.runtime  # numpy, Pillow, click and a TFLite interpreter only (device/legacy runs)
+
 
 def _raw_trace(n=400, k=6, exits=3, scores=("sigmoid", "sigmoid", "softmax"), dtype="int8", seed=0) -> Trace:
     """A trace as a Runner records it: raw integer outputs with their quantization, plus dequantized floats."""

@@ -13,6 +13,8 @@ import edgeexit
 from edgeexit import (ClassExclusionRule, ConfidenceRule, EntropyRule, FinalExitRule, FixedExitRule, InputError,
                       MaxSoftmaxRule, Runner, UsageError)
 
+pytestmark = pytest.mark.runtime  # numpy, Pillow, click and a TFLite interpreter only (device/legacy runs)
+
 
 @pytest.fixture(scope="module")
 def runner(bundle_dir) -> Runner:
@@ -170,9 +172,12 @@ def test_every_input_kind_gives_the_same_answer(runner, images, tmp_path):
     labels = {runner(v).label for v in (img, img[None], pil, str(tmp_path / "x.png"))}
     assert len(labels) == 1
     # a larger image file is resized
-    Image.fromarray(np.kron(img[:, :, 0] if mode == "L" else img, np.ones((2, 2, 1)[:img.ndim - 1], np.uint8))
-                    ).save(tmp_path / "big.png")
-    assert runner(str(tmp_path / "big.png")).label in range(runner.manifest.num_classes)
+    big = Image.fromarray(np.kron(img[:, :, 0] if mode == "L" else img, np.ones((2, 2, 1)[:img.ndim - 1], np.uint8)))
+    big.save(tmp_path / "big.png")
+    h, w = runner.manifest.preprocessing.size
+    small = np.asarray(big.resize((w, h), Image.BILINEAR)).reshape(img.shape)  # what "resized with Pillow" means
+    np.testing.assert_array_equal(runner.preprocess(str(tmp_path / "big.png")), runner.preprocess(small))
+    assert runner(str(tmp_path / "big.png")).label == runner(small).label
 
 
 @pytest.mark.parametrize("make, match", [
@@ -225,18 +230,44 @@ def test_trace_records_every_exit(runner, images, trace):
     assert trace.num_inputs == len(images) and trace.num_exits == runner.num_exits
     assert trace.stage_latency_ms.shape == (len(images), runner.num_exits)
     assert all(l.shape == (len(images), runner.manifest.num_classes) and l.dtype == np.float32 for l in trace.logits)
-    labelled = runner.trace(images[:4], labels=[0, 1, 2, 3])
-    assert 0.0 <= labelled.accuracy(FinalExitRule().simulate(labelled)[1]) <= 1.0
+    labels = np.array([0, 1, 2, 3])
+    labelled = runner.trace(images[:4], labels=labels)
+    final = np.argmax(labelled.logits[-1], axis=1)                          # [4] the last exit's answers
+    assert labelled.accuracy(FinalExitRule().simulate(labelled)[1]) == np.mean(final == labels)
+    assert labelled.accuracy(np.array([0, 1, 2, 9])) == 0.75
     with pytest.raises(UsageError, match="labels"):
         runner.trace(images[:2], labels=[1])
 
 
 def test_monolithic_runs_with_the_same_preprocessing(runner, images):
-    if runner.manifest.monolithic is None:
-        pytest.skip("bundle has no monolithic model")
-    r = runner.run_monolithic(images[0])
-    assert 0 <= r.label < runner.manifest.num_classes and r.latency_ms > 0
-    assert r.label_name == runner.labels[r.label]
+    from edgeexit.runtime.interpreter import create_interpreter
+
+    assert runner.has_monolithic  # the session bundle is converted with its monolithic model
+    # a fresh interpreter of monolithic.tflite fed the same int8 input (the Runner's own cannot use set_tensor)
+    interp = create_interpreter(runner.bundle.monolithic_file, runner.backend)
+    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
+    m = runner.manifest
+    assert m.monolithic.input.quantization == m.stages[0].input.quantization  # so runner.preprocess is its input
+    for img in images[:10]:
+        interp.set_tensor(inp["index"], runner.preprocess(img)[None])
+        interp.invoke()
+        want = int(np.argmax(interp.get_tensor(out["index"])[0]))
+        r = runner.run_monolithic(img)
+        assert r.label == want and r.latency_ms > 0
+        assert r.label_name == runner.labels[want]
+
+
+def test_a_bundle_without_monolithic_model_refuses_run_monolithic(bundle_without_monolithic, images):
+    from edgeexit import BundleError
+
+    runner = Runner(bundle_without_monolithic, power_sensor=None)
+    assert not runner.has_monolithic
+    assert runner(images[0]).exit_index in range(runner.num_exits)  # the early-exit path is unaffected
+    message = "this bundle has no monolithic.tflite; re-convert with the monolithic baseline to compare against it"
+    for call, arg in ((runner.run_monolithic, images[0]), (runner.run_monolithic_batch, np.stack(images[:2]))):
+        with pytest.raises(BundleError) as info:
+            call(arg)
+        assert str(info.value) == message
 
 
 def test_bundle_rule_and_operating_points(bundle_dir):
@@ -248,9 +279,21 @@ def test_bundle_rule_and_operating_points(bundle_dir):
         runner.set_rule(FixedExitRule(99))
 
 
+#: The whole public API of ``import edgeexit`` (a name added or dropped is an API change: update README and this).
+PUBLIC_API = {
+    "Runner", "Result", "MonolithicResult", "Energy", "EnergyModel", "load_bundle", "write_manifest_atomic", "Bundle",
+    "Manifest", "ExitRule", "ConfidenceRule", "MaxSoftmaxRule", "EntropyRule", "ClassExclusionRule", "FinalExitRule",
+    "FixedExitRule", "rule_from_spec", "Trace", "EdgeExitError", "UsageError", "BundleError", "InputError",
+    "InterpreterError", "TuningError", "__version__"}
+
+
 def test_public_api_is_small_and_explicit():
-    assert {"Runner", "Result", "Energy", "load_bundle", "Bundle", "Manifest", "Trace", "rule_from_spec",
-            "ConfidenceRule", "ClassExclusionRule", "BundleError", "__version__"} <= set(edgeexit.__all__)
+    assert len(edgeexit.__all__) == len(set(edgeexit.__all__))
+    assert set(edgeexit.__all__) == PUBLIC_API
+    namespace: dict = {}
+    exec("from edgeexit import *", namespace)  # every listed name resolves
+    assert set(namespace) - {"__builtins__"} == PUBLIC_API
+    assert issubclass(edgeexit.BundleError, edgeexit.EdgeExitError) and callable(edgeexit.Runner)
 
 
 def test_batch_answers_equal_one_by_one_for_every_rule(runner, images, trace):

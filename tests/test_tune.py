@@ -22,6 +22,8 @@ from edgeexit.tuning.tune import tune_bundle
 
 from synthetic import synthetic_trace  # noqa: E402,F401 (also used by test_control)
 
+pytestmark = pytest.mark.runtime  # numpy, Pillow, click and a TFLite interpreter only (device/legacy runs)
+
 REPO = Path(__file__).resolve().parents[1]
 COSTS = ExitCosts(macs_fraction=np.array([0.2, 0.45, 0.7, 1.05]), latency_ms=np.cumsum([0.1, 0.12, 0.15, 0.2]),
                   energy_mj=np.cumsum([0.01, 0.012, 0.015, 0.02]))
