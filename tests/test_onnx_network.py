@@ -27,7 +27,8 @@ from torch.nn import functional as F  # noqa: E402
 from edgeexit.errors import ConversionError, UsageError  # noqa: E402
 from edgeexit.workstation.methods.onnx_network import onnx_to_torch, stage_onnx  # noqa: E402
 from test_user_network import (CALIB, DECISIONS, MEAN, SHAPE, STD, TOP1, VERIFY, _check_on_runner, _cli,  # noqa: E402
-                               _npz, _thresholds, digits, exits_of, macs_by_module, seeded, to_tensor, total, train)
+                               _npz, _thresholds, check_scores, digits, exits_of, macs_by_module, research, seeded,
+                               to_tensor, total, train)
 
 pytestmark = pytest.mark.workstation
 
@@ -456,3 +457,67 @@ def test_cli_converts_an_nhwc_onnx_file_with_softmax_exits(nets, tmp_path, capsy
         return [p_max(lg) >= t for lg, t in zip(logits[:-1], [float(f"{t:.6f}") for t in thresholds])]
 
     _check_on_runner(tmp_path / "b", flt, images, stop, keras_macs(net))
+
+
+# ---- torch's default exporter on research code (issue 27): GatherND for non-dividing adaptive pools ---------------
+
+@pytest.fixture(scope="module")
+def research_onnx(research, tmp_path_factory):
+    """The research network (softmax heads, F.adaptive_avg_pool2d 7x7 -> 2x2 and 3x3) exported by torch's default
+    (dynamo) exporter with a dynamic batch."""
+    net, _ = research
+    return net, export(net, tmp_path_factory.mktemp("research-onnx") / "research.onnx", ["p0", "p1", "p2"],
+                       dynamo=True)
+
+
+class _BatchLast(nn.Module):
+    """Moves the batch to the back and sums over it: a transpose that is not a lowered pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(1, 4, 3, padding=1)
+        self.e0, self.e1 = nn.Linear(4, 10), nn.Linear(4, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.c(x))
+        return self.e0(h.mean((2, 3))), self.e1(h.permute(2, 3, 1, 0).mean((0, 1)).t())
+
+
+def test_torch_lowering_of_adaptive_pools_is_rebuilt_as_pools(research_onnx, tmp_path):
+    import onnx
+
+    net, path = research_onnx
+    assert "GatherND" in {n.op_type for n in onnx.load(str(path)).graph.node}  # what torch's exporter writes
+    conv = onnx_to_torch(path)
+    pools = [m.output_size for m in conv.module.modules() if isinstance(m, nn.AdaptiveAvgPool2d)]
+    assert sorted(pools) == [(2, 2), (3, 3)]
+    x = torch.randn(6, *SHAPE, generator=torch.Generator().manual_seed(9))
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": x.numpy()})
+    with torch.no_grad():
+        got = conv.module(x)
+    for w, g in zip(want, got):
+        np.testing.assert_allclose(g.numpy(), w, rtol=1e-4, atol=1e-6)
+    staged = stage_onnx(path, mean=MEAN, std=STD)
+    with torch.no_grad():
+        for p, o in zip(net(x), staged(x)):  # the exits' softmaxes removed: the device's softmax gives p back
+            torch.testing.assert_close(o["logits"].softmax(1), p, rtol=1e-4, atol=1e-6)
+    other = export(seeded(_BatchLast), tmp_path / "batch_last.onnx", ["a", "b"], dynamo=True)
+    with pytest.raises(ConversionError, match=r"batch_last.onnx: node '[\w]+' \(Transpose\) cannot be converted: perm "
+                                              r"\[2, 3, 1, 0\] moves the batch dimension"):
+        stage_onnx(other, mean=MEAN, std=STD)
+
+
+@pytest.mark.slow
+def test_research_onnx_from_the_default_exporter_converts_with_its_own_scores(research_onnx, tmp_path):
+    from edgeexit.workstation.convert.convert import convert
+
+    net, path = research_onnx
+    calib, _ = digits(CALIB, seed=3)
+    images, labels = digits(VERIFY, seed=7)
+    probs = [p for p, _ in ort_exits(path, images)]  # onnxruntime on the file: softmax outputs
+    thresholds = _thresholds([p.max(1) for p in probs[:-1]])
+    staged = stage_onnx(path, mean=MEAN, std=STD)
+    report = convert(staged, calib, tmp_path / "b", verify_images=images, verify_labels=labels,
+                     exit_rule="max_softmax", thresholds=thresholds, monolithic=False)
+    assert report.verification.passed, report.verification.failures
+    check_scores(tmp_path / "b", probs, images)

@@ -907,3 +907,56 @@ def test_weights_as_published(research, tmp_path, capsys):
     fresh = Wrapper(VGG3())
     load_weights(fresh, str(tmp_path / "dp.pt"))
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), wrapped.state_dict().values()))
+
+
+def check_scores(bundle: Path, probabilities: list[np.ndarray], images: np.ndarray) -> np.ndarray:
+    """Runner scores and probabilities against the float network's own softmax outputs at the exit each input
+    takes; returns the absolute probability errors [N, K]."""
+    import edgeexit
+
+    runner = edgeexit.Runner(bundle)
+    errors = []
+    for i, img in enumerate(images):
+        r = runner(img)
+        want = probabilities[r.exit_index][i]
+        errors.append(np.abs(r.probabilities - want))
+        assert abs(r.score - want[r.label]) <= SCORE_ERROR, (i, r.exit_index, r.score, want[r.label])
+    return np.array(errors)
+
+
+#: Runner probabilities vs the float softmax the network returns, at the exit taken. Measured on the research
+#: network's .py-route bundle: largest error 0.031 over 200 images (median 0.0007); the softmax applied a second
+#: time (the bug this guards against) is off by 0.76 at the median.
+SCORE_ERROR = 0.08
+
+
+@pytest.mark.slow
+def test_research_network_converts_with_its_own_scores(research, tmp_path):
+    """Softmax-ending heads, functional non-dividing pools and .view flatteners through stage_network and convert
+    (grey images given as [N, H, W], as bench and tune take them): verified, the Runner's scores within int8 error
+    of the network's own probabilities."""
+    from edgeexit.workstation.convert.convert import convert
+
+    net, _ = research
+    calib, _ = digits(CALIB, seed=3)
+    images, labels = digits(VERIFY, seed=7)
+    with torch.no_grad():
+        probs = [p.numpy() for p in net(to_tensor(images))]
+    thresholds = _thresholds([p.max(1) for p in probs[:-1]])
+    staged = stage_network(net, SHAPE, MEAN, STD)
+    report = convert(staged, calib[..., 0], tmp_path / "b", verify_images=images[..., 0], verify_labels=labels,
+                     exit_rule="max_softmax", thresholds=thresholds, monolithic=False)
+    assert report.verification.passed, report.verification.failures
+    assert "note: exit 0 logits: softmax 'exit0.softmax' removed" in report.summary()
+    assert report.manifest.training["exact_adaptive_pools"] == 2
+    errors = check_scores(tmp_path / "b", probs, images)
+    assert errors.max() <= SCORE_ERROR
+
+    def stop(logits, conf):
+        return [1 / np.exp(lg - lg.max(1, keepdims=True)).sum(1) >= t for lg, t in zip(logits[:-1], thresholds)]
+
+    macs = macs_by_module(net)
+    expected = [(total(macs, "stem"), total(macs, "exit0")), (total(macs, "block1"), macs["fc1"]),
+                (total(macs, "block2"), macs["fc2"])]
+    flt = [(np.log(p), None) for p in probs]  # log p: the same softmax and top-1 as the logits
+    _check_on_runner(tmp_path / "b", flt, images, stop, expected)
