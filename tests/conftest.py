@@ -72,7 +72,7 @@ def tiny_bundle(request) -> Path:
     missing = [m for m in ("torch", "onnx2tf") if importlib.util.find_spec(m) is None]
     if missing:  # a device-only environment: no bundle would mean every runtime test skipped and a green run
         pytest.fail(f"no test bundle: ${BUNDLE_ENV} is not set and {', '.join(missing)} (needed to convert one) "
-                    f"is not installed; run tests/make_test_bundle.py DIR in the workstation environment and set "
+                    f"{'is' if len(missing) == 1 else 'are'} not installed; run tests/make_test_bundle.py DIR in the workstation environment and set "
                     f"${BUNDLE_ENV}=DIR", pytrace=False)
     return request.getfixturevalue("tiny_conversion").out_dir
 
