@@ -814,14 +814,14 @@ def test_trace_failures_name_the_module_and_the_fix(tmp_path, capsys):
         stage_network(_PlainListNet(), SHAPE, MEAN, STD, confidence="probability")
     assert str(info.value) == (
         "cannot trace _PlainListNet.forward: `_ExitBlock.layers` (at 'exits.0.layers') is a plain Python list, so its "
-        "layers are not registered submodules (torch.fx cannot follow them, and their weights are not in state_dict()): "
-        "register it as nn.ModuleList(...), or name 'exits.0' in leaf_modules (--leaf-modules exits.0) so that "
+        "layers are not registered submodules (torch.fx cannot follow them, and their weights are not in "
+        "state_dict()): register it as nn.ModuleList(...), or name 'exits.0' in leaf_modules (--leaf-modules exits.0) so that "
         "torch.fx calls it whole")
     # following the second advice hides the confidence's sigmoid inside the leaf: said so, with the first fix
     with pytest.raises(UsageError, match=r"exit '0' confidence comes out of 'exits.0', which torch.fx did not trace "
-                                         r"into \(a leaf module\), so edgeexit cannot find the sigmoid to remove: let it "
-                                         r"be traced \(keep its layers in nn.Sequential / nn.ModuleList, not a plain "
-                                         r"list"):
+                                         r"into \(a leaf module\), so edgeexit cannot find the sigmoid to remove: let "
+                                         r"it be traced \(keep its layers in nn.Sequential / nn.ModuleList, not a "
+                                         r"plain list"):
         stage_network(_PlainListNet(), SHAPE, MEAN, STD, confidence="probability",
                       leaf_modules=["exits.0", "exits.1"])
     # the CLI takes --leaf-modules (and says the same in one line)

@@ -174,7 +174,8 @@ def _trace(module: nn.Module, leaf_modules: Sequence[str] = ()) -> _Trace:
     except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError... on data-dependent control flow
         where = _user_frame(exc, module)
         qual = re.search(r"submodule '([^']+)'", where)
-        leaf = f"name {qual.group(1)!r} in leaf_modules" if qual else "name the submodule that holds them in leaf_modules"
+        leaf = (f"name {qual.group(1)!r} in leaf_modules" if qual
+                else "name the submodule that holds them in leaf_modules")
         raise ConversionError(f"cannot trace {type(module).__name__}.forward with torch.fx{where} "
                               f"({type(exc).__name__}: {clip(str(exc), 160)}); remove if/loops on tensor values from "
                               "forward() (compute every exit; the device applies the exit rule), or "
