@@ -18,7 +18,7 @@ pytestmark = pytest.mark.runtime  # numpy, Pillow, click and a TFLite interprete
 ROOT = Path(__file__).resolve().parents[1]
 #: The pages this test holds to the 120-character line limit (table rows and bare links excepted).
 PAGES = ("README.md", "docs/RESULTS.md", "docs/BUNDLE.md", "docs/CONVERT.md", "docs/ENERGY.md",
-         "docs/OWN_NETWORK.md", "docs/TRAINING.md", "docs/RUNTIME.md")
+         "docs/OWN_NETWORK.md", "docs/TRAINING.md", "docs/RUNTIME.md", "docs/DESIGN.md")
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
