@@ -25,7 +25,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from edgeexit.workstation.models import zoo  # noqa: E402
-from edgeexit.workstation.methods.split import split_module, staged_from_split  # noqa: E402
+from edgeexit.workstation.own.split import split_module, staged_from_split  # noqa: E402
 from edgeexit.workstation.models.staged import ModelSpec, StagedModel  # noqa: E402
 from edgeexit.workstation.training.train import TrainConfig, train  # noqa: E402
 from edgeexit.bench.datasets import ImageSet, load_dataset  # noqa: E402

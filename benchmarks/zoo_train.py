@@ -36,7 +36,7 @@ import common  # noqa: E402
 from common import INPUT_SHAPE, MEAN, RESULTS, ROOT, STD  # noqa: E402
 
 from edgeexit.runtime.atomic import write_file_atomic  # noqa: E402
-from edgeexit.workstation.methods.pteenet import attach_branches  # noqa: E402
+from edgeexit.workstation.posttrain.pteenet import attach_branches  # noqa: E402
 from edgeexit.workstation.models import zoo  # noqa: E402
 from edgeexit.workstation.models.registry import create  # noqa: E402
 from edgeexit.workstation.models.staged import StagedModel  # noqa: E402

@@ -25,7 +25,7 @@ def _recording(save: Callable[..., Any], log: str, rank: str) -> Callable[..., A
 
 def main() -> None:
     from edgeexit.cli.main import entry_point
-    from edgeexit.workstation.cli import methods
+    from edgeexit.workstation.cli import posttrain as posttrain_cli
     from edgeexit.workstation.cli import train as train_cli
     from edgeexit.workstation.training import train as loop
 
@@ -33,7 +33,7 @@ def main() -> None:
     log = os.environ.get("EDGEEXIT_TEST_WRITES")
     if log:
         train_cli.save_checkpoint = _recording(train_cli.save_checkpoint, log, rank)
-        methods.save_checkpoint = _recording(methods.save_checkpoint, log, rank)
+        posttrain_cli.save_checkpoint = _recording(posttrain_cli.save_checkpoint, log, rank)
     if os.environ.get("EDGEEXIT_TEST_FAIL_RANK") == rank:
         real_loss, calls = loop._loss, [0]
 

@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("torch")  # workstation-only tests: skipped in the device environments
 pytestmark = pytest.mark.workstation
 
-from edgeexit.workstation.methods.classexit import beta_search, exclusion_stats
+from edgeexit.workstation.posttrain.classexit import beta_search, exclusion_stats
 from edgeexit.errors import UsageError
 from edgeexit.runtime.trace import Trace
 
@@ -104,7 +104,7 @@ def _backbone(seed: int = 0):
 def _spatial_class_model(exits_after=("layer1", "layer2"), hidden=6):
     import torch
 
-    from edgeexit.workstation.methods.classexit import attach_class_exits
+    from edgeexit.workstation.posttrain.classexit import attach_class_exits
 
     model = attach_class_exits(_backbone(), (1, 28, 28), LABELS, head="spatial", hidden=hidden,
                                exits_after=list(exits_after), backbone_desc=DESC)
@@ -143,7 +143,7 @@ def test_spatial_class_exits_read_the_whole_map_and_rebuild_from_spec_and_checkp
 
 @pytest.mark.parametrize("hidden", [0, -3, 2.5, "16", True], ids=["zero", "negative", "float", "str", "bool"])
 def test_bad_hidden_width_is_a_one_line_usage_error(hidden):
-    from edgeexit.workstation.methods.classexit import attach_class_exits
+    from edgeexit.workstation.posttrain.classexit import attach_class_exits
 
     with pytest.raises(UsageError, match="hidden") as info:
         attach_class_exits(_backbone(), (1, 28, 28), LABELS, head="spatial", hidden=hidden, exits_after=["layer1"])
@@ -151,7 +151,7 @@ def test_bad_hidden_width_is_a_one_line_usage_error(hidden):
 
 
 def test_hidden_or_an_unknown_kind_on_a_pooled_class_head_is_refused():
-    from edgeexit.workstation.methods.classexit import attach_class_exits
+    from edgeexit.workstation.posttrain.classexit import attach_class_exits
 
     with pytest.raises(UsageError, match="hidden=8 applies only"):
         attach_class_exits(_backbone(), (1, 28, 28), LABELS, head="pool", hidden=8, exits_after=["layer1"])
@@ -168,7 +168,7 @@ def test_post_train_cli_builds_spatial_class_exits(tmp_path):
 
     from edgeexit.workstation.training.checkpoint import load_checkpoint
     from edgeexit.workstation.models.heads import SpatialClassHead
-    from edgeexit.workstation.cli.methods import post_train
+    from edgeexit.workstation.cli.posttrain import post_train
     from synthetic import synthetic_digits
 
     images, labels = synthetic_digits(160, seed=5)
@@ -195,7 +195,7 @@ def test_spatial_class_exits_convert_and_run_on_the_device_path(tmp_path):
     pytest.importorskip("onnx2tf")
     import torch
 
-    from edgeexit.workstation.methods.classexit import tune_bundle_betas
+    from edgeexit.workstation.posttrain.classexit import tune_bundle_betas
     from edgeexit.workstation.convert.convert import convert
     from edgeexit.runtime.runner import Runner
     from synthetic import synthetic_digits

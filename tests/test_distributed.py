@@ -21,7 +21,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.workstation
 
-from edgeexit.workstation.methods import pteenet  # noqa: E402
+from edgeexit.workstation.posttrain import pteenet  # noqa: E402
 from edgeexit.workstation.models import zoo  # noqa: E402
 from edgeexit.workstation.training.checkpoint import load_checkpoint, read_checkpoint  # noqa: E402
 from edgeexit.workstation.training.distributed import GlooSyncBatchNorm  # noqa: E402

@@ -25,7 +25,7 @@ from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from edgeexit.errors import ConversionError, UsageError  # noqa: E402
-from edgeexit.workstation.methods.onnx_network import onnx_to_torch, stage_onnx  # noqa: E402
+from edgeexit.workstation.own.onnx_network import onnx_to_torch, stage_onnx  # noqa: E402
 from test_user_network import (CALIB, DECISIONS, MEAN, SHAPE, STD, TOP1, VERIFY, _check_on_runner, _cli,  # noqa: E402
                                _npz, _thresholds, check_scores, digits, exits_of, macs_by_module, research, seeded,
                                to_tensor, total, train)

@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.workstation
 
-from edgeexit.workstation.methods import pteenet
+from edgeexit.workstation.posttrain import pteenet
 from edgeexit.workstation.models import zoo  # noqa: E402
 from edgeexit.workstation.training.train import TrainConfig  # noqa: E402
 from edgeexit.bench.datasets import ImageSet  # noqa: E402

@@ -8,7 +8,7 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.workstation
 
 from edgeexit.workstation.convert.costs import count_macs  # noqa: E402
-from edgeexit.workstation.methods import split  # noqa: E402
+from edgeexit.workstation.own import split  # noqa: E402
 from edgeexit.workstation.models import zoo  # noqa: E402
 from edgeexit.errors import CheckpointError, UsageError  # noqa: E402
 

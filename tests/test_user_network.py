@@ -22,7 +22,7 @@ from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from edgeexit.errors import ConversionError, UsageError  # noqa: E402
-from edgeexit.workstation.methods.user_network import network_from_file, stage_network  # noqa: E402
+from edgeexit.workstation.own.user_network import network_from_file, stage_network  # noqa: E402
 from synthetic import synthetic_digits  # noqa: E402
 
 pytestmark = pytest.mark.workstation
@@ -326,7 +326,7 @@ def test_convert_names_the_missing_head_contract(tmp_path):
 
 
 def test_split_module_names_exit_outputs_instead_of_a_skip_connection():
-    from edgeexit.workstation.methods.split import split_module
+    from edgeexit.workstation.own.split import split_module
 
     with pytest.raises(UsageError, match=r"VGG3.forward returns 3 outputs \(exits of its own\?\): stage it with "
                                          r".*stage_network"):
@@ -872,7 +872,7 @@ def test_weights_as_published(research, tmp_path, capsys):
     import importlib
     import sys
 
-    from edgeexit.workstation.methods.user_network import load_weights
+    from edgeexit.workstation.own.user_network import load_weights
 
     net, path = research
     # the authors' torch.save(model): the pickle names research_net.ResearchNet, importable where it was saved

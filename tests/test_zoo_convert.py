@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.workstation, pytest.mark.slow]
 from torch import nn  # noqa: E402
 
 from edgeexit.workstation.convert.costs import count_macs  # noqa: E402
-from edgeexit.workstation.methods import pteenet  # noqa: E402
+from edgeexit.workstation.posttrain import pteenet  # noqa: E402
 from edgeexit.workstation.models import zoo  # noqa: E402
 from tinymodels import exits_loss  # noqa: E402
 

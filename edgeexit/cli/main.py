@@ -25,7 +25,7 @@ log = logging.getLogger("edgeexit")
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("edgeexit.workstation.cli.train:train", "Train an early-exit network (workstation, needs torch)."),
     "sweep": ("edgeexit.workstation.cli.train:sweep", "Train one network per lambda and tabulate accuracy vs cost (workstation)."),
-    "post-train": ("edgeexit.workstation.cli.methods:post_train",
+    "post-train": ("edgeexit.workstation.cli.posttrain:post_train",
                    "Attach early exits to a trained, frozen network and train only the exits (workstation)."),
     "convert": ("edgeexit.workstation.cli.convert:convert", "Convert a trained network into an int8 TFLite bundle (workstation)."),
     "run": ("edgeexit.cli.device:run", "Classify images with a bundle: label, exit, MACs, latency, energy."),

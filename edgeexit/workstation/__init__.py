@@ -1,1 +1,2 @@
-"""Workstation side (torch, TensorFlow, onnx2tf): models, training, methods, conversion; never imported by the device side."""
+"""Workstation side (torch, TensorFlow, onnx2tf): models, training, post-training, own networks, conversion; never
+imported by the device side."""

@@ -1,9 +1,9 @@
 """``edgeexit convert``: a checkpoint, or a network of one's own, -> a verified int8 bundle (workstation command).
 
 Three sources: an edgeexit checkpoint (``m.pt``); ``FILE.py:NAME`` (a function/class building the user's
-early-exit network, see :mod:`edgeexit.workstation.methods.user_network`) with ``--weights`` and the input
+early-exit network, see :mod:`edgeexit.workstation.own.user_network`) with ``--weights`` and the input
 description (``--input-shape``, ``--mean``, ``--std``, ``--labels``); or a multi-output ``model.onnx`` (one
-output per exit, see :mod:`edgeexit.workstation.methods.onnx_network`) with the same input description. Progress goes to stderr (one line per
+output per exit, see :mod:`edgeexit.workstation.own.onnx_network`) with the same input description. Progress goes to stderr (one line per
 pipeline step with its time), the summary table to stdout, or the whole report as JSON with ``--json``;
 missed verification tolerances are printed on stderr.
 """
@@ -96,7 +96,7 @@ PY_ONLY, ONNX_ONLY = ("weights", "split_after", "leaf_modules", "trust_pickle"),
 def _stage_user_network(source: str, opts: dict[str, Any], classes: tuple[str, ...]) -> Any:
     """The StagedModel of ``FILE.py:NAME`` built, loaded with --weights and staged (labels default: the
     calibration set's class names when their number fits)."""
-    from ..methods.user_network import network_from_file, stage_network
+    from ..own.user_network import network_from_file, stage_network
 
     missing = [f"--{k.replace('_', '-')}" for k in ("input_shape", "mean", "std") if opts[k] is None]
     if missing:
@@ -121,7 +121,7 @@ def _stage_user_network(source: str, opts: dict[str, Any], classes: tuple[str, .
 
 def _stage_onnx_network(path: str, opts: dict[str, Any], classes: tuple[str, ...]) -> Any:
     """The StagedModel of the multi-output ONNX file ``path`` (input shape default: the file's own)."""
-    from ..methods.onnx_network import stage_onnx
+    from ..own.onnx_network import stage_onnx
 
     missing = [f"--{k}" for k in ("mean", "std") if opts[k] is None]
     if missing:

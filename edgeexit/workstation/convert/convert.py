@@ -176,7 +176,7 @@ def check_inputs(model: StagedModel, calib_images: np.ndarray, verify_images: np
     if not isinstance(model, StagedModel):
         raise UsageError(f"convert() needs an edgeexit.workstation.models.staged.StagedModel, got "
                          f"{type(model).__name__}; stage a network of your own with "
-                         "edgeexit.workstation.methods.user_network.stage_network, build one with "
+                         "edgeexit.workstation.own.user_network.stage_network, build one with "
                          "edgeexit.workstation.models.registry or load a checkpoint")
     for i, stage in enumerate(model.stages):
         head = stage.head
@@ -184,7 +184,7 @@ def check_inputs(model: StagedModel, calib_images: np.ndarray, verify_images: np
                 getattr(head, "has_confidence", None), bool):
             raise UsageError(f"stage {i}'s head {type(head).__name__} is not an ExitHead (it needs attributes scores "
                              "'softmax'|'sigmoid' and has_confidence, and returns {'logits', 'confidence'}); stage a "
-                             "network of your own with edgeexit.workstation.methods.user_network.stage_network")
+                             "network of your own with edgeexit.workstation.own.user_network.stage_network")
     check_calibration_images(model, calib_images, "calibration")
     if verify_images is not None:
         check_calibration_images(model, verify_images, "verification")

@@ -14,8 +14,8 @@ from .staged import ModelSpec, StagedModel
 
 
 def _pteenet(**kwargs: Any) -> StagedModel:
-    """PTEENet: a (frozen) backbone with exit branches; see :mod:`edgeexit.workstation.methods.pteenet` (imported when used)."""
-    from ..methods.pteenet import build_pteenet
+    """PTEENet: a (frozen) backbone with exit branches; see :mod:`edgeexit.workstation.posttrain.pteenet` (imported when used)."""
+    from ..posttrain.pteenet import build_pteenet
 
     return build_pteenet(**kwargs, rebuild=build)
 

@@ -167,12 +167,12 @@ def attach_class_exits(backbone: Any, input_shape: Sequence[int], labels: Sequen
     """A frozen backbone with class-based exits (per-class sigmoid logits) at the exit points.
 
     Args:
-        backbone, input_shape, labels: as :func:`edgeexit.workstation.methods.pteenet.attach_branches`.
+        backbone, input_shape, labels: as :func:`edgeexit.workstation.posttrain.pteenet.attach_branches`.
         head: "pool" (global average pool + Linear(C, K), :class:`~edgeexit.workstation.models.heads.ClassHead`) or "spatial"
             (whole-map conv -> BN -> ReLU -> Linear(hidden, K), :class:`~edgeexit.workstation.models.heads.SpatialClassHead`;
             for the early maps of narrow networks, where C pooled numbers say too little).
         hidden: width of the "spatial" head (None: the feature map's channels); not allowed with "pool".
-        **kwargs: the other arguments of :func:`edgeexit.workstation.methods.pteenet.attach_branches` (``exits_after`` or
+        **kwargs: the other arguments of :func:`edgeexit.workstation.posttrain.pteenet.attach_branches` (``exits_after`` or
             ``placement`` and ``num_exits``, ``features_end``, ``mean``/``std``, ``backbone_desc``).
 
     Returns:

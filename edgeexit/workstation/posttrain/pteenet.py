@@ -1,7 +1,7 @@
 """PTEENet: early-exit branches post-trained on a frozen, already trained backbone (seed 001).
 
 The backbone (a zoo network with torchvision weights, an edgeexit checkpoint, or any traceable module)
-is cut at named submodules (:mod:`edgeexit.workstation.methods.split`); its pieces become the segments of a
+is cut at named submodules (:mod:`edgeexit.workstation.own.split`); its pieces become the segments of a
 :class:`~edgeexit.workstation.models.staged.StagedModel`, its own classifier becomes the final exit, and a convolutional
 EENet branch (1-3 x [conv3x3 + BN + ReLU], global average pool, sigmoid confidence + softmax classifier)
 is attached at every cut. Only the branches are trained, with the EENet cost-aware loss (v2, lambda 0.9);
@@ -33,14 +33,14 @@ from edgeexit.errors import EdgeExitError, UsageError
 from ..models import zoo
 from ..models.heads import CLASS_HEAD_KINDS, EENET_HEAD_KINDS, EENetHead, check_hidden, class_head
 from ..models.placement import SCHEMES, place_exits
-from .split import CutPoint, cut_points, split_module, staged_from_split
+from ..own.split import CutPoint, cut_points, split_module, staged_from_split
 from ..models.staged import ModelSpec, MonolithicExport, StagedModel
 
 log = logging.getLogger(__name__)
 
 #: "conv1".."conv3" are PTEENet's branches, "pool"/"bnpool" lighter EENet exits, "spatial" an EENet exit that
 #: reads the whole feature map, "class" the class-based exit of seed 002 (per-class sigmoid logits, pooled or
-#: whole-map: ``class_head``; see :mod:`edgeexit.workstation.methods.classexit`).
+#: whole-map: ``class_head``; see :mod:`edgeexit.workstation.posttrain.classexit`).
 BRANCH_KINDS = EENET_HEAD_KINDS + ("class",)
 
 
@@ -138,7 +138,7 @@ def default_features_end(backbone: nn.Module, desc: dict[str, Any] | None, examp
         return zoo.FEATURES_END[desc["arch"]]
     if desc and "spec" in desc:
         return f"segments.{len(backbone.segments) - 1}"
-    from .split import _GLOBAL_POOLS
+    from ..own.split import _GLOBAL_POOLS
     points = [p for p in cut_points(backbone, example)
               if not isinstance(backbone.get_submodule(p.name), _GLOBAL_POOLS)]
     if not points:

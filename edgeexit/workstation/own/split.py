@@ -222,7 +222,7 @@ def _resolve(tr: _Trace, name: str, role: str) -> fx.Node:
     if bad is not None and isinstance(returned, (tuple, list, dict)):
         raise UsageError(f"cannot cut {type(tr.module).__name__} after {name!r}: {type(tr.module).__name__}.forward "
                          f"returns {len(returned)} outputs (exits of its own?): stage it with "
-                         "edgeexit.workstation.methods.user_network.stage_network, which cuts at its exits")
+                         "edgeexit.workstation.own.user_network.stage_network, which cuts at its exits")
     if bad is not None:
         raise UsageError(f"cannot cut after {name!r}: '{bad[0].name}' after the cut uses '{bad[1].name}' from "
                          "before it (a skip connection crosses the cut); cut after the enclosing block instead")

@@ -2,7 +2,7 @@
 
 The ONNX graph is rebuilt as a ``torch.fx`` GraphModule of standard torch layers (``nn.Conv2d``,
 ``nn.Linear``, ``nn.BatchNorm2d``, pools, activations; constants become buffers), compared with onnxruntime on
-random inputs, and handed to :func:`~edgeexit.workstation.methods.user_network.stage_network`: the split at
+random inputs, and handed to :func:`~edgeexit.workstation.own.user_network.stage_network`: the split at
 the exits, its numeric check, the MACs count, the conversion and the verification are the same code path as
 for a torch network.
 
