@@ -20,8 +20,8 @@ from torch import nn  # noqa: E402
 
 from edgeexit.runtime.atomic import staging_dir  # noqa: E402
 from edgeexit.workstation.convert import bundle_writer  # noqa: E402
-from edgeexit.workstation.convert import convert as convert_mod  # noqa: E402
-from edgeexit.workstation.convert.convert import convert, resolve_exit_rule  # noqa: E402
+from edgeexit.workstation.convert import pipeline  # noqa: E402
+from edgeexit.workstation.convert.pipeline import convert, resolve_exit_rule  # noqa: E402
 from edgeexit.workstation.models.staged import ModelSpec, Stage, StagedModel  # noqa: E402
 from edgeexit.workstation.convert.verify import Tolerances  # noqa: E402
 from edgeexit.errors import ConversionError, UsageError  # noqa: E402
@@ -128,7 +128,7 @@ def test_report_json_and_summary(tiny_conversion):
 # ---- atomic writing ----------------------------------------------------------------------------------
 
 def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
-    real = convert_mod.convert_unit
+    real = pipeline.convert_unit
     calls = []
 
     def interrupted(*args, **kwargs):
@@ -137,7 +137,7 @@ def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(convert_mod, "convert_unit", interrupted)
+    monkeypatch.setattr(pipeline, "convert_unit", interrupted)
     calib, _ = synthetic_digits(16, seed=3)
     out = tmp_path / "bundle"
     with pytest.raises(KeyboardInterrupt):

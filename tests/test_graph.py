@@ -71,7 +71,7 @@ def test_without_boundary_everything_is_segment(tiny_bundle):
 
 @pytest.mark.slow  # a real conversion: 136 s on the shared 2-core machine under load
 def test_depthwise_convolution_macs(tmp_path):
-    from edgeexit.workstation.convert.convert import convert_unit
+    from edgeexit.workstation.convert.pipeline import convert_unit
     from edgeexit.workstation.convert.costs import count_macs
     from edgeexit.workstation.convert.export import split_stages
     from edgeexit.workstation.convert.quantize import stage_inputs

@@ -419,7 +419,7 @@ def test_cli_converts_an_onnx_file_with_logits_exits(nets, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_confidence_pairs_convert_and_run(nets, tmp_path):
-    from edgeexit.workstation.convert.convert import convert
+    from edgeexit.workstation.convert.pipeline import convert
     from edgeexit.workstation.convert.verify import Tolerances
 
     net, path = nets["confident"]
@@ -509,7 +509,7 @@ def test_torch_lowering_of_adaptive_pools_is_rebuilt_as_pools(research_onnx, tmp
 
 @pytest.mark.slow
 def test_research_onnx_from_the_default_exporter_converts_with_its_own_scores(research_onnx, tmp_path):
-    from edgeexit.workstation.convert.convert import convert
+    from edgeexit.workstation.convert.pipeline import convert
 
     net, path = research_onnx
     calib, _ = digits(CALIB, seed=3)

@@ -310,7 +310,7 @@ def test_unsplittable_and_mismatched_networks_are_refused_in_one_line():
 
 
 def test_convert_names_the_missing_head_contract(tmp_path):
-    from edgeexit.workstation.convert.convert import convert
+    from edgeexit.workstation.convert.pipeline import convert
     from edgeexit.workstation.models.staged import ModelSpec, Stage, StagedModel
 
     class Head(nn.Module):  # a user's head, not an ExitHead
@@ -448,7 +448,7 @@ def _thresholds(values: list[np.ndarray]) -> list[float]:
 
 @pytest.mark.slow
 def test_vgg_with_sigmoid_confidences_converts_and_runs(tmp_path):
-    from edgeexit.workstation.convert.convert import convert
+    from edgeexit.workstation.convert.pipeline import convert
 
     net = train(seeded(VGG3))
     calib, _ = digits(CALIB, seed=3)
@@ -473,7 +473,7 @@ def test_vgg_with_sigmoid_confidences_converts_and_runs(tmp_path):
 
 @pytest.mark.slow
 def test_skip_connection_around_an_exit_converts_and_runs(tmp_path):
-    from edgeexit.workstation.convert.convert import convert
+    from edgeexit.workstation.convert.pipeline import convert
 
     net = train(seeded(SkipAround))
     calib, _ = digits(CALIB, seed=3)
@@ -534,7 +534,7 @@ def test_cli_converts_a_network_file_with_weights(tmp_path, capsys):
 @pytest.mark.slow
 def test_failed_verification_warns_by_default_and_raises_when_strict(tmp_path):
     import edgeexit
-    from edgeexit.workstation.convert.convert import VerificationWarning, convert
+    from edgeexit.workstation.convert.pipeline import VerificationWarning, convert
     from edgeexit.workstation.convert.verify import Tolerances
 
     calib, _ = digits(16, seed=3)
@@ -935,7 +935,7 @@ def test_research_network_converts_with_its_own_scores(research, tmp_path):
     """Softmax-ending heads, functional non-dividing pools and .view flatteners through stage_network and convert
     (grey images given as [N, H, W], as bench and tune take them): verified, the Runner's scores within int8 error
     of the network's own probabilities."""
-    from edgeexit.workstation.convert.convert import convert
+    from edgeexit.workstation.convert.pipeline import convert
 
     net, _ = research
     calib, _ = digits(CALIB, seed=3)

@@ -167,7 +167,7 @@ def test_vgg_on_small_images_exports_its_adaptive_pool_exactly(size, tmp_path):
 @pytest.mark.parametrize("arch", ARCH_PARAMS)
 def test_zoo_network_with_a_branch_converts_to_int8_and_runs(arch, tmp_path):
     pytest.importorskip("onnx2tf")
-    from edgeexit.workstation.convert.convert import convert
+    from edgeexit.workstation.convert.pipeline import convert
     from edgeexit.runtime.runner import Runner
 
     case = _trained_case(arch, TRAINED[arch]) if arch in TRAINED else _random_case(arch)

@@ -8,7 +8,7 @@ The pipeline, one function per step::
 
 Example::
 
-    from edgeexit.workstation.convert.convert import convert
+    from edgeexit.workstation.convert.pipeline import convert
     report = convert(model, calib_images, "runs/mnist-bundle", verify_images=x_test, verify_labels=y_test)
     print(report.verification.passed, report.manifest.full_macs)
 """
