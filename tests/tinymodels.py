@@ -1,7 +1,7 @@
 """Tiny seeded early-exit networks for tests: small enough to train in seconds and convert in under a minute.
 
 They are built from :mod:`edgeexit.workstation.models.staged` only, so tests do not depend on the model family in
-:mod:`edgeexit.workstation.models.models`. Data is synthetic: each class is an oriented grating plus noise, which gives
+:mod:`edgeexit.workstation.models.eenet`. Data is synthetic: each class is an oriented grating plus noise, which gives
 exits that are neither all-correct nor random after a few seconds of training.
 """
 

@@ -28,7 +28,7 @@ from edgeexit.runtime.atomic import write_file_atomic
 from ..training import distributed
 from ..training.checkpoint import save_checkpoint
 from ..models.heads import EENET_HEAD_KINDS
-from ..models.models import HEAD_KINDS
+from ..models.eenet import HEAD_KINDS
 from ..models.placement import SCHEMES
 from ..models.registry import BUILDERS, create
 from ..training.train import LOSSES, EvalSummary, TrainConfig, TrainResult, evaluate

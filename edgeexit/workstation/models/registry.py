@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from edgeexit.errors import UsageError
 
-from .models import build_cifar_resnet, build_eenet_small, build_imagenet_resnet
+from .eenet import build_cifar_resnet, build_eenet_small, build_imagenet_resnet
 from .staged import ModelSpec, StagedModel
 
 

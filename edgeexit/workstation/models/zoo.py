@@ -5,8 +5,8 @@ torchvision is not a dependency of edgeexit, yet users hold torchvision weights 
 exactly, so such a file loads with ``load_state_dict(strict=True)``:
 
 ==================  ======================================================================
-``resnet18``        BasicBlock ResNet, layers (2, 2, 2, 2)
-``resnet50``        Bottleneck ResNet (v1.5: stride on the 3x3 conv), layers (3, 4, 6, 3)
+``resnet18``        BasicBlock ResNet (TorchvisionBasicBlock), layers (2, 2, 2, 2)
+``resnet50``        Bottleneck ResNet (TorchvisionBottleneck) (v1.5: stride on the 3x3 conv), layers (3, 4, 6, 3)
 ``vgg11``/``vgg16`` VGG configurations A and D; ``vgg11_bn``/``vgg16_bn`` with BatchNorm
 ``densenet121``     DenseNet-BC, growth 32, blocks (6, 12, 24, 16)
 ``mobilenet_v2``    MobileNetV2, width multiplier 1.0 by default
@@ -48,7 +48,7 @@ def _conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, kernel_size=1, stride=stride, bias=False)
 
 
-class BasicBlock(nn.Module):
+class TorchvisionBasicBlock(nn.Module):
     """torchvision's ResNet basic block: conv1/bn1/relu/conv2/bn2 (+ downsample)."""
 
     expansion = 1
@@ -72,7 +72,7 @@ class BasicBlock(nn.Module):
         return self.relu(out + identity)
 
 
-class Bottleneck(nn.Module):
+class TorchvisionBottleneck(nn.Module):
     """torchvision's ResNet bottleneck (v1.5): conv1 1x1, conv2 3x3 (stride), conv3 1x1, expansion 4."""
 
     expansion = 4
@@ -102,7 +102,8 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
     """torchvision's ResNet module tree: conv1, bn1, relu, maxpool, layer1..layer4, avgpool, fc."""
 
-    def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: tuple[int, int, int, int],
+    def __init__(self, block: type[TorchvisionBasicBlock] | type[TorchvisionBottleneck],
+                 layers: tuple[int, int, int, int],
                  num_classes: int = 1000, in_channels: int = 3, small_input: bool = False, base_width: int = 64):
         super().__init__()
         self.inplanes = base_width
@@ -126,7 +127,7 @@ class ResNet(nn.Module):
                 nn.init.constant_(m.weight, 1)
                 nn.init.constant_(m.bias, 0)
 
-    def _make_layer(self, block: type[BasicBlock] | type[Bottleneck], planes: int, blocks: int,
+    def _make_layer(self, block: type[TorchvisionBasicBlock] | type[TorchvisionBottleneck], planes: int, blocks: int,
                     stride: int = 1) -> nn.Sequential:
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion:
@@ -147,13 +148,13 @@ class ResNet(nn.Module):
 def resnet18(num_classes: int = 1000, in_channels: int = 3, small_input: bool = False,
              base_width: int = 64) -> ResNet:
     """ResNet-18 (torchvision keys: 122 state_dict entries)."""
-    return ResNet(BasicBlock, (2, 2, 2, 2), num_classes, in_channels, small_input, base_width)
+    return ResNet(TorchvisionBasicBlock, (2, 2, 2, 2), num_classes, in_channels, small_input, base_width)
 
 
 def resnet50(num_classes: int = 1000, in_channels: int = 3, small_input: bool = False,
              base_width: int = 64) -> ResNet:
     """ResNet-50 (torchvision keys: 320 state_dict entries)."""
-    return ResNet(Bottleneck, (3, 4, 6, 3), num_classes, in_channels, small_input, base_width)
+    return ResNet(TorchvisionBottleneck, (3, 4, 6, 3), num_classes, in_channels, small_input, base_width)
 
 
 # ------------------------------------------------------------------------------------------------- VGG

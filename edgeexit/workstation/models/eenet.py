@@ -50,8 +50,8 @@ class ConvBNReLU(nn.Sequential):
         super().__init__(*layers)
 
 
-class BasicBlock(nn.Module):
-    """ResNet basic block: 2 x conv3x3 + identity (or 1x1-conv projection) shortcut."""
+class EENetBasicBlock(nn.Module):
+    """The EENet ResNets' basic block: 2 x conv3x3 + identity (or 1x1-conv projection) shortcut (not torchvision's keys)."""
 
     expansion = 1
 
@@ -73,8 +73,8 @@ class BasicBlock(nn.Module):
         return self.relu(y + self.shortcut(x))
 
 
-class Bottleneck(nn.Module):
-    """ResNet bottleneck: 1x1 reduce, 3x3 (stride), 1x1 expand (x4) + shortcut."""
+class EENetBottleneck(nn.Module):
+    """The EENet ResNets' bottleneck: 1x1 reduce, 3x3 (stride), 1x1 expand (x4) + shortcut (not torchvision's keys)."""
 
     expansion = 4
 
@@ -229,13 +229,14 @@ def build_cifar_resnet(depth: int = 20, num_classes: int = 10, exits: int = 4, p
     in_ch = base_width
     for s, width in enumerate((base_width, 2 * base_width, 4 * base_width)):
         for b in range(n):
-            blocks.append(BasicBlock(in_ch, width, 2 if (s > 0 and b == 0) else 1))
+            blocks.append(EENetBasicBlock(in_ch, width, 2 if (s > 0 and b == 0) else 1))
             in_ch = width
     blocks[0] = nn.Sequential(stem, blocks[0])
     return assemble(blocks, kwargs["placement"], exits, head, _spec(f"resnet{depth}", kwargs, labels, mean, std))
 
 
-IMAGENET_CONFIGS = {18: (BasicBlock, (2, 2, 2, 2)), 34: (BasicBlock, (3, 4, 6, 3)), 50: (Bottleneck, (3, 4, 6, 3))}
+IMAGENET_CONFIGS = {18: (EENetBasicBlock, (2, 2, 2, 2)), 34: (EENetBasicBlock, (3, 4, 6, 3)),
+                    50: (EENetBottleneck, (3, 4, 6, 3))}
 
 
 def build_imagenet_resnet(depth: int = 18, num_classes: int = 1000, exits: int = 4,
