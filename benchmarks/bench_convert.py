@@ -1,6 +1,6 @@
 """Conversion benchmark: time to convert a 3-exit ResNet-20 into a bundle, and bundle size vs int8 parameters.
 
-Usage: python benchmarks/bench_convert.py [--model resnet20] [--exits 3] [--calib-size 64] [--verify-size 200]
+Usage: python benchmarks/bench_convert.py [--model eenet-resnet20] [--exits 3] [--calib-size 64] [--verify-size 200]
 
 The network is seeded and untrained (conversion time and sizes do not depend on the weights); calibration and
 verification images are seeded random 32x32 RGB images, so the verification reports float/int8 agreement only.
@@ -50,7 +50,7 @@ def build(model_name: str, exits: int) -> torch.nn.Module:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="resnet20")
+    ap.add_argument("--model", default="eenet-resnet20")
     ap.add_argument("--exits", type=int, default=3)
     ap.add_argument("--calib-size", type=int, default=64)
     ap.add_argument("--verify-size", type=int, default=200)

@@ -37,10 +37,10 @@ def test_costs_match_hand_count():
 
 @pytest.mark.parametrize("name,kwargs", [
     ("eenet-small", {}),
-    ("resnet20", {"exits": 3}),
-    ("resnet18", {"input_shape": [3, 64, 64], "num_classes": 10, "base_width": 16}),
-    ("resnet50", {"input_shape": [3, 64, 64], "num_classes": 10, "base_width": 8, "head": "conv1"}),
-], ids=["eenet-small", "resnet20", "resnet18", "resnet50-conv-heads"])
+    ("eenet-resnet20", {"exits": 3}),
+    ("eenet-resnet18", {"input_shape": [3, 64, 64], "num_classes": 10, "base_width": 16}),
+    ("eenet-resnet50", {"input_shape": [3, 64, 64], "num_classes": 10, "base_width": 8, "head": "conv1"}),
+], ids=["eenet-small", "eenet-resnet20", "eenet-resnet18", "eenet-resnet50-conv-heads"])
 def test_costs_agree_with_flop_counter(name, kwargs):
     model = create(name, **kwargs).eval()
     costs = model_costs(model)
@@ -88,7 +88,7 @@ def test_placement_fractions_and_errors():
 
 
 def test_resnet_placement_puts_exits_near_targets():
-    model = create("resnet56", exits=4, placement="linear")
+    model = create("eenet-resnet56", exits=4, placement="linear")
     kappa = model_costs(model).kappa()
     assert len(kappa) == 4 and kappa[-1] == 1.0
     for k, target in zip(kappa[:-1], (0.25, 0.5, 0.75)):

@@ -14,14 +14,14 @@ from edgeexit.errors import UsageError
 
 SMALL = {
     "eenet-small": {},
-    "resnet20": {"exits": 3},
-    "resnet32": {"exits": 4, "placement": "fine", "base_width": 4},
-    "resnet44": {"exits": 2, "placement": "linear", "base_width": 4},
-    "resnet56": {"exits": 3, "placement": "gold_ratio", "base_width": 4},
-    "resnet110": {"exits": 3, "base_width": 2, "head": "class"},
-    "resnet18": {"input_shape": [3, 64, 64], "num_classes": 5, "base_width": 8},
-    "resnet34": {"input_shape": [3, 32, 32], "num_classes": 5, "base_width": 4, "head": "bnpool"},
-    "resnet50": {"input_shape": [3, 32, 32], "num_classes": 5, "base_width": 4, "head": "conv2"},
+    "eenet-resnet20": {"exits": 3},
+    "eenet-resnet32": {"exits": 4, "placement": "fine", "base_width": 4},
+    "eenet-resnet44": {"exits": 2, "placement": "linear", "base_width": 4},
+    "eenet-resnet56": {"exits": 3, "placement": "gold_ratio", "base_width": 4},
+    "eenet-resnet110": {"exits": 3, "base_width": 2, "head": "class"},
+    "eenet-resnet18": {"input_shape": [3, 64, 64], "num_classes": 5, "base_width": 8},
+    "eenet-resnet34": {"input_shape": [3, 32, 32], "num_classes": 5, "base_width": 4, "head": "bnpool"},
+    "eenet-resnet50": {"input_shape": [3, 32, 32], "num_classes": 5, "base_width": 4, "head": "conv2"},
 }
 
 
@@ -48,7 +48,7 @@ def test_builders_give_staged_models_that_rebuild_from_their_spec(name):
 
 
 def test_class_head_models_use_sigmoid_exits_and_a_plain_final_head():
-    model = create("resnet20", exits=3, head="class", base_width=4)
+    model = create("eenet-resnet20", exits=3, head="class", base_width=4)
     assert [type(s.head) for s in model.stages] == [ClassHead, ClassHead, PlainHead]
     assert model.stages[0].head.scores == "sigmoid" and not model.stages[0].head.has_confidence
 
@@ -83,11 +83,11 @@ def test_mnist_default_costs_suit_early_exit():
 
 
 @pytest.mark.parametrize("call,match", [
-    (lambda: create("vgg16"), "unknown model 'vgg16'; expected one of eenet-small, resnet20"),
+    (lambda: create("vgg16"), "unknown model 'vgg16'; expected one of eenet-small, eenet-resnet20"),
     (lambda: create("eenet-small", head="fancy"), "unknown head kind"),
     (lambda: create("eenet-small", exits=9), "need at least 9 blocks"),
     (lambda: create("eenet-small", placement=[3, 1]), "strictly increasing"),
-    (lambda: create("resnet20", num_classes=3, labels=["a"]), "one label per class"),
+    (lambda: create("eenet-resnet20", num_classes=3, labels=["a"]), "one label per class"),
     (lambda: create("eenet-small", head_width=0), "head_width must be a positive integer"),
 ], ids=["model", "head", "exits", "cuts", "labels", "head_width"])
 def test_builder_errors(call, match):
@@ -99,3 +99,30 @@ def test_explicit_cuts_fix_the_number_of_exits():
     model = create("eenet-small", placement=[1, 3])
     assert model.num_exits == 3 and model.spec.kwargs["placement"] == [1, 3, 5]
     assert build(model.spec).num_exits == 3
+
+
+def test_a_checkpoint_that_names_an_old_resnet_id_still_loads(tmp_path):
+    """The EENet ResNets were renamed resnetN -> eenet-resnetN (resnet18/50 also name torchvision layouts); checkpoints
+    trained before store the old id as their builder and must rebuild the same network."""
+    from edgeexit.workstation.training.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+
+    model = create("eenet-resnet20", exits=3, base_width=4).eval()
+    assert model.spec.builder == "eenet-resnet20"
+    model.spec.builder = "resnet20"  # what a checkpoint written before the rename holds
+    save_checkpoint(model, tmp_path / "old.pt")
+    assert read_checkpoint(tmp_path / "old.pt")["spec"]["builder"] == "resnet20"
+    loaded = load_checkpoint(tmp_path / "old.pt").eval()
+    x = torch.randn(2, *model.spec.input_shape)
+    torch.testing.assert_close(loaded(x)[-1]["logits"], model(x)[-1]["logits"], rtol=0, atol=0)
+    assert [type(s.segment) for s in loaded.stages] == [type(s.segment) for s in model.stages]
+
+
+def test_train_names_the_new_id_of_a_renamed_model():
+    from edgeexit.workstation.cli.train import TRAINABLE, run_training
+    from edgeexit.workstation.training.train import TrainConfig
+
+    assert "resnet18" not in TRAINABLE and "eenet-resnet18" in TRAINABLE
+    with pytest.raises(UsageError) as err:
+        run_training("resnet18", "mnist", TrainConfig())
+    assert str(err.value) == ("model 'resnet18' is now called 'eenet-resnet18' (an EENet ResNet); a torchvision-layout "
+                              "resnet18 with post-trained exits is 'edgeexit post-train --backbone resnet18'")

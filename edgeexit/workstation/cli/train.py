@@ -30,7 +30,7 @@ from ..training.checkpoint import save_checkpoint
 from ..models.heads import EENET_HEAD_KINDS
 from ..models.eenet import HEAD_KINDS
 from ..models.placement import SCHEMES
-from ..models.registry import BUILDERS, create
+from ..models.registry import BUILDERS, RENAMED, create
 from ..training.train import LOSSES, EvalSummary, TrainConfig, TrainResult, evaluate
 from ..training.train import train as train_model
 
@@ -78,6 +78,9 @@ def run_training(model_name: str, dataset: str, config: TrainConfig, exits: int 
     Named datasets (mnist, fashion-mnist, cifar10:DIR, svhn:DIR) are tested on their test split; a
     folder or .npz is one set, so it is tested on the held-out validation part (said in ``test_name``).
     """
+    if model_name in RENAMED:
+        raise UsageError(f"model '{model_name}' is now called '{RENAMED[model_name]}' (an EENet ResNet); a torchvision-"
+                         f"layout {model_name} with post-trained exits is 'edgeexit post-train --backbone {model_name}'")
     if model_name not in TRAINABLE:
         raise UsageError(f"unknown model '{model_name}'; expected one of {', '.join(TRAINABLE)}")
     full = load_dataset(dataset, "train", limit=train_limit)

@@ -8,8 +8,8 @@ segments and puts a head after each segment. The resolved builder arguments are 
 Builders (see :data:`edgeexit.workstation.models.registry.BUILDERS`):
 
 * ``eenet-small`` -- a plain conv-BN-ReLU CNN for 28x28 grey images (the MNIST default);
-* ``resnet20/32/44/56/110`` -- CIFAR ResNets, 6n+2 layers, widths 16/32/64, 3x3 stem, 1x1-conv shortcuts;
-* ``resnet18/34/50`` -- ImageNet ResNets (7x7 stride-2 stem + max-pool; basic / bottleneck blocks).
+* ``eenet-resnet20/32/44/56/110`` -- CIFAR ResNets, 6n+2 layers, widths 16/32/64, 3x3 stem, 1x1-conv shortcuts;
+* ``eenet-resnet18/34/50`` -- ImageNet ResNets (7x7 stride-2 stem + max-pool; basic / bottleneck blocks).
 """
 
 from __future__ import annotations
@@ -232,7 +232,7 @@ def build_cifar_resnet(depth: int = 20, num_classes: int = 10, exits: int = 4, p
             blocks.append(EENetBasicBlock(in_ch, width, 2 if (s > 0 and b == 0) else 1))
             in_ch = width
     blocks[0] = nn.Sequential(stem, blocks[0])
-    return assemble(blocks, kwargs["placement"], exits, head, _spec(f"resnet{depth}", kwargs, labels, mean, std))
+    return assemble(blocks, kwargs["placement"], exits, head, _spec(f"eenet-resnet{depth}", kwargs, labels, mean, std))
 
 
 IMAGENET_CONFIGS = {18: (EENetBasicBlock, (2, 2, 2, 2)), 34: (EENetBasicBlock, (3, 4, 6, 3)),
@@ -263,4 +263,4 @@ def build_imagenet_resnet(depth: int = 18, num_classes: int = 1000, exits: int =
             blocks.append(block_cls(in_ch, planes, 2 if (s > 0 and b == 0) else 1))
             in_ch = planes * block_cls.expansion
     blocks[0] = nn.Sequential(stem, blocks[0])
-    return assemble(blocks, kwargs["placement"], exits, head, _spec(f"resnet{depth}", kwargs, labels, mean, std))
+    return assemble(blocks, kwargs["placement"], exits, head, _spec(f"eenet-resnet{depth}", kwargs, labels, mean, std))

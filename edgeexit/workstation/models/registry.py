@@ -22,18 +22,26 @@ def _pteenet(**kwargs: Any) -> StagedModel:
 
 BUILDERS: dict[str, Callable[..., StagedModel]] = {
     "eenet-small": build_eenet_small,
-    **{f"resnet{d}": partial(build_cifar_resnet, depth=d) for d in (20, 32, 44, 56, 110)},
-    **{f"resnet{d}": partial(build_imagenet_resnet, depth=d) for d in (18, 34, 50)},
+    **{f"eenet-resnet{d}": partial(build_cifar_resnet, depth=d) for d in (20, 32, 44, 56, 110)},
+    **{f"eenet-resnet{d}": partial(build_imagenet_resnet, depth=d) for d in (18, 34, 50)},
     "pteenet": _pteenet,
 }
 
+#: The EENet ResNets' ids before they were renamed: checkpoints trained then store them as their builder, so
+#: :func:`create` (and with it :func:`build`) still accepts them. ``resnet18``/``resnet50`` elsewhere mean
+#: torchvision's layout (``post-train --backbone``, :mod:`edgeexit.workstation.models.zoo`), which is why these were
+#: renamed.
+RENAMED: dict[str, str] = {f"resnet{d}": f"eenet-resnet{d}" for d in (20, 32, 44, 56, 110, 18, 34, 50)}
+
 
 def create(name: str, **kwargs: Any) -> StagedModel:
-    """Build a fresh model by registry name (e.g. ``create("resnet20", num_classes=10, exits=3)``).
+    """Build a fresh model by registry name (e.g. ``create("eenet-resnet20", num_classes=10, exits=3)``); an old id
+    of :data:`RENAMED` builds the model it named.
 
     Raises:
         UsageError: unknown name (the message lists the valid ones).
     """
+    name = RENAMED.get(name, name)
     if name not in BUILDERS:
         raise UsageError(f"unknown model '{name}'; expected one of {', '.join(BUILDERS)}")
     kwargs.pop("depth", None)  # fixed by the name

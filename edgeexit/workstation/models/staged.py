@@ -45,7 +45,7 @@ class ExitHead(nn.Module):
 class ModelSpec:
     """Everything needed to rebuild a model and to preprocess its inputs; stored in checkpoints."""
 
-    builder: str                       # registry name, e.g. "eenet-small", "resnet20", "pteenet"
+    builder: str                       # registry name, e.g. "eenet-small", "eenet-resnet20", "pteenet"
     kwargs: dict[str, Any]             # JSON-able builder arguments
     input_shape: tuple[int, int, int]  # (C, H, W) as the network sees it
     labels: list[str]
