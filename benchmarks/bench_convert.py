@@ -26,8 +26,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edgeexit.workstation.convert.pipeline import convert  # noqa: E402
-from edgeexit.workstation.convert.costs import count_params  # noqa: E402
+from edgeexit.workstation.conversion.pipeline import convert  # noqa: E402
+from edgeexit.workstation.conversion.costs import count_params  # noqa: E402
 from edgeexit.bench.envinfo import cpu_model  # noqa: E402
 
 

@@ -36,7 +36,7 @@ from common import MEAN, RUNS, STD  # noqa: E402
 from verified import add_option, require_verified  # noqa: E402
 
 from edgeexit.workstation.posttrain.classexit import attach_class_exits, exclusion_stats, train_class_exits, tune_bundle_betas  # noqa: E402
-from edgeexit.workstation.convert.pipeline import convert  # noqa: E402
+from edgeexit.workstation.conversion.pipeline import convert  # noqa: E402
 from edgeexit.workstation.posttrain.pteenet import backbone_digest  # noqa: E402
 from edgeexit.runtime.manifest import ExitRuleSpec  # noqa: E402
 from edgeexit.runtime.trace import Trace  # noqa: E402

@@ -46,7 +46,7 @@ import common  # noqa: E402
 from common import MEAN, RUNS, STD  # noqa: E402
 from verified import add_option, require_verified  # noqa: E402
 
-from edgeexit.workstation.convert.pipeline import convert  # noqa: E402
+from edgeexit.workstation.conversion.pipeline import convert  # noqa: E402
 from edgeexit.workstation.posttrain.pteenet import attach_branches, backbone_digest, train_branches  # noqa: E402
 from edgeexit.workstation.training.train import TrainConfig  # noqa: E402
 from edgeexit.runtime.manifest import ExitRuleSpec  # noqa: E402

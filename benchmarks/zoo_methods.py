@@ -63,7 +63,7 @@ from edgeexit.tuning.guarantee import check_risk  # noqa: E402
 from edgeexit.tuning.results import Target  # noqa: E402
 from edgeexit.tuning.search import search_front, search_guaranteed  # noqa: E402
 from edgeexit.tuning.store import rule_spec  # noqa: E402
-from edgeexit.workstation.convert.pipeline import convert  # noqa: E402
+from edgeexit.workstation.conversion.pipeline import convert  # noqa: E402
 from edgeexit.workstation.posttrain.classexit import attach_class_exits, train_class_exits  # noqa: E402
 from edgeexit.workstation.posttrain.pteenet import attach_branches, backbone_digest, train_branches  # noqa: E402
 from edgeexit.workstation.models import zoo  # noqa: E402

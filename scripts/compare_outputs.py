@@ -168,7 +168,7 @@ def prepare(out_dir: str, count: int, bundle: str | None) -> None:
 def _build_bundle(target: Path, images: np.ndarray) -> None:
     """A tiny seeded 3-exit MNIST-shaped network, converted to a bundle, thresholds at median exit scores."""
     sys.path.insert(0, str(HERE / "tests"))
-    from edgeexit.workstation.convert.pipeline import convert  # workstation only
+    from edgeexit.workstation.conversion.pipeline import convert  # workstation only
     from tinymodels import synthetic_digits, tiny_staged_model, train_tiny  # the tests' seeded tiny networks
 
     from edgeexit.runtime.bundle import read_manifest, write_manifest_atomic

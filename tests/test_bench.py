@@ -393,8 +393,8 @@ def heavy_modules(loaded: list[str], heavy: tuple[str, ...] = HEAVY) -> list[str
 
 
 def test_heavy_modules_sees_submodules():
-    assert heavy_modules(["edgeexit.workstation.convert.pipeline", "torch._C", "onnxruntime", "edgeexit.runtime",
-                          "onnx_like", "scipyx"]) == ["edgeexit.workstation.convert.pipeline", "onnxruntime", "torch._C"]
+    assert heavy_modules(["edgeexit.workstation.conversion.pipeline", "torch._C", "onnxruntime", "edgeexit.runtime",
+                          "onnx_like", "scipyx"]) == ["edgeexit.workstation.conversion.pipeline", "onnxruntime", "torch._C"]
 
 
 def test_bench_loads_no_workstation_module(bundle_dir, data_npz, tmp_path):

@@ -196,7 +196,7 @@ def test_spatial_class_exits_convert_and_run_on_the_device_path(tmp_path):
     import torch
 
     from edgeexit.workstation.posttrain.classexit import tune_bundle_betas
-    from edgeexit.workstation.convert.pipeline import convert
+    from edgeexit.workstation.conversion.pipeline import convert
     from edgeexit.runtime.runner import Runner
     from synthetic import synthetic_digits
 

@@ -247,7 +247,7 @@ def test_files_get_the_umask_and_a_replaced_file_keeps_its_mode(tmp_path):
                     reason="needs root (to run as a second uid) and setpriv")
 def test_service_account_reads_a_bundle_made_and_tuned_by_its_owner(bundle_dir, labelled, images):
     """Root makes a bundle (the converter's staging + publish) and tunes it under umask 022; nobody reads it."""
-    from edgeexit.workstation.convert.bundle_writer import publish
+    from edgeexit.workstation.conversion.bundle_writer import publish
 
     nobody = 65534
     base = Path(tempfile.mkdtemp(prefix="edgeexit-srv-"))

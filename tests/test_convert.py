@@ -19,11 +19,11 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from edgeexit.runtime.atomic import staging_dir  # noqa: E402
-from edgeexit.workstation.convert import bundle_writer  # noqa: E402
-from edgeexit.workstation.convert import pipeline  # noqa: E402
-from edgeexit.workstation.convert.pipeline import convert, resolve_exit_rule  # noqa: E402
+from edgeexit.workstation.conversion import bundle_writer  # noqa: E402
+from edgeexit.workstation.conversion import pipeline  # noqa: E402
+from edgeexit.workstation.conversion.pipeline import convert, resolve_exit_rule  # noqa: E402
 from edgeexit.workstation.models.staged import ModelSpec, Stage, StagedModel  # noqa: E402
-from edgeexit.workstation.convert.verify import Tolerances  # noqa: E402
+from edgeexit.workstation.conversion.verify import Tolerances  # noqa: E402
 from edgeexit.errors import ConversionError, UsageError  # noqa: E402
 from edgeexit.runtime.manifest import MANIFEST_FILE, Manifest  # noqa: E402
 from tinymodels import TinyHead, synthetic_digits, tiny_staged_model  # noqa: E402

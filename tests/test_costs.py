@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from edgeexit.workstation.convert.costs import count_macs, model_costs
+from edgeexit.workstation.conversion.costs import count_macs, model_costs
 from edgeexit.workstation.models.heads import EENetHead, PlainHead
 from edgeexit.workstation.models.placement import place_exits, target_fractions
 from edgeexit.workstation.models.registry import create

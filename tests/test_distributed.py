@@ -99,7 +99,7 @@ def _assert_same_training(one: Path, two: Path) -> dict[str, torch.Tensor]:
 def _onnx_stages(checkpoint: Path, folder: Path) -> list:
     import onnx
 
-    from edgeexit.workstation.convert.export import export_onnx, split_stages
+    from edgeexit.workstation.conversion.export import export_onnx, split_stages
 
     folder.mkdir()
     return [onnx.load(str(export_onnx(unit, folder / f"{unit.name}.onnx")))

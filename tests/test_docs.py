@@ -137,8 +137,9 @@ def design_modules(text: str) -> set[str]:
 
 
 def package_of(module: str) -> str:
-    """The graph node of a module: ``edgeexit.runtime.runner`` -> ``runtime``, ``edgeexit.workstation.convert.costs``
-    -> ``workstation.convert``; a top-level module is its own node (``errors``); edgeexit/__init__.py is ``edgeexit``."""
+    """The graph node of a module: ``edgeexit.runtime.runner`` -> ``runtime``,
+    ``edgeexit.workstation.conversion.costs`` -> ``workstation.conversion``; a top-level module is its own node
+    (``errors``); edgeexit/__init__.py is ``edgeexit``."""
     parts = module.split(".")[1:]
     if not parts:
         return "edgeexit"

@@ -1,4 +1,4 @@
-"""Edge TPU readiness of converted stages, and the Edge TPU compiler call (edgeexit.workstation.convert.edgetpu).
+"""Edge TPU readiness of converted stages, and the Edge TPU compiler call (edgeexit.workstation.conversion.edgetpu).
 
 The compiler and the hardware are not needed: the readiness report reads the real converted .tflite files;
 the compile step is checked for its missing-compiler message and, with a stand-in executable that records
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeexit.workstation.convert.edgetpu import SUPPORTED_OPS, compile_for_edgetpu, edgetpu_report, stage_report
+from edgeexit.workstation.conversion.edgetpu import SUPPORTED_OPS, compile_for_edgetpu, edgetpu_report, stage_report
 from edgeexit.errors import BundleError, ConversionError
 from edgeexit.runtime.manifest import MANIFEST_FILE, Manifest
 

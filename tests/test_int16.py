@@ -27,9 +27,9 @@ from edgeexit.runtime.bundle import Requantization, load_bundle  # noqa: E402
 from edgeexit.runtime.manifest import MANIFEST_FILE, Manifest, Quantization  # noqa: E402
 from edgeexit.runtime.rules import (ClassExclusionRule, ConfidenceRule, EntropyRule, MaxSoftmaxRule,  # noqa: E402
                                     exit_scores)
-from edgeexit.workstation.convert.pipeline import convert  # noqa: E402
-from edgeexit.workstation.convert.edgetpu import compile_for_edgetpu  # noqa: E402
-from edgeexit.workstation.convert.verify import float_outputs  # noqa: E402
+from edgeexit.workstation.conversion.pipeline import convert  # noqa: E402
+from edgeexit.workstation.conversion.edgetpu import compile_for_edgetpu  # noqa: E402
+from edgeexit.workstation.conversion.verify import float_outputs  # noqa: E402
 from tinymodels import CALIBRATION_SAMPLES, synthetic_digits  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent

@@ -6,7 +6,7 @@ pytest.importorskip("torch")  # workstation-only tests: skipped in the device en
 pytestmark = pytest.mark.workstation
 import torch
 
-from edgeexit.workstation.convert.costs import model_costs
+from edgeexit.workstation.conversion.costs import model_costs
 from edgeexit.workstation.models.heads import ClassHead, EENetHead, PlainHead
 from edgeexit.workstation.models.registry import BUILDERS, build, create
 from edgeexit.workstation.models.staged import MonolithicExport, StageExport

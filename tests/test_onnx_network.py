@@ -176,7 +176,7 @@ def p_max(logits: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("which", ["plain", "confident", "keras"])
 def test_rebuild_matches_onnxruntime_and_stages_like_the_torch_network(which, nets):
-    from edgeexit.workstation.convert.costs import model_costs
+    from edgeexit.workstation.conversion.costs import model_costs
 
     net, path = nets[which]
     conv = onnx_to_torch(path)
@@ -419,8 +419,8 @@ def test_cli_converts_an_onnx_file_with_logits_exits(nets, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_confidence_pairs_convert_and_run(nets, tmp_path):
-    from edgeexit.workstation.convert.pipeline import convert
-    from edgeexit.workstation.convert.verify import Tolerances
+    from edgeexit.workstation.conversion.pipeline import convert
+    from edgeexit.workstation.conversion.verify import Tolerances
 
     net, path = nets["confident"]
     calib, _ = digits(CALIB, seed=3)
@@ -509,7 +509,7 @@ def test_torch_lowering_of_adaptive_pools_is_rebuilt_as_pools(research_onnx, tmp
 
 @pytest.mark.slow
 def test_research_onnx_from_the_default_exporter_converts_with_its_own_scores(research_onnx, tmp_path):
-    from edgeexit.workstation.convert.pipeline import convert
+    from edgeexit.workstation.conversion.pipeline import convert
 
     net, path = research_onnx
     calib, _ = digits(CALIB, seed=3)

@@ -114,7 +114,7 @@ def test_bad_arguments_give_one_line_errors():
 @pytest.mark.slow
 def test_split_zoo_network_converts_and_runs_on_the_device_path(tmp_path):
     pytest.importorskip("onnx2tf")
-    from edgeexit.workstation.convert.pipeline import convert
+    from edgeexit.workstation.conversion.pipeline import convert
     from edgeexit.runtime.runner import Runner
     from synthetic import synthetic_digits
 

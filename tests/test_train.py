@@ -13,7 +13,7 @@ pytestmark = pytest.mark.workstation
 import torch
 
 from edgeexit.workstation.training.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from edgeexit.workstation.convert.costs import ModelCosts
+from edgeexit.workstation.conversion.costs import ModelCosts
 from edgeexit.workstation.models.registry import create
 from edgeexit.workstation.training.train import ExitTrace, TrainConfig, evaluate, summarize, train
 from edgeexit.bench.datasets import load_dataset, train_val_split

@@ -219,7 +219,7 @@ def test_cuts_follow_the_exits(tmp_path):
 
 
 def test_costs_follow_the_moved_cut():
-    from edgeexit.workstation.convert.costs import model_costs
+    from edgeexit.workstation.conversion.costs import model_costs
 
     net = SkipAround()
     macs = macs_by_module(net)
@@ -310,7 +310,7 @@ def test_unsplittable_and_mismatched_networks_are_refused_in_one_line():
 
 
 def test_convert_names_the_missing_head_contract(tmp_path):
-    from edgeexit.workstation.convert.pipeline import convert
+    from edgeexit.workstation.conversion.pipeline import convert
     from edgeexit.workstation.models.staged import ModelSpec, Stage, StagedModel
 
     class Head(nn.Module):  # a user's head, not an ExitHead
@@ -448,7 +448,7 @@ def _thresholds(values: list[np.ndarray]) -> list[float]:
 
 @pytest.mark.slow
 def test_vgg_with_sigmoid_confidences_converts_and_runs(tmp_path):
-    from edgeexit.workstation.convert.pipeline import convert
+    from edgeexit.workstation.conversion.pipeline import convert
 
     net = train(seeded(VGG3))
     calib, _ = digits(CALIB, seed=3)
@@ -473,7 +473,7 @@ def test_vgg_with_sigmoid_confidences_converts_and_runs(tmp_path):
 
 @pytest.mark.slow
 def test_skip_connection_around_an_exit_converts_and_runs(tmp_path):
-    from edgeexit.workstation.convert.pipeline import convert
+    from edgeexit.workstation.conversion.pipeline import convert
 
     net = train(seeded(SkipAround))
     calib, _ = digits(CALIB, seed=3)
@@ -534,8 +534,8 @@ def test_cli_converts_a_network_file_with_weights(tmp_path, capsys):
 @pytest.mark.slow
 def test_failed_verification_warns_by_default_and_raises_when_strict(tmp_path):
     import edgeexit
-    from edgeexit.workstation.convert.pipeline import VerificationWarning, convert
-    from edgeexit.workstation.convert.verify import Tolerances
+    from edgeexit.workstation.conversion.pipeline import VerificationWarning, convert
+    from edgeexit.workstation.conversion.verify import Tolerances
 
     calib, _ = digits(16, seed=3)
     images, labels = digits(16, seed=7)
@@ -752,9 +752,9 @@ def test_sigmoid_logits_and_hidden_probabilities_are_never_taken_as_logits():
 def test_view_flatteners_get_plain_nchw_tensors(research, tmp_path):
     """Calibration, verification and ONNX export feed the network plain-strided NCHW tensors (a 1-channel image or
     an NHWC hand-off permuted to NCHW is not, and .view on what a conv makes of it fails)."""
-    from edgeexit.workstation.convert.export import export_onnx, split_stages
-    from edgeexit.workstation.convert.quantize import stage_inputs
-    from edgeexit.workstation.convert.verify import float_outputs
+    from edgeexit.workstation.conversion.export import export_onnx, split_stages
+    from edgeexit.workstation.conversion.quantize import stage_inputs
+    from edgeexit.workstation.conversion.verify import float_outputs
 
     net, _ = research
     staged = stage_network(net, SHAPE, MEAN, STD)
@@ -844,7 +844,7 @@ def test_untraceable_code_is_named_where_it_is():
 
 
 def test_messages_are_cut_between_words():
-    from edgeexit.workstation.convert.export import clip
+    from edgeexit.workstation.conversion.export import clip
 
     text = "operator adaptive_avg_pool2d cannot be exported [Caused by the value '55 defined in (%55 : Long(2, " \
            "strides=[1], device=cpu) = prim::ListConstruct(%53, %54)' " * 5
@@ -935,7 +935,7 @@ def test_research_network_converts_with_its_own_scores(research, tmp_path):
     """Softmax-ending heads, functional non-dividing pools and .view flatteners through stage_network and convert
     (grey images given as [N, H, W], as bench and tune take them): verified, the Runner's scores within int8 error
     of the network's own probabilities."""
-    from edgeexit.workstation.convert.pipeline import convert
+    from edgeexit.workstation.conversion.pipeline import convert
 
     net, _ = research
     calib, _ = digits(CALIB, seed=3)

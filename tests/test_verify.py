@@ -30,7 +30,7 @@ pytestmark = pytest.mark.workstation
 from torch import nn  # noqa: E402
 
 from edgeexit.runtime.manifest import MANIFEST_FILE, ExitRuleSpec, Manifest  # noqa: E402
-from edgeexit.workstation.convert.verify import (FloatOutputs, Int8Outputs, Tolerances, accuracy_drop,  # noqa: E402
+from edgeexit.workstation.conversion.verify import (FloatOutputs, Int8Outputs, Tolerances, accuracy_drop,  # noqa: E402
                                                  compare, rate_bounds)
 from edgeexit.workstation.models.staged import ModelSpec, Stage, StagedModel  # noqa: E402
 from tinymodels import TINY_MEAN, TINY_STD, TinyHead, conv_block, synthetic_digits, train_tiny  # noqa: E402
@@ -201,7 +201,7 @@ def tamper_input_scale(src: Path, dst: Path, factor: float) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("factor", [1.0, 2.0, 0.5], ids=["untouched", "scale-x2", "scale-half"])
 def test_a_wrong_handoff_scale_fails_the_logit_error(factor, tiny_conversion, tiny_model, tiny_data, tmp_path):
-    from edgeexit.workstation.convert.pipeline import verify_bundle
+    from edgeexit.workstation.conversion.pipeline import verify_bundle
 
     bundle = tiny_conversion.out_dir
     manifest = tiny_conversion.manifest
@@ -229,7 +229,7 @@ def test_a_wrong_handoff_scale_fails_the_logit_error(factor, tiny_conversion, ti
 @pytest.mark.slow
 def test_the_mean_trap_fails_the_verification(tiny_model, tiny_data, tmp_path, monkeypatch):
     onnx2tf = pytest.importorskip("onnx2tf")
-    from edgeexit.workstation.convert.pipeline import VerificationWarning, convert
+    from edgeexit.workstation.conversion.pipeline import VerificationWarning, convert
 
     real = onnx2tf.convert
 
@@ -277,7 +277,7 @@ def dense_handoff_model(channels: int) -> StagedModel:
 @pytest.mark.parametrize("channels", [12, 14], ids=["C!=H-converts", "H==W==C-trap"])
 def test_the_square_handoff_trap_fails_the_verification(channels, tiny_data, tmp_path):
     pytest.importorskip("onnx2tf")
-    from edgeexit.workstation.convert.pipeline import VerificationWarning, convert
+    from edgeexit.workstation.conversion.pipeline import VerificationWarning, convert
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small steps: 2 OpenMP threads on a busy 2-core machine wait for each other

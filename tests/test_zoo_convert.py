@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.workstation, pytest.mark.slow]
 
 from torch import nn  # noqa: E402
 
-from edgeexit.workstation.convert.costs import count_macs  # noqa: E402
+from edgeexit.workstation.conversion.costs import count_macs  # noqa: E402
 from edgeexit.workstation.posttrain import pteenet  # noqa: E402
 from edgeexit.workstation.models import zoo  # noqa: E402
 from tinymodels import exits_loss  # noqa: E402
@@ -148,7 +148,7 @@ def _trained_case(arch: str, steps: int, batch: int = 64) -> Case:
 @pytest.mark.parametrize("size", [32, 64], ids=["1x1-to-7x7", "2x2-to-7x7"])
 def test_vgg_on_small_images_exports_its_adaptive_pool_exactly(size, tmp_path):
     ort = pytest.importorskip("onnxruntime")
-    from edgeexit.workstation.convert.export import ExportUnit, export_onnx
+    from edgeexit.workstation.conversion.export import ExportUnit, export_onnx
 
     torch.manual_seed(0)
     vgg = zoo.vgg11(num_classes=10, width_div=16, hidden=16).eval()  # features end at 1x1 (32) / 2x2 (64)
@@ -167,7 +167,7 @@ def test_vgg_on_small_images_exports_its_adaptive_pool_exactly(size, tmp_path):
 @pytest.mark.parametrize("arch", ARCH_PARAMS)
 def test_zoo_network_with_a_branch_converts_to_int8_and_runs(arch, tmp_path):
     pytest.importorskip("onnx2tf")
-    from edgeexit.workstation.convert.pipeline import convert
+    from edgeexit.workstation.conversion.pipeline import convert
     from edgeexit.runtime.runner import Runner
 
     case = _trained_case(arch, TRAINED[arch]) if arch in TRAINED else _random_case(arch)

@@ -113,7 +113,7 @@ def convert_tiny(out_dir, **kwargs):
     The one recipe behind the ``tiny_bundle`` fixture and ``tests/make_test_bundle.py``. Returns the
     ConversionReport.
     """
-    from edgeexit.workstation.convert.pipeline import convert
+    from edgeexit.workstation.conversion.pipeline import convert
 
     model = train_tiny(tiny_staged_model(seed=0), steps=120)
     calib, _ = synthetic_digits(CALIBRATION_SAMPLES, seed=3)

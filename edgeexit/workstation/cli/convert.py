@@ -203,7 +203,7 @@ def convert(ctx: click.Context, checkpoint: str, calib_spec: str, calib_size: in
     edgeexit convert my_net.onnx --mean 0.5 --std 0.5 --confidence probability --calib fashion-mnist --out bundle/
     """
     from ..training.checkpoint import load_checkpoint, read_checkpoint
-    from ..convert.pipeline import VerificationWarning, check_activations, convert as run_convert
+    from ..conversion.pipeline import VerificationWarning, check_activations, convert as run_convert
 
     check_activations(activations, exit_rule)
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from edgeexit.errors import UsageError
 
-from ..convert.costs import count_macs
+from ..conversion.costs import count_macs
 from .heads import EENET_HEAD_KINDS, ClassHead, EENetHead, PlainHead
 from .placement import place_exits, validate_cuts
 from .staged import ExitHead, ModelSpec, Stage, StagedModel
@@ -51,7 +51,7 @@ class ConvBNReLU(nn.Sequential):
 
 
 class EENetBasicBlock(nn.Module):
-    """The EENet ResNets' basic block: 2 x conv3x3 + identity (or 1x1-conv projection) shortcut (not torchvision's keys)."""
+    """The EENet ResNets' basic block: 2 x conv3x3 + identity (or 1x1-conv projection) shortcut (own keys)."""
 
     expansion = 1
 
@@ -74,7 +74,7 @@ class EENetBasicBlock(nn.Module):
 
 
 class EENetBottleneck(nn.Module):
-    """The EENet ResNets' bottleneck: 1x1 reduce, 3x3 (stride), 1x1 expand (x4) + shortcut (not torchvision's keys)."""
+    """The EENet ResNets' bottleneck: 1x1 reduce, 3x3 (stride), 1x1 expand (x4) + shortcut (own keys)."""
 
     expansion = 4
 

@@ -37,7 +37,7 @@ from torch.nn import functional as F
 
 from edgeexit.errors import CheckpointError, ConversionError, UsageError
 
-from ..convert.export import adaptive_bins, clip, divides, slice_mean_pool2d
+from ..conversion.export import adaptive_bins, clip, divides, slice_mean_pool2d
 from ..models.staged import ExitHead, ModelSpec, Stage, StagedModel
 from .split import _trace
 

@@ -24,7 +24,7 @@ import torch
 from edgeexit.errors import CheckpointError, UsageError
 from edgeexit.runtime.atomic import write_file_atomic
 
-from ..convert.costs import model_costs
+from ..conversion.costs import model_costs
 from ..models.staged import ModelSpec, StagedModel
 
 FORMAT_NAME = "edgeexit-checkpoint"
@@ -227,6 +227,6 @@ def load_weights_file(module: torch.nn.Module, path: str | os.PathLike, trust_pi
 
 
 def _clip(text: str, limit: int) -> str:
-    from ..convert.export import clip
+    from ..conversion.export import clip
 
     return clip(text, limit)

@@ -29,7 +29,7 @@ from edgeexit.errors import UsageError
 from edgeexit.progress import Progress
 from edgeexit.runtime.atomic import write_file_atomic
 
-from ..convert.costs import ModelCosts, model_costs
+from ..conversion.costs import ModelCosts, model_costs
 from . import distributed
 from .data import batches, shift, shift_offsets, to_tensors
 from .losses import EENET_LOSSES, class_based_loss, eenet_loss, used_outputs

@@ -8,7 +8,7 @@ The pipeline, one function per step::
 
 Example::
 
-    from edgeexit.workstation.convert.pipeline import convert
+    from edgeexit.workstation.conversion.pipeline import convert
     report = convert(model, calib_images, "runs/mnist-bundle", verify_images=x_test, verify_labels=y_test)
     print(report.verification.passed, report.manifest.full_macs)
 """
@@ -378,7 +378,7 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
             ``warnings.warn`` names the missed tolerances (a :class:`VerificationWarning`; the report's
             ``verification.passed`` is False, ``failed_tolerances`` names them, and the manifest records it, so
             the benchmark scripts refuse the bundle); True: it raises ConversionError naming them and writes nothing.
-        tolerances: the verification tolerances (:class:`~edgeexit.workstation.convert.verify.Tolerances`: the
+        tolerances: the verification tolerances (:class:`~edgeexit.workstation.conversion.verify.Tolerances`: the
             logit error relative to the logit range, top-1 agreement without near-ties, exit-decision agreement,
             and the accuracy drop judged on its confidence bound; README "Conversion checks").
         name: the bundle's name (default: the model's builder name).
