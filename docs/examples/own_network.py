@@ -18,8 +18,7 @@ from torch.nn import functional as F
 
 import edgeexit
 from edgeexit.bench.datasets import ImageSet, load_dataset
-from edgeexit.workstation.conversion.pipeline import convert
-from edgeexit.workstation.own.user_network import stage_network
+from edgeexit.workstation import convert, stage_network
 
 MEAN, STD = 0.5, 0.5  # the network sees (pixel / 255 - 0.5) / 0.5
 
