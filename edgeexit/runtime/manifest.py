@@ -38,7 +38,7 @@ MANIFEST_FILE = "manifest.json"
 #: Exit rules a bundle may name; see :mod:`edgeexit.runtime.rules`.
 EXIT_RULES = ("confidence", "max_softmax", "entropy", "class_exclusion", "final", "fixed")
 #: How an exit's logits become class scores: softmax (EENet, PTEENet, final exits) or per-class sigmoid
-#: (class-based early exit, seed 002).
+#: (class-based early exit, *Early Classification for Dynamic Inference of Neural Networks*).
 SCORE_KINDS = ("softmax", "sigmoid")
 DTYPES = ("int8", "uint8", "int16", "float32", "int32")
 #: A bundle's activation type (``Manifest.activations``): every stage's input and outputs, and the monolithic

@@ -30,7 +30,8 @@ class ExitHead(nn.Module):
     """Base class of exit heads.
 
     Subclasses set ``scores`` to "softmax" (mutually exclusive classes) or "sigmoid" (one independent
-    score per class, the class-based early exit of seed 002) and return a dict with "logits" and,
+    score per class, as in *Early Classification for Dynamic Inference of Neural Networks*) and return a dict
+    with "logits" and,
     optionally, "confidence" (the pre-sigmoid confidence logit).
     """
 

@@ -1,4 +1,5 @@
-"""Class-based early exit (seed 002): candidate-class exclusion and the authors' beta search.
+"""Class-based early exit (*Early Classification for Dynamic Inference of Neural Networks*): candidate-class
+exclusion and the authors' beta search.
 
 Every early exit has a :class:`~edgeexit.workstation.models.heads.ClassHead` or :class:`~edgeexit.workstation.models.heads.SpatialClassHead`
 (one independent sigmoid score per class). At run time the candidate set shrinks exit by exit,

@@ -1,4 +1,5 @@
-"""PTEENet: early-exit branches post-trained on a frozen, already trained backbone (seed 001).
+"""PTEENet: early-exit branches post-trained on a frozen, already trained backbone (*PTEENet: Post-Trained
+Early-Exit Neural Networks Augmentation for Inference Cost Optimization*).
 
 The backbone (a zoo network with torchvision weights, an edgeexit checkpoint, or any traceable module)
 is cut at named submodules (:mod:`edgeexit.workstation.own.split`); its pieces become the segments of a
@@ -39,7 +40,7 @@ from ..models.staged import ModelSpec, MonolithicExport, StagedModel
 log = logging.getLogger(__name__)
 
 #: "conv1".."conv3" are PTEENet's branches, "pool"/"bnpool" lighter EENet exits, "spatial" an EENet exit that
-#: reads the whole feature map, "class" the class-based exit of seed 002 (per-class sigmoid logits, pooled or
+#: reads the whole feature map, "class" the class-based exit (per-class sigmoid logits, pooled or
 #: whole-map: ``class_head``; see :mod:`edgeexit.workstation.posttrain.classexit`).
 BRANCH_KINDS = EENET_HEAD_KINDS + ("class",)
 

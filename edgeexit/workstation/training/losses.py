@@ -1,4 +1,5 @@
-"""Training losses of the early-exit methods (see the project's METHODS notes).
+"""Training losses of the early-exit methods: EENets (*EENets: Early Exit Convolutional Neural Networks*) and
+class-based early exit (*Early Classification for Dynamic Inference of Neural Networks*).
 
 EENet losses are built backwards from the last exit ``N`` with p_i = softmax(logits_i),
 c_i = sigmoid(confidence_i) and kappa_i the exit's cost fraction (:meth:`ModelCosts.kappa`):
@@ -11,7 +12,7 @@ c_i = sigmoid(confidence_i) and kappa_i the exit's cost fraction (:meth:`ModelCo
 * ``v1``: NLL(Y_0, y) + lambda * mean(K_0)
 * ``v2``: sum_i [NLL(Y_i, y) + lambda * mean(K_i)]  (the authors' default)
 
-NLL(Y, y) = mean over the batch of -log(Y[y]). The class-based loss (seed 002) is
+NLL(Y, y) = mean over the batch of -log(Y[y]). The class-based loss is
 CE(final logits, y) + sum_k w_k * BCEWithLogits(z_k, onehot(y), pos_weight).
 """
 
