@@ -15,7 +15,7 @@ import pytest
 
 from edgeexit.bench.bench import RESULT_FIELDS, BenchSettings, run_benchmark
 from edgeexit.bench.report import result_stem, write_results
-from edgeexit.bench.sweep import SWEEP_COLUMNS
+from edgeexit.bench.threshold_sweep import SWEEP_COLUMNS
 from edgeexit.runtime.bundle import read_manifest
 from edgeexit.bench.datasets import ImageSet, load_dataset
 from edgeexit.bench.envinfo import EnvPaths, collect_environment, slug

@@ -15,7 +15,7 @@ included, timed from outside the call by one harness for every variant. One benc
    that ran is the measured mean minus the mean sum of those invokes.
 4. **Throughput** at batch sizes (default 1, 8, 32): ``classify`` / ``run_monolithic`` at 1,
    ``classify_batch`` / ``run_monolithic_batch`` above, chunks interleaved.
-5. **Trace pass** and threshold sweep (:mod:`edgeexit.bench.sweep`), estimated latencies from the exit costs.
+5. **Trace pass** and threshold sweep (:mod:`edgeexit.bench.threshold_sweep`), estimated latencies from the exit costs.
 6. Optionally, the float network of a checkpoint on the same images (workstation only, torch imported lazily).
 
 The result is one JSON-able dict (``RESULT_FIELDS``); :func:`edgeexit.bench.report.write_results` stores it.
@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from ..energy.report import EnergySettings, energy_section, measure_bench
+from ..energy.bench_energy import EnergySettings, energy_section, measure_bench
 from ..errors import DatasetError, EdgeExitError, UsageError
 from ..progress import Progress
 from ..runtime.bundle import Bundle, load_bundle
@@ -43,7 +43,7 @@ from ..runtime.trace import Trace
 from .compare import bundle_hash
 from .datasets import ImageSet, check_dataset
 from .envinfo import EnvPaths, collect_environment
-from .sweep import grid_kind, named_rules, rule_text, sweep_tradeoff
+from .threshold_sweep import grid_kind, named_rules, rule_text, sweep_tradeoff
 from .timing import (COST_KINDS, Variant, cost_table, forced_variants, latency_summary, per_input,
                      rule_setter, time_calls)
 

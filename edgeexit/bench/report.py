@@ -10,10 +10,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..energy.report import format_energy
+from ..energy.bench_energy import format_energy
 from ..errors import UsageError
 from .envinfo import slug
-from .sweep import SWEEP_COLUMNS
+from .threshold_sweep import SWEEP_COLUMNS
 
 
 def result_stem(result: dict[str, Any]) -> str:
