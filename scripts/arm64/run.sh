@@ -13,7 +13,7 @@
 # Paths in EDGEEXIT_TEST_BUNDLE and in 'outputs' arguments are mounted at the same path too.
 #
 # 'ci' = setup.sh, then on the host (workstation env .venv): a tiny seeded bundle and 1000 MNIST test
-# images; the outputs on x86 and on both emulated CPUs; scripts/compare_outputs.py compare; the runtime
+# images; the outputs on x86 and on both emulated CPUs; scripts/same_outputs.py compare; the runtime
 # test suite on a72. Non-zero exit on any failure. Results in runs/arm64/. --reuse keeps an existing
 # runs/arm64/bundle and inputs.npz instead of converting again; --bundle DIR uses
 # that bundle instead of converting one.
@@ -76,7 +76,7 @@ case "$cmd" in
     for p in "$1" "$2"; do [ -e "$p" ] || die "outputs: '$p' does not exist" 2; done
     mkdir -p "$(dirname "$3")"
     binds="$binds:$(realpath "$1"):$(realpath "$(dirname "$2")"):$(realpath "$(dirname "$3")")"
-    in_arm64 python scripts/compare_outputs.py dump "$(realpath "$1")" "$(realpath "$2")" \
+    in_arm64 python scripts/same_outputs.py dump "$(realpath "$1")" "$(realpath "$2")" \
       "$(realpath "$(dirname "$3")")/$(basename "$3")" ;;
   ci)
     out="$here/runs/arm64"; mkdir -p "$out"
@@ -88,15 +88,15 @@ case "$cmd" in
       echo "[arm64] reusing $out/bundle and $out/inputs.npz" >&2
     elif [ "${1:-}" = --bundle ]; then
       [ -f "${2:-}/manifest.json" ] || die "ci --bundle needs a bundle directory, got '${2:-}'" 2
-      "$py" "$here/scripts/compare_outputs.py" prepare --out "$out" --count 1000 --bundle "$2"
+      "$py" "$here/scripts/same_outputs.py" prepare --out "$out" --count 1000 --bundle "$2"
     else
-      "$py" "$here/scripts/compare_outputs.py" prepare --out "$out" --count 1000
+      "$py" "$here/scripts/same_outputs.py" prepare --out "$out" --count 1000
     fi
-    "$py" "$here/scripts/compare_outputs.py" dump "$out/bundle" "$out/inputs.npz" "$out/x86_64.npz"
+    "$py" "$here/scripts/same_outputs.py" dump "$out/bundle" "$out/inputs.npz" "$out/x86_64.npz"
     for c in a72 a76; do
       "$here/scripts/arm64/run.sh" --cpu "$c" outputs "$out/bundle" "$out/inputs.npz" "$out/aarch64-$c.npz"
     done
-    "$py" "$here/scripts/compare_outputs.py" compare "$out/x86_64.npz" "$out/aarch64-a72.npz" "$out/aarch64-a76.npz" \
+    "$py" "$here/scripts/same_outputs.py" compare "$out/x86_64.npz" "$out/aarch64-a72.npz" "$out/aarch64-a76.npz" \
       --json "$out/compare.json"
     EDGEEXIT_TEST_BUNDLE="$out/bundle" "$here/scripts/arm64/run.sh" --cpu a72 tests
     echo "[arm64] ci passed in $(( $(date +%s) - t0 )) s after setup" >&2 ;;

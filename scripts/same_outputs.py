@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""Run a bundle over a fixed input set on one machine, and compare such runs across machines.
+"""Are a bundle's outputs the same on every machine? Dump them on each (x86, emulated arm64 ...) and check them.
 
-    compare_outputs.py prepare --out DIR [--count 1000] [--bundle BUNDLE]   (workstation: inputs + bundle)
-    compare_outputs.py dump BUNDLE INPUTS.npz OUT.npz                       (any device install)
-    compare_outputs.py compare REF.npz OTHER.npz [...] [--max-lsb 3]        (fails on any difference)
+    same_outputs.py prepare --out DIR [--count 1000] [--bundle BUNDLE]   (workstation: inputs + bundle)
+    same_outputs.py dump BUNDLE INPUTS.npz OUT.npz                       (any device install)
+    same_outputs.py compare REF.npz OTHER.npz [...] [--max-lsb 3]        (fails on any difference)
 
 ``prepare`` writes DIR/inputs.npz (the first COUNT MNIST test images, uint8, with labels) and DIR/bundle:
 the given bundle, or the tests' tiny seeded 3-exit network (trained briefly on synthetic digits) converted
@@ -39,7 +39,7 @@ HERE = Path(__file__).resolve().parent.parent
 if str(HERE) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(HERE))
 
-log = logging.getLogger("compare_outputs")
+log = logging.getLogger("same_outputs")
 
 
 # ---- dump (device side: numpy + edgeexit + an interpreter) -------------------------------------------------
