@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import math
 import time
+from statistics import NormalDist
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -27,7 +28,7 @@ from ..runtime.rules import rule_from_spec
 from ..runtime.trace import Trace
 from .evaluate import (TUNABLE_RULES, ExitCosts, _ClassExclusionEvaluator, _LevelEvaluator, evaluate_rule,
                        labels_of)
-from .guarantee import Check, Guarantee, check_risk, fixed_sequence, split
+from .guarantee import DROP_SPLIT, Check, Guarantee, check_risk, fixed_sequence, split
 from .results import Target, TuneResult, cost_label, fmt_cost
 
 log = logging.getLogger(__name__)
@@ -253,7 +254,7 @@ def search_guaranteed(trace: Trace, costs: ExitCosts, rule: str, target: Target,
             ref_c = np.asarray(c_trace.logits[-1]).argmax(axis=-1) == labels_c
             ref_s = np.asarray(s_trace.logits[-1]).argmax(axis=-1) == labels_s
             check = Check("drop", target.max_drop_pp / 100.0, reference_correct=ref_c)
-        path = _drop_path(search, ev, ref_s, costs, rule)
+        path = _drop_path(search, ev, ref_s, costs, rule, delta)
 
     def outcome(p: OperatingPoint) -> tuple[np.ndarray, np.ndarray]:
         exit_index, prediction = rule_from_spec(ExitRuleSpec(rule, tuple(p.thresholds))).simulate(c_trace)
@@ -292,20 +293,30 @@ def search_guaranteed(trace: Trace, costs: ExitCosts, rule: str, target: Target,
 
 
 def _drop_path(search: "_Search", ev: Any, reference_correct: np.ndarray, costs: ExitCosts,
-               rule: str) -> list[OperatingPoint]:
-    """The testing order for a drop target: every evaluated point, safest first by its drop on the SEARCH part
-    (paired disagreements, penalised by their spread: ``(b - c + 1.645 sqrt(b + c)) / n``), keeping only points
-    cheaper in MACs than every safer one. The order uses the search part only, so the test stays exact; a point
-    that trades many disagreements both ways for a little accuracy comes late, after the quiet ones."""
+               rule: str, delta: float) -> list[OperatingPoint]:
+    """The testing order for a drop target, from the SEARCH part only (so the test on the other part stays exact):
+    the strictest point first (every threshold at its strict end: nearly every input runs to the final exit), then
+    every evaluated point by its estimated bound on the search part, keeping only points cheaper in MACs than every
+    safer one. The estimate mirrors the test (an upper bound of ``p_b`` minus a lower bound of ``p_c``, Wilson's
+    normal form at the test's levels), so a point that beat the reference on the search part by luck in ``c`` is not
+    tested first, where its failure on the calibration part would stop the sequence."""
     n = max(search.n, 1)
+    z_b = NormalDist().inv_cdf(1 - delta * DROP_SPLIT)
+    z_c = NormalDist().inv_cdf(1 - delta * (1 - DROP_SPLIT))
+
+    def wilson(k: int, z: float, sign: float) -> float:
+        return (k + z * z / 2 + sign * z * math.sqrt(k + z * z / 4)) / (n + z * z)
+
+    strictest = tuple(0 for _ in range(len(next(iter(search.seen)))))
     scored = []
     for key, (_, macs_cost, _) in search.seen.items():
         _, correct = ev.outcome(np.asarray(key, dtype=np.int64))
         b = int(np.count_nonzero(reference_correct & ~correct))
         c = int(np.count_nonzero(~reference_correct & correct))
-        scored.append(((b - c + 1.645 * math.sqrt(b + c)) / n, macs_cost, key))
+        first = 0 if key == strictest else 1
+        scored.append((first, wilson(b, z_b, +1.0) - wilson(c, z_c, -1.0), macs_cost, key))
     path, last_cost = [], math.inf
-    for _, cost, key in sorted(scored):
+    for _, _, cost, key in sorted(scored):
         if cost < last_cost - 1e-15:
             path.append(_point(search, ev, key, costs, rule))
             last_cost = cost
