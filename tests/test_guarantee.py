@@ -93,3 +93,20 @@ def test_guarantee_is_stated_and_the_search_never_sees_the_test_images():
     # too few images for a guarantee: one clear refusal that names the ways out
     with pytest.raises(TuningError, match=r"at least 200 labelled tuning images .* or --risk 1"):
         search_guaranteed(synthetic_trace(n=150), COSTS, "max_softmax", Target(max_drop_pp=1.0), risk=0.05)
+
+
+def test_the_drop_path_starts_at_the_strictest_point_whatever_the_search_part_says():
+    """The fixed sequence stops at its first failure, so its head must be the safest point: the strictest thresholds,
+    not a point that beat the final exit on the search part by luck (it would fail on the calibration part and stop
+    the sequence before the safe points)."""
+    from edgeexit.tuning.search import _drop_path, _explore
+
+    trace = synthetic_trace(n=2000, seed=4)
+    ev, search, _ = _explore(trace, COSTS, "max_softmax", Target(max_drop_pp=1.0, minimize="macs"), 64)
+    final_correct = np.asarray(trace.logits[-1]).argmax(axis=-1) == trace.labels
+    lucky = np.zeros_like(final_correct)          # a reference every early exit "beats": c large, b = 0 everywhere
+    for reference in (final_correct, lucky):
+        path = _drop_path(search, ev, reference, COSTS, "max_softmax", 0.05)
+        assert path[0].thresholds == (1.0, 1.0, 1.0)
+        macs = [p.avg_macs_fraction for p in path]
+        assert all(a > b for a, b in zip(macs, macs[1:]))        # each step cheaper than every safer one
