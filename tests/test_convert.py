@@ -206,10 +206,10 @@ def test_cli_rejects_a_file_that_is_not_a_checkpoint(tmp_path, content):
 
 @pytest.mark.parametrize("images, message", [
     (np.zeros((32, 32, 32, 3), np.uint8), r"shape \(32, 32, 32, 3\); expected \[N, 28, 28, 1\]"),
-    (np.zeros((32, 28, 28), np.uint8), r"expected \[N, 28, 28, 1\]"),
+    (np.zeros((32, 28, 30), np.uint8), r"expected \[N, 28, 28, 1\]"),   # [N, H, W] grey is taken; not this size
     (np.zeros((32, 28, 28, 1), np.float32), "dtype float32; expected uint8"),
     (np.zeros((3, 28, 28, 1), np.uint8), "has 3 images; at least 8"),
-], ids=["wrong-size-and-channels", "no-channel-axis", "float-pixels", "too-few"])
+], ids=["wrong-size-and-channels", "grey-wrong-size", "float-pixels", "too-few"])
 def test_bad_calibration_data_is_refused(tmp_path, images, message):
     with pytest.raises(UsageError, match=message):
         convert(_one_stage_model(), images, tmp_path / "bundle")
