@@ -57,7 +57,11 @@ def summary(rows: list[dict], target: float) -> dict:
             "miss_rate": misses / n if n else None,
             "held_out_drop_pp": {"median": float(np.median(drops)), "p95": float(np.percentile(drops, 95)),
                                  "max": float(drops.max())} if n else None,
-            "held_out_macs_fraction_mean": float(macs.mean()) if n else None}
+            "held_out_macs_fraction_mean": float(macs.mean()) if n else None,
+            "held_out_macs_fraction_median": float(np.median(macs)) if n else None,
+            "no_early_exit_points": int(np.sum(macs > 0.99)),
+            "definition_no_early_exit_points": "splits whose chosen point runs nearly every input to the final exit "
+                                               "(MACs > 99 %): nothing cheaper could be shown to meet the target"}
 
 
 def main() -> None:
@@ -71,7 +75,16 @@ def main() -> None:
     ap.add_argument("--rule", default="max_softmax")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--summarize", action="store_true",
+                    help="only recompute the summaries of the result file --out from its per-split rows")
     args = ap.parse_args()
+    if args.summarize:
+        path = Path(args.out)
+        out = json.loads(path.read_text())
+        out["results"] = {t: {mode: summary(rows, float(t)) for mode, rows in modes.items()}
+                          for t, modes in out["splits"].items()}
+        path.write_text(json.dumps(out, indent=1) + "\n")
+        return
 
     manifest = load_bundle(args.bundle).manifest
     COSTS = exit_costs(manifest)
@@ -120,7 +133,8 @@ def main() -> None:
     for t, modes in out["results"].items():
         for mode, r in modes.items():
             print(f"max-drop {t} pp {mode:10s}: miss rate {r['miss_rate']} ({r['misses']}/{r['chosen']}, "
-                  f"{r['refused']} refused), held-out MACs {r['held_out_macs_fraction_mean']}, "
+                  f"{r['refused']} refused), held-out MACs mean {r['held_out_macs_fraction_mean']} median "
+                  f"{r['held_out_macs_fraction_median']}, {r['no_early_exit_points']} without early exit, "
                   f"drop {r['held_out_drop_pp']}")
     print(f"wrote {path}", file=sys.stderr)
 

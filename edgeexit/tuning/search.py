@@ -268,6 +268,10 @@ def search_guaranteed(trace: Trace, costs: ExitCosts, rule: str, target: Target,
     if passed:
         point, bound = _pick(passed, target, kind, tolerance)
         chosen = evaluate_rule(trace, ExitRuleSpec(rule, tuple(point.thresholds)), costs)
+        if check.kind == "drop" and len(passed) == 1 and ref_point is None:
+            log.warning("only the strictest %s point (%.1f%% of the MACs) can be guaranteed to keep %s at risk %g on %d "
+                        "images; for cheaper points allow a larger drop or give more labelled images", rule,
+                        100 * chosen.avg_macs_fraction, _statement(target, None, 0.0), risk, rows_c.size)
     elif ref_point is not None:
         chosen, bound = ref_point, 0.0
     else:
