@@ -95,7 +95,10 @@ def _summary(result: TuneResult, name: str, dry_run: bool) -> str:
               help="TFLite interpreter package.")
 @click.option("--cost-images", type=click.IntRange(min=0, max=1_000_000), default=DEFAULT_COST_IMAGES,
               show_default=True, help="Images that time each exit's whole-call cost on this device (0: no latency "
-                                      "estimates).")
+                                      "estimates). Costs an earlier tune timed on this machine and stored in "
+                                      "the bundle are used again.")
+@click.option("--retime", is_flag=True, help="Time the exit costs again even when the bundle holds costs timed on "
+                                             "this machine.")
 @click.option("--dry-run", is_flag=True, help="Search and report; do not change the bundle.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result (chosen point and front) as JSON.")
 @click.pass_context
@@ -103,7 +106,8 @@ def tune(ctx: click.Context, bundle: str, data: str, split: str, limit: int | No
          max_drop: float | None, no_worse_than: str | None, min_accuracy: float | None, margin: float | None,
          risk: float, minimize: str, budget_macs: float | None,
          budget_latency_ms: float | None, budget_energy_mj: float | None, energy_kind: str | None, board: str,
-         name: str, force: bool, levels: int, backend: str, cost_images: int, dry_run: bool, as_json: bool) -> None:
+         name: str, force: bool, levels: int, backend: str, cost_images: int, retime: bool, dry_run: bool,
+         as_json: bool) -> None:
     """Search per-exit thresholds of BUNDLE for an accuracy or budget target and store the trade-off front.
 
     By default the target holds on new data with probability >= 95 % (--risk 0.05)."""
@@ -120,7 +124,7 @@ def tune(ctx: click.Context, bundle: str, data: str, split: str, limit: int | No
                                                            "exit costs": "timing the exit costs on this device"})
     result = tune_bundle(bundle, data, target, rule=rule, name=name, split=split, limit=limit, dry_run=dry_run,
                          levels=levels, backend=backend, margin_pp=margin, progress=progress,
-                         cost_images=cost_images, board=board, risk=risk, force=force)
+                         cost_images=cost_images, board=board, risk=risk, force=force, retime=retime)
     if as_json:
         click.echo(json.dumps({"name": name, "written": not dry_run, **result.to_dict()}))
     else:

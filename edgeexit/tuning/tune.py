@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..energy import Board
-from ..errors import TuningError, UsageError
+from ..errors import BundleError, TuningError, UsageError
 from ..progress import Progress, reporting
 from ..runtime.manifest import ExitRuleSpec, Manifest
 from ..runtime.points import OperatingPoint
@@ -46,7 +46,8 @@ def tune_bundle(bundle: str | os.PathLike[str], data: str, target: Target, *, ru
                 name: str = "tuned", split: str = "test", limit: int | None = None, dry_run: bool = False,
                 levels: int = DEFAULT_LEVELS, backend: str = "auto", margin_pp: float | None = None,
                 progress: Progress | None = None, cost_images: int = DEFAULT_COST_IMAGES,
-                board: str | Board | None = None, risk: float = DEFAULT_RISK, force: bool = False) -> TuneResult:
+                board: str | Board | None = None, risk: float = DEFAULT_RISK, force: bool = False,
+                retime: bool = False) -> TuneResult:
     """Trace a labelled validation set once, search the front, and store the chosen point in the bundle.
 
     Args:
@@ -72,7 +73,11 @@ def tune_bundle(bundle: str | os.PathLike[str], data: str, target: Target, *, ru
         board: the board profile energy costs are for (None / "auto": detect it).
         cost_images: how many of the images time the exit costs (the whole-call latency of an input forced to
             leave at each exit, per rule kind; :func:`edgeexit.bench.timing.measure_exit_costs`), which the
-            latency of every candidate point is estimated from; 0 = no latency estimates.
+            latency of every candidate point is estimated from; 0 = no latency estimates. Costs this machine
+            timed before, stored in the bundle by an earlier tune, are used as they are (so two tunes of the same
+            bundle and data choose the same point, and a re-tune on a slow board skips the timing) unless
+            ``retime``.
+        retime: time the exit costs again even when the bundle holds costs timed on this machine.
 
     Returns:
         The :class:`TuneResult`.
@@ -107,7 +112,9 @@ def tune_bundle(bundle: str | os.PathLike[str], data: str, target: Target, *, ru
     seq = reporting(images.images, len(images), "trace", progress)
     log.info("tracing %d images through %d stages", len(images), manifest.num_exits)
     trace = runner.trace(seq, images.labels)
-    table = _measure_costs(runner, images.images, searched, manifest, ref_spec, cost_images, progress)
+    table = _stored_costs(manifest, searched, ref_spec, cost_images) if not retime else None
+    if table is None:
+        table = _measure_costs(runner, images.images, searched, manifest, ref_spec, cost_images, progress)
     if table is None and target.cost_kind == "latency":
         if target.budget_latency_ms is not None:
             raise UsageError("a latency budget needs the exit costs timed on this device: give --cost-images > 0")
@@ -168,17 +175,47 @@ def _fitting_rules(manifest: Manifest) -> tuple[str, ...]:
     return tuple(k for k in TUNABLE_RULES if k not in left_out)
 
 
+def _cost_kinds(searched: Sequence[str], manifest: Manifest, reference: ExitRuleSpec | None) -> list[str]:
+    """The rule kinds whose exit costs tuning needs: the searched ones, the reference's, the bundle's own, fixed."""
+    from ..bench.timing import COST_KINDS  # noqa: PLC0415
+
+    rules = [s.kind for s in (reference, manifest.exit_rule) if s is not None]
+    wanted = {*searched, *("fixed" if k == "final" else k for k in rules), "fixed"}
+    return [k for k in COST_KINDS if k in wanted]
+
+
+def _stored_costs(manifest: Manifest, searched: Sequence[str], reference: ExitRuleSpec | None,
+                  cost_images: int) -> Any:
+    """The exit costs an earlier tune timed on this machine and stored in the bundle, when they cover every rule
+    kind needed and every exit; else None (they are timed again)."""
+    from ..bench.timing import ExitCostTable, timed_elsewhere  # noqa: PLC0415
+
+    stored = manifest.operating_points.exit_costs
+    if cost_images == 0 or not stored or not stored.get("latency_ms") or timed_elsewhere(stored) is not None:
+        return None
+    try:
+        table = ExitCostTable.from_dict(stored)
+    except BundleError:
+        return None
+    kinds = _cost_kinds(searched, manifest, reference)
+    if any(len(table.latency_ms.get(k, ())) != manifest.num_exits for k in kinds):
+        return None
+    log.info("using the exit costs timed on this machine (%s) stored in the bundle (%d images); --retime times "
+             "them again", table.machine, table.inputs)
+    return table
+
+
 def _measure_costs(runner: Any, images: np.ndarray, searched: Sequence[str], manifest: Manifest,
                    reference: ExitRuleSpec | None, cost_images: int, progress: Progress | None = None) -> Any:
     """Time the exit costs of every rule kind tuning needs, on the first ``cost_images`` images (None if 0)."""
-    from ..bench.timing import COST_KINDS, measure_exit_costs  # noqa: PLC0415
+    from ..bench.timing import measure_exit_costs  # noqa: PLC0415
 
     if isinstance(cost_images, bool) or not isinstance(cost_images, int) or cost_images < 0:
         raise UsageError(f"cost_images must be an integer >= 0, got {cost_images!r}")
     if cost_images == 0:
         return None
     rules = [rule_from_spec(s) for s in (reference, manifest.exit_rule) if s is not None]
-    kinds = [k for k in COST_KINDS if k in {*searched, *(r.kind for r in rules)} or k == "fixed"]
+    kinds = _cost_kinds(searched, manifest, reference)
     log.info("timing exit costs (%s) on %d images", ", ".join(kinds), min(cost_images, len(images)))
     return measure_exit_costs(runner, list(images[:cost_images]), kinds, rules=rules, repeat=3, progress=progress)
 
