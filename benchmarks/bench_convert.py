@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from edgeexit.workstation.conversion.pipeline import convert  # noqa: E402
-from edgeexit.workstation.conversion.costs import count_params  # noqa: E402
+from edgeexit.workstation.models.costs import count_params  # noqa: E402
 from edgeexit.bench.envinfo import cpu_model  # noqa: E402
 
 
@@ -41,9 +41,9 @@ def _version(name: str) -> str | None:
 def build(model_name: str, exits: int) -> torch.nn.Module:
     """The registry's model, or a one-line explanation of what is missing."""
     try:
-        from edgeexit.workstation.models.registry import create
+        from edgeexit.workstation.catalog.registry import create
     except ImportError as exc:
-        raise SystemExit(f"bench_convert: edgeexit.workstation.models.registry is not available ({exc}); nothing to benchmark")
+        raise SystemExit(f"bench_convert: edgeexit.workstation.catalog.registry is not available ({exc}); nothing to benchmark")
     torch.manual_seed(0)
     return create(model_name, num_classes=10, exits=exits).eval()
 

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edgeexit.bench.bench import BenchSettings, run_benchmark  # noqa: E402
-from edgeexit.bench.datasets import load_dataset  # noqa: E402
+from edgeexit.datasets import load_dataset  # noqa: E402
 from verified import add_option, require_verified  # noqa: E402
 
 IMPORT_PROBE = r"""

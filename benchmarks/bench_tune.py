@@ -71,7 +71,7 @@ def bench_search(repeats: int) -> dict:
 
 def bench_mnist(bundle: Path, rule: str, seed: int = 0) -> dict:
     from edgeexit.runtime.bundle import load_bundle
-    from edgeexit.bench.datasets import load_dataset
+    from edgeexit.datasets import load_dataset
     from edgeexit.runtime.runner import Runner
 
     loaded = load_bundle(bundle)

@@ -28,7 +28,7 @@ from edgeexit.workstation.models import zoo  # noqa: E402
 from edgeexit.workstation.own.split import split_module, staged_from_split  # noqa: E402
 from edgeexit.workstation.models.staged import ModelSpec, StagedModel  # noqa: E402
 from edgeexit.workstation.training.train import TrainConfig, train  # noqa: E402
-from edgeexit.bench.datasets import ImageSet, load_dataset  # noqa: E402
+from edgeexit.datasets import ImageSet, load_dataset  # noqa: E402
 from edgeexit.runtime.runner import Runner  # noqa: E402
 from edgeexit.runtime.trace import Trace  # noqa: E402
 from edgeexit.runtime.points import OperatingPoint  # noqa: E402

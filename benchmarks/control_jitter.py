@@ -124,7 +124,7 @@ def load_front(bundle: str | None, data: str) -> tuple[list[OperatingPoint], np.
         source = ("tests/synthetic.py synthetic_trace(n=4000), confidence rule front thinned to "
                   f"{MAX_STORED_FRONT} points as tune stores it, exit costs 0.1/0.22/0.37/0.57 ms")
     else:
-        from edgeexit.bench.datasets import load_dataset
+        from edgeexit.datasets import load_dataset
         from edgeexit.runtime.runner import Runner
 
         runner = Runner(bundle, power_sensor=None)

@@ -23,7 +23,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edgeexit.bench.datasets import load_dataset  # noqa: E402
+from edgeexit.datasets import load_dataset  # noqa: E402
 from edgeexit.bench.envinfo import collect_environment, int8_features  # noqa: E402
 from edgeexit.bench.timing import measure_exit_costs  # noqa: E402
 from edgeexit.runtime.runner import Runner  # noqa: E402

@@ -20,11 +20,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edgeexit.workstation.training.checkpoint import save_checkpoint  # noqa: E402
+from edgeexit.workstation.catalog.checkpoint import save_checkpoint  # noqa: E402
 from edgeexit.workstation.training.train import TrainConfig, collect_outputs, summarize  # noqa: E402
 from edgeexit.workstation.training.data import to_tensors  # noqa: E402
 from edgeexit.workstation.cli.train import machine_info, run_training  # noqa: E402
-from edgeexit.bench.datasets import load_dataset  # noqa: E402
+from edgeexit.datasets import load_dataset  # noqa: E402
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 

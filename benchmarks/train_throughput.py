@@ -31,7 +31,7 @@ import common  # noqa: E402
 from common import RESULTS  # noqa: E402
 from zoo_train import RECIPES, build_model  # noqa: E402
 
-from edgeexit.bench.datasets import ImageSet  # noqa: E402
+from edgeexit.datasets import ImageSet  # noqa: E402
 from edgeexit.runtime.atomic import write_file_atomic  # noqa: E402
 from edgeexit.workstation.training.data import to_tensors  # noqa: E402
 from edgeexit.workstation.training.train import train  # noqa: E402

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from edgeexit.energy.boards import cpu_model  # noqa: E402
 from edgeexit.runtime.bundle import load_bundle  # noqa: E402
-from edgeexit.bench.datasets import load_dataset  # noqa: E402
+from edgeexit.datasets import load_dataset  # noqa: E402
 from edgeexit.runtime.runner import Runner  # noqa: E402
 from edgeexit.tuning.evaluate import evaluate_rule, exit_costs
 from edgeexit.tuning.results import Target

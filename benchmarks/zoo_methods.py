@@ -53,7 +53,7 @@ from verified import add_option, require_verified  # noqa: E402
 from zoo_train import RECIPES  # noqa: E402
 
 from edgeexit.bench.bench import BenchSettings, run_benchmark  # noqa: E402
-from edgeexit.bench.datasets import ImageSet  # noqa: E402
+from edgeexit.datasets import ImageSet  # noqa: E402
 from edgeexit.errors import TuningError, UsageError  # noqa: E402
 from edgeexit.runtime.atomic import write_file_atomic  # noqa: E402
 from edgeexit.runtime.manifest import ExitRuleSpec  # noqa: E402
@@ -67,9 +67,9 @@ from edgeexit.workstation.conversion.pipeline import convert  # noqa: E402
 from edgeexit.workstation.posttrain.classexit import attach_class_exits, train_class_exits  # noqa: E402
 from edgeexit.workstation.posttrain.pteenet import attach_branches, backbone_digest, train_branches  # noqa: E402
 from edgeexit.workstation.models import zoo  # noqa: E402
-from edgeexit.workstation.models.registry import create  # noqa: E402
+from edgeexit.workstation.catalog.registry import create  # noqa: E402
 from edgeexit.workstation.models.staged import MonolithicExport, StagedModel  # noqa: E402
-from edgeexit.workstation.training.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from edgeexit.workstation.catalog.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from edgeexit.workstation.training.train import TrainConfig, evaluate, train  # noqa: E402
 
 log = logging.getLogger("zoo_methods")

@@ -38,9 +38,9 @@ from common import INPUT_SHAPE, MEAN, RESULTS, ROOT, STD  # noqa: E402
 from edgeexit.runtime.atomic import write_file_atomic  # noqa: E402
 from edgeexit.workstation.posttrain.pteenet import attach_branches  # noqa: E402
 from edgeexit.workstation.models import zoo  # noqa: E402
-from edgeexit.workstation.models.registry import create  # noqa: E402
+from edgeexit.workstation.catalog.registry import create  # noqa: E402
 from edgeexit.workstation.models.staged import StagedModel  # noqa: E402
-from edgeexit.workstation.training.checkpoint import save_checkpoint  # noqa: E402
+from edgeexit.workstation.catalog.checkpoint import save_checkpoint  # noqa: E402
 from edgeexit.workstation.training.train import TrainConfig, evaluate, train  # noqa: E402
 
 log = logging.getLogger("zoo_train")

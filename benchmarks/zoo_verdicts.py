@@ -32,7 +32,7 @@ from edgeexit.runtime.atomic import write_file_atomic  # noqa: E402
 from edgeexit.runtime.bundle import read_manifest  # noqa: E402
 from edgeexit.workstation.conversion.pipeline import verify_bundle  # noqa: E402
 from edgeexit.workstation.conversion.verify import Tolerances  # noqa: E402
-from edgeexit.workstation.training.checkpoint import load_checkpoint  # noqa: E402
+from edgeexit.workstation.catalog.checkpoint import load_checkpoint  # noqa: E402
 from test_verify import tamper_input_scale  # noqa: E402  (the tests' exact tampering of a stage file)
 
 RUNS = ROOT / "runs" / "zoo"

@@ -74,3 +74,13 @@ def printable(text: object, limit: int = 300) -> str:
     s = str(text)
     out = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in s[:limit])
     return out + ("..." if len(s) > limit else "")
+
+
+def clip(text: str, limit: int = 300) -> str:
+    """``text`` on one line, at most about ``limit`` characters: cut at a word boundary and marked with "..."
+    (a message is never cut inside a word, a number or a quoted name)."""
+    line = " ".join(str(text).split())
+    if len(line) <= limit:
+        return line
+    cut = line.rfind(" ", 0, limit)
+    return (line[:cut] if cut > limit // 2 else line[:limit]).rstrip(" ,;:([{") + " ..."

@@ -149,7 +149,7 @@ def compare(ref_path: str, other_path: str, max_lsb: int) -> dict[str, Any]:
 # ---- prepare (workstation side) -----------------------------------------------------------------------------
 def prepare(out_dir: str, count: int, bundle: str | None) -> None:
     """Write OUT/inputs.npz (first ``count`` MNIST test images) and OUT/bundle (given or built)."""
-    from edgeexit.bench.datasets import load_dataset
+    from edgeexit.datasets import load_dataset
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

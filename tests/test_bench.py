@@ -17,7 +17,7 @@ from edgeexit.bench.bench import RESULT_FIELDS, BenchSettings, run_benchmark
 from edgeexit.bench.report import result_stem, write_results
 from edgeexit.bench.threshold_sweep import SWEEP_COLUMNS
 from edgeexit.runtime.bundle import read_manifest
-from edgeexit.bench.datasets import ImageSet, load_dataset
+from edgeexit.datasets import ImageSet, load_dataset
 from edgeexit.bench.envinfo import EnvPaths, collect_environment, slug
 from edgeexit.errors import DatasetError
 from edgeexit.runtime.runner import Runner
@@ -366,7 +366,7 @@ def test_invalid_bundle_fails_with_one_line(bundle_dir, data_npz, tmp_path):
 def test_float_checkpoint_accuracy_beside_the_int8_run(tiny_bundle, tiny_model, data_npz, tmp_path, monkeypatch):
     torch = pytest.importorskip("torch")
     from edgeexit.workstation.models import registry
-    from edgeexit.workstation.training.checkpoint import save_checkpoint
+    from edgeexit.workstation.catalog.checkpoint import save_checkpoint
     from edgeexit.workstation.training.data import to_tensors
     from tinymodels import tiny_staged_model
 
@@ -401,7 +401,7 @@ def test_bench_loads_no_workstation_module(bundle_dir, data_npz, tmp_path):
     script = ("import json, sys\n"
               "from edgeexit.bench.bench import BenchSettings, run_benchmark\n"
               "from edgeexit.bench.report import write_results\n"
-              "from edgeexit.bench.datasets import load_dataset\n"
+              "from edgeexit.datasets import load_dataset\n"
               "r = run_benchmark(sys.argv[1], load_dataset(sys.argv[2], limit=10), BenchSettings(warmup=1))\n"
               "ran = sorted(sys.modules)\n"
               "write_results(r, sys.argv[3])\n"

@@ -120,9 +120,9 @@ def _spatial_class_model(exits_after=("layer1", "layer2"), hidden=6):
 def test_spatial_class_exits_read_the_whole_map_and_rebuild_from_spec_and_checkpoint(tmp_path):
     import torch
 
-    from edgeexit.workstation.training.checkpoint import load_checkpoint, save_checkpoint
+    from edgeexit.workstation.catalog.checkpoint import load_checkpoint, save_checkpoint
     from edgeexit.workstation.models.heads import SpatialClassHead
-    from edgeexit.workstation.models.registry import build
+    from edgeexit.workstation.catalog.registry import build
 
     model = _spatial_class_model()
     x = torch.randn(3, 1, 28, 28)
@@ -166,7 +166,7 @@ def test_post_train_cli_builds_spatial_class_exits(tmp_path):
     import torch
     from click.testing import CliRunner
 
-    from edgeexit.workstation.training.checkpoint import load_checkpoint
+    from edgeexit.workstation.catalog.checkpoint import load_checkpoint
     from edgeexit.workstation.models.heads import SpatialClassHead
     from edgeexit.workstation.cli.posttrain import post_train
     from synthetic import synthetic_digits

@@ -340,7 +340,7 @@ def test_progress_shows_count_percent_and_eta():
 
 def test_bench_throughput_reports_while_it_runs(bundle_dir, labelled):
     from edgeexit.bench.bench import BenchSettings, run_benchmark
-    from edgeexit.bench.datasets import load_dataset
+    from edgeexit.datasets import load_dataset
 
     seen: list[tuple[str, int, int]] = []
     run_benchmark(bundle_dir, load_dataset(str(labelled["fit"])),

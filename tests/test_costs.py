@@ -8,10 +8,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from edgeexit.workstation.conversion.costs import count_macs, model_costs
+from edgeexit.workstation.models.costs import count_macs, model_costs
 from edgeexit.workstation.models.heads import EENetHead, PlainHead
 from edgeexit.workstation.models.placement import place_exits, target_fractions
-from edgeexit.workstation.models.registry import create
+from edgeexit.workstation.catalog.registry import create
 from edgeexit.workstation.models.staged import ModelSpec, Stage, StagedModel
 from edgeexit.errors import UsageError
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgeexit.bench import datasets
-from edgeexit.bench.datasets import load_dataset, train_val_split
+from edgeexit import datasets
+from edgeexit.datasets import load_dataset, train_val_split
 from edgeexit.errors import DatasetError
 
 pytestmark = pytest.mark.runtime  # numpy, Pillow, click and a TFLite interpreter only (device/legacy runs)

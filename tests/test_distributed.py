@@ -23,7 +23,7 @@ pytestmark = pytest.mark.workstation
 
 from edgeexit.workstation.posttrain import pteenet  # noqa: E402
 from edgeexit.workstation.models import zoo  # noqa: E402
-from edgeexit.workstation.training.checkpoint import load_checkpoint, read_checkpoint  # noqa: E402
+from edgeexit.workstation.catalog.checkpoint import load_checkpoint, read_checkpoint  # noqa: E402
 from edgeexit.workstation.training.distributed import GlooSyncBatchNorm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -233,8 +233,8 @@ def test_every_process_exits_cleanly_after_distributed_training(tmp_path):
 def test_mixed_precision_is_a_cuda_option_and_cpu_training_stays_float32():
     from synthetic import synthetic_digits
 
-    from edgeexit.bench.datasets import ImageSet
-    from edgeexit.workstation.models.registry import create
+    from edgeexit.datasets import ImageSet
+    from edgeexit.workstation.catalog.registry import create
     from edgeexit.workstation.training.train import TrainConfig, train
 
     labels = tuple(str(i) for i in range(10))

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from edgeexit.bench.bench import BenchSettings, run_benchmark
-from edgeexit.bench.datasets import ImageSet
+from edgeexit.datasets import ImageSet
 from edgeexit.energy import BOARDS, EnergyModel
-from edgeexit.energy.bench_energy import EnergySettings, check_measurement
+from edgeexit.bench.bench_energy import EnergySettings, check_measurement
 from edgeexit.energy.sources import find_power_sensor
 from edgeexit.errors import EnergyError
 from edgeexit.runtime.bundle import read_manifest
@@ -138,7 +138,7 @@ def test_no_sensor_means_no_measured_figures_and_the_report_says_so(bundle_dir):
 
 
 def test_energy_settings_and_storing_refuse_what_cannot_work(bundle_dir, tmp_path):
-    from edgeexit.energy.bench_energy import store_measured
+    from edgeexit.bench.bench_energy import store_measured
     from edgeexit.errors import UsageError
 
     with pytest.raises(UsageError, match="start the meter's log"):

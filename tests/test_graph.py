@@ -17,7 +17,7 @@ def _manifest(bundle) -> Manifest:
 
 
 def test_stage_macs_equal_torch_counts(tiny_bundle, tiny_model):
-    from edgeexit.workstation.conversion.costs import model_costs
+    from edgeexit.workstation.models.costs import model_costs
 
     torch_costs = model_costs(tiny_model)
     for i, stage in enumerate(_manifest(tiny_bundle).stages):
@@ -29,7 +29,7 @@ def test_stage_macs_equal_torch_counts(tiny_bundle, tiny_model):
 
 
 def test_full_macs_is_every_segment_plus_the_whole_final_head(tiny_bundle, tiny_model):
-    from edgeexit.workstation.conversion.costs import model_costs
+    from edgeexit.workstation.models.costs import model_costs
 
     m = _manifest(tiny_bundle)
     final = file_costs(tiny_bundle / m.stages[-1].file)
@@ -72,7 +72,7 @@ def test_without_boundary_everything_is_segment(tiny_bundle):
 @pytest.mark.slow  # a real conversion: 136 s on the shared 2-core machine under load
 def test_depthwise_convolution_macs(tmp_path):
     from edgeexit.workstation.conversion.pipeline import convert_unit
-    from edgeexit.workstation.conversion.costs import count_macs
+    from edgeexit.workstation.models.costs import count_macs
     from edgeexit.workstation.conversion.export import split_stages
     from edgeexit.workstation.conversion.quantize import stage_inputs
     from tinymodels import synthetic_digits, tiny_staged_model

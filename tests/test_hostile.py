@@ -141,7 +141,7 @@ def test_bomb_image_refused_by_the_library(bundle_dir, tmp_path):
 
 
 def test_huge_dataset_labels_refused(tmp_path):
-    from edgeexit.bench.datasets import load_dataset
+    from edgeexit.datasets import load_dataset
     from edgeexit.errors import DatasetError
 
     path = tmp_path / "d.npz"
@@ -266,7 +266,7 @@ def test_mnist_pickle_that_would_run_code_is_refused(tmp_path):
     with gzip.open(package / "data" / "mnist.pkl.gz", "wb") as f:
         f.write(hc.malicious_pickles(marker)["os.system"])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), str(Path(__file__).parents[1])]))
-    code = ("from edgeexit.bench.datasets import load_dataset\nfrom edgeexit.errors import DatasetError\n"
+    code = ("from edgeexit.datasets import load_dataset\nfrom edgeexit.errors import DatasetError\n"
             "try:\n    load_dataset('mnist')\nexcept DatasetError as e:\n    print(e)\n")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "refused without running it" in r.stdout, r.stderr[-500:]
@@ -278,7 +278,7 @@ def test_cifar10_pickles_of_every_protocol_and_the_binary_release(tmp_path):
     text keys as bytes), and the binary release gives the same images."""
     import pickle
 
-    from edgeexit.bench.datasets import load_dataset
+    from edgeexit.datasets import load_dataset
 
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 256, (3, 3072), dtype=np.uint8), [5, 0, 9]
@@ -303,7 +303,7 @@ def test_16bit_png_gives_the_8bit_answer(bundle_dir, tmp_path):
     the Runner and through the image-folder loader (scaled, not clipped)."""
     from PIL import Image
 
-    from edgeexit.bench.datasets import load_dataset
+    from edgeexit.datasets import load_dataset
     from edgeexit.runtime.runner import Runner
     from synthetic import synthetic_digits
 

@@ -6,9 +6,9 @@ pytest.importorskip("torch")  # workstation-only tests: skipped in the device en
 pytestmark = pytest.mark.workstation
 import torch
 
-from edgeexit.workstation.conversion.costs import model_costs
+from edgeexit.workstation.models.costs import model_costs
 from edgeexit.workstation.models.heads import ClassHead, EENetHead, PlainHead
-from edgeexit.workstation.models.registry import BUILDERS, build, create
+from edgeexit.workstation.catalog.registry import BUILDERS, build, create
 from edgeexit.workstation.models.staged import MonolithicExport, StageExport
 from edgeexit.errors import UsageError
 
@@ -104,7 +104,7 @@ def test_explicit_cuts_fix_the_number_of_exits():
 def test_a_checkpoint_that_names_an_old_resnet_id_still_loads(tmp_path):
     """The EENet ResNets were renamed resnetN -> eenet-resnetN (resnet18/50 also name torchvision layouts); checkpoints
     trained before store the old id as their builder and must rebuild the same network."""
-    from edgeexit.workstation.training.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+    from edgeexit.workstation.catalog.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 
     model = create("eenet-resnet20", exits=3, base_width=4).eval()
     assert model.spec.builder == "eenet-resnet20"

@@ -178,7 +178,7 @@ def p_max(logits: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("which", ["plain", "confident", "keras"])
 def test_rebuild_matches_onnxruntime_and_stages_like_the_torch_network(which, nets):
-    from edgeexit.workstation.conversion.costs import model_costs
+    from edgeexit.workstation.models.costs import model_costs
 
     net, path = nets[which]
     conv = onnx_to_torch(path)

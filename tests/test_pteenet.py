@@ -11,7 +11,7 @@ pytestmark = pytest.mark.workstation
 from edgeexit.workstation.posttrain import pteenet
 from edgeexit.workstation.models import zoo  # noqa: E402
 from edgeexit.workstation.training.train import TrainConfig  # noqa: E402
-from edgeexit.bench.datasets import ImageSet  # noqa: E402
+from edgeexit.datasets import ImageSet  # noqa: E402
 from edgeexit.errors import UsageError  # noqa: E402
 
 LABELS = [str(i) for i in range(10)]
@@ -61,7 +61,7 @@ def test_digest_notices_a_changed_batchnorm_statistic():
 
 
 def test_final_exit_is_the_backbone_and_the_spec_rebuilds_the_model():
-    from edgeexit.workstation.models.registry import BUILDERS
+    from edgeexit.workstation.catalog.registry import BUILDERS
 
     backbone = _backbone()
     model = pteenet.attach_branches(backbone, (1, 28, 28), LABELS, exits_after=["layer1"], backbone_desc=DESC)
@@ -80,7 +80,7 @@ def test_final_exit_is_the_backbone_and_the_spec_rebuilds_the_model():
 def test_no_branches_is_the_backbone_alone_and_its_checkpoint_refills_a_zoo_module(tmp_path):
     """exits_after=[] (not None) means no branches: a one-exit model of the whole backbone, e.g. to train a zoo
     network as a plain classifier; its checkpoint rebuilds it and fills a fresh zoo module with the weights."""
-    from edgeexit.workstation.training.checkpoint import load_checkpoint, save_checkpoint
+    from edgeexit.workstation.catalog.checkpoint import load_checkpoint, save_checkpoint
 
     backbone = _backbone(seed=3)
     model = pteenet.attach_branches(backbone, (1, 28, 28), LABELS, exits_after=[], backbone_desc=DESC)
@@ -138,7 +138,7 @@ def test_split_zoo_network_converts_and_runs_on_the_device_path(tmp_path):
 
 
 def test_spatial_branches_see_the_whole_map_and_rebuild_from_their_spec():
-    from edgeexit.workstation.models.registry import build
+    from edgeexit.workstation.catalog.registry import build
 
     model = pteenet.attach_branches(_backbone(), (1, 28, 28), LABELS, exits_after=["layer1", "layer2"],
                                     branch="spatial", backbone_desc=DESC)
@@ -152,7 +152,7 @@ def test_spatial_branches_see_the_whole_map_and_rebuild_from_their_spec():
 
 
 def test_spatial_branch_width_is_recorded_and_rebuilt():
-    from edgeexit.workstation.models.registry import build
+    from edgeexit.workstation.catalog.registry import build
 
     model = pteenet.attach_branches(_backbone(), (1, 28, 28), LABELS, exits_after=["layer1"], branch="spatial",
                                     hidden=5, backbone_desc=DESC)

@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.workstation
 
-from edgeexit.workstation.conversion.costs import count_macs  # noqa: E402
+from edgeexit.workstation.models.costs import count_macs  # noqa: E402
 from edgeexit.workstation.own import split  # noqa: E402
 from edgeexit.workstation.models import zoo  # noqa: E402
 from edgeexit.errors import CheckpointError, UsageError  # noqa: E402

@@ -12,11 +12,11 @@ pytest.importorskip("torch")  # workstation-only tests: skipped in the device en
 pytestmark = pytest.mark.workstation
 import torch
 
-from edgeexit.workstation.training.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from edgeexit.workstation.conversion.costs import ModelCosts
-from edgeexit.workstation.models.registry import create
+from edgeexit.workstation.catalog.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from edgeexit.workstation.models.costs import ModelCosts
+from edgeexit.workstation.catalog.registry import create
 from edgeexit.workstation.training.train import ExitTrace, TrainConfig, evaluate, summarize, train
-from edgeexit.bench.datasets import load_dataset, train_val_split
+from edgeexit.datasets import load_dataset, train_val_split
 from edgeexit.errors import CheckpointError, UsageError
 
 TINY = dict(layers=[[8, 2, 0], [16, 2, 0], [16, 1, 0]], placement=[0, 1, 2])

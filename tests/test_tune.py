@@ -260,7 +260,7 @@ def test_dry_run_writes_nothing(tiny_bundle_copy, tiny_npz):
                                         ("class-names", "class 0 is 'other0' in the dataset")],
                          ids=["size", "class-count", "class-names"])
 def test_data_that_does_not_fit_the_bundle(tiny_bundle_copy, tmp_path, kind, match):
-    # the same check as `edgeexit bench` (edgeexit.bench.datasets.check_dataset): refused before anything runs
+    # the same check as `edgeexit bench` (edgeexit.datasets.check_dataset): refused before anything runs
     rng = np.random.default_rng(0)
     shape, k = {"size": ((20, 32, 32, 3), 10), "class-count": ((20, 28, 28, 1), 12),
                 "class-names": ((20, 28, 28, 1), 10)}[kind]

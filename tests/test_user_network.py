@@ -219,7 +219,7 @@ def test_cuts_follow_the_exits(tmp_path):
 
 
 def test_costs_follow_the_moved_cut():
-    from edgeexit.workstation.conversion.costs import model_costs
+    from edgeexit.workstation.models.costs import model_costs
 
     net = SkipAround()
     macs = macs_by_module(net)
@@ -844,7 +844,7 @@ def test_untraceable_code_is_named_where_it_is():
 
 
 def test_messages_are_cut_between_words():
-    from edgeexit.workstation.conversion.export import clip
+    from edgeexit.errors import clip
 
     text = "operator adaptive_avg_pool2d cannot be exported [Caused by the value '55 defined in (%55 : Long(2, " \
            "strides=[1], device=cpu) = prim::ListConstruct(%53, %54)' " * 5

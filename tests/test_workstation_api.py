@@ -54,9 +54,9 @@ def test_every_exported_name_is_the_implementing_object():
         "train_branches": "edgeexit.workstation.posttrain.pteenet",
         "attach_class_exits": "edgeexit.workstation.posttrain.classexit",
         "train_class_exits": "edgeexit.workstation.posttrain.classexit",
-        "create_model": "edgeexit.workstation.models.registry", "StagedModel": "edgeexit.workstation.models.staged",
-        "save_checkpoint": "edgeexit.workstation.training.checkpoint",
-        "load_checkpoint": "edgeexit.workstation.training.checkpoint",
+        "create_model": "edgeexit.workstation.catalog.registry", "StagedModel": "edgeexit.workstation.models.staged",
+        "save_checkpoint": "edgeexit.workstation.catalog.checkpoint",
+        "load_checkpoint": "edgeexit.workstation.catalog.checkpoint",
     }
     assert ws.__all__ == sorted(expected)
     for name, module in expected.items():

@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.workstation, pytest.mark.slow]
 
 from torch import nn  # noqa: E402
 
-from edgeexit.workstation.conversion.costs import count_macs  # noqa: E402
+from edgeexit.workstation.models.costs import count_macs  # noqa: E402
 from edgeexit.workstation.posttrain import pteenet  # noqa: E402
 from edgeexit.workstation.models import zoo  # noqa: E402
 from tinymodels import exits_loss  # noqa: E402
@@ -109,7 +109,7 @@ def _random_case(arch: str) -> Case:
 def _trained_case(arch: str, steps: int, batch: int = 64) -> Case:
     """The network and its branch trained together on MNIST (seeded): cross-entropy at both exits and a BCE of
     the branch's confidence against "the branch is right"."""
-    from edgeexit.bench.datasets import load_dataset
+    from edgeexit.datasets import load_dataset
     from edgeexit.errors import DatasetError
 
     try:

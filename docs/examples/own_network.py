@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import edgeexit
-from edgeexit.bench.datasets import ImageSet, load_dataset
+from edgeexit.datasets import ImageSet, load_dataset
 from edgeexit.workstation import convert, stage_network
 
 MEAN, STD = 0.5, 0.5  # the network sees (pixel / 255 - 0.5) / 0.5

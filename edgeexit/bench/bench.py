@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from ..energy.bench_energy import EnergySettings, energy_section, measure_bench
+from .bench_energy import EnergySettings, energy_section, measure_bench
 from ..errors import DatasetError, EdgeExitError, UsageError
 from ..progress import Progress
 from ..runtime.bundle import Bundle, load_bundle
@@ -41,7 +41,7 @@ from ..runtime.rules import ExitRule
 from ..runtime.stats import DRIFT_ALPHA, exit_share_test, reference_shares
 from ..runtime.trace import Trace
 from .compare import bundle_hash
-from .datasets import ImageSet, check_dataset
+from ..datasets import ImageSet, check_dataset
 from .envinfo import EnvPaths, collect_environment
 from .threshold_sweep import grid_kind, named_rules, rule_text, sweep_tradeoff
 from .timing import (COST_KINDS, Variant, cost_table, forced_variants, latency_summary, per_input,
@@ -152,7 +152,7 @@ def float_accuracy(checkpoint: str | os.PathLike[str], data: ImageSet, rule: Exi
     try:
         import torch
 
-        from edgeexit.workstation.training.checkpoint import load_checkpoint
+        from edgeexit.workstation.catalog.checkpoint import load_checkpoint
         from edgeexit.workstation.training.data import to_tensors
     except ImportError as exc:
         raise EdgeExitError(f"--float-checkpoint needs torch and the workstation packages ({exc}); install the workstation "
@@ -268,7 +268,7 @@ def run_benchmark(bundle: str | os.PathLike[str] | Bundle, data: ImageSet, setti
 
     Args:
         bundle: a bundle directory or a loaded :class:`~edgeexit.runtime.bundle.Bundle`.
-        data: labelled images; see :func:`edgeexit.bench.datasets.check_dataset` for what fits.
+        data: labelled images; see :func:`edgeexit.datasets.check_dataset` for what fits.
         settings: warm-up, repeats, threads, backend, rule, board, sweep, resize, float checkpoint, batches.
         progress: optional callback ``progress(phase, done, total)``.
         env_paths: where the machine description is read (tests).

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..energy.bench_energy import format_energy
+from .bench_energy import format_energy
 from ..errors import UsageError
 from .envinfo import slug
 from .threshold_sweep import SWEEP_COLUMNS

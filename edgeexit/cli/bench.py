@@ -127,8 +127,8 @@ def bench(ctx: click.Context, bundle: str, data_spec: str, split: str, limit: in
     from ..bench.bench import BenchSettings, run_benchmark
     from ..bench.report import format_report, write_results
     from ..runtime.bundle import load_bundle
-    from ..bench.datasets import check_dataset, load_dataset
-    from ..energy.bench_energy import EnergySettings, check_measurement, store_measured
+    from ..datasets import check_dataset, load_dataset
+    from ..bench.bench_energy import EnergySettings, check_measurement, store_measured
 
     quiet = bool((ctx.find_root().obj or {}).get("quiet"))
     # every option is checked here, before the data is read and anything is timed

@@ -18,14 +18,16 @@ Kinds (the words used in tables, JSON, the CLI, tune budgets and the controller)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
 from ..errors import UsageError
-from ..runtime.manifest import Manifest
 from .boards import Board
 from .proxy import monolithic_proxy_mj, proxy_source, stages_proxy_mj
+
+if TYPE_CHECKING:  # the bundle format's types, for annotations only: energy imports no runtime module
+    from ..runtime.manifest import Manifest
 
 #: Energy kinds, in the order tables show them.
 KINDS = ("measured", "board_estimate", "proxy")

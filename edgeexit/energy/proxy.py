@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from ..runtime.manifest import Manifest, StageSpec, TensorSpec
 from .boards import Board
+
+if TYPE_CHECKING:  # the bundle format's types, for annotations only: energy imports no runtime module
+    from ..runtime.manifest import Manifest, StageSpec, TensorSpec
 
 INT8_MULT_PJ = 0.2
 INT8_ADD_PJ = 0.03

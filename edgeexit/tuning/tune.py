@@ -52,7 +52,7 @@ def tune_bundle(bundle: str | os.PathLike[str], data: str, target: Target, *, ru
 
     Args:
         bundle: the bundle directory.
-        data: a dataset spec for :func:`edgeexit.bench.datasets.load_dataset`.
+        data: a dataset spec for :func:`edgeexit.datasets.load_dataset`.
         target: accuracy floor or cost budget.
         rule: rule kind to tune (default: the bundle's own kind when tunable, else max_softmax), or "any":
             search every tunable kind and keep the one whose chosen point is best for the target.
@@ -87,7 +87,7 @@ def tune_bundle(bundle: str | os.PathLike[str], data: str, target: Target, *, ru
         TuningError: the target cannot be met; UsageError: bad arguments.
     """
     from ..runtime.bundle import load_bundle, write_manifest_atomic  # noqa: PLC0415
-    from ..bench.datasets import check_dataset, load_dataset  # noqa: PLC0415
+    from ..datasets import check_dataset, load_dataset  # noqa: PLC0415
     from ..runtime.runner import Runner  # noqa: PLC0415
 
     check_point_name(name)

@@ -18,10 +18,10 @@ from typing import Any
 #: public name -> "module:attribute", imported when the name is first read.
 _EXPORTS = {
     # models: build, save and load
-    "create_model": "edgeexit.workstation.models.registry:create",
+    "create_model": "edgeexit.workstation.catalog.registry:create",
     "StagedModel": "edgeexit.workstation.models.staged:StagedModel",
-    "save_checkpoint": "edgeexit.workstation.training.checkpoint:save_checkpoint",
-    "load_checkpoint": "edgeexit.workstation.training.checkpoint:load_checkpoint",
+    "save_checkpoint": "edgeexit.workstation.catalog.checkpoint:save_checkpoint",
+    "load_checkpoint": "edgeexit.workstation.catalog.checkpoint:load_checkpoint",
     # training (EENets) and its configuration
     "train": "edgeexit.workstation.training.train:train",
     "evaluate": "edgeexit.workstation.training.train:evaluate",

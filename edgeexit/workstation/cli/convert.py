@@ -20,7 +20,7 @@ from typing import Any
 import click
 import numpy as np
 
-from edgeexit.bench.datasets import ImageSet, load_dataset
+from edgeexit.datasets import ImageSet, load_dataset
 from edgeexit.errors import UsageError
 from edgeexit.runtime.manifest import EXIT_RULES
 
@@ -202,7 +202,7 @@ def convert(ctx: click.Context, checkpoint: str, calib_spec: str, calib_size: in
 
     edgeexit convert my_net.onnx --mean 0.5 --std 0.5 --confidence probability --calib fashion-mnist --out bundle/
     """
-    from ..training.checkpoint import load_checkpoint, read_checkpoint
+    from ..catalog.checkpoint import load_checkpoint, read_checkpoint
     from ..conversion.pipeline import VerificationWarning, check_activations, convert as run_convert
 
     check_activations(activations, exit_rule)

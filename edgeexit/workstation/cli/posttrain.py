@@ -23,13 +23,13 @@ from typing import Any
 import click
 import torch
 
-from edgeexit.bench.datasets import load_dataset, train_val_split
+from edgeexit.datasets import load_dataset, train_val_split
 from edgeexit.errors import UsageError
 from edgeexit.progress import StderrProgress
 
 from ..models import zoo
 from ..training import distributed
-from ..training.checkpoint import load_checkpoint, save_checkpoint
+from ..catalog.checkpoint import load_checkpoint, save_checkpoint
 from ..models.heads import CLASS_HEAD_KINDS
 from ..models.placement import SCHEMES
 from ..posttrain.pteenet import BRANCH_KINDS, attach_branches, train_branches

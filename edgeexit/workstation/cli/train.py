@@ -20,17 +20,17 @@ from typing import Any, Sequence
 import click
 import numpy as np
 
-from edgeexit.bench.datasets import ImageSet, load_dataset, train_val_split
+from edgeexit.datasets import ImageSet, load_dataset, train_val_split
 from edgeexit.progress import Progress, StderrProgress
 from edgeexit.errors import UsageError
 from edgeexit.runtime.atomic import write_file_atomic
 
 from ..training import distributed
-from ..training.checkpoint import save_checkpoint
+from ..catalog.checkpoint import save_checkpoint
 from ..models.heads import EENET_HEAD_KINDS
 from ..models.eenet import HEAD_KINDS
 from ..models.placement import SCHEMES
-from ..models.registry import BUILDERS, RENAMED, create
+from ..catalog.registry import BUILDERS, RENAMED, create
 from ..training.train import LOSSES, EvalSummary, TrainConfig, TrainResult, evaluate
 from ..training.train import train as train_model
 

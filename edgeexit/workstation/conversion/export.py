@@ -26,7 +26,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from edgeexit.errors import ConversionError
+from edgeexit.errors import ConversionError, clip
 
 from ..models.staged import MonolithicExport, StagedModel, StageExport
 
@@ -77,14 +77,6 @@ _OP_PATTERNS = (
 )
 
 
-def clip(text: str, limit: int = 300) -> str:
-    """``text`` on one line, at most about ``limit`` characters: cut at a word boundary and marked with "..."
-    (a message is never cut inside a word, a number or a quoted name)."""
-    line = " ".join(str(text).split())
-    if len(line) <= limit:
-        return line
-    cut = line.rfind(" ", 0, limit)
-    return (line[:cut] if cut > limit // 2 else line[:limit]).rstrip(" ,;:([{") + " ..."
 
 
 def _failed_op(message: str) -> str | None:

@@ -177,7 +177,7 @@ def check_inputs(model: StagedModel, calib_images: np.ndarray, verify_images: np
         raise UsageError(f"convert() needs an edgeexit.workstation.models.staged.StagedModel, got "
                          f"{type(model).__name__}; stage a network of your own with "
                          "edgeexit.workstation.own.user_network.stage_network, build one with "
-                         "edgeexit.workstation.models.registry or load a checkpoint")
+                         "edgeexit.workstation.catalog.registry or load a checkpoint")
     for i, stage in enumerate(model.stages):
         head = stage.head
         if getattr(head, "scores", None) not in ("softmax", "sigmoid") or not isinstance(
@@ -292,7 +292,7 @@ def count_costs(model: StagedModel, stage_paths: Sequence[Path],
     Returns:
         (StageCosts per stage, per-stage comparison records, full-network MACs, monolithic GraphCosts).
     """
-    from .costs import model_costs
+    from ..models.costs import model_costs
 
     torch_costs = model_costs(model)
     stage_costs, records = [], []

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgeexit.errors import ConversionError
+from edgeexit.errors import ConversionError, clip
 
-from .export import INPUT_NAME, clip, quiet_tool
+from .export import INPUT_NAME, quiet_tool
 from ..models.staged import StagedModel
 
 log = logging.getLogger(__name__)

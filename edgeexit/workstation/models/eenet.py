@@ -3,9 +3,9 @@
 Every builder makes a flat list of trunk *blocks* (conv units or residual blocks), counts their MACs,
 places the exits (:mod:`edgeexit.workstation.models.placement`), groups the blocks between exits into ``nn.Sequential``
 segments and puts a head after each segment. The resolved builder arguments are stored in
-``model.spec.kwargs`` so :func:`edgeexit.workstation.models.registry.build` rebuilds the same model from a checkpoint.
+``model.spec.kwargs`` so :func:`edgeexit.workstation.catalog.registry.build` rebuilds the same model from a checkpoint.
 
-Builders (see :data:`edgeexit.workstation.models.registry.BUILDERS`):
+Builders (see :data:`edgeexit.workstation.catalog.registry.BUILDERS`):
 
 * ``eenet-small`` -- a plain conv-BN-ReLU CNN for 28x28 grey images (the MNIST default);
 * ``eenet-resnet20/32/44/56/110`` -- CIFAR ResNets, 6n+2 layers, widths 16/32/64, 3x3 stem, 1x1-conv shortcuts;
@@ -21,7 +21,7 @@ from torch import nn
 
 from edgeexit.errors import UsageError
 
-from ..conversion.costs import count_macs
+from .costs import count_macs
 from .heads import EENET_HEAD_KINDS, ClassHead, EENetHead, PlainHead
 from .placement import place_exits, validate_cuts
 from .staged import ExitHead, ModelSpec, Stage, StagedModel

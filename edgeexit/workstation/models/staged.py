@@ -11,7 +11,7 @@ knowing its architecture::
                    head0            head1                   headN   (headN = the final classifier)
 
 Models carry a JSON-able ``spec`` (builder name + arguments, input shape, preprocessing, labels) so a
-checkpoint alone rebuilds them; see :mod:`edgeexit.workstation.training.checkpoint` and :mod:`edgeexit.workstation.models.registry`.
+checkpoint alone rebuilds them; see :mod:`edgeexit.workstation.catalog.checkpoint` and :mod:`edgeexit.workstation.catalog.registry`.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ from torch.nn import functional as F
 
 from edgeexit.errors import ConversionError, UsageError
 
-from ..conversion.export import clip
+from edgeexit.errors import clip
 from ..models.staged import StagedModel
 from .user_network import CONFIDENCE_KINDS, _check_args, stage_network
 

@@ -27,7 +27,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from edgeexit.errors import ConversionError, UsageError
 
-from ..conversion.costs import layer_macs
+from ..models.costs import layer_macs
 from ..models.staged import ExitHead, ModelSpec, Stage, StagedModel
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ def _user_frame(exc: BaseException, root: nn.Module) -> str:
 
 def _trace(module: nn.Module, leaf_modules: Sequence[str] = ()) -> _Trace:
     """Trace ``module`` with torch.fx, not tracing into the submodules named in ``leaf_modules``."""
-    from ..conversion.export import clip
+    from edgeexit.errors import clip
 
     known = {name for name, _ in module.named_modules()}
     unknown = [n for n in leaf_modules if n not in known]
@@ -318,7 +318,7 @@ def cut_points(module: nn.Module, example_input: torch.Tensor) -> list[CutPoint]
 
     Returns:
         one CutPoint per distinct value (the outermost submodule name that produces it); the last entries
-        are usually the final feature map. MACs: :func:`~edgeexit.workstation.conversion.costs.layer_macs` of every module call.
+        are usually the final feature map. MACs: :func:`~edgeexit.workstation.models.costs.layer_macs` of every module call.
     """
     tr = _trace(module)
     gm = fx.GraphModule(module, tr.graph)

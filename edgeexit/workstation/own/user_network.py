@@ -35,9 +35,9 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn import functional as F
 
-from edgeexit.errors import CheckpointError, ConversionError, UsageError
+from edgeexit.errors import CheckpointError, ConversionError, UsageError, clip
 
-from ..conversion.export import adaptive_bins, clip, divides, slice_mean_pool2d
+from ..conversion.export import adaptive_bins, divides, slice_mean_pool2d
 from ..models.staged import ExitHead, ModelSpec, Stage, StagedModel
 from .split import _trace
 
@@ -801,11 +801,11 @@ def load_weights(module: nn.Module, weights: str, trust_pickle: bool = False,
                  namespace: Mapping[str, Any] | None = None) -> None:
     """Load the weights in ``weights`` into ``module`` (all keys must fit); UsageError in one line.
 
-    See :func:`edgeexit.workstation.training.checkpoint.load_weights_file` (a bare or wrapped state_dict; wrapper
+    See :func:`edgeexit.workstation.models.weights.load_weights_file` (a bare or wrapped state_dict; wrapper
     prefixes removed only where the network's own keys do not have them; a pickled whole model with
     ``trust_pickle`` only).
     """
-    from ..training.checkpoint import load_weights_file
+    from ..models.weights import load_weights_file
 
     try:
         load_weights_file(module, weights, trust_pickle, namespace)

@@ -178,7 +178,7 @@ def attach_class_exits(backbone: Any, input_shape: Sequence[int], labels: Sequen
 
     Returns:
         A StagedModel whose final exit is the backbone's own classifier; its spec records ``head`` and
-        ``hidden``, so ``edgeexit.workstation.models.registry.build(model.spec)`` rebuilds it.
+        ``hidden``, so ``edgeexit.workstation.catalog.registry.build(model.spec)`` rebuilds it.
 
     Raises:
         UsageError: an unknown head kind, a bad ``hidden``, or ``branch`` other than "class" in kwargs.

@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from edgeexit.bench.datasets import ImageSet
+from edgeexit.datasets import ImageSet
 from edgeexit.progress import Progress
 from edgeexit.errors import EdgeExitError, UsageError
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgeexit.bench.datasets import ImageSet
+from edgeexit.datasets import ImageSet
 from edgeexit.errors import DatasetError
 
 from ..models.staged import ModelSpec

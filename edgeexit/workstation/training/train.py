@@ -24,12 +24,12 @@ import torch
 from torch import nn
 from torch.utils.data import DistributedSampler
 
-from edgeexit.bench.datasets import ImageSet
+from edgeexit.datasets import ImageSet
 from edgeexit.errors import UsageError
 from edgeexit.progress import Progress
 from edgeexit.runtime.atomic import write_file_atomic
 
-from ..conversion.costs import ModelCosts, model_costs
+from ..models.costs import ModelCosts, model_costs
 from . import distributed
 from .data import batches, shift, shift_offsets, to_tensors
 from .losses import EENET_LOSSES, class_based_loss, eenet_loss, used_outputs

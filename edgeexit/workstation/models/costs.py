@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..models.staged import StagedModel
+from .staged import StagedModel
 
 
 def layer_macs(module: nn.Module, output_shape: Sequence[int]) -> int:

@@ -36,9 +36,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import DatasetError, InputError
-from ..runtime.manifest import Manifest
-from ..runtime.preprocess import MAX_IMAGE_PIXELS, to_8bit
+from .errors import DatasetError, InputError
+from .runtime.manifest import Manifest
+from .runtime.preprocess import MAX_IMAGE_PIXELS, to_8bit
 
 log = logging.getLogger(__name__)
 

@@ -1,15 +1,5 @@
-"""Checkpoints that rebuild their own model.
-
-Format (``torch.save`` of a plain dict, loaded with ``weights_only=True``)::
-
-    {"format": "edgeexit-checkpoint", "version": 1, "spec": ModelSpec.to_dict(),
-     "state_dict": {...}, "metrics": {...}, "costs": ModelCosts.to_dict()}
-
-Written atomically (:func:`edgeexit.runtime.atomic.write_file_atomic`: temporary file beside it, fsync, rename).
-
-:func:`load_weights_file` reads the weights of a network of one's own (a state_dict; a pickled whole model only
-when the caller trusts it).
-"""
+"""The weights of a network of one's own (``edgeexit convert FILE.py:NAME --weights FILE``): a state_dict file,
+loaded with ``weights_only=True``; a pickled whole model only when the caller trusts it (unpickling runs code)."""
 
 from __future__ import annotations
 
@@ -21,87 +11,10 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from edgeexit.errors import CheckpointError, UsageError
-from edgeexit.runtime.atomic import write_file_atomic
+from edgeexit.errors import CheckpointError, clip
 
-from ..conversion.costs import model_costs
-from ..models.staged import ModelSpec, StagedModel
+from .zoo import check_state_dict
 
-FORMAT_NAME = "edgeexit-checkpoint"
-FORMAT_VERSION = 1
-
-
-def save_checkpoint(model: StagedModel, path: str | os.PathLike, metrics: dict[str, Any] | None = None,
-                    force: bool = False) -> Path:
-    """Write ``model`` (spec + weights + metrics + costs) to ``path`` atomically.
-
-    Raises:
-        UsageError: ``path`` exists and ``force`` is False.
-    """
-    path = Path(path)
-    if path.exists() and not force:
-        raise UsageError(f"{path} already exists; pass --force (force=True) to overwrite it or choose another path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "spec": model.spec.to_dict(),
-               "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-               "metrics": metrics or {}, "costs": model_costs(model).to_dict()}
-    return write_file_atomic(path, lambda f: torch.save(payload, f))
-
-
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load and check a checkpoint's dict without building the model.
-
-    Raises:
-        CheckpointError: missing file, not a checkpoint, corrupt, or a newer format version.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; train one with `edgeexit train --output {path}`")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch's unpickler raises any of a dozen types on junk bytes
-        raise CheckpointError(f"{path} is not a readable checkpoint (torch.load failed: {type(exc).__name__}); it is "
-                              "corrupt or not a file written by `edgeexit train`") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT_NAME:
-        raise CheckpointError(f"{path} is not an edgeexit checkpoint (no format '{FORMAT_NAME}'); "
-                              "give a file written by `edgeexit train`")
-    version = payload.get("version")
-    if version != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format version {version!r}; this edgeexit reads version "
-                              f"{FORMAT_VERSION}: upgrade edgeexit or re-train")
-    for key in ("spec", "state_dict"):
-        if not isinstance(payload.get(key), dict):
-            raise CheckpointError(f"{path} lacks '{key}'; the checkpoint is incomplete, re-train it")
-    return payload
-
-
-def load_checkpoint(path: str | os.PathLike) -> StagedModel:
-    """Rebuild the model a checkpoint describes and load its weights (eval mode, CPU).
-
-    Raises:
-        CheckpointError: see :func:`read_checkpoint`, plus an unknown builder or weights that do not fit.
-    """
-    from ..models.registry import build  # registry imports every builder
-
-    payload = read_checkpoint(path)
-    try:
-        spec = ModelSpec.from_dict(payload["spec"])
-        model = build(spec)
-    except (TypeError, KeyError, ValueError) as exc:  # UsageError is a ValueError
-        raise CheckpointError(f"{path}: its model spec cannot be rebuilt ({exc}); the checkpoint is from another "
-                              "version or was edited") from None
-    try:
-        model.load_state_dict(payload["state_dict"], strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        detail = _clip("; ".join(line.strip() for line in first[1:3]), 200)
-        raise CheckpointError(f"{path}: weights do not fit the architecture '{spec.builder}' ({detail}); "
-                              "the checkpoint was edited or comes from a different model") from None
-    model.eval()
-    return model
-
-
-# ---- weights of a network of one's own (``edgeexit convert FILE.py:NAME --weights FILE``) ------------------------
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
@@ -153,13 +66,13 @@ def _read_weights(path: Path, trust_pickle: bool, namespace: Mapping[str, Any]) 
                                   "give that file") from None
     except Exception as exc:  # torch raises many types for corrupt or non-weight files
         raise CheckpointError(f"cannot read weights file {shown} ({type(exc).__name__}: "
-                              f"{_clip(printable(str(exc)), 120)}); expected a torch.save(model.state_dict()) "
+                              f"{clip(printable(str(exc)), 120)}); expected a torch.save(model.state_dict()) "
                               "file") from None
     try:  # trusted: the file may run code
         return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_pickle_module(namespace))
     except Exception as exc:  # the pickled objects' own code, missing classes: any error
         raise CheckpointError(f"cannot unpickle weights file {shown} ({type(exc).__name__}: "
-                              f"{_clip(printable(str(exc)), 160)}); the classes it was saved with must be importable "
+                              f"{clip(printable(str(exc)), 160)}); the classes it was saved with must be importable "
                               "or defined in the network file; or save torch.save(model.state_dict(), 'weights.pt') "
                               "where the model is defined") from None
 
@@ -214,8 +127,6 @@ def load_weights_file(module: torch.nn.Module, path: str | os.PathLike, trust_pi
         CheckpointError: a missing or unreadable file, pickled objects without ``trust_pickle``, or weights that
             do not fit (one line each).
     """
-    from ..models.zoo import check_state_dict
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file {printable(str(path))} does not exist; pass the path of a "
@@ -224,9 +135,3 @@ def load_weights_file(module: torch.nn.Module, path: str | os.PathLike, trust_pi
     state = match_prefixes(state, list(module.state_dict()))
     check_state_dict(module, state, printable(str(path)))
     module.load_state_dict(state, strict=True)
-
-
-def _clip(text: str, limit: int) -> str:
-    from ..conversion.export import clip
-
-    return clip(text, limit)

@@ -25,10 +25,10 @@ import numpy as np
 
 from ..errors import EnergyError, UsageError
 from ..runtime.manifest import MANIFEST_FILE, Manifest
-from .boards import Board
-from .measure import EnergyMeasurement, Phase, measure_phases, measure_with_trace
-from .model import KIND_LABELS, EnergyModel
-from .sources import HWMON_ROOT, PowerSource, detect_power_source
+from ..energy.boards import Board
+from ..energy.measure import EnergyMeasurement, Phase, measure_phases, measure_with_trace
+from ..energy.model import KIND_LABELS, EnergyModel
+from ..energy.sources import HWMON_ROOT, PowerSource, detect_power_source
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from typing import Any, Callable
 
 from edgeexit.errors import UsageError
 
-from .eenet import build_cifar_resnet, build_eenet_small, build_imagenet_resnet
-from .staged import ModelSpec, StagedModel
+from ..models.eenet import build_cifar_resnet, build_eenet_small, build_imagenet_resnet
+from ..models.staged import ModelSpec, StagedModel
 
 
 
