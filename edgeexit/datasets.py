@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import pickle
-import stat
 import struct
 import zipfile
 import zlib
@@ -37,6 +36,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import DatasetError, InputError
+from .runtime.files import read_regular
 from .runtime.manifest import Manifest
 from .runtime.preprocess import MAX_IMAGE_PIXELS, to_8bit
 
@@ -285,30 +285,6 @@ _UNPICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, Key
                     ImportError, OverflowError, RecursionError, struct.error)
 
 
-def _read_bounded(path: Path, max_bytes: int, what: str) -> bytes:
-    """The bytes of the regular file ``path`` (at most ``max_bytes``), or a one-line DatasetError."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except OSError as exc:
-        raise DatasetError(f"cannot open {what} {path}: {exc.strerror or exc}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise DatasetError(f"{what} {path} is not a regular file (a directory, FIFO or device); give the file")
-        if st.st_size > max_bytes:
-            raise DatasetError(f"{what} {path} has {st.st_size} bytes, more than the {max_bytes} such a file can "
-                               "have; it is not one")
-        with os.fdopen(os.dup(fd), "rb") as fh:
-            data = fh.read(max_bytes + 1)
-    except OSError as exc:
-        raise DatasetError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
-    finally:
-        os.close(fd)
-    if len(data) > max_bytes:
-        raise DatasetError(f"{what} {path} grew past {max_bytes} bytes while being read")
-    return data
-
-
 # --------------------------------------------------------------------------------------------- loaders
 
 def _load_mnist(split: str) -> ImageSet:
@@ -429,7 +405,8 @@ def _load_cifar10(folder: Path, split: str) -> ImageSet:
             raise DatasetError(f"CIFAR-10 batch {path} not found; expected the python version "
                                "(cifar-10-python.tar.gz extracted: data_batch_1..5, test_batch) or the binary "
                                "version (cifar-10-binary.tar.gz: data_batch_1..5.bin, test_batch.bin)")
-        data = _read_bounded(path, MAX_BATCH_BYTES, "CIFAR-10 batch")
+        data = read_regular(path, MAX_BATCH_BYTES, f"CIFAR-10 batch {path}", error=DatasetError,
+                            fix="give the batch files as extracted from cifar-10-python.tar.gz or cifar-10-binary.tar.gz")
         x, y = _cifar_binary(data, path) if binary else _cifar_pickle(data, path)
         xs.append(x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
         ys.append(y)

@@ -3,7 +3,8 @@
 :func:`read_regular` opens without following the caller into a hang (``O_NONBLOCK``: a FIFO or a device
 never blocks the open), checks the opened descriptor is a regular file no larger than a limit, and turns
 every operating-system failure (permission, symlink loop, directory, NUL byte or over-long name, ...) into
-a one-line :class:`~edgeexit.errors.BundleError`.
+a one-line :class:`~edgeexit.errors.BundleError` (or, for other files read the same way, such as a data set's,
+the caller's error class and fix).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import os
 import stat
 from typing import Iterator
 
-from ..errors import BundleError
+from ..errors import BundleError, EdgeExitError
+
+BUNDLE_FIX = "re-copy the bundle"
 
 #: Longest file name (bytes of one path component) and path accepted; the usual Linux limits.
 MAX_NAME_BYTES = 255
@@ -27,23 +30,26 @@ def describe_os_error(exc: BaseException) -> str:
     return " ".join(str(exc).split())[:80] or type(exc).__name__
 
 
-def read_regular(path: str | os.PathLike[str], max_bytes: int, what: str) -> bytes:
+def read_regular(path: str | os.PathLike[str], max_bytes: int, what: str, *,
+                 error: type[EdgeExitError] = BundleError, fix: str = BUNDLE_FIX) -> bytes:
     """The bytes of the regular file ``path`` (at most ``max_bytes``).
 
     Args:
         path: the file.
         max_bytes: refuse larger files.
         what: how the file is named in messages (e.g. ``'stage_0.tflite'``).
+        error, fix: the error raised and the fix its message ends with (default: a bundle file's).
 
     Raises:
-        BundleError: the file cannot be opened or read, is not a regular file, or is too large.
+        BundleError (``error``): the file cannot be opened or read, is not a regular file, or is too large.
     """
-    with open_regular(path, max_bytes, what) as (_, data):
+    with open_regular(path, max_bytes, what, error=error, fix=fix) as (_, data):
         return data
 
 
 @contextlib.contextmanager
-def open_regular(path: str | os.PathLike[str], max_bytes: int, what: str) -> Iterator[tuple[int, bytes]]:
+def open_regular(path: str | os.PathLike[str], max_bytes: int, what: str, *, error: type[EdgeExitError] = BundleError,
+                 fix: str = BUNDLE_FIX) -> Iterator[tuple[int, bytes]]:
     """Open the regular file ``path``: yields (its open descriptor, its bytes); the descriptor is closed after.
 
     ``/proc/self/fd/<descriptor>`` then names the very file that was read, even if the path is replaced.
@@ -54,16 +60,14 @@ def open_regular(path: str | os.PathLike[str], max_bytes: int, what: str) -> Ite
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
     except (OSError, ValueError) as exc:
-        raise BundleError(f"{what}: cannot open it ({describe_os_error(exc)}); re-copy the bundle and check its "
-                          "permissions") from None
+        raise error(f"{what}: cannot open it ({describe_os_error(exc)}); {fix} and check its permissions") from None
     try:
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                raise BundleError(f"{what}: is not a regular file (a directory, FIFO or device); re-copy the bundle")
+                raise error(f"{what}: is not a regular file (a directory, FIFO or device); {fix}")
             if st.st_size > max_bytes:
-                raise BundleError(f"{what}: {st.st_size} bytes, more than the {max_bytes} accepted; re-copy the "
-                                  "bundle")
+                raise error(f"{what}: {st.st_size} bytes, more than the {max_bytes} accepted; {fix}")
             chunks, left = [], max_bytes + 1
             while left > 0:
                 chunk = os.read(fd, min(left, 1 << 20))
@@ -72,10 +76,10 @@ def open_regular(path: str | os.PathLike[str], max_bytes: int, what: str) -> Ite
                 chunks.append(chunk)
                 left -= len(chunk)
         except OSError as exc:
-            raise BundleError(f"{what}: cannot read it ({describe_os_error(exc)}); re-copy the bundle") from None
+            raise error(f"{what}: cannot read it ({describe_os_error(exc)}); {fix}") from None
         data = b"".join(chunks)
         if len(data) > max_bytes:
-            raise BundleError(f"{what}: grew past {max_bytes} bytes while being read; re-copy the bundle")
+            raise error(f"{what}: grew past {max_bytes} bytes while being read; {fix}")
         yield fd, data
     finally:
         os.close(fd)
