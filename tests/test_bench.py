@@ -365,7 +365,7 @@ def test_invalid_bundle_fails_with_one_line(bundle_dir, data_npz, tmp_path):
 @pytest.mark.slow  # trains the tiny model and a float pass: 146 s set-up on the shared machine under load
 def test_float_checkpoint_accuracy_beside_the_int8_run(tiny_bundle, tiny_model, data_npz, tmp_path, monkeypatch):
     torch = pytest.importorskip("torch")
-    from edgeexit.workstation.models import registry
+    from edgeexit.workstation.catalog import registry
     from edgeexit.workstation.catalog.checkpoint import save_checkpoint
     from edgeexit.workstation.training.data import to_tensors
     from tinymodels import tiny_staged_model

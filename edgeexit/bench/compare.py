@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..errors import UsageError
+from ..runtime.atomic import write_file_atomic
 from ..runtime.manifest import Manifest
 
 #: Columns of the comparison CSV (one row per result).
@@ -240,6 +241,8 @@ def plot_comparison(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[s
                  "square = the same board's monolithic int8 model)", fontsize=10)
     fig.tight_layout()
     out = Path(os.fspath(path))
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    try:
+        write_file_atomic(out, lambda f: fig.savefig(f, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
     return out

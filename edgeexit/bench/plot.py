@@ -18,6 +18,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ..runtime.atomic import write_file_atomic
+
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'edgeexit[plot]' (or pip install matplotlib)"
@@ -203,7 +205,7 @@ def plot_tradeoff(result: Mapping[str, Any], path: str | os.PathLike[str]) -> Pa
     fig = tradeoff_figure(result)
     out = Path(os.fspath(path))
     try:
-        fig.savefig(out, dpi=DPI)
+        write_file_atomic(out, lambda f: fig.savefig(f, dpi=DPI, format="png"))
     finally:
         plt.close(fig)
     log.info("wrote %s", out)

@@ -12,6 +12,7 @@ from typing import Any
 
 from .bench_energy import format_energy
 from ..errors import UsageError
+from ..runtime.atomic import write_file_atomic
 from .envinfo import slug
 from .threshold_sweep import SWEEP_COLUMNS
 
@@ -44,7 +45,8 @@ def sweep_csv(result: dict[str, Any]) -> str:
 
 
 def write_results(result: dict[str, Any], out_dir: str | os.PathLike[str], plot: bool = True) -> dict[str, Any]:
-    """Write ``<stem>.json``, ``<stem>.csv`` (the sweep) and ``<stem>.png`` (the trade-off plot) into ``out_dir``.
+    """Write ``<stem>.json``, ``<stem>.csv`` (the sweep) and ``<stem>.png`` (the trade-off plot) into ``out_dir``,
+    each atomically (written aside, then renamed: a killed run leaves no half-written file).
 
     The plot is skipped (and the returned ``"plot_skipped"`` says why) when matplotlib is missing or
     there is no sweep. The file names are also stored in ``result["files"]``.
@@ -66,7 +68,7 @@ def write_results(result: dict[str, Any], out_dir: str | os.PathLike[str], plot:
     files: dict[str, Any] = {"json": str(out / f"{stem}.json"), "csv": None, "png": None, "plot_skipped": None}
     try:
         if result.get("sweep"):
-            (out / f"{stem}.csv").write_text(sweep_csv(result))
+            write_file_atomic(out / f"{stem}.csv", sweep_csv(result))
             files["csv"] = str(out / f"{stem}.csv")
             if plot:
                 try:
@@ -79,7 +81,7 @@ def write_results(result: dict[str, Any], out_dir: str | os.PathLike[str], plot:
             files["plot_skipped"] = "no sweep (--no-sweep)"
         result["files"] = {k: (os.path.basename(v) if k in ("json", "csv", "png") and v else v)
                            for k, v in files.items()}
-        Path(files["json"]).write_text(json.dumps(result, indent=1) + "\n")
+        write_file_atomic(files["json"], json.dumps(result, indent=1) + "\n")  # never a half-written result
     except OSError as exc:
         raise UsageError(f"cannot write results into {out} ({exc.strerror}); pass a writable --out") from None
     return files

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ..errors import UsageError
+from ..runtime.atomic import write_file_atomic
 
 
 @click.command()
@@ -26,7 +27,7 @@ def compare(results: tuple[str, ...], out_dir: str, name: str, allow_mixed: bool
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"{name}.csv").write_text(comparison_csv(rows))
+        write_file_atomic(out / f"{name}.csv", comparison_csv(rows))
     except OSError as exc:
         raise UsageError(f"cannot write into {out} ({exc.strerror}); pass a writable --out") from None
     click.echo(format_comparison(rows))
