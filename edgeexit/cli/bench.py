@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from .device import _build_rule, _parse_thresholds
+from .device import FALLBACK, _build_rule, _parse_thresholds
 from ..energy.boards import BOARDS
 from ..errors import UsageError, printable
 from .options import Choice
@@ -86,6 +86,7 @@ def _parse_batch_sizes(text: str) -> tuple[int, ...]:
                    "(default: the bundle's own rule).")
 @click.option("--thresholds", default=None, metavar="T0,T1,...", help="One threshold per exit except the last.")
 @click.option("--exit", "exit_index", type=int, default=None, help="Exit index for --rule fixed.")
+@FALLBACK
 @click.option("--board", type=Choice(["auto", *BOARDS]), default="auto", show_default=True,
               help="Board power profile for the energy estimate.")
 @click.option("--sweep/--no-sweep", default=True, show_default=True,
@@ -118,7 +119,8 @@ def _parse_batch_sizes(text: str) -> tuple[int, ...]:
                    "the controller then use it).")
 @click.pass_context
 def bench(ctx: click.Context, bundle: str, data_spec: str, split: str, limit: int | None, warmup: int, repeat: int,
-          threads: int, backend: str, rule: str | None, thresholds: str | None, exit_index: int | None, board: str,
+          threads: int, backend: str, rule: str | None, thresholds: str | None, exit_index: int | None,
+          fallback: str | None, board: str,
           sweep: bool, resize: bool, out_dir: str, no_save: bool, no_plot: bool, as_json: bool,
           float_checkpoint: str | None, batch_sizes: str, points: bool, power_sensor: str, power_trace: str | None,
           energy_reps: int, energy_phase_s: float, store_energy: bool) -> None:
@@ -149,7 +151,7 @@ def bench(ctx: click.Context, bundle: str, data_spec: str, split: str, limit: in
     if unverified is not None:  # measured anyway; the result file records the verdict (names come from the manifest)
         click.echo(printable(f"warning: bundle {bundle}: {unverified}; its figures are not those of a verified "
                              "conversion", 1000), err=True)
-    chosen = _build_rule(loaded, rule, parsed_thresholds, exit_index)
+    chosen = _build_rule(loaded, rule, parsed_thresholds, exit_index, fallback)
     data = load_dataset(data_spec, split=split, limit=limit)
     settings = BenchSettings(warmup=warmup, repeat=repeat, num_threads=threads, backend=backend, rule=chosen,
                              board=board, sweep=sweep, resize=resize, float_checkpoint=float_checkpoint,

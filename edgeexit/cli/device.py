@@ -15,7 +15,7 @@ from ..runtime.bundle import Bundle, load_bundle
 from ..errors import EdgeExitError, InputError, UsageError, printable
 from .options import Choice, did_you_mean
 from ..runtime.interpreter import BACKENDS, MAX_THREADS
-from ..runtime.manifest import EXIT_RULES, ExitRuleSpec
+from ..runtime.manifest import EXIT_RULES, FALLBACK_RULES, FALLBACKS, ExitRuleSpec
 from ..runtime.points import OperatingPoints
 from ..runtime.rules import ExitRule, FixedExitRule, rule_from_spec
 
@@ -30,10 +30,11 @@ def _parse_thresholds(text: str | None) -> tuple[float, ...] | None:
 
 
 def _build_rule(bundle: Bundle, rule: str | None, thresholds: tuple[float, ...] | None,
-                exit_index: int | None) -> ExitRule | ExitRuleSpec | str | None:
-    """--rule KIND|OPERATING_POINT, --thresholds, --exit -> what Runner(rule=...) takes."""
+                exit_index: int | None, fallback: str | None = None) -> ExitRule | ExitRuleSpec | str | None:
+    """--rule KIND|OPERATING_POINT, --thresholds, --exit, --fallback -> what Runner(rule=...) takes. Without
+    --fallback the fallback is the bundle rule's when the kind is the bundle's own, else final."""
     default = bundle.manifest.exit_rule
-    if rule is None and thresholds is None and exit_index is None:
+    if rule is None and thresholds is None and exit_index is None and fallback is None:
         return None
     if rule is not None and rule not in EXIT_RULES:
         points = point_names(bundle)
@@ -42,11 +43,18 @@ def _build_rule(bundle: Bundle, rule: str | None, thresholds: tuple[float, ...] 
                       "an operating point of the bundle (it has none; `edgeexit tune` stores them)")
             raise UsageError(f"--rule {rule!r} is neither an exit rule kind ({', '.join(EXIT_RULES)}) nor "
                              f"{stored}{did_you_mean(rule, [*EXIT_RULES, *points])}")
-        if thresholds is not None or exit_index is not None:
-            raise UsageError(f"--{'thresholds' if thresholds is not None else 'exit'} cannot be combined with "
-                             f"operating point {rule!r} (it has its own); drop it, or give --rule KIND")
+        if thresholds is not None or exit_index is not None or fallback is not None:
+            flag = "thresholds" if thresholds is not None else "exit" if exit_index is not None else "fallback"
+            raise UsageError(f"--{flag} cannot be combined with operating point {rule!r} (it has its own); drop "
+                             "it, or give --rule KIND")
         return rule  # an operating point name; the Runner checks it
     kind = rule or default.kind
+    if fallback is None:
+        fallback = default.fallback if kind == default.kind else "final"
+    if fallback != "final" and kind not in FALLBACK_RULES:
+        how = f"--rule {kind}" if rule else f"the bundle's rule ({kind})"
+        raise UsageError(f"{how} takes --fallback final only; most_confident works with --rule "
+                         f"{', '.join(FALLBACK_RULES)}")
     if thresholds is not None and kind in ("final", "fixed"):  # these rules take no thresholds: never ignore them
         how = f"--rule {kind}" if rule else f"the bundle's rule ({kind})"
         raise UsageError(f"{how} takes no thresholds; drop --thresholds, or give --rule with a thresholded kind "
@@ -64,7 +72,7 @@ def _build_rule(bundle: Bundle, rule: str | None, thresholds: tuple[float, ...] 
             raise UsageError(f"--rule {kind} needs --thresholds (one per exit except the last: "
                              f"{bundle.manifest.num_exits - 1} values); the bundle's own rule is {default.kind}")
         thresholds = default.thresholds if kind == default.kind else ()
-    return rule_from_spec(ExitRuleSpec(kind=kind, thresholds=thresholds))
+    return rule_from_spec(ExitRuleSpec(kind=kind, thresholds=thresholds, fallback=fallback))
 
 
 def point_names(bundle: Bundle) -> list[str]:
@@ -94,6 +102,12 @@ def image_mismatch(path: str, size: tuple[int, int], color_mode: str) -> str | N
     return f"{w}x{h} {mode}, the bundle takes {size[1]}x{size[0]} {color_mode}"
 
 
+FALLBACK = click.option(
+    "--fallback", type=Choice(FALLBACKS), default=None,
+    help="When no early exit stops an input: answer from the final exit, or from the exit with the highest score "
+         "under the rule (most_confident: confidence, max_softmax, entropy; the input still runs every stage). "
+         "Default: the bundle rule's fallback with its own kind, else final.")
+
 TRUSTED_KEY = click.option(
     "--trusted-key", metavar="PUBLIC.pem", default=None,
     help="Refuse the bundle unless manifest.sig is a valid signature by this Ed25519 public key "
@@ -107,6 +121,7 @@ TRUSTED_KEY = click.option(
               help=f"Exit rule kind ({', '.join(EXIT_RULES)}) or an operating point stored in the bundle.")
 @click.option("--thresholds", default=None, metavar="T0,T1,...", help="One threshold per exit except the last.")
 @click.option("--exit", "exit_index", type=int, default=None, help="Exit index for --rule fixed.")
+@FALLBACK
 @click.option("--backend", type=Choice(["auto", *BACKENDS]), default="auto", show_default=True,
               help="TFLite interpreter package.")
 @click.option("--threads", type=click.IntRange(min=1, max=MAX_THREADS), default=1, show_default=True,
@@ -122,7 +137,7 @@ TRUSTED_KEY = click.option(
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per input (JSON Lines).")
 @TRUSTED_KEY
 def run(bundle: str, inputs: tuple[str, ...], rule: str | None, thresholds: str | None, exit_index: int | None,
-        backend: str, threads: int, board: str, edgetpu: bool, resize: bool, keep_going: bool, as_json: bool,
+        fallback: str | None, backend: str, threads: int, board: str, edgetpu: bool, resize: bool, keep_going: bool, as_json: bool,
         trusted_key: str | None) -> None:
     """Classify image files with BUNDLE: label, score, exit, MACs, latency and energy per input.
 
@@ -131,7 +146,7 @@ def run(bundle: str, inputs: tuple[str, ...], rule: str | None, thresholds: str 
     from ..runtime.runner import Runner
 
     loaded = load_bundle(bundle, backend=backend, check_tensors=False, trusted_key=trusted_key)
-    chosen = _build_rule(loaded, rule, _parse_thresholds(thresholds), exit_index)
+    chosen = _build_rule(loaded, rule, _parse_thresholds(thresholds), exit_index, fallback)
     runner = Runner(loaded, backend=backend, num_threads=threads, rule=chosen, board=board, edgetpu=edgetpu)
     prep = loaded.manifest.preprocessing
     table = None if as_json else _RunTable(runner, inputs)
@@ -218,8 +233,7 @@ def _info_dict(b: Bundle) -> dict[str, Any]:
                               "pixel_scale": m.preprocessing.pixel_scale},
             "stages": stages, "full_macs": m.full_macs,
             "handoffs": ["pass-through" if h is None else f"requantize {h.src} -> {h.dst}" for h in b.handoffs],
-            "exit_rule": {"kind": m.exit_rule.kind, "thresholds": list(m.exit_rule.thresholds),
-                          "exit": m.exit_rule.exit},
+            "exit_rule": m.exit_rule.to_dict(),
             "monolithic": None if m.monolithic is None else {"file": m.monolithic.file, "macs": m.monolithic.macs},
             "verification": dict(m.verification), "operating_points": m.operating_points.to_dict(),
             "training": dict(m.training), "edgetpu": dict(m.edgetpu), "checked_with": b.backend,
@@ -268,7 +282,9 @@ def info(bundle: str, backend: str, as_json: bool, trusted_key: str | None) -> N
     rule = d["exit_rule"]
     out.append(f"exit rule {rule['kind']}"
                + (f" thresholds {', '.join(_sig(t) for t in rule['thresholds'])}" if rule["thresholds"] else "")
-               + (f" exit {rule['exit']}" if rule["exit"] is not None else ""))
+               + (f" exit {rule['exit']}" if rule["exit"] is not None else "")
+               + (f" fallback {rule['fallback']} (inputs no early exit stops run every stage)"
+                  if rule.get("fallback", "final") != "final" else ""))
     if d["monolithic"]:
         out.append(f"monolithic {d['monolithic']['file']} ({d['monolithic']['macs']:,} MACs)")
     out += _or_raw(_verification_lines, d["verification"], "verification")
@@ -356,7 +372,10 @@ def _points_lines(points: OperatingPoints) -> list[str]:
         m = p.metrics
         thresholds = ",".join(f"{t:.4g}" for t in p.rule.get("thresholds", ()))
         shares = " ".join(f"{100 * f:.0f}" for f in m.exit_fractions) if m is not None else "-"
-        rows.append([name, str(p.rule.get("kind", "?")), thresholds, _pct(m and m.accuracy),
+        kind = str(p.rule.get("kind", "?"))
+        if p.rule.get("fallback", "final") != "final":
+            kind += f" ({p.rule['fallback']})"
+        rows.append([name, kind, thresholds, _pct(m and m.accuracy),
                      _pct(m and m.avg_macs_fraction), _num(m and m.est_latency_ms, ".3f"), shares,
                      f"{p.data} (n={p.n})" if p.data else "-"])
     out = ["operating points:"] + _table(["name", "rule", "thresholds", "accuracy", "MACs", "est. ms",

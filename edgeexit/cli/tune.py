@@ -10,6 +10,7 @@ from ..energy import BOARDS, KIND_LABELS, KINDS
 from ..progress import StderrProgress
 from .options import Choice
 from ..runtime.interpreter import BACKENDS
+from ..runtime.manifest import FALLBACKS
 from ..tuning.evaluate import TUNABLE_RULES
 from ..tuning.guarantee import DEFAULT_RISK
 from ..tuning.results import Target, TuneResult
@@ -27,7 +28,8 @@ def _summary(result: TuneResult, name: str, dry_run: bool) -> str:
     promise = (f"  guaranteed      {g.describe()}" if g is not None else
                "  guaranteed      nothing: a point estimate on the tuning images (--risk 1); new data may miss "
                "the target")
-    lines = [f"tuned {c.rule} on {result.n} images of {result.data} for {result.target.describe()}: {where}",
+    fallback = "" if c.fallback == "final" else f" (fallback {c.fallback}: inputs no early exit stops run every stage)"
+    lines = [f"tuned {c.rule}{fallback} on {result.n} images of {result.data} for {result.target.describe()}: {where}",
              promise,
              f"  thresholds      {', '.join(f'{t:.6g}' for t in c.thresholds)}",
              f"  accuracy        {100 * c.accuracy:.2f}% on the tuning images (final exit alone: "
@@ -57,6 +59,9 @@ def _summary(result: TuneResult, name: str, dry_run: bool) -> str:
 @click.option("--rule", type=Choice([*TUNABLE_RULES, "any"]), default=None,
               help="Rule to tune (default: the bundle's own rule if tunable, else max_softmax); 'any' searches "
                    "every rule and keeps the best for the target.")
+@click.option("--fallback", type=Choice(FALLBACKS), default="final", show_default=True,
+              help="What an input no early exit stops answers: the final exit, or the exit with the highest score "
+                   "under the rule (most_confident; the input still runs every stage). Not with class_exclusion.")
 @click.option("--max-drop", type=float, default=None, metavar="PP",
               help="Cheapest point within PP percentage points of the final exit's accuracy (default 0.5).")
 @click.option("--no-worse-than", default=None, metavar="POINT",
@@ -107,7 +112,7 @@ def tune(ctx: click.Context, bundle: str, data: str, split: str, limit: int | No
          risk: float, minimize: str, budget_macs: float | None,
          budget_latency_ms: float | None, budget_energy_mj: float | None, energy_kind: str | None, board: str,
          name: str, force: bool, levels: int, backend: str, cost_images: int, retime: bool, dry_run: bool,
-         as_json: bool) -> None:
+         as_json: bool, fallback: str) -> None:
     """Search per-exit thresholds of BUNDLE for an accuracy or budget target and store the trade-off front.
 
     By default the target holds on new data with probability >= 95 % (--risk 0.05)."""
@@ -124,7 +129,8 @@ def tune(ctx: click.Context, bundle: str, data: str, split: str, limit: int | No
                                                            "exit costs": "timing the exit costs on this device"})
     result = tune_bundle(bundle, data, target, rule=rule, name=name, split=split, limit=limit, dry_run=dry_run,
                          levels=levels, backend=backend, margin_pp=margin, progress=progress,
-                         cost_images=cost_images, board=board, risk=risk, force=force, retime=retime)
+                         cost_images=cost_images, board=board, risk=risk, force=force, retime=retime,
+                         fallback=fallback)
     if as_json:
         click.echo(json.dumps({"name": name, "written": not dry_run, **result.to_dict()}))
     else:

@@ -37,6 +37,10 @@ MANIFEST_FILE = "manifest.json"
 
 #: Exit rules a bundle may name; see :mod:`edgeexit.runtime.rules`.
 EXIT_RULES = ("confidence", "max_softmax", "entropy", "class_exclusion", "final", "fixed")
+#: What an input answers when no early exit stops it (``exit_rule.fallback``; see :mod:`edgeexit.runtime.rules`).
+FALLBACKS = ("final", "most_confident")
+#: The rules that take a fallback other than "final" (they score every exit).
+FALLBACK_RULES = ("confidence", "max_softmax", "entropy")
 #: How an exit's logits become class scores: softmax (EENet, PTEENet, final exits) or per-class sigmoid
 #: (class-based early exit, *Early Classification for Dynamic Inference of Neural Networks*).
 SCORE_KINDS = ("softmax", "sigmoid")
@@ -367,19 +371,37 @@ class ExitRuleSpec:
     ``thresholds`` has one value per exit except the last (which always exits). Their meaning depends on
     ``kind``: confidence ``c_i > T_i``; max_softmax ``max p_i >= T_i``; entropy ``H(p_i) < T_i`` (nats);
     class_exclusion: ``beta_i`` of the candidate-set rule; final/fixed: unused (``fixed`` uses ``exit``).
+    ``fallback``: what an input answers when no early exit stops it, "final" (the last exit) or
+    "most_confident" (confidence, max_softmax and entropy only); written only when it is not "final", so a
+    manifest without it reads as before.
     """
 
     kind: str
     thresholds: tuple[float, ...]
     exit: int | None = None
+    fallback: str = "final"
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "exit_rule") -> "ExitRuleSpec":
         kind = _need(d, "kind", str, where)
         if kind not in EXIT_RULES:
             raise BundleError(f"manifest: '{where}.kind' is {kind!r}; expected one of {', '.join(EXIT_RULES)}")
+        fallback = _opt(d, "fallback", str, where, "final")
+        if fallback not in FALLBACKS:
+            raise BundleError(f"manifest: '{where}.fallback' is {_short(fallback)}; expected one of "
+                              f"{', '.join(FALLBACKS)}: fix or remove the field")
+        if fallback != "final" and kind not in FALLBACK_RULES:
+            raise BundleError(f"manifest: '{where}.fallback' is {fallback!r} but rule {kind!r} takes 'final' only "
+                              f"(most_confident works with {', '.join(FALLBACK_RULES)}): fix or remove the field")
         return cls(kind=kind, thresholds=_floats(_need(d, "thresholds", list, where), f"{where}.thresholds"),
-                   exit=_opt(d, "exit", int, where))
+                   exit=_opt(d, "exit", int, where), fallback=fallback)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form; ``fallback`` only when it is not "final" (older readers then read the rule as before)."""
+        d: dict[str, Any] = {"kind": self.kind, "thresholds": list(self.thresholds), "exit": self.exit}
+        if self.fallback != "final":
+            d["fallback"] = self.fallback
+        return d
 
 
 @dataclass(frozen=True)
@@ -528,6 +550,7 @@ class Manifest:
             return obj
 
         d = plain(self)
+        d["exit_rule"] = self.exit_rule.to_dict()
         d["operating_points"] = self.operating_points.to_dict()
         out: dict[str, Any] = {"format": FORMAT_NAME, "format_version": d.pop("format_version")}
         out["producer"] = d.pop("producer")
@@ -536,6 +559,8 @@ class Manifest:
         out.update(d)
         if self.source is not None:
             _keep_unknown(out, self.source, top=True)
+            if self.exit_rule.fallback == "final":   # a known field: never carried over from the old rule
+                out["exit_rule"].pop("fallback", None)
         return out
 
     def to_json(self) -> str:

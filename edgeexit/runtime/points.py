@@ -45,6 +45,7 @@ class OperatingPoint:
     est_latency_ms: float          # average estimated latency per input
     energy_mj: float | None        # average operation-proxy energy per input, mJ; None: no estimate
     exit_fractions: tuple[float, ...]  # share of inputs leaving at each exit (exit 0 first)
+    fallback: str = "final"        # the rule's fallback when no early exit stops an input (final, most_confident)
 
     def cost(self, kind: str) -> float:
         """The point's average cost of ``kind`` ("macs", "latency", "energy")."""
@@ -64,7 +65,8 @@ class OperatingPoint:
                 "accuracy": round(self.accuracy, 6), "avg_macs_fraction": round(self.avg_macs_fraction, 6),
                 "est_latency_ms": round(self.est_latency_ms, 6),
                 "energy_mj": None if self.energy_mj is None else round(self.energy_mj, 9),
-                "exit_fractions": [round(f, 6) for f in self.exit_fractions]}
+                "exit_fractions": [round(f, 6) for f in self.exit_fractions],
+                **({} if self.fallback == "final" else {"fallback": self.fallback})}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "operating point") -> "OperatingPoint":
@@ -75,7 +77,8 @@ class OperatingPoint:
             return cls(rule=str(rule["kind"]), thresholds=tuple(float(t) for t in rule["thresholds"]),
                        accuracy=float(d["accuracy"]), avg_macs_fraction=float(d["avg_macs_fraction"]),
                        est_latency_ms=float(d["est_latency_ms"]), energy_mj=None if energy is None else float(energy),
-                       exit_fractions=tuple(float(f) for f in d.get("exit_fractions", ())))
+                       exit_fractions=tuple(float(f) for f in d.get("exit_fractions", ())),
+                       fallback=str(rule.get("fallback", "final")))
         except (KeyError, TypeError, ValueError) as exc:
             raise TuningError(f"{where} in the manifest is incomplete ({type(exc).__name__}: {exc}); re-run "
                               "`edgeexit tune` on the bundle") from None
@@ -86,7 +89,7 @@ class NamedPoint:
     """A named entry: its exit rule, its metrics when it was evaluated, and where they came from.
 
     Attributes:
-        rule: the stored rule as a dict (``kind``, ``thresholds``, ``exit``), read by ``Manifest.point_rule``.
+        rule: the stored rule as a dict (``kind``, ``thresholds``, ``exit``, ``fallback`` when not "final"), read by ``Manifest.point_rule``.
         metrics: accuracy and costs on the tuning data, or None (e.g. an "original" stored before evaluation).
         data, n: the tuning data's name and size; target: what was asked for; final_accuracy: the final exit's
             accuracy on that data. extra: any other keys, kept as they are.
@@ -103,18 +106,19 @@ class NamedPoint:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str) -> "NamedPoint":
         rule = d.get("exit_rule", d)
-        rule = {k: rule[k] for k in ("kind", "thresholds", "exit") if k in rule} if isinstance(rule, Mapping) else {}
+        rule = ({k: rule[k] for k in ("kind", "thresholds", "exit", "fallback") if k in rule}
+                if isinstance(rule, Mapping) else {})
         metrics = None
         if "accuracy" in d and "avg_macs_fraction" in d:
             metrics = OperatingPoint.from_dict(d, where)
-        known = {"exit_rule", "kind", "thresholds", "exit", "data", "n", "target", "final_accuracy", *_METRICS}
+        known = {"exit_rule", "kind", "thresholds", "exit", "fallback", "data", "n", "target", "final_accuracy", *_METRICS}
         return cls(rule=rule, metrics=metrics, data=d.get("data"), n=d.get("n"), target=d.get("target"),
                    final_accuracy=d.get("final_accuracy"), extra={k: v for k, v in d.items() if k not in known})
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.rule)
         if self.metrics is not None:
-            out.update({k: v for k, v in self.metrics.to_dict().items() if k not in ("kind", "thresholds")})
+            out.update({k: v for k, v in self.metrics.to_dict().items() if k not in ("kind", "thresholds", "fallback")})
         for key in ("data", "n", "target", "final_accuracy"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)

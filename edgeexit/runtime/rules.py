@@ -19,6 +19,18 @@ fixed              i == the configured exit
 The answer at an exit is the argmax of its logits (class_exclusion: the remaining class, or the argmax over
 R of the last exit's logits).
 
+**Fallback** (``fallback``, confidence / max_softmax / entropy only): what an input answers when no early exit
+stops it. ``final`` (the default): the last exit's argmax. ``most_confident`` (Shallow-Deep Networks): the
+argmax of the exit, among ALL exits (the last one included), with the highest score under the rule's own
+measure -- ``sigmoid(c_i)`` (confidence; the last exit then needs a confidence output too), ``max softmax``
+(max_softmax), ``-H`` (entropy); equal scores go to the earliest exit. Such an input still runs every stage:
+it leaves the network at the last exit (``simulate``'s ``exit_index``, its costs) and is answered from exit
+``answer_exit`` (:meth:`ExitRule.simulate_answers`; ``Result.exit_index`` on the device). Scores are compared
+on the same exact integers / float64 values the thresholds are (max_softmax: ``sum_j E(d_j)``, entropy:
+``ln A + B / A``, confidence: the confidence byte's value), so per-input and vectorised answers are equal.
+class_exclusion has no per-exit score (its last exit already answers from every exit's candidate set), and
+final / fixed never fall back: they take ``final`` only.
+
 **Deciding on the device.** A rule is compiled once per bundle (:meth:`ExitRule.compile`) into a
 :class:`Decider` that works on the exits' raw int8 (or uint8) outputs: every threshold is mapped into the
 quantized domain once, as tables over the 256 byte values, so deciding an input costs a few Python integer
@@ -51,7 +63,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..errors import UsageError
-from .manifest import ExitRuleSpec
+from .manifest import FALLBACKS, ExitRuleSpec
 from .trace import ExitQuant, RawOutputs, Trace, unsigned
 
 CONTINUE = -1  # a decision that lets the input go on to the next stage
@@ -102,6 +114,9 @@ class Decider:
         self.num_exits = len(self.quant)
         self.last = self.num_exits - 1
         self.steps: tuple[Callable[[list[int], Any, Any], tuple[int, Any]] | None, ...] = ()
+        #: True when the last step may answer from an earlier exit: its state is then ``(score, exit, q)`` of the
+        #: exit that answered (the Runner reports that exit and its logits)
+        self.picks = False
 
     @property
     def inspects(self) -> tuple[bool, ...]:
@@ -125,9 +140,16 @@ class Decider:
 
     def simulate(self, raw: RawOutputs) -> tuple[np.ndarray, np.ndarray]:
         """``(exit_index [N], prediction [N])`` (int64) for raw outputs of every exit."""
+        exit_index, prediction, _ = self.simulate_answers(raw)
+        return exit_index, prediction
+
+    def simulate_answers(self, raw: RawOutputs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(exit_index [N], prediction [N], answer_exit [N])`` (int64): where each input left the network (what
+        it paid for), its answer, and the exit that answer came from (``exit_index`` unless it fell back)."""
         n = int(raw.logits[0].shape[0])
         exit_index = np.full(n, self.last, dtype=np.int64)
         prediction = np.zeros(n, dtype=np.int64)
+        answer_exit = np.full(n, self.last, dtype=np.int64)
         alive = np.arange(n)
         state = self.start_many(n)
         for k in range(self.num_exits):
@@ -140,10 +162,11 @@ class Decider:
             stop = labels != CONTINUE
             exit_index[alive[stop]] = k
             prediction[alive[stop]] = labels[stop]
+            answer_exit[alive[stop]] = state[stop, 1] if self.picks and k == self.last else k
             alive = alive[~stop]
             if state is not None:
                 state = state[~stop]
-        return exit_index, prediction
+        return exit_index, prediction, answer_exit
 
 
 class _ThresholdDecider(Decider):
@@ -163,6 +186,65 @@ class _ThresholdDecider(Decider):
         return labels, state
 
 
+class _MostConfidentDecider(_ThresholdDecider):
+    """A threshold rule with the ``most_confident`` fallback: every early exit decides as without it; an input it
+    does not stop keeps the best ``(score, exit, q)`` seen so far as its state (a later exit replaces it only
+    with a strictly higher score), and the last exit answers the argmax of the best exit, itself included.
+    Many inputs: the state is ``[n, 3]`` float64 rows (score, exit, label); scores are exact there (integers
+    below 2^53, or the same float64 values)."""
+
+    def __init__(self, rule: "ExitRule", quant: Sequence[ExitQuant]):
+        super().__init__(rule, quant)
+        self.picks = True
+        self.measures = [rule._measure_tables(k, quant[k]) for k in range(self.num_exits)]
+        self.steps = (*(self._keep_best(k, step) for k, step in enumerate(self.steps[:-1])), self._answer)
+
+    def _keep_best(self, k: int, inner: Callable[[list[int], Any, Any], tuple[int, Any]]) -> Callable[..., tuple[int, Any]]:
+        measure = self.rule._measure(self.measures[k])
+
+        def step(q: list[int], conf: Any, state: Any) -> tuple[int, Any]:
+            label = inner(q, conf, None)[0]
+            if label >= 0:
+                return label, state
+            score = measure(q, conf)
+            if state is None or score > state[0]:
+                state = (score, k, q)
+            return CONTINUE, state
+        return step
+
+    @property
+    def _answer(self) -> Callable[[list[int], Any, Any], tuple[int, Any]]:
+        measure, last = self.rule._measure(self.measures[self.last]), self.last
+
+        def step(q: list[int], conf: Any, state: Any) -> tuple[int, Any]:
+            score = measure(q, conf)
+            if state is None or score > state[0]:
+                state = (score, last, q)
+            best = state[2]
+            return best.index(max(best)), state
+        return step
+
+    def start_many(self, n: int) -> np.ndarray:
+        return np.tile(np.array([-np.inf, -1.0, -1.0]), (n, 1))            # [n, 3] (score, exit, label)
+
+    def decide_many(self, k: int, logits: np.ndarray, conf: np.ndarray | None,
+                    state: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        labels, _ = super().decide_many(k, logits, conf, None)
+        score = self.rule._measure_many(self.measures[k], _ordered(logits), conf)   # [n] float64
+        better = score > state[:, 0]
+        state = state.copy()
+        state[better] = np.stack([score, np.full_like(score, k), _ordered(logits).argmax(axis=-1)], axis=-1)[better]
+        if k == self.last:
+            labels = state[:, 2].astype(np.int64)
+        return labels, state
+
+    def best_exits(self, raw: RawOutputs) -> np.ndarray:
+        """[N] int64: the exit with the highest score for every input (the earliest of equal scores)."""
+        scores = np.stack([self.rule._measure_many(self.measures[k], _ordered(raw.logits[k]), raw.confidence[k])
+                           for k in range(self.num_exits)])                   # [E, N]
+        return scores.argmax(axis=0).astype(np.int64)
+
+
 class ExitRule:
     """Base class: validation, the float-trace path, compilation into a :class:`Decider`."""
 
@@ -171,8 +253,12 @@ class ExitRule:
     _range: tuple[float, float] = (0.0, 1.0)
     _decider = _ThresholdDecider
 
-    def __init__(self, thresholds: Sequence[float] = ()):
+    #: whether the rule has a per-exit score that the ``most_confident`` fallback can compare
+    _scores_exits: bool = True
+
+    def __init__(self, thresholds: Sequence[float] = (), fallback: str = "final"):
         self.thresholds = _check_thresholds(self.kind, thresholds, self._range)
+        self.fallback = _check_fallback(self.kind, fallback, self._scores_exits)
         self.num_exits: int | None = None
         self._compiled: dict[tuple[ExitQuant, ...], Decider] = {}
 
@@ -186,6 +272,9 @@ class ExitRule:
             missing = [i for i, c in enumerate(has_confidence[:-1]) if not c]
             raise UsageError(f"rule 'confidence' needs a confidence output at every early exit, exits {missing} "
                              "have none: use max_softmax, entropy or class_exclusion for this bundle")
+        if self.uses_confidence and self.fallback == "most_confident" and not has_confidence[-1]:
+            raise UsageError("rule 'confidence' with fallback most_confident compares every exit's confidence, but "
+                             "the last exit has no confidence output: use fallback final, or max_softmax / entropy")
         self.num_exits = num_exits
 
     def compile(self, quant: Sequence[ExitQuant]) -> Decider:
@@ -194,7 +283,8 @@ class ExitRule:
         decider = self._compiled.get(key)
         if decider is None:
             self.prepare(len(key), [x.scores for x in key], [x.confidence is not None for x in key])
-            decider = self._compiled[key] = self._decider(self, key)
+            make = _MostConfidentDecider if self.fallback == "most_confident" else self._decider
+            decider = self._compiled[key] = make(self, key)
         return decider
 
     @property
@@ -202,15 +292,16 @@ class ExitRule:
         return True
 
     def with_thresholds(self, thresholds: Sequence[float]) -> "ExitRule":
-        """A new rule of the same kind with other thresholds (validated)."""
-        return type(self)(thresholds)
+        """A new rule of the same kind and fallback with other thresholds (validated)."""
+        return type(self)(thresholds, fallback=self.fallback)
 
     def to_spec(self) -> ExitRuleSpec:
         """This rule as a manifest :class:`ExitRuleSpec`."""
-        return ExitRuleSpec(kind=self.kind, thresholds=tuple(self.thresholds))
+        return ExitRuleSpec(kind=self.kind, thresholds=tuple(self.thresholds), fallback=self.fallback)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({list(self.thresholds)})"
+        fallback = "" if self.fallback == "final" else f", fallback={self.fallback!r}"
+        return f"{type(self).__name__}({list(self.thresholds)}{fallback})"
 
     # ---- many inputs ---------------------------------------------------------------------------------
     def simulate(self, trace: Trace) -> tuple[np.ndarray, np.ndarray]:
@@ -219,10 +310,36 @@ class ExitRule:
         A Runner's trace is decided on its raw outputs, exactly as the device decides; a float network's
         trace with the float64 formulas.
         """
+        exit_index, prediction, _ = self.simulate_answers(trace)
+        return exit_index, prediction
+
+    def simulate_answers(self, trace: Trace) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Like :meth:`simulate`, plus ``answer_exit [N]`` int64: the exit each answer came from (``exit_index``
+        except for inputs the ``most_confident`` fallback answered from an earlier exit)."""
         if trace.raw is not None:
-            return self.compile(trace.raw.quant).simulate(trace.raw)
+            return self.compile(trace.raw.quant).simulate_answers(trace.raw)
         self.prepare(trace.num_exits, trace.scores, [c is not None for c in trace.confidence])
-        return self._simulate_float(trace)
+        exit_index, prediction = self._simulate_float(trace)
+        answer_exit = exit_index.copy()
+        if self.fallback == "most_confident":
+            rest = exit_index == trace.num_exits - 1
+            best = self.most_confident_exit(trace)[rest]
+            answer_exit[rest] = best
+            prediction[rest] = np.stack([np.asarray(z).argmax(axis=-1) for z in trace.logits])[best, np.flatnonzero(rest)]
+        return exit_index, prediction, answer_exit
+
+    def most_confident_exit(self, trace: Trace) -> np.ndarray:
+        """[N] int64: per input, the exit with the highest score under this rule's measure (the earliest of equal
+        scores) -- the exit the ``most_confident`` fallback answers from; it does not depend on the thresholds."""
+        if not self._scores_exits:
+            raise UsageError(f"rule '{self.kind}' has no per-exit score to compare")
+        rule = self if self.fallback == "most_confident" else type(self)(self.thresholds, fallback="most_confident")
+        if trace.raw is not None:
+            return rule.compile(trace.raw.quant).best_exits(trace.raw)
+        rule.prepare(trace.num_exits, trace.scores, [c is not None for c in trace.confidence])
+        scores = np.stack([self._measure_float(np.asarray(trace.logits[k], dtype=np.float64), trace.confidence[k])
+                           for k in range(trace.num_exits)])                  # [E, N]
+        return scores.argmax(axis=0).astype(np.int64)
 
     def _simulate_float(self, trace: Trace) -> tuple[np.ndarray, np.ndarray]:
         n, last = trace.num_inputs, trace.num_exits - 1
@@ -250,6 +367,29 @@ class ExitRule:
 
     def _stop_float(self, k: int, logits: np.ndarray, conf: np.ndarray | None) -> np.ndarray:
         raise NotImplementedError
+
+    # the score the most_confident fallback compares (higher = more confident), per exit: tables, one input
+    # (a closure), many inputs ([n] float64) and a float trace ([n] float64)
+    def _measure_tables(self, k: int, quant: ExitQuant) -> Any:
+        raise NotImplementedError
+
+    def _measure(self, tables: Any) -> Callable[[list[int], Any], Any]:
+        raise NotImplementedError
+
+    def _measure_many(self, tables: Any, values: np.ndarray, conf: np.ndarray | None) -> np.ndarray:
+        raise NotImplementedError
+
+    def _measure_float(self, logits: np.ndarray, conf: np.ndarray | None) -> np.ndarray:
+        raise NotImplementedError
+
+
+def _check_fallback(kind: str, fallback: Any, scores_exits: bool) -> str:
+    if fallback not in FALLBACKS:
+        raise UsageError(f"rule '{kind}': fallback {fallback!r:.40} is not known; expected one of {', '.join(FALLBACKS)}")
+    if fallback != "final" and not scores_exits:
+        raise UsageError(f"rule '{kind}' takes fallback final only; most_confident works with confidence, max_softmax "
+                         "and entropy")
+    return fallback
 
 
 def _check_thresholds(kind: str, values: Sequence[float], valid: tuple[float, float]) -> tuple[float, ...]:
@@ -298,6 +438,21 @@ class ConfidenceRule(ExitRule):
             raise UsageError(f"rule 'confidence': exit {k} has no confidence output")
         return np.asarray(conf, dtype=np.float64).reshape(-1) > _logit(self.thresholds[k])
 
+    def _measure_tables(self, k: int, quant: ExitQuant) -> tuple[list[float], np.ndarray]:
+        values = quant.confidence_byte_values()                                  # [levels] float64 logits
+        return values.tolist(), values
+
+    def _measure(self, tables: tuple[list[float], np.ndarray]) -> Callable[[list[int], Any], Any]:
+        values = tables[0]
+        return lambda q, conf: values[conf[0]]     # a signed value indexes the list like its unsigned view
+
+    def _measure_many(self, tables: tuple[list[float], np.ndarray], values: np.ndarray,
+                      conf: np.ndarray | None) -> np.ndarray:
+        return tables[1][unsigned(np.asarray(conf).reshape(-1))]
+
+    def _measure_float(self, logits: np.ndarray, conf: np.ndarray | None) -> np.ndarray:
+        return np.asarray(conf, dtype=np.float64).reshape(-1)     # sigmoid is monotone: compare the logits
+
 
 class MaxSoftmaxRule(ExitRule):
     """Leave at exit i when ``max softmax(logits_i) >= T_i``, T_i in [0, 1]."""
@@ -330,6 +485,25 @@ class MaxSoftmaxRule(ExitRule):
         if t == 0:
             return np.ones(logits.shape[0], dtype=bool)
         return np.exp(logits - logits.max(axis=-1, keepdims=True)).sum(axis=-1) <= 1.0 / t
+
+    def _measure_tables(self, k: int, quant: ExitQuant) -> tuple[list[int], np.ndarray]:
+        e, _ = _exp_tables(quant.scale, quant.levels)
+        return e, np.asarray(e, dtype=np.int64)
+
+    def _measure(self, tables: tuple[list[int], np.ndarray]) -> Callable[[list[int], Any], Any]:
+        e = tables[0]
+
+        def measure(q: list[int], conf: Any) -> int:
+            m = max(q)
+            return -sum([e[m - v] for v in q])      # -2^F / max softmax, an exact integer
+        return measure
+
+    def _measure_many(self, tables: tuple[list[int], np.ndarray], values: np.ndarray,
+                      conf: np.ndarray | None) -> np.ndarray:
+        return -tables[1][values.max(axis=-1, keepdims=True) - values].sum(axis=-1).astype(np.float64)
+
+    def _measure_float(self, logits: np.ndarray, conf: np.ndarray | None) -> np.ndarray:
+        return 1.0 / np.exp(logits - logits.max(axis=-1, keepdims=True)).sum(axis=-1)
 
 
 class EntropyRule(ExitRule):
@@ -369,6 +543,32 @@ class EntropyRule(ExitRule):
         e = np.exp(z)
         total = e.sum(axis=-1)
         return np.log(total) - (e * z).sum(axis=-1) / total < self.thresholds[k]
+
+    def _measure_tables(self, k: int, quant: ExitQuant) -> tuple[list[int], list[int], np.ndarray, np.ndarray]:
+        e, g = _exp_tables(quant.scale, quant.levels)
+        return e, g, np.asarray(e, dtype=np.int64), np.asarray(g, dtype=np.int64)
+
+    def _measure(self, tables: Any) -> Callable[[list[int], Any], Any]:
+        e, g, _, _ = tables
+        log = math.log
+
+        def measure(q: list[int], conf: Any) -> float:
+            m = max(q)
+            a = sum([e[m - v] for v in q])
+            return -(log(a) + sum([g[m - v] for v in q]) / a)     # -(H + F ln 2): lower entropy scores higher
+        return measure
+
+    def _measure_many(self, tables: Any, values: np.ndarray, conf: np.ndarray | None) -> np.ndarray:
+        _, _, e, g = tables
+        d = values.max(axis=-1, keepdims=True) - values
+        a, b = e[d].sum(axis=-1).tolist(), g[d].sum(axis=-1).tolist()
+        return np.fromiter((-(math.log(x) + y / x) for x, y in zip(a, b)), dtype=np.float64, count=len(a))
+
+    def _measure_float(self, logits: np.ndarray, conf: np.ndarray | None) -> np.ndarray:
+        z = logits - logits.max(axis=-1, keepdims=True)
+        e = np.exp(z)
+        total = e.sum(axis=-1)
+        return -(np.log(total) - (e * z).sum(axis=-1) / total)
 
 
 def narrow_candidates(remaining: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -455,6 +655,7 @@ class ClassExclusionRule(ExitRule):
 
     kind = "class_exclusion"
     _decider = _ClassExclusionDecider
+    _scores_exits = False
 
     def keep_table(self, k: int, quant: ExitQuant) -> np.ndarray:
         """[256, 256] bool: class byte c is kept at exit k when the top logit's byte is m (``[m, c]``)."""
@@ -509,9 +710,10 @@ class FinalExitRule(ExitRule):
 
     kind = "final"
     _decider = _OneExitDecider
+    _scores_exits = False
 
-    def __init__(self, thresholds: Sequence[float] = ()):
-        super().__init__(())
+    def __init__(self, thresholds: Sequence[float] = (), fallback: str = "final"):
+        super().__init__((), fallback)
 
     @property
     def uses_thresholds(self) -> bool:
@@ -533,6 +735,7 @@ class FixedExitRule(ExitRule):
 
     kind = "fixed"
     _decider = _OneExitDecider
+    _scores_exits = False
 
     def __init__(self, exit: int):
         super().__init__(())
@@ -612,6 +815,7 @@ class ForcedExitRule(ExitRule):
 
     kind = "forced"
     _decider = _ForcedDecider
+    _scores_exits = False
 
     def __init__(self, rule: ExitRule, exit: int):
         super().__init__(())
@@ -662,5 +866,7 @@ def rule_from_spec(spec: ExitRuleSpec) -> ExitRule:
     if spec.kind == "fixed":
         if spec.exit is None:
             raise UsageError("rule 'fixed' needs an exit index (exit_rule.exit)")
+        if spec.fallback != "final":
+            raise UsageError("rule 'fixed' takes fallback final only")
         return FixedExitRule(spec.exit)
-    return RULES[spec.kind](spec.thresholds)
+    return RULES[spec.kind](spec.thresholds, fallback=spec.fallback)

@@ -71,16 +71,20 @@ class _Context:
 class Result:
     """The answer for one input.
 
-    ``label``, ``exit_index`` and ``latency_ms`` (the call, from the image as given to the decision) are set
-    by the call; ``label_name``, ``stages_run``, ``macs`` (every segment and head up to the exit), ``score``
-    (the exit's softmax / sigmoid score of ``label``), ``probabilities`` (all K scores) and ``energy`` are
-    computed when read.
+    ``label``, ``exit_index`` (the exit whose answer this is) and ``latency_ms`` (the call, from the image as
+    given to the decision) are set by the call; ``label_name``, ``stages_run``, ``macs`` (every segment and head
+    up to the exit the input left the network at), ``score`` (the answering exit's softmax / sigmoid score of
+    ``label``), ``probabilities`` (its K scores) and ``energy`` (of the stages run) are computed when read.
+    With the ``most_confident`` fallback an input no early exit stops runs every stage (``stages_run`` = the
+    number of stages, ``macs`` the whole network's) and may be answered by an earlier ``exit_index``.
     """
 
-    __slots__ = ("label", "exit_index", "latency_ms", "_q", "_ctx")
+    __slots__ = ("label", "exit_index", "latency_ms", "_q", "_ctx", "_left")
 
-    def __init__(self, label: int, exit_index: int, latency_ms: float, q: list[int], ctx: _Context):
+    def __init__(self, label: int, exit_index: int, latency_ms: float, q: list[int], ctx: _Context,
+                 left_at: int | None = None):
         self.label, self.exit_index, self.latency_ms, self._q, self._ctx = label, exit_index, latency_ms, q, ctx
+        self._left = exit_index if left_at is None else left_at
 
     @property
     def label_name(self) -> str:
@@ -88,11 +92,11 @@ class Result:
 
     @property
     def stages_run(self) -> int:
-        return self.exit_index + 1
+        return self._left + 1
 
     @property
     def macs(self) -> int:
-        return self._ctx.cum_macs[self.exit_index]
+        return self._ctx.cum_macs[self._left]
 
     @property
     def probabilities(self) -> np.ndarray:
@@ -106,7 +110,7 @@ class Result:
     @property
     def energy(self) -> Energy:
         """This input's energy by kind (measured / board estimate / operation proxy; see :mod:`edgeexit.energy`)."""
-        return self._ctx.energy_model.for_exit(self.exit_index, self.latency_ms)
+        return self._ctx.energy_model.for_exit(self._left, self.latency_ms)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
@@ -154,14 +158,20 @@ class MonolithicBatchResult:
 
 
 class BatchResult(Sequence[Result]):
-    """The answers for a batch: ``labels`` and ``exit_index`` as ``[B]`` int64 arrays, ``latency_ms`` the
-    whole batch call; ``batch[i]`` is the :class:`Result` of image i (its ``latency_ms`` is the batch's time
-    per image)."""
+    """The answers for a batch: ``labels`` and ``exit_index`` (the exit each answer came from) as ``[B]`` int64
+    arrays, ``stages_run`` ``[B]`` (differs from ``exit_index + 1`` only for answers of the ``most_confident``
+    fallback), ``latency_ms`` the whole batch call; ``batch[i]`` is the :class:`Result` of image i (its
+    ``latency_ms`` is the batch's time per image)."""
 
     def __init__(self, labels: np.ndarray, exit_index: np.ndarray, logits: np.ndarray, latency_ms: float,
-                 ctx: _Context):
+                 ctx: _Context, left_at: np.ndarray | None = None):
         self.labels, self.exit_index, self.latency_ms = labels, exit_index, latency_ms
         self._logits, self._ctx = logits, ctx
+        self._left = exit_index if left_at is None else left_at
+
+    @property
+    def stages_run(self) -> np.ndarray:
+        return self._left + 1
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -170,12 +180,12 @@ class BatchResult(Sequence[Result]):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         return Result(int(self.labels[i]), int(self.exit_index[i]), self.latency_ms / max(len(self), 1),
-                      self._logits[i].tolist(), self._ctx)
+                      self._logits[i].tolist(), self._ctx, int(self._left[i]))
 
     @property
     def macs(self) -> np.ndarray:
-        """[B] int64 MACs each input paid."""
-        return np.asarray(self._ctx.cum_macs, dtype=np.int64)[self.exit_index]
+        """[B] int64 MACs each input paid (every stage it ran)."""
+        return np.asarray(self._ctx.cum_macs, dtype=np.int64)[self._left]
 
     @property
     def label_names(self) -> list[str]:
@@ -339,6 +349,7 @@ class Runner:
         self.rule: ExitRule = self._resolve_rule(rule)
         self._decider, self._plan = self._compile(self.rule)
         self._state0 = self._decider.start()
+        self._picks, self._last = self._decider.picks, len(self._stages) - 1
         self._warm_up()
         self.stats.set_reference(self._tuned_shares(self.rule))
         log.info("runner: %d stages, backend %s %s, %d thread(s), rule %r, board %s", len(self._stages),
@@ -444,6 +455,7 @@ class Runner:
             self.rule = resolved
             self._decider, self._plan = compiled
             self._state0 = compiled[0].start()
+            self._picks = compiled[0].picks
             self.stats.set_reference(reference)
 
     def _tuned_shares(self, rule: ExitRule) -> ExitShareReference | None:
@@ -508,6 +520,8 @@ class Runner:
             dt = _clock() - t0
             self._counts[k] += 1
             self._latency_ns[k] += dt
+            if self._picks and k == self._last:   # most_confident: the answer may come from an earlier exit
+                return Result(label, state[1], dt * 1e-6, state[2], self._ctx, k)
         return Result(label, k, dt * 1e-6, q, self._ctx)
 
     def classify_batch(self, images: Any) -> BatchResult:
@@ -528,7 +542,8 @@ class Runner:
             n = x.shape[0]
             decider, stages, last = self._decider, self._stages, len(self._stages) - 1
             labels = np.full(n, CONTINUE, dtype=np.int64)
-            exits = np.full(n, last, dtype=np.int64)
+            exits = np.full(n, last, dtype=np.int64)                        # where each input left
+            answered = exits if not decider.picks else exits.copy()          # the exit each answer came from
             exit_logits = np.zeros((n, self.manifest.num_classes), dtype=stages[-1].logits.dtype)
             alive, state = np.arange(n), decider.start_many(n)
             for k, st in enumerate(stages):
@@ -552,9 +567,16 @@ class Runner:
                     stop = decided != CONTINUE
                 else:
                     decided, stop = None, np.zeros(m, dtype=bool)
+                if decider.picks:   # keep the logits of every input's best exit so far
+                    best = state[:, 1] == k
+                    exit_logits[alive[best]] = logits[best]
                 if stop.any():
                     idx = alive[stop]
-                    labels[idx], exits[idx], exit_logits[idx] = decided[stop], k, logits[stop]
+                    labels[idx], exits[idx] = decided[stop], k
+                    if not decider.picks or k < last:
+                        answered[idx], exit_logits[idx] = k, logits[stop]
+                    else:                           # the last exit: the best exit answers, its logits kept above
+                        answered[idx] = state[stop, 1]
                 go = ~stop
                 alive = alive[go]
                 if state is not None:
@@ -573,7 +595,7 @@ class Runner:
                 for k, c in enumerate(counts.tolist()):
                     if c:
                         self.stats.record_many(k, c, dt * c // n)
-        return BatchResult(labels, exits, exit_logits, dt * 1e-6, self._ctx)
+        return BatchResult(labels, answered, exit_logits, dt * 1e-6, self._ctx, exits)
 
     def trace(self, images: Iterable[ImageLike], labels: Sequence[int] | np.ndarray | None = None) -> Trace:
         """Run EVERY stage for each image and record every exit's outputs (for tuning and benchmarks).

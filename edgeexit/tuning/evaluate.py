@@ -5,7 +5,8 @@ For the independent rules (confidence, max_softmax, entropy) each exit's statist
 input: candidate thresholds are taken at quantiles of that exit's statistic (midpoints between distinct observed
 values, so the strictness of the comparison never matters), ordered from strict (level 0) to permissive, and an
 input passes exit i at level L iff its level there is <= L. The exit an input takes under a level vector is then
-one comparison and one argmax over [E-1, N]. class_exclusion (whose candidate sets carry over from exit to exit)
+one comparison and one argmax over [E-1, N]; with the ``most_confident`` fallback an input that passes no early
+exit is correct when its most confident exit is (that exit does not depend on the thresholds). class_exclusion (whose candidate sets carry over from exit to exit)
 is simulated exactly per candidate.
 """
 
@@ -108,7 +109,7 @@ def evaluate_rule(trace: Trace, spec: ExitRuleSpec, costs: ExitCosts) -> Operati
                           avg_macs_fraction=float(frac @ costs.macs_fraction),
                           est_latency_ms=float(frac @ costs.latency_ms),
                           energy_mj=None if costs.energy_mj is None else float(frac @ costs.energy_mj),
-                          exit_fractions=tuple(float(f) for f in frac))
+                          exit_fractions=tuple(float(f) for f in frac), fallback=spec.fallback)
 
 
 def _predictions(trace: Trace) -> np.ndarray:
@@ -130,7 +131,7 @@ class _LevelEvaluator:
     the trace), so tuned thresholds behave on the device exactly as they did here.
     """
 
-    def __init__(self, trace: Trace, kind: str, levels: int):
+    def __init__(self, trace: Trace, kind: str, levels: int, fallback: str = "final"):
         self.kind = kind
         self.num_exits = trace.num_exits
         self.labels = labels_of(trace)
@@ -150,7 +151,12 @@ class _LevelEvaluator:
         self._n = int(self.labels.shape[0])
         self._cols = np.arange(self._n)                              # [N]
         self._exit_ids = np.arange(last, dtype=np.int64)[:, None]     # [E-1, 1]
-        self._correct_flat = self.correct.ravel()                    # [E * N], row = exit
+        answered = self.correct.copy()                               # [E, N]: row = exit an input left at
+        if fallback != "final":
+            # an input no early exit stops answers from its most confident exit, whatever the thresholds
+            best = RULES[kind]([0.0] * last, fallback=fallback).most_confident_exit(trace)   # [N]
+            answered[last] = self.correct[best, self._cols]
+        self._correct_flat = answered.ravel()                        # [E * N], row = exit
 
     def max_levels(self) -> np.ndarray:
         return np.array([len(c) - 1 for c in self.candidates], dtype=np.int64)

@@ -116,7 +116,7 @@ class _Search:
         return out
 
 
-def _evaluator(trace: Trace, kind: str, levels: int) -> Any:
+def _evaluator(trace: Trace, kind: str, levels: int, fallback: str = "final") -> Any:
     if kind not in TUNABLE_RULES:
         raise UsageError(f"rule {kind!r} cannot be tuned; choose one of {', '.join(TUNABLE_RULES)}")
     if trace.num_exits < 2:
@@ -124,27 +124,32 @@ def _evaluator(trace: Trace, kind: str, levels: int) -> Any:
     if trace.num_inputs < 1:
         raise TuningError("the tuning trace is empty; give at least one labelled validation input")
     if kind == "class_exclusion":
+        if fallback != "final":
+            raise UsageError("rule class_exclusion takes fallback final only; tune it without --fallback, or tune "
+                             "confidence, max_softmax or entropy with --fallback most_confident")
         return _ClassExclusionEvaluator(trace, levels)
-    return _LevelEvaluator(trace, kind, levels)
+    return _LevelEvaluator(trace, kind, levels, fallback)
 
 
-def _point(search: _Search, ev: Any, key: tuple[int, ...], costs: ExitCosts, kind: str) -> OperatingPoint:
+def _point(search: _Search, ev: Any, key: tuple[int, ...], costs: ExitCosts, kind: str,
+           fallback: str = "final") -> OperatingPoint:
     acc, _, hist = search.seen[key]
     frac = hist / max(search.n, 1)
     energy = None if costs.energy_mj is None else float(frac @ costs.energy_mj)
     return OperatingPoint(rule=kind, thresholds=ev.thresholds(np.asarray(key)), accuracy=acc,
                           avg_macs_fraction=float(frac @ costs.macs_fraction),
                           est_latency_ms=float(frac @ costs.latency_ms), energy_mj=energy,
-                          exit_fractions=tuple(float(f) for f in frac))
+                          exit_fractions=tuple(float(f) for f in frac), fallback=fallback)
 
 
-def _explore(trace: Trace, costs: ExitCosts, rule: str, target: Target, levels: int) -> tuple[Any, "_Search", float]:
+def _explore(trace: Trace, costs: ExitCosts, rule: str, target: Target, levels: int,
+             fallback: str = "final") -> tuple[Any, "_Search", float]:
     """Search the front of ``rule`` on ``trace`` (greedy walks both ways, refined around the target's point).
 
     Returns (the level evaluator, the search with every evaluated point, the final exit's accuracy)."""
     if not isinstance(levels, int) or levels < 1:
         raise UsageError(f"levels must be a positive integer, got {levels!r}")
-    ev = _evaluator(trace, rule, levels)
+    ev = _evaluator(trace, rule, levels, fallback)
     search = _Search(ev, costs.vector(target.cost_kind))
     final_accuracy = float(ev.correct[-1].mean()) if hasattr(ev, "correct") else float(
         (np.asarray(trace.logits[-1]).argmax(axis=-1) == ev.labels).mean())
@@ -157,7 +162,7 @@ def _explore(trace: Trace, costs: ExitCosts, rule: str, target: Target, levels: 
 
 
 def search_front(trace: Trace, costs: ExitCosts, rule: str, target: Target, *,
-                 levels: int = DEFAULT_LEVELS) -> TuneResult:
+                 levels: int = DEFAULT_LEVELS, fallback: str = "final") -> TuneResult:
     """Search the accuracy / cost front of ``rule`` on a traced set and choose the point meeting ``target`` ON
     THAT SET (a point estimate: see :func:`search_guaranteed` for a target that holds on new data).
 
@@ -167,6 +172,8 @@ def search_front(trace: Trace, costs: ExitCosts, rule: str, target: Target, *,
         rule: one of :data:`TUNABLE_RULES`.
         target: the accuracy floor or cost budget.
         levels: candidate thresholds per exit (quantiles of the exit's statistic).
+        fallback: what an input no early exit stops answers ("final" or "most_confident"; see
+            :mod:`edgeexit.runtime.rules`); the chosen point and the front carry it.
 
     Returns:
         A :class:`TuneResult` whose ``front`` is sorted by cost with non-decreasing accuracy.
@@ -177,13 +184,13 @@ def search_front(trace: Trace, costs: ExitCosts, rule: str, target: Target, *,
     """
     t0 = time.perf_counter()
     kind = target.cost_kind
-    ev, search, final_accuracy = _explore(trace, costs, rule, target, levels)
+    ev, search, final_accuracy = _explore(trace, costs, rule, target, levels, fallback)
     front = search.front()
     key = _choose_key(front, target, final_accuracy)
     if key is None:
         raise TuningError(_unmet_message(front, target, final_accuracy, kind))
-    points = tuple(_point(search, ev, k, costs, rule) for k, _, _, _ in front)
-    chosen = _point(search, ev, key, costs, rule)
+    points = tuple(_point(search, ev, k, costs, rule, fallback) for k, _, _, _ in front)
+    chosen = _point(search, ev, key, costs, rule, fallback)
     dt = time.perf_counter() - t0
     log.info("tune %s: %d threshold vectors evaluated, front of %d points, %.3f s", rule, len(search.seen),
              len(points), dt)
@@ -195,7 +202,7 @@ def search_guaranteed(trace: Trace, costs: ExitCosts, rule: str, target: Target,
                       delta: float | None = None, levels: int = DEFAULT_LEVELS,
                       reference: ExitRuleSpec | None = None, reference_name: str | None = None,
                       reference_costs: ExitCosts | None = None, margin_pp: float = 0.0,
-                      tolerance: float = 0.0) -> TuneResult:
+                      tolerance: float = 0.0, fallback: str = "final") -> TuneResult:
     """The point meeting ``target`` on NEW data with probability at least ``1 - risk`` (Learn then Test; see
     :mod:`edgeexit.tuning.guarantee`).
 
@@ -203,7 +210,7 @@ def search_guaranteed(trace: Trace, costs: ExitCosts, rule: str, target: Target,
     fixed sequence. The chosen point's stored metrics are those on the whole trace.
 
     Args:
-        trace, costs, rule, levels: as for :func:`search_front`.
+        trace, costs, rule, levels, fallback: as for :func:`search_front`.
         target: an accuracy target (``max_drop_pp``, ``min_accuracy``; ``no_worse_than`` with ``reference``) or a
             budget.
         risk: the probability the promise may fail; ``delta`` the level of this rule's tests (``risk`` divided by
@@ -238,8 +245,8 @@ def search_guaranteed(trace: Trace, costs: ExitCosts, rule: str, target: Target,
     # An accuracy target's path is the MACs front (exact counts: the same data give the same path, whatever the
     # timing noise); the measured cost only chooses among the points that passed. A budget's path is its own kind.
     path_target = dataclasses.replace(search_target, minimize="macs") if target.budget is None else search_target
-    ev, search, _ = _explore(s_trace, costs, rule, path_target, levels)
-    points = [_point(search, ev, k, costs, rule) for k, _, _, _ in search.front()]   # path cost ascending
+    ev, search, _ = _explore(s_trace, costs, rule, path_target, levels, fallback)
+    points = [_point(search, ev, k, costs, rule, fallback) for k, _, _, _ in search.front()]   # path cost ascending
     labels_s = labels_of(s_trace)
     if target.budget is not None:
         check, path = Check("budget", float(target.budget), cost_per_exit=costs.vector(kind)), points
@@ -257,7 +264,8 @@ def search_guaranteed(trace: Trace, costs: ExitCosts, rule: str, target: Target,
         path = _drop_path(search, ev, ref_s, costs, rule, delta)
 
     def outcome(p: OperatingPoint) -> tuple[np.ndarray, np.ndarray]:
-        exit_index, prediction = rule_from_spec(ExitRuleSpec(rule, tuple(p.thresholds))).simulate(c_trace)
+        spec = ExitRuleSpec(rule, tuple(p.thresholds), fallback=fallback)
+        exit_index, prediction = rule_from_spec(spec).simulate(c_trace)
         return exit_index, prediction == labels_c
 
     passed, tested = fixed_sequence(path, outcome, check, delta)
@@ -267,7 +275,7 @@ def search_guaranteed(trace: Trace, costs: ExitCosts, rule: str, target: Target,
     scale = 100.0 if check.kind in ("drop", "accuracy") else 1.0
     if passed:
         point, bound = _pick(passed, target, kind, tolerance)
-        chosen = evaluate_rule(trace, ExitRuleSpec(rule, tuple(point.thresholds)), costs)
+        chosen = evaluate_rule(trace, ExitRuleSpec(rule, tuple(point.thresholds), fallback=fallback), costs)
         if check.kind == "drop" and len(passed) == 1 and ref_point is None:
             log.warning("only the strictest %s point (%.1f%% of the MACs) can be guaranteed to keep %s at risk %g on %d "
                         "images; for cheaper points allow a larger drop or give more labelled images", rule,
@@ -289,7 +297,7 @@ def search_guaranteed(trace: Trace, costs: ExitCosts, rule: str, target: Target,
     dt = time.perf_counter() - t0
     log.info("guaranteed tune %s: %d points tested, %d passed, %.3f s", rule, tested, len(passed), dt)
     # the stored front: every evaluated point of the search, the Pareto set by the target's own cost
-    front = pareto([_point(search, ev, key, costs, rule) for key in search.seen], kind)
+    front = pareto([_point(search, ev, key, costs, rule, fallback) for key in search.seen], kind)
     return TuneResult(chosen=chosen, front=tuple(front), cost_kind=kind, final_accuracy=final_accuracy,
                       target=target, n=trace.num_inputs, search_s=dt, evaluated=len(search.seen),
                       exit_costs=costs, reference=ref_point, reference_name=reference_name,

@@ -31,11 +31,12 @@ def updated_manifest(manifest: Manifest, result: TuneResult, name: str, original
     named = dict(stored.named)
     if "original" not in named and "original" not in stored.unreadable:
         spec = manifest.exit_rule
-        rule = {"kind": spec.kind, "thresholds": list(spec.thresholds), "exit": spec.exit}
+        rule = spec.to_dict()
         named["original"] = (NamedPoint(rule) if original is None else
                              NamedPoint(rule, metrics=original, data=result.data, n=result.n))
     chosen = result.chosen
-    named[name] = NamedPoint({"kind": chosen.rule, "thresholds": [float(t) for t in chosen.thresholds]},
+    named[name] = NamedPoint({"kind": chosen.rule, "thresholds": [float(t) for t in chosen.thresholds],
+                              **({} if chosen.fallback == "final" else {"fallback": chosen.fallback})},
                              metrics=chosen, data=result.data, n=result.n, target=result.target_dict(),
                              final_accuracy=round(result.final_accuracy, 6),
                              extra={"guarantee": result.guarantee_dict()})
@@ -53,7 +54,7 @@ def updated_manifest(manifest: Manifest, result: TuneResult, name: str, original
 
 def rule_spec(point: OperatingPoint) -> ExitRuleSpec:
     """A point's exit rule, as the manifest and the Runner take it."""
-    return ExitRuleSpec(kind=point.rule, thresholds=tuple(point.thresholds), exit=None)
+    return ExitRuleSpec(kind=point.rule, thresholds=tuple(point.thresholds), exit=None, fallback=point.fallback)
 
 
 def check_point_name(name: str) -> None:

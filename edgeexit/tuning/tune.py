@@ -21,7 +21,7 @@ import numpy as np
 from ..energy import Board
 from ..errors import BundleError, TuningError, UsageError
 from ..progress import Progress, reporting
-from ..runtime.manifest import ExitRuleSpec, Manifest
+from ..runtime.manifest import FALLBACK_RULES, FALLBACKS, ExitRuleSpec, Manifest
 from ..runtime.points import OperatingPoint
 from ..runtime.rules import rule_from_spec
 from ..runtime.trace import Trace
@@ -47,7 +47,7 @@ def tune_bundle(bundle: str | os.PathLike[str], data: str, target: Target, *, ru
                 levels: int = DEFAULT_LEVELS, backend: str = "auto", margin_pp: float | None = None,
                 progress: Progress | None = None, cost_images: int = DEFAULT_COST_IMAGES,
                 board: str | Board | None = None, risk: float = DEFAULT_RISK, force: bool = False,
-                retime: bool = False) -> TuneResult:
+                retime: bool = False, fallback: str = "final") -> TuneResult:
     """Trace a labelled validation set once, search the front, and store the chosen point in the bundle.
 
     Args:
@@ -78,6 +78,9 @@ def tune_bundle(bundle: str | os.PathLike[str], data: str, target: Target, *, ru
             bundle and data choose the same point, and a re-tune on a slow board skips the timing) unless
             ``retime``.
         retime: time the exit costs again even when the bundle holds costs timed on this machine.
+        fallback: what an input no early exit stops answers: "final" (the last exit) or "most_confident" (the
+            exit with the highest score; confidence, max_softmax and entropy only). The chosen point and the
+            front carry it; every input the fallback answers is charged every stage.
 
     Returns:
         The :class:`TuneResult`.
@@ -100,12 +103,17 @@ def tune_bundle(bundle: str | os.PathLike[str], data: str, target: Target, *, ru
     kind = rule or (manifest.exit_rule.kind if manifest.exit_rule.kind in TUNABLE_RULES else "max_softmax")
     if kind != "any" and kind not in TUNABLE_RULES:
         raise UsageError(f"--rule {kind} cannot be tuned; choose one of {', '.join(TUNABLE_RULES)} or any")
+    if fallback not in FALLBACKS:
+        raise UsageError(f"fallback {fallback!r:.40} is not known; expected one of {', '.join(FALLBACKS)}")
+    if fallback != "final" and kind not in (*FALLBACK_RULES, "any"):
+        raise UsageError(f"--rule {kind} takes --fallback final only; most_confident works with "
+                         f"{', '.join(FALLBACK_RULES)} (or --rule any)")
     # every argument is checked before the long work (reading and tracing the data, timing)
     ref_spec = reference_rule(manifest, target.no_worse_than) if target.no_worse_than is not None else None
     if not dry_run and name in manifest.operating_points.named and not force:
         raise UsageError(f"the bundle already has an operating point {name!r}; give --force to replace it, or "
                          "--name NEW to store the new point beside it")
-    searched = _fitting_rules(manifest) if kind == "any" else (kind,)   # says what it leaves out, before the long work
+    searched = _fitting_rules(manifest, fallback) if kind == "any" else (kind,)   # says what it leaves out, before the long work
     images = load_dataset(data, split=split, limit=limit)
     check_dataset(manifest, images)
     runner = Runner(loaded, backend=backend, rule=ExitRuleSpec("final", ()), power_sensor=None, board=board)
@@ -138,11 +146,11 @@ def tune_bundle(bundle: str | os.PathLike[str], data: str, target: Target, *, ru
                                                  levels=levels, reference=ref_spec,
                                                  reference_name=target.no_worse_than, margin_pp=margin_pp or 0.0,
                                                  reference_costs=None if ref_spec is None else costs_for(ref_spec.kind),
-                                                 tolerance=tolerance))
+                                                 tolerance=tolerance, fallback=fallback))
             elif reference is not None:
-                results.append(_beat_reference(trace, costs, k, reference, target, levels, margin_pp))
+                results.append(_beat_reference(trace, costs, k, reference, target, levels, margin_pp, fallback))
             else:
-                results.append(search_front(trace, costs, k, target, levels=levels))
+                results.append(search_front(trace, costs, k, target, levels=levels, fallback=fallback))
         except (TuningError, UsageError) as exc:
             if kind != "any":
                 raise
@@ -163,12 +171,17 @@ def tune_bundle(bundle: str | os.PathLike[str], data: str, target: Target, *, ru
     return result
 
 
-def _fitting_rules(manifest: Manifest) -> tuple[str, ...]:
-    """The tunable rule kinds that can run on this bundle (``--rule any``); the others are logged with the reason."""
+def _fitting_rules(manifest: Manifest, fallback: str = "final") -> tuple[str, ...]:
+    """The tunable rule kinds that can run on this bundle (``--rule any``) with ``fallback``; the others are logged
+    with the reason."""
     left_out = {}
     if any("confidence" not in stage.outputs for stage in manifest.stages[:-1]):
         left_out["confidence"] = "an early exit has no confidence output"
-    if manifest.activations != "int8":
+    elif fallback == "most_confident" and "confidence" not in manifest.stages[-1].outputs:
+        left_out["confidence"] = "fallback most_confident needs a confidence output at the last exit too"
+    if fallback != "final":
+        left_out["class_exclusion"] = f"it takes fallback final only (not {fallback})"
+    if manifest.activations != "int8" and "class_exclusion" not in left_out:
         left_out["class_exclusion"] = f"it runs on int8 bundles only (this one has {manifest.activations} activations)"
     for k, why in left_out.items():
         log.warning("--rule any: %s left out: %s", k, why)
@@ -226,7 +239,7 @@ def standard_error_pp(accuracy: float, n: int) -> float:
 
 
 def _beat_reference(trace: Trace, costs: ExitCosts, kind: str, reference: OperatingPoint, target: Target,
-                    levels: int, margin_pp: float | None = None) -> TuneResult:
+                    levels: int, margin_pp: float | None = None, fallback: str = "final") -> TuneResult:
     """The point estimate (``risk=1``): the cheapest point at least ``margin_pp`` more accurate than ``reference``
     (the rule ``target.no_worse_than`` names, evaluated on this trace), or the reference itself when no point is
     cheaper. The margin (default: one standard error of the reference's accuracy on this trace) narrows, but does
@@ -235,7 +248,7 @@ def _beat_reference(trace: Trace, costs: ExitCosts, kind: str, reference: Operat
         margin_pp = standard_error_pp(reference.accuracy, trace.num_inputs)
     floor = min(1.0, reference.accuracy + margin_pp / 100.0)
     resolved = Target(min_accuracy=floor, minimize=target.minimize, energy_kind=target.energy_kind)
-    result = dataclasses.replace(search_front(trace, costs, kind, resolved, levels=levels),
+    result = dataclasses.replace(search_front(trace, costs, kind, resolved, levels=levels, fallback=fallback),
                                  reference=reference, reference_name=target.no_worse_than, margin_pp=float(margin_pp))
     cost = result.cost_kind
     if reference.cost(cost) <= result.chosen.cost(cost):
