@@ -333,7 +333,7 @@ def run_benchmark(bundle: str | os.PathLike[str] | Bundle, data: ImageSet, setti
     lat = per_input(ms[at[EARLY]])                                             # [N] ms
     results = kept[EARLY]
     pred = np.array([r.label for r in results], dtype=np.int64)
-    exits = np.array([r.exit_index for r in results], dtype=np.int64)
+    exits = np.array([r.stages_run - 1 for r in results], dtype=np.int64)   # where each input left (what it paid)
     macs = np.asarray(manifest.cumulative_macs(), dtype=np.int64)[exits]
     full = max(manifest.full_macs, 1)
     overall = {"accuracy": float(np.mean(pred == labels)), "avg_macs": float(macs.mean()),
@@ -365,7 +365,7 @@ def run_benchmark(bundle: str | os.PathLike[str] | Bundle, data: ImageSet, setti
     for name, r in timed_points:
         res = kept[name]
         point_rows.append(_point_row(name, r, per_input(ms[at[name]]),
-                                     np.array([x.exit_index for x in res], dtype=np.int64),
+                                     np.array([x.stages_run - 1 for x in res], dtype=np.int64),
                                      np.array([x.label for x in res], dtype=np.int64), labels, costs))
 
     # ---- time outside the invokes
@@ -429,7 +429,7 @@ def run_benchmark(bundle: str | os.PathLike[str] | Bundle, data: ImageSet, setti
                     "image_shape": list(data.image_shape), "num_classes": len(data.classes)},
         "settings": {"warmup": settings.warmup, "repeat": settings.repeat, "threads": settings.num_threads,
                      "backend": runner.backend.name, "backend_version": runner.backend.version,
-                     "rule": {"kind": spec.kind, "thresholds": list(spec.thresholds), "exit": spec.exit},
+                     "rule": spec.to_dict(),
                      "board": runner.board.name,
                      "batch": 1, "batch_sizes": list(settings.batch_sizes),
                      "variants": [v.name for v in variants],
