@@ -65,7 +65,7 @@ def test_most_confident_equals_numpy(kind, source):
     argmax = np.stack([np.asarray(z).argmax(axis=1) for z in trace.logits])     # [E, N]
     top2 = np.sort(scores, axis=0)[-2:]
     clear = fell & ((top2[1] - top2[0]) > 1e-9 * np.abs(top2[1]))                 # no near-tie for fixed point to round
-    assert fell.sum() > 100 and (best[fell] < last).sum() > 20                    # the fallback really answers from earlier
+    assert fell.sum() > 100 and (best[fell] < last).sum() > 20       # the fallback really answers from earlier exits
     if source == "float":
         clear = fell
     assert clear.sum() >= 0.97 * fell.sum()
@@ -95,7 +95,8 @@ def test_runner_decisions_equal_simulate(tiny_bundle):
     np.testing.assert_array_equal([r.macs for r in results], np.asarray(cum)[left])   # paid every stage it ran
     # the score is the answering exit's max softmax, not the last exit's
     max_softmax = _numpy_scores(trace, "max_softmax")
-    np.testing.assert_allclose([r.score for r in results], max_softmax[answer, np.arange(len(results))], rtol=1e-6)  # float32 trace
+    np.testing.assert_allclose([r.score for r in results], max_softmax[answer, np.arange(len(results))],
+                               rtol=1e-6)   # the trace's logits are float32
     batch = runner.classify_batch(np.asarray(images))
     np.testing.assert_array_equal(batch.labels, prediction)
     np.testing.assert_array_equal(batch.exit_index, answer)

@@ -137,7 +137,8 @@ TRUSTED_KEY = click.option(
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per input (JSON Lines).")
 @TRUSTED_KEY
 def run(bundle: str, inputs: tuple[str, ...], rule: str | None, thresholds: str | None, exit_index: int | None,
-        fallback: str | None, backend: str, threads: int, board: str, edgetpu: bool, resize: bool, keep_going: bool, as_json: bool,
+        fallback: str | None, backend: str, threads: int, board: str, edgetpu: bool, resize: bool, keep_going: bool,
+        as_json: bool,
         trusted_key: str | None) -> None:
     """Classify image files with BUNDLE: label, score, exit, MACs, latency and energy per input.
 

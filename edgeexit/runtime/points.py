@@ -89,7 +89,8 @@ class NamedPoint:
     """A named entry: its exit rule, its metrics when it was evaluated, and where they came from.
 
     Attributes:
-        rule: the stored rule as a dict (``kind``, ``thresholds``, ``exit``, ``fallback`` when not "final"), read by ``Manifest.point_rule``.
+        rule: the stored rule as a dict (``kind``, ``thresholds``, ``exit``, ``fallback`` when not "final"), read
+            by ``Manifest.point_rule``.
         metrics: accuracy and costs on the tuning data, or None (e.g. an "original" stored before evaluation).
         data, n: the tuning data's name and size; target: what was asked for; final_accuracy: the final exit's
             accuracy on that data. extra: any other keys, kept as they are.
@@ -111,7 +112,8 @@ class NamedPoint:
         metrics = None
         if "accuracy" in d and "avg_macs_fraction" in d:
             metrics = OperatingPoint.from_dict(d, where)
-        known = {"exit_rule", "kind", "thresholds", "exit", "fallback", "data", "n", "target", "final_accuracy", *_METRICS}
+        known = {"exit_rule", "kind", "thresholds", "exit", "fallback", "data", "n", "target", "final_accuracy",
+                 *_METRICS}
         return cls(rule=rule, metrics=metrics, data=d.get("data"), n=d.get("n"), target=d.get("target"),
                    final_accuracy=d.get("final_accuracy"), extra={k: v for k, v in d.items() if k not in known})
 

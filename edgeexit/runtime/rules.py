@@ -199,7 +199,8 @@ class _MostConfidentDecider(_ThresholdDecider):
         self.measures = [rule._measure_tables(k, quant[k]) for k in range(self.num_exits)]
         self.steps = (*(self._keep_best(k, step) for k, step in enumerate(self.steps[:-1])), self._answer)
 
-    def _keep_best(self, k: int, inner: Callable[[list[int], Any, Any], tuple[int, Any]]) -> Callable[..., tuple[int, Any]]:
+    def _keep_best(self, k: int,
+                   inner: Callable[[list[int], Any, Any], tuple[int, Any]]) -> Callable[..., tuple[int, Any]]:
         measure = self.rule._measure(self.measures[k])
 
         def step(q: list[int], conf: Any, state: Any) -> tuple[int, Any]:
@@ -325,7 +326,8 @@ class ExitRule:
             rest = exit_index == trace.num_exits - 1
             best = self.most_confident_exit(trace)[rest]
             answer_exit[rest] = best
-            prediction[rest] = np.stack([np.asarray(z).argmax(axis=-1) for z in trace.logits])[best, np.flatnonzero(rest)]
+            argmax = np.stack([np.asarray(z).argmax(axis=-1) for z in trace.logits])       # [E, N]
+            prediction[rest] = argmax[best, np.flatnonzero(rest)]
         return exit_index, prediction, answer_exit
 
     def most_confident_exit(self, trace: Trace) -> np.ndarray:
@@ -385,7 +387,8 @@ class ExitRule:
 
 def _check_fallback(kind: str, fallback: Any, scores_exits: bool) -> str:
     if fallback not in FALLBACKS:
-        raise UsageError(f"rule '{kind}': fallback {fallback!r:.40} is not known; expected one of {', '.join(FALLBACKS)}")
+        raise UsageError(f"rule '{kind}': fallback {fallback!r:.40} is not known; expected one of "
+                         f"{', '.join(FALLBACKS)}")
     if fallback != "final" and not scores_exits:
         raise UsageError(f"rule '{kind}' takes fallback final only; most_confident works with confidence, max_softmax "
                          "and entropy")

@@ -6,8 +6,8 @@ input: candidate thresholds are taken at quantiles of that exit's statistic (mid
 values, so the strictness of the comparison never matters), ordered from strict (level 0) to permissive, and an
 input passes exit i at level L iff its level there is <= L. The exit an input takes under a level vector is then
 one comparison and one argmax over [E-1, N]; with the ``most_confident`` fallback an input that passes no early
-exit is correct when its most confident exit is (that exit does not depend on the thresholds). class_exclusion (whose candidate sets carry over from exit to exit)
-is simulated exactly per candidate.
+exit is correct when its most confident exit is (that exit does not depend on the thresholds). class_exclusion
+(whose candidate sets carry over from exit to exit) is simulated exactly per candidate.
 """
 
 from __future__ import annotations

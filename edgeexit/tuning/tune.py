@@ -113,7 +113,8 @@ def tune_bundle(bundle: str | os.PathLike[str], data: str, target: Target, *, ru
     if not dry_run and name in manifest.operating_points.named and not force:
         raise UsageError(f"the bundle already has an operating point {name!r}; give --force to replace it, or "
                          "--name NEW to store the new point beside it")
-    searched = _fitting_rules(manifest, fallback) if kind == "any" else (kind,)   # says what it leaves out, before the long work
+    # says what it leaves out, before the long work
+    searched = _fitting_rules(manifest, fallback) if kind == "any" else (kind,)
     images = load_dataset(data, split=split, limit=limit)
     check_dataset(manifest, images)
     runner = Runner(loaded, backend=backend, rule=ExitRuleSpec("final", ()), power_sensor=None, board=board)
