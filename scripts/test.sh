@@ -5,6 +5,8 @@
 #   1. workstation environment: every test (tiny seeded models, real ONNX -> onnx2tf -> int8 conversions)
 #   2. device-only environment (ai-edge-litert; no torch, TensorFlow or onnx): the runtime tests, same bundle
 #   3. legacy environment (tflite-runtime 2.14 with numpy<2): the runtime tests, same bundle
+#      (every run of tests/test_offload.py starts the real offload server from the server environment,
+#      .venv-server: kserve, its own pins; EDGEEXIT_SERVER_PYTHON names its python)
 #   4. arm64 under qemu emulation (Raspberry Pi 4 and Pi 5 CPUs): labels, exits and int8 outputs identical
 #      to x86 on 1000 MNIST images, and the runtime tests; needs root (skipped with a notice otherwise,
 #      or forced with EDGEEXIT_ARM64=1, disabled with EDGEEXIT_ARM64=0)
@@ -22,6 +24,8 @@ say "environments"
 ws="$(bash scripts/env.sh workstation)"
 dev="$(bash scripts/env.sh device)"
 legacy="$(bash scripts/env.sh legacy)"
+server="$(bash scripts/env.sh server)"
+export EDGEEXIT_SERVER_PYTHON="$server/bin/python"   # tests/test_offload.py starts `edgeexit serve` with it
 
 say "tiny seeded test bundle (converted once, shared by every environment)"
 "$ws/bin/python" tests/make_test_bundle.py "$work/tiny-bundle"

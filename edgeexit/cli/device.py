@@ -108,6 +108,46 @@ FALLBACK = click.option(
          "under the rule (most_confident: confidence, max_softmax, entropy; the input still runs every stage). "
          "Default: the bundle rule's fallback with its own kind, else final.")
 
+def offload_options(f: Any) -> Any:
+    """--offload URL, --offload-after K and their companions (run, bench)."""
+    for option in reversed([
+        click.option("--offload", "offload_url", default=None, metavar="URL",
+                     help="Send inputs still undecided after stage --offload-after to this `edgeexit serve` server "
+                          "(http(s)://HOST:PORT) when that is expected to be faster; they finish here if it fails."),
+        click.option("--offload-after", type=int, default=None, metavar="K", help="The last stage run here."),
+        click.option("--offload-token-file", default=None, metavar="FILE", help="The server's bearer token."),
+        click.option("--offload-ca", default=None, metavar="PEM", help="CA certificates of an https server."),
+        click.option("--offload-timeout-ms", type=click.FloatRange(1, 60_000), default=250, show_default=True,
+                     help="Deadline of one request; past it the input finishes here."),
+        click.option("--offload-margin", type=click.FloatRange(0, 10), default=0.1, show_default=True,
+                     help="Offload while the expected round trip < local cost of the rest x (1 + margin)."),
+        click.option("--offload-always", is_flag=True,
+                     help="Send every undecided input, whatever the costs (still backs off from a failing server)."),
+    ]):
+        f = option(f)
+    return f
+
+
+def offload_kwargs(offload_url: str | None, offload_after: int | None, offload_token_file: str | None,
+                   offload_ca: str | None, offload_timeout_ms: float, offload_margin: float,
+                   offload_always: bool) -> dict[str, Any]:
+    """The Runner's offload arguments from the options above ({} without --offload)."""
+    if offload_url is None:
+        if offload_after is not None or offload_token_file is not None or offload_ca is not None:
+            raise UsageError("--offload-after, --offload-token-file and --offload-ca need --offload URL")
+        return {}
+    if offload_after is None:
+        raise UsageError("--offload URL needs --offload-after K (the last stage run here)")
+    if offload_ca is not None and not os.access(offload_ca, os.R_OK):
+        raise UsageError(f"--offload-ca {offload_ca}: no such readable file")
+    from ..offload.client import OffloadPolicy
+    from .serve import read_token
+
+    return {"offload": offload_url, "offload_after": offload_after, "offload_token": read_token(offload_token_file),
+            "offload_ca": offload_ca, "offload_timeout_s": offload_timeout_ms / 1000.0,
+            "offload_policy": OffloadPolicy(margin=offload_margin, always=offload_always)}
+
+
 TRUSTED_KEY = click.option(
     "--trusted-key", metavar="PUBLIC.pem", default=None,
     help="Refuse the bundle unless manifest.sig is a valid signature by this Ed25519 public key "
@@ -136,10 +176,10 @@ TRUSTED_KEY = click.option(
               help="Go on past an input that cannot be classified (one error line for it); exit non-zero at the end.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per input (JSON Lines).")
 @TRUSTED_KEY
+@offload_options
 def run(bundle: str, inputs: tuple[str, ...], rule: str | None, thresholds: str | None, exit_index: int | None,
         fallback: str | None, backend: str, threads: int, board: str, edgetpu: bool, resize: bool, keep_going: bool,
-        as_json: bool,
-        trusted_key: str | None) -> None:
+        as_json: bool, trusted_key: str | None, **offload: Any) -> None:
     """Classify image files with BUNDLE: label, score, exit, MACs, latency and energy per input.
 
     Images must have the bundle's size and colour mode unless --resize is given (the same policy as `bench`).
@@ -148,7 +188,8 @@ def run(bundle: str, inputs: tuple[str, ...], rule: str | None, thresholds: str 
 
     loaded = load_bundle(bundle, backend=backend, check_tensors=False, trusted_key=trusted_key)
     chosen = _build_rule(loaded, rule, _parse_thresholds(thresholds), exit_index, fallback)
-    runner = Runner(loaded, backend=backend, num_threads=threads, rule=chosen, board=board, edgetpu=edgetpu)
+    runner = Runner(loaded, backend=backend, num_threads=threads, rule=chosen, board=board, edgetpu=edgetpu,
+                    **offload_kwargs(**offload))
     prep = loaded.manifest.preprocessing
     table = None if as_json else _RunTable(runner, inputs)
     failed: EdgeExitError | None = None
@@ -200,6 +241,10 @@ class _RunTable:
                  f"{r.energy.board_estimate_mj:.4f}".rjust(len(f"mJ ({self.board})"))]
         if r.energy.measured_mj is not None:
             cells.append(f"{r.energy.measured_mj:.4f}".rjust(11))
+        if r.offloaded:
+            cells.append(f"server ({r.round_trip_ms:.2f} ms round trip)")
+        elif r.offload_error:
+            cells.append(f"here: {printable(r.offload_error, 200)}")
         line = "  ".join(cells).rstrip()
         if not self.header_done:
             self.header_done = True

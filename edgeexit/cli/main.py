@@ -35,6 +35,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("edgeexit.cli.compare:compare", "Compare bench results of one bundle from several boards side by side."),
     "sign": ("edgeexit.cli.sign:sign", "Sign a bundle's manifest with an Ed25519 private key (manifest.sig)."),
     "keygen": ("edgeexit.cli.sign:keygen", "Create an Ed25519 key pair for signing bundles."),
+    "serve": ("edgeexit.cli.serve:serve",
+              "Serve a bundle's stages after K to boards that offload hard inputs (KServe v2; the server extra)."),
 }
 
 WORKSTATION_FIX = ("on a workstation, run `bash scripts/env.sh workstation` in an edgeexit checkout and use "

@@ -81,6 +81,11 @@ class Result:
 
     __slots__ = ("label", "exit_index", "latency_ms", "_q", "_ctx", "_left")
 
+    #: Whether the server answered (see :class:`OffloadResult`); a plain Result never was offloaded.
+    offloaded = False
+    offload_error: str | None = None
+    round_trip_ms: float | None = None
+
     def __init__(self, label: int, exit_index: int, latency_ms: float, q: list[int], ctx: _Context,
                  left_at: int | None = None):
         self.label, self.exit_index, self.latency_ms, self._q, self._ctx = label, exit_index, latency_ms, q, ctx
@@ -97,6 +102,16 @@ class Result:
     @property
     def macs(self) -> int:
         return self._ctx.cum_macs[self._left]
+
+    @property
+    def local_macs(self) -> int:
+        """The MACs this device spent (all of :attr:`macs` unless the input was offloaded)."""
+        return self.macs
+
+    @property
+    def remote_macs(self) -> int:
+        """The MACs the offload server spent (0 unless the input was offloaded)."""
+        return 0
 
     @property
     def probabilities(self) -> np.ndarray:
@@ -123,6 +138,48 @@ class Result:
     def __repr__(self) -> str:
         return (f"Result(label={self.label}, label_name={self.label_name!r}, exit_index={self.exit_index}, "
                 f"macs={self.macs}, latency_ms={self.latency_ms:.4f})")
+
+
+class OffloadResult(Result):
+    """The answer of a Runner that offloads (``Runner(..., offload=URL)``), for every input it classifies.
+
+    ``offloaded``: the server ran the stages after ``offload_after`` and answered; then ``exit_index``,
+    ``macs``, ``stages_run``, ``score`` and ``probabilities`` are the network's (the exit that answered, on the
+    server), ``local_macs`` / ``remote_macs`` split the MACs between this device and the server, ``round_trip_ms``
+    is the request's time and ``energy`` covers this device's stages (the time waiting for the server excluded).
+    ``offload_error``: why an input that was to be offloaded finished locally instead (one line), else None.
+    """
+
+    __slots__ = ("offloaded", "offload_error", "round_trip_ms", "_local")
+
+    def __init__(self, label: int, exit_index: int, latency_ms: float, q: list[int], ctx: _Context, local_exit: int,
+                 offloaded: bool, round_trip_ms: float | None, offload_error: str | None):
+        super().__init__(label, exit_index, latency_ms, q, ctx)
+        self._local, self.offloaded, self.round_trip_ms, self.offload_error = (local_exit, offloaded, round_trip_ms,
+                                                                              offload_error)
+
+    @property
+    def local_macs(self) -> int:
+        return self._ctx.cum_macs[self._local]
+
+    @property
+    def remote_macs(self) -> int:
+        return self.macs - self.local_macs
+
+    @property
+    def energy(self) -> Energy:
+        waited = self.round_trip_ms if self.offloaded and self.round_trip_ms is not None else 0.0
+        return self._ctx.energy_model.for_exit(self._local, max(self.latency_ms - waited, 0.0))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        d.update(offloaded=self.offloaded, local_macs=self.local_macs, remote_macs=self.remote_macs,
+                 round_trip_ms=self.round_trip_ms, offload_error=self.offload_error)
+        return d
+
+    def __repr__(self) -> str:
+        return (f"OffloadResult(label={self.label}, exit_index={self.exit_index}, offloaded={self.offloaded}, "
+                f"latency_ms={self.latency_ms:.4f}, offload_error={self.offload_error!r})")
 
 
 class MonolithicResult:
@@ -302,6 +359,16 @@ class Runner:
         device_tree_model: device-tree model file used for board detection (injectable for tests).
         trusted_key: require the bundle to be signed by this Ed25519 public key (a PEM path or a loaded key;
             see :func:`~edgeexit.runtime.bundle.load_bundle`); None = ``$EDGEEXIT_TRUSTED_KEY`` if set.
+        offload: ``http(s)://HOST:PORT`` of an ``edgeexit serve`` (KServe v2) server hosting this bundle's stages
+            after ``offload_after``: an input still undecided after that stage is sent there when the policy
+            expects it to pay, and finishes here when the server fails (docs/OFFLOAD.md). Every call then returns
+            an :class:`OffloadResult`. Exit rules that carry state between exits (class_exclusion, the
+            most_confident fallback) cannot be offloaded.
+        offload_after: K, the last stage run here for inputs that go to the server (0 .. exits - 2).
+        offload_token: the server's bearer token, if it requires one.
+        offload_timeout_s: the deadline of one request, everything included (then the input finishes here).
+        offload_ca: CA certificates (PEM) for an https server with a private certificate.
+        offload_policy: an :class:`~edgeexit.offload.client.OffloadPolicy` (its margin, back-off); None = defaults.
 
     A Runner is safe to share between threads (calls are serialised by a lock).
 
@@ -312,7 +379,9 @@ class Runner:
     def __init__(self, bundle: str | os.PathLike[str] | Bundle, *, backend: str = "auto", num_threads: int = 1,
                  rule: ExitRule | ExitRuleSpec | str | None = None, board: str | Board | None = None,
                  edgetpu: bool = False, power_sensor: str | HwmonSensor | None = "auto",
-                 device_tree_model: str = DEVICE_TREE_MODEL, trusted_key: Any = None):
+                 device_tree_model: str = DEVICE_TREE_MODEL, trusted_key: Any = None, offload: str | None = None,
+                 offload_after: int | None = None, offload_token: str | None = None, offload_timeout_s: float = 0.25,
+                 offload_ca: str | None = None, offload_policy: Any = None):
         self.backend = resolve_backend(backend)
         if not isinstance(bundle, Bundle):
             bundle = load_bundle(bundle, backend=self.backend, check_tensors=False, trusted_key=trusted_key)
@@ -352,6 +421,11 @@ class Runner:
         self._picks, self._last = self._decider.picks, len(self._stages) - 1
         self._warm_up()
         self.stats.set_reference(self._tuned_shares(self.rule))
+        self.offload: Any = None
+        if offload is not None or offload_after is not None:
+            self.offload = self._open_offload(offload, offload_after, offload_token, offload_timeout_s, offload_ca,
+                                              offload_policy)
+            self.classify = self._classify_offloaded  # type: ignore[method-assign]  # classify() itself unchanged
         log.info("runner: %d stages, backend %s %s, %d thread(s), rule %r, board %s", len(self._stages),
                  self.backend.name, self.backend.version, num_threads, self.rule, self.board.name)
 
@@ -382,6 +456,42 @@ class Runner:
         if self.has_monolithic:
             self.run_monolithic(zero)
         self._counts[:], self._latency_ns[:] = counts, latency_ns  # in place: the hot path holds these lists
+
+    def _open_offload(self, url: str | None, after: int | None, token: str | None, timeout_s: float,
+                      ca_file: str | None, policy: Any) -> Any:
+        from ..offload.client import OffloadClient, OffloadLink, OffloadPolicy
+        from ..offload.protocol import bundle_fingerprint, tail_model_name
+
+        last = len(self._stages) - 1
+        if url is None or after is None or type(after) is not int or not 0 <= after < last:
+            raise UsageError(f"offloading needs offload=URL and offload_after=K with K in 0..{last - 1} (the last "
+                             f"stage run here), got offload={url!r}, offload_after={after!r}")
+        client = OffloadClient(url, tail_model_name(self.manifest.name, after), token=token, timeout_s=timeout_s,
+                               ca_file=ca_file)
+        link = OffloadLink(client, policy or OffloadPolicy(), after, last,
+                           bundle_fingerprint([s.sha256 for s in self.manifest.stages]),
+                           self.manifest.num_classes, self._stages[last].logits.dtype.name)
+        link.set_rule(self.rule.to_spec().to_dict())
+        if link.policy.local_ms is None:
+            link.policy.ran_locally(self._tail_ms(after))
+        log.info("runner: offloading inputs undecided after stage %d to %s (local tail %.3f ms)", after, url,
+                 link.policy.local_ms)
+        return link
+
+    def _tail_ms(self, after: int, reps: int = 20) -> float:
+        """Median time (ms) of the stages after ``after`` and their hand-offs, on whatever the tensors hold."""
+        steps = [(st.run, h) for st, h in zip(self._stages[after + 1:], self._handoff_calls[after + 1:])]
+        times = []
+        with self._lock:
+            for _ in range(reps):
+                t0 = _clock()
+                self._handoff_calls[after]()
+                for run, handoff in steps:
+                    run()
+                    if handoff is not None:
+                        handoff()
+                times.append(_clock() - t0)
+        return float(np.median(times)) * 1e-6
 
     # ---- configuration ------------------------------------------------------------------------------
     @staticmethod
@@ -451,6 +561,8 @@ class Runner:
         resolved = self._resolve_rule(rule)
         compiled = self._compile(resolved)
         reference = self._tuned_shares(resolved)
+        if self.offload is not None:
+            self.offload.set_rule(resolved.to_spec().to_dict())
         with self._lock:
             self.rule = resolved
             self._decider, self._plan = compiled
@@ -522,6 +634,89 @@ class Runner:
             self._latency_ns[k] += dt
             if self._picks and k == self._last:   # most_confident: the answer may come from an earlier exit
                 return Result(label, state[1], dt * 1e-6, state[2], self._ctx, k)
+        return Result(label, k, dt * 1e-6, q, self._ctx)
+
+    def _classify_offloaded(self, image: ImageLike) -> OffloadResult:
+        """:meth:`classify` of a Runner that offloads (it replaces ``classify`` on such a Runner only): the same
+        loop; after stage K an undecided input goes to the server when the policy expects that to pay, and runs
+        on here when the request fails (the reason in ``offload_error``)."""
+        link = self.offload
+        with self._lock:
+            t0 = _clock()
+            self._input.write(image)
+            state = self._state0
+            k, label, q = 0, CONTINUE, None
+            error, round_trip, t_tail = None, None, None
+            for run, step, logits, conf, handoff in self._plan:
+                run()
+                if step is not None:
+                    q = logits.tolist()
+                    label, state = step(q, conf, state)
+                    if label >= 0:
+                        break
+                if k == link.after:
+                    answer, error, round_trip = link.ask(self._stages[k].feat)
+                    if answer is not None:
+                        dt = _clock() - t0
+                        self._counts[answer.exit_index] += 1
+                        self._latency_ns[answer.exit_index] += dt
+                        return OffloadResult(answer.label, answer.exit_index, dt * 1e-6, answer.logits, self._ctx, k,
+                                             True, round_trip, None)
+                    t_tail = _clock()
+                handoff()
+                k += 1
+            t1 = _clock()
+            dt = t1 - t0
+            self._counts[k] += 1
+            self._latency_ns[k] += dt
+            if t_tail is not None:
+                link.policy.ran_locally((t1 - t_tail) * 1e-6)
+        return OffloadResult(label, k, dt * 1e-6, q, self._ctx, k, False, round_trip, error)
+
+    def continue_from(self, after: int, handoff: np.ndarray, rule: ExitRule | None = None) -> Result:
+        """Finish an input from its stage-``after`` hand-off: stages ``after + 1 ..`` with the rule's decisions,
+        exactly as :meth:`classify` runs them (the offload server's call; the answer equals the local one).
+
+        Args:
+            after: the stage whose ``features`` output ``handoff`` is (0 .. exits - 2).
+            handoff: that output, ``[1, h, w, c]`` of its dtype (int8, or int16 for int16 bundles).
+            rule: an exit rule without state between exits (see :mod:`edgeexit.offload.protocol`), or None for
+                the Runner's.
+
+        Raises:
+            InputError: ``handoff`` has another shape or dtype. UsageError: ``after`` is out of range.
+        """
+        last = len(self._stages) - 1
+        if type(after) is not int or not 0 <= after < last:
+            raise UsageError(f"continue_from: after must be a stage index in 0..{last - 1}, got {after!r}")
+        want = self._stages[after].feat
+        if not isinstance(handoff, np.ndarray) or handoff.shape != want.shape or handoff.dtype != want.dtype:
+            got = (f"{handoff.dtype}{list(handoff.shape)}" if isinstance(handoff, np.ndarray)
+                   else type(handoff).__name__)
+            raise InputError(f"hand-off after stage {after} must be {want.dtype}{list(want.shape)}, got {got}")
+        decider, plan = (self._decider, self._plan) if rule is None else self._compile(rule)
+        if decider.picks or decider.start() is not None:
+            raise UsageError(f"continue_from: rule {rule or self.rule!r} carries state between exits, which a "
+                             "hand-off does not hold; use a rule without (confidence, max_softmax, entropy, final, "
+                             "fixed; fallback final)")
+        requant, target = self._handoffs[after], self._stages[after + 1].inp
+        with self._lock:
+            t0 = _clock()
+            np.copyto(target, handoff) if requant is None else requant.apply(handoff, target)
+            state = decider.start()
+            k, label, q = after + 1, CONTINUE, None
+            for run, step, logits, conf, handoff_call in plan[after + 1:]:
+                run()
+                if step is not None:
+                    q = logits.tolist()
+                    label, state = step(q, conf, state)
+                    if label >= 0:
+                        break
+                handoff_call()
+                k += 1
+            dt = _clock() - t0
+            self._counts[k] += 1
+            self._latency_ns[k] += dt
         return Result(label, k, dt * 1e-6, q, self._ctx)
 
     def classify_batch(self, images: Any) -> BatchResult:

@@ -1,0 +1,95 @@
+"""``edgeexit serve``: host a bundle's stages after K for boards that offload (KServe v2; the ``server`` extra)."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from typing import Any
+
+import click
+
+from ..errors import UsageError
+
+log = logging.getLogger(__name__)
+
+SERVER_FIX = ("install the server extra in its own environment: `bash scripts/env.sh server` in an edgeexit checkout "
+              "(then .venv-server/bin/edgeexit serve), or pip install -c requirements/constraints-server.txt "
+              "'.[device,server]'")
+
+
+def read_token(path: str | None) -> str | None:
+    """The bearer token in ``path`` (one line, surrounding whitespace dropped); UsageError when unusable."""
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(4097)
+    except OSError as exc:
+        raise UsageError(f"token file {path}: {exc.strerror or exc}; give a readable file holding the token") from None
+    try:
+        token = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise UsageError(f"token file {path}: the token must be printable ASCII") from None
+    if len(raw) > 4096 or not token or not token.isprintable() or " " in token:
+        raise UsageError(f"token file {path}: expected one token of 1..4096 printable characters without spaces")
+    if len(token) < 16:
+        raise UsageError(f"token file {path}: the token has {len(token)} characters; use at least 16 random ones "
+                         "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+    return token
+
+
+@click.command()
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--after", "after", type=int, required=True, metavar="K",
+              help="The last stage the boards run: this server runs stages K+1.. of BUNDLE.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True, help="TCP port.")
+@click.option("--token-file", default=None, metavar="FILE",
+              help="Require 'Authorization: Bearer TOKEN' with the token in FILE (health probes excepted).")
+@click.option("--tls-cert", default=None, metavar="PEM", help="Serve HTTPS with this certificate (with --tls-key).")
+@click.option("--tls-key", default=None, metavar="PEM", help="The certificate's private key.")
+@click.option("--threads", type=click.IntRange(min=1, max=64), default=1, show_default=True,
+              help="Interpreter threads per stage.")
+@click.option("--trusted-key", metavar="PUBLIC.pem", default=None,
+              help="Refuse the bundle unless it is signed by this Ed25519 public key.")
+@click.option("--inject-delay-ms", type=click.FloatRange(0, 10_000), default=0.0, show_default=True,
+              help="Benchmark aid: wait this long before each answer, as a slower network would. Keep 0 in use.")
+def serve(bundle: str, after: int, host: str, port: int, token_file: str | None, tls_cert: str | None,
+          tls_key: str | None, threads: int, trusted_key: str | None, inject_delay_ms: float) -> None:
+    """Serve BUNDLE's stages after K as a KServe v2 model (Open Inference Protocol, REST) for boards that run
+    `edgeexit run/bench --offload URL --offload-after K`. Model name: <bundle name>-after-<K>."""
+    if importlib.util.find_spec("kserve") is None:
+        raise UsageError(f"'edgeexit serve' needs kserve, which is not installed here; {SERVER_FIX}")
+    if (tls_cert is None) != (tls_key is None):
+        raise UsageError("--tls-cert and --tls-key go together; give both, or neither for plain HTTP")
+    for path in (tls_cert, tls_key):
+        if path is not None and not os.access(path, os.R_OK):
+            raise UsageError(f"{path}: no such readable file (--tls-cert / --tls-key)")
+    token = read_token(token_file)
+    if token is None and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s without --token-file: anyone who reaches the port can use the server", host)
+
+    from ..offload.server import TailModel, serve as run_server
+    from ..runtime.bundle import load_bundle
+    from ..runtime.manifest import ExitRuleSpec
+    from ..runtime.rules import rule_from_spec
+    from ..runtime.runner import Runner
+
+    loaded = load_bundle(bundle, check_tensors=False, trusted_key=trusted_key)
+    last = loaded.manifest.num_exits - 1
+    if not 0 <= after < last:
+        raise UsageError(f"--after {after}: the bundle has stages 0..{last}; give K in 0..{last - 1} (the boards run "
+                         "stages 0..K, this server the rest)")
+    runner = Runner(loaded, num_threads=threads, power_sensor=None)
+
+    def make_rule(spec: dict[str, Any]) -> Any:
+        return rule_from_spec(ExitRuleSpec.from_dict(spec, where="rule"))
+
+    model = TailModel(runner, after, make_rule, inject_delay_ms=inject_delay_ms)
+    click.echo(f"serving {model.name} (stages {after + 1}..{last} of {bundle}) on "
+               f"{'https' if tls_cert else 'http'}://{host}:{port}{' (token required)' if token else ''}", err=True)
+    run_server(model, host, port, token=token, tls_cert=tls_cert, tls_key=tls_key)
+
+
+__all__ = ["serve", "read_token"]

@@ -1,0 +1,342 @@
+"""Offloading against the real server: `edgeexit serve` (KServe's model server) started from the server environment
+on loopback, and small stdlib servers that misbehave on purpose (wrong shapes, huge and slow bodies, garbage).
+
+The server environment is separate (kserve and TensorFlow need different protobufs): build it with
+`bash scripts/env.sh server` and set EDGEEXIT_SERVER_PYTHON=.venv-server/bin/python (scripts/test.sh does both).
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeexit import ConfidenceRule, UsageError
+from edgeexit.offload.client import OffloadClient, OffloadFailure, OffloadPolicy
+from edgeexit.offload.protocol import bundle_fingerprint, tail_model_name
+from edgeexit.runtime.runner import Runner
+
+pytestmark = pytest.mark.runtime
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVER_ENV = "EDGEEXIT_SERVER_PYTHON"
+AFTER = 0
+TOKEN = "test-token-0123456789abcdef"
+DEADLINE_S = 0.3
+SLACK_S = 0.25  # what a call may take beyond the deadline: the local stages and a busy 2-core machine
+
+
+def _server_python() -> str:
+    path = os.environ.get(SERVER_ENV)
+    if not path:
+        pytest.fail(f"${SERVER_ENV} is not set: build the server environment with `bash scripts/env.sh server` and set "
+                    f"{SERVER_ENV}=.venv-server/bin/python (scripts/test.sh does both)", pytrace=False)
+    if not os.access(path, os.X_OK):
+        pytest.fail(f"${SERVER_ENV}={path} is not an executable Python; run `bash scripts/env.sh server`",
+                    pytrace=False)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Served:
+    """One `edgeexit serve` process on loopback."""
+
+    def __init__(self, python: str, bundle: Path, tmp: Path, *extra: str):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tmp / f"serve-{self.port}.log"
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen([python, "-m", "edgeexit", "serve", str(bundle), "--after", str(AFTER),
+                                          "--port", str(self.port), *extra], stdout=out, stderr=subprocess.STDOUT,
+                                         env=env, cwd=ROOT)
+
+    def wait_ready(self, timeout_s: float = 45) -> None:
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                pytest.fail(f"edgeexit serve exited {self.proc.returncode}: {self.log.read_text()[-800:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/v2/health/ready", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.1)
+        pytest.fail(f"edgeexit serve not ready within {timeout_s} s: {self.log.read_text()[-800:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_bundle, tmp_path_factory):
+    """A server requiring a token, and one answering 20 ms late (stopped by one test): started together."""
+    python = _server_python()
+    tmp = tmp_path_factory.mktemp("serve")
+    token_file = tmp / "token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
+    started = {"token": Served(python, tiny_bundle, tmp, "--token-file", str(token_file)),
+               "slow": Served(python, tiny_bundle, tmp, "--inject-delay-ms", "20")}
+    try:
+        for s in started.values():
+            s.wait_ready()
+        yield started
+    finally:
+        for s in started.values():
+            s.stop()
+
+
+@pytest.fixture(scope="module")
+def images():
+    sys.path.insert(0, str(ROOT / "tests"))
+    from synthetic import synthetic_digits
+
+    return synthetic_digits(120, seed=11)[0]
+
+
+@pytest.fixture(scope="module")
+def rule(tiny_bundle, images):
+    """A confidence rule that lets about half the inputs past exit 0 and stops some of those at exit 1."""
+    trace = Runner(tiny_bundle, power_sensor=None).trace(images)
+    conf = [1 / (1 + np.exp(-c.ravel())) for c in trace.confidence[:2]]
+    return ConfidenceRule([float(np.median(conf[0])), float(np.median(conf[1]))])
+
+
+@pytest.fixture(scope="module")
+def local(tiny_bundle, rule):
+    return Runner(tiny_bundle, rule=rule, power_sensor=None)
+
+
+def _offloading(bundle, url, rule, **kw):
+    kw.setdefault("offload_policy", OffloadPolicy(always=True))
+    kw.setdefault("offload_timeout_s", DEADLINE_S)
+    return Runner(bundle, rule=rule, power_sensor=None, offload=url, offload_after=AFTER, **kw)
+
+
+def test_offloaded_answers_equal_the_local_runner(servers, tiny_bundle, rule, local, images):
+    board = _offloading(tiny_bundle, servers["token"].url, rule, offload_token=TOKEN)
+    same_interpreter = board.backend.name == "ai-edge-litert"  # the server environment's interpreter
+    offloaded = 0
+    for image in images:
+        mine, theirs = local.classify(image), board.classify(image)
+        assert theirs.offload_error is None
+        assert (theirs.label, theirs.exit_index, theirs.macs) == (mine.label, mine.exit_index, mine.macs)
+        if same_interpreter:  # bit for bit; tflite-runtime 2.14's kernels round a few int8 outputs differently
+            assert theirs.score == mine.score
+            assert np.array_equal(theirs.probabilities, mine.probabilities)
+        if theirs.offloaded:
+            offloaded += 1
+            assert theirs.exit_index > AFTER and theirs.round_trip_ms > 0
+            assert theirs.local_macs == board.manifest.cumulative_macs()[AFTER]
+            assert theirs.local_macs + theirs.remote_macs == theirs.macs and theirs.remote_macs > 0
+        else:
+            assert theirs.exit_index == AFTER and theirs.remote_macs == 0
+    assert 30 <= offloaded <= 90, offloaded  # the rule sends about half past exit 0
+    assert board.offload.answered == offloaded and board.offload.failures == 0
+
+
+def test_a_request_without_the_token_is_refused(servers, tiny_bundle, rule, images):
+    model = tail_model_name(Runner(tiny_bundle, power_sensor=None).manifest.name, AFTER)
+    request = urllib.request.Request(f"{servers['token'].url}/v2/models/{model}/infer", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=5)
+    assert refused.value.code == 401
+    board = _offloading(tiny_bundle, servers["token"].url, rule, offload_token="wrong-token-0123456789")
+    results = [board.classify(image) for image in images[:20]]
+    assert not any(r.offloaded for r in results)
+    errors = [r.offload_error for r in results if r.offload_error]
+    assert errors and errors[0] == "HTTP 401: missing or wrong bearer token (Authorization: Bearer TOKEN)"
+
+
+def test_the_server_refuses_a_wrong_shape_with_one_line(servers, tiny_bundle):
+    runner = Runner(tiny_bundle, power_sensor=None)
+    client = OffloadClient(servers["token"].url, tail_model_name(runner.manifest.name, AFTER), token=TOKEN,
+                           timeout_s=5)
+    fingerprint = bundle_fingerprint([s.sha256 for s in runner.manifest.stages])
+    rule = json.dumps(runner.rule.to_spec().to_dict())
+    with pytest.raises(OffloadFailure, match=r"^HTTP 400: handoff must be INT8 \[1, 28, 28, 8\], got INT8 \[1, 4\]$"):
+        client.infer(np.zeros((1, 4), np.int8), fingerprint, rule, 10, AFTER + 1, 2, "int8")
+    with pytest.raises(OffloadFailure, match=r"^HTTP 400: this server hosts bundle [0-9a-f]{16}"):
+        client.infer(np.zeros((1, 28, 28, 8), np.int8), "0" * 16, rule, 10, AFTER + 1, 2, "int8")
+
+
+def test_policy_stops_offloading_to_a_slow_server(servers, tiny_bundle, rule, images):
+    board = _offloading(tiny_bundle, servers["slow"].url, rule, offload_policy=OffloadPolicy(probe_every_s=60))
+    results = [board.classify(image) for image in images[:40]]
+    sent = [r for r in results if r.offloaded]
+    assert len(sent) == 1 and sent[0].round_trip_ms >= 20  # the first undecided input measures the round trip
+    policy = board.offload.policy
+    assert policy.round_trip_ms >= 20 and policy.round_trip_ms > policy.local_ms * (1 + policy.margin)
+    assert sum(r.exit_index > AFTER for r in results) > 5  # more inputs could have gone, and ran here
+
+
+def test_server_stopped_mid_run_every_input_answered_locally_within_the_deadline(servers, tiny_bundle, rule, local,
+                                                                              images):
+    board = _offloading(tiny_bundle, servers["slow"].url, rule)
+    for image in images[:10]:
+        board.classify(image)
+    assert board.offload.answered > 0
+    servers["slow"].stop()
+    for image in images[10:]:
+        t0 = time.perf_counter()
+        r = board.classify(image)
+        took = time.perf_counter() - t0
+        mine = local.classify(image)
+        assert (r.label, r.exit_index) == (mine.label, mine.exit_index) and not r.offloaded
+        assert took < DEADLINE_S + SLACK_S
+        if r.exit_index > AFTER:
+            assert r.offload_error.startswith(("server unreachable", "offload paused")), r.offload_error
+    assert board.offload.failures == 3  # then it pauses: a dead server costs three requests, not one per input
+
+
+# ---- servers that misbehave: stdlib http.server, one behaviour per path ----------------------------------------
+
+def _answer(n_classes: int = 10, logits_len: int = 10) -> bytes:
+    logits = list(range(logits_len))
+    return json.dumps({"outputs": [
+        {"name": "label", "datatype": "INT64", "shape": [1], "data": [n_classes - 1]},
+        {"name": "exit_index", "datatype": "INT32", "shape": [1], "data": [1]},
+        {"name": "score", "datatype": "FP32", "shape": [1], "data": [0.5]},
+        {"name": "probabilities", "datatype": "FP32", "shape": [1, 10], "data": [0.1] * 10},
+        {"name": "logits", "datatype": "INT8", "shape": [1, logits_len], "data": logits}]}).encode()
+
+
+class _Faulty(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):  # quiet
+        pass
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        mode = self.path.split("/")[1]
+        if mode == "wrong_shape":
+            return self._send(200, _answer(logits_len=7))
+        if mode == "garbage":
+            return self._send(200, b"<html>not json{")
+        if mode == "error":
+            return self._send(503, json.dumps({"error": "model is overloaded\nretry later"}).encode())
+        if mode == "huge":  # no Content-Length: the body runs until the connection closes (100 MB)
+            self.send_response(200)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            chunk = b"x" * 65536
+            try:
+                for _ in range(1600):
+                    self.wfile.write(chunk)
+            except OSError:
+                pass
+            self.close_connection = True
+            return None
+        if mode == "slow":  # headers at once, then the body one byte every 20 ms
+            body = _answer()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            try:
+                for b in body:
+                    self.wfile.write(bytes([b]))
+                    self.wfile.flush()
+                    time.sleep(0.02)
+            except OSError:
+                pass
+            return None
+        return self._send(200, _answer())
+
+    def _send(self, status, body):
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture(scope="module")
+def faulty():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Faulty)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+FAULTS = [("wrong_shape", "http", r"^bad answer: answer's 'logits' has 7 values, expected 10 \(wrong shape\)$"),
+          ("garbage", "http", r"^bad answer: answer is not JSON \(15 bytes\)$"),
+          ("error", "http", r"^HTTP 503: model is overloaded retry later$"),
+          ("huge", "http", r"^answer exceeds the limit of 65536 bytes$"),
+          ("slow", "http", r"^no answer within the deadline \(300 ms\)$"),
+          ("tls", "https", r"^TLS failure: ")]
+
+
+@pytest.mark.parametrize("mode,scheme,reason", FAULTS, ids=[f[0] for f in FAULTS])
+def test_a_faulty_server_costs_at_most_the_deadline_and_says_why(faulty, tiny_bundle, rule, local, images, mode,
+                                                                 scheme, reason):
+    url = faulty.replace("http", scheme) + f"/{mode}"
+    board = _offloading(tiny_bundle, url, rule)
+    tried = 0
+    for image in images[:30]:
+        t0 = time.perf_counter()
+        r = board.classify(image)
+        took = time.perf_counter() - t0
+        mine = local.classify(image)
+        assert (r.label, r.exit_index, r.score) == (mine.label, mine.exit_index, mine.score) and not r.offloaded
+        assert took < DEADLINE_S + SLACK_S
+        if r.exit_index > AFTER and tried < 3:
+            tried += 1
+            assert re.search(reason, r.offload_error), r.offload_error
+            assert "\n" not in r.offload_error
+    assert tried == 3 and board.offload.failures == 3
+
+
+def test_rules_with_state_between_exits_cannot_be_offloaded(tiny_bundle):
+    with pytest.raises(UsageError, match="fallback 'most_confident'"):
+        Runner(tiny_bundle, power_sensor=None, rule=ConfidenceRule([0.5, 0.5], fallback="most_confident"),
+               offload="http://127.0.0.1:9", offload_after=AFTER)
+    with pytest.raises(UsageError, match=r"offload_after=K with K in 0\.\.1"):
+        Runner(tiny_bundle, power_sensor=None, offload="http://127.0.0.1:9", offload_after=2)
+
+
+def test_the_policy_offloads_only_while_the_round_trip_pays():
+    policy = OffloadPolicy(margin=0.1, probe_every_s=10)
+    policy.ran_locally(2.0)
+    assert policy.choose(0.0) == (True, None)           # nothing measured yet: measure
+    policy.succeeded(2.1)                               # 2.1 < 2.0 x 1.1
+    assert policy.choose(1.0) == (True, None)
+    policy.succeeded(4.0)                               # EWMA 2.1 -> 2.48 > 2.2
+    assert policy.choose(2.0) == (False, None)
+    assert policy.choose(10.5) == (False, None)
+    assert policy.choose(11.5) == (True, None)          # a probe, 10 s after the last request
+    for now in (12.0, 12.1, 12.2):
+        policy.failed("server unreachable: Connection refused", now)
+    send, why = policy.choose(13.0)
+    assert not send and why.startswith("offload paused for 4.2 s more after 3 failures in a row")
+    assert policy.choose(17.3) == (True, None)          # the pause is over: one request tries again
+    policy.failed("server unreachable: Connection refused", 17.4)
+    assert policy.paused_until == pytest.approx(17.4 + 10)   # and the pause doubles
