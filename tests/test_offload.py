@@ -59,7 +59,7 @@ class Served:
     """One `edgeexit serve` process on loopback."""
 
     def __init__(self, python: str, bundle: Path, tmp: Path, *extra: str):
-        self.port = _free_port()
+        self.port, self.ca = _free_port(), None
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tmp / f"serve-{self.port}.log"
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -74,12 +74,17 @@ class Served:
             if self.proc.poll() is not None:
                 pytest.fail(f"edgeexit serve exited {self.proc.returncode}: {self.log.read_text()[-800:]}")
             try:
-                with urllib.request.urlopen(f"{self.url}/v2/health/ready", timeout=1) as r:
+                with urllib.request.urlopen(f"{self.url}/v2/health/ready", timeout=1, context=self._tls()) as r:
                     if r.status == 200:
                         return
             except OSError:
                 time.sleep(0.1)
         pytest.fail(f"edgeexit serve not ready within {timeout_s} s: {self.log.read_text()[-800:]}")
+
+    def _tls(self):
+        import ssl
+
+        return ssl.create_default_context(cafile=self.ca) if self.url.startswith("https") else None
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -91,16 +96,47 @@ class Served:
                 self.proc.wait(5)
 
 
+def _self_signed(tmp: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 (its own CA) and its key, as PEM files."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edgeexit test server")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = tmp / "cert.pem", tmp / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
 @pytest.fixture(scope="module")
 def servers(tiny_bundle, tmp_path_factory):
-    """A server requiring a token, and one answering 20 ms late (stopped by one test): started together."""
+    """A server requiring a token, one answering 20 ms late (stopped by one test) and one serving HTTPS with a
+    self-signed certificate: started together."""
     python = _server_python()
     tmp = tmp_path_factory.mktemp("serve")
     token_file = tmp / "token"
     token_file.write_text(TOKEN + "\n")
     token_file.chmod(0o600)
+    cert, key = _self_signed(tmp)
     started = {"token": Served(python, tiny_bundle, tmp, "--token-file", str(token_file)),
-               "slow": Served(python, tiny_bundle, tmp, "--inject-delay-ms", "20")}
+               "slow": Served(python, tiny_bundle, tmp, "--inject-delay-ms", "20"),
+               "tls": Served(python, tiny_bundle, tmp, "--tls-cert", str(cert), "--tls-key", str(key))}
+    started["tls"].url = started["tls"].url.replace("http://", "https://")
+    started["tls"].ca = cert
     try:
         for s in started.values():
             s.wait_ready()
@@ -171,6 +207,16 @@ def test_a_request_without_the_token_is_refused(servers, tiny_bundle, rule, imag
     assert not any(r.offloaded for r in results)
     errors = [r.offload_error for r in results if r.offload_error]
     assert errors and errors[0] == "HTTP 401: missing or wrong bearer token (Authorization: Bearer TOKEN)"
+
+
+def test_https_with_the_servers_certificate_and_refused_without_it(servers, tiny_bundle, rule, local, images):
+    board = _offloading(tiny_bundle, servers["tls"].url, rule, offload_ca=str(servers["tls"].ca))
+    answers = [(board.classify(image), local.classify(image)) for image in images[:30]]
+    assert sum(r.offloaded for r, _ in answers) >= 5
+    assert all((r.label, r.exit_index) == (m.label, m.exit_index) and r.offload_error is None for r, m in answers)
+    stranger = _offloading(tiny_bundle, servers["tls"].url, rule)  # the system's CAs: the certificate is unknown
+    errors = [r.offload_error for r in (stranger.classify(image) for image in images[:30]) if r.offload_error]
+    assert errors and errors[0].startswith("TLS failure: CERTIFICATE_VERIFY_FAILED"), errors[:1]
 
 
 def test_the_server_refuses_a_wrong_shape_with_one_line(servers, tiny_bundle):

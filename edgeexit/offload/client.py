@@ -229,10 +229,11 @@ class OffloadPolicy:
 
     Offload when ``expected round trip < local cost of the remaining stages x (1 + margin)``; both are
     exponentially weighted moving averages (weight ``alpha`` for each new measurement). Before any round trip
-    is measured the first undecided input goes to the server (that measures one); ``always`` sends every one. While the expected round trip is
-    too slow, one input in ``probe_every_s`` seconds is sent anyway, so a server that became fast again is noticed
-    (that input may pay up to the deadline more than locally). After ``failures_to_pause`` failures in a row, no
-    input is sent for ``pause_s`` seconds, doubled after each further failure up to ``max_pause_s``.
+    is measured the first undecided input goes to the server (that measures one); ``always`` sends every one.
+    While the expected round trip is too slow, one input in ``probe_every_s`` seconds is sent anyway, so that a
+    server that became fast again is noticed (that input may pay up to the deadline more than locally). After
+    ``failures_to_pause`` failures in a row no input is sent for ``pause_s`` seconds; then one request tries
+    again, and each further failure doubles the pause, up to ``max_pause_s``.
     """
 
     margin: float = 0.1
@@ -330,8 +331,9 @@ class OffloadLink:
             answer = self.client.infer(features, self.fingerprint, self.rule_json, self.num_classes, self.after + 1,
                                        self.last_exit, self.logits_dtype)
         except Exception as exc:  # noqa: BLE001 - whatever a server does, the input finishes locally and says why
-            reason = str(exc) if isinstance(exc, OffloadFailure) else f"unexpected failure ({type(exc).__name__}: {exc})"
-            if not isinstance(exc, OffloadFailure):
+            known = isinstance(exc, OffloadFailure)
+            reason = str(exc) if known else f"unexpected failure ({type(exc).__name__}: {exc})"
+            if not known:
                 log.debug("offload: unexpected failure", exc_info=True)
                 self.client.close()
             self.failures += 1
