@@ -219,6 +219,22 @@ def test_https_with_the_servers_certificate_and_refused_without_it(servers, tiny
     assert errors and errors[0].startswith("TLS failure: CERTIFICATE_VERIFY_FAILED"), errors[:1]
 
 
+def test_bench_reports_offload_against_local(servers, tiny_bundle, rule, images):
+    from edgeexit.bench.bench import BenchSettings, run_benchmark
+    from edgeexit.datasets import ImageSet
+
+    data = ImageSet(images[:40], np.zeros(40, np.int64), tuple(str(c) for c in range(10)), "synthetic")
+    settings = BenchSettings(warmup=2, repeat=1, rule=rule, sweep=False, batch_sizes=(1,), points=False,
+                             offload={"offload": servers["token"].url, "offload_after": AFTER, "offload_token": TOKEN,
+                                      "offload_policy": OffloadPolicy(always=True)})
+    o = run_benchmark(tiny_bundle, data, settings)["offload"]
+    undecided = float(np.mean(np.array(run_benchmark(tiny_bundle, data, BenchSettings(
+        warmup=0, repeat=1, rule=rule, sweep=False, batch_sizes=(1,), points=False))["inputs"]["exit"]) > AFTER))
+    assert o["share_offloaded"] == o["undecided_after_stage"] == undecided > 0.2
+    assert o["agreement_with_local"] == 1.0 and o["requests"]["failed"] == 0 and not o["fallback_reasons"]
+    assert o["round_trip_ms"]["p50"] > 0 and o["latency_ms"]["p90"] > o["local_latency_ms"]["p90"]
+
+
 def test_the_server_refuses_a_wrong_shape_with_one_line(servers, tiny_bundle):
     runner = Runner(tiny_bundle, power_sensor=None)
     client = OffloadClient(servers["token"].url, tail_model_name(runner.manifest.name, AFTER), token=TOKEN,

@@ -28,7 +28,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -58,7 +58,7 @@ RESULT_FIELDS = ("schema", "schema_version", "created", "bundle", "dataset", "se
 LATENCY_DEFINITION = ("whole call: the public call (Runner.classify / Runner.run_monolithic) timed from outside, "
                       "from the image as given (a uint8 array) to the returned result, preprocessing included; "
                       "each input's latency is its median over the repeats")
-EARLY, MONO = "early exit", "monolithic"
+EARLY, MONO, OFFLOAD = "early exit", "monolithic", "offload"
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,9 @@ class BenchSettings:
         batch_sizes: batch sizes of the throughput comparison (1 = the single-image calls).
         points: also time every stored operating point (to check its estimated latency).
         energy: measure energy per phase with a power sensor or meter trace (None: estimates only).
+        offload: the Runner's offload arguments (``offload``, ``offload_after``, ...; see
+            :class:`~edgeexit.runtime.runner.Runner`): also time the rule with inputs undecided after stage K sent to
+            that server (the policy on), interleaved with the local calls; the result's ``offload`` section.
     """
 
     warmup: int = 20
@@ -94,6 +97,7 @@ class BenchSettings:
     batch_sizes: tuple[int, ...] = (1, 8, 32)
     points: bool = True
     energy: EnergySettings | None = None
+    offload: Mapping[str, Any] | None = None
 
     def validate(self) -> None:
         """Raise UsageError for values that cannot run."""
@@ -312,13 +316,18 @@ def run_benchmark(bundle: str | os.PathLike[str] | Bundle, data: ImageSet, setti
              or (settings.sweep and k == grid_kind(manifest, rule))]
     stand_ins = [rule, *(r for _, r in points)]
     variants = [Variant(EARLY, runner.classify, rule_setter(runner, rule))]
+    board = None
+    if settings.offload:
+        board = Runner(loaded, backend=settings.backend, num_threads=settings.num_threads, rule=rule,
+                       board=settings.board, power_sensor=None, **settings.offload)
+        variants.append(Variant(OFFLOAD, board.classify))
     if has_mono:
         variants.append(Variant(MONO, runner.run_monolithic))
     variants += [Variant(name, runner.classify, rule_setter(runner, r)) for name, r in timed_points]
     forced = [v for kind in kinds for v in forced_variants(runner, kind, stand_ins)]
     variants += forced
     forced_last = f"{rule.kind if rule.kind in COST_KINDS else 'fixed'}@{last}"
-    keep = [EARLY, MONO, forced_last, *(name for name, _ in timed_points)]
+    keep = [EARLY, MONO, forced_last, OFFLOAD, *(name for name, _ in timed_points)]
     log.info("benchmark: %d images, %d variants, warm-up %d, repeat %d, rule %r", len(data), len(variants),
              settings.warmup, settings.repeat, rule)
     ms, kept = time_calls(variants, list(images), repeat=settings.repeat, warmup=settings.warmup, keep=keep,
@@ -454,8 +463,41 @@ def run_benchmark(bundle: str | os.PathLike[str] | Bundle, data: ImageSet, setti
                    "monolithic_latency_ms": None if mono_lat is None else [round(float(v), 6) for v in mono_lat]},
         "notes": notes,
     }
+    if board is not None:
+        result["offload"] = _offload_block(board, kept[OFFLOAD], per_input(ms[at[OFFLOAD]]), lat, pred, exits,
+                                           labels)
     result["energy"] = energy_section(result, manifest, runner.board, measurement)
     return result
+
+
+def _offload_block(board: Any, results: list[Any], lat: np.ndarray, local_lat: np.ndarray, pred: np.ndarray,
+                   exits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """The offloaded run against the local one: whole-call latency, share offloaded, agreement, why inputs that
+    were to go finished locally (first timed pass's answers; latencies are each input's median over repeats)."""
+    link = board.offload
+    sent = np.array([r.offloaded for r in results], dtype=bool)
+    o_pred = np.array([r.label for r in results], dtype=np.int64)
+    o_exit = np.array([r.exit_index for r in results], dtype=np.int64)
+    reasons: dict[str, int] = {}
+    for r in results:
+        if r.offload_error:
+            key = r.offload_error.split(" for ", 1)[0] if r.offload_error.startswith("offload paused") else \
+                r.offload_error
+            reasons[key] = reasons.get(key, 0) + 1
+    summary, local = latency_summary(lat), latency_summary(local_lat)
+    return {"url": f"{'https' if link.client.tls else 'http'}://{link.client.host}:{link.client.port}",
+            "after": link.after, "timeout_ms": 1000 * link.client.timeout_s,
+            "margin": link.policy.margin, "always": link.policy.always,
+            "latency_ms": summary, "local_latency_ms": local,
+            "vs_local": {s: (summary[s] / local[s]) if local[s] else None for s in ("p50", "p90", "p99", "mean")},
+            "share_offloaded": float(sent.mean()) if sent.size else 0.0,
+            "undecided_after_stage": float(np.mean(exits > link.after)) if exits.size else 0.0,
+            "round_trip_ms": latency_summary(np.array([r.round_trip_ms for r in results if r.offloaded])),
+            "accuracy": float(np.mean(o_pred == labels)),
+            "agreement_with_local": float(np.mean((o_pred == pred) & (o_exit == exits))),
+            "requests": {"sent": link.sent, "answered": link.answered, "failed": link.failures},
+            "fallback_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])[:10]),
+            "policy": link.policy.to_dict()}
 
 
 def _drift(manifest: Manifest, rule: ExitRule, exits: np.ndarray) -> dict[str, Any] | None:

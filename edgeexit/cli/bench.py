@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from .device import FALLBACK, _build_rule, _parse_thresholds
+from .device import FALLBACK, _build_rule, _parse_thresholds, offload_kwargs, offload_options
 from ..energy.boards import BOARDS
 from ..errors import UsageError, printable
 from .options import Choice
@@ -52,6 +52,21 @@ def _check_float_checkpoint(path: str) -> None:
                          "drop --float-checkpoint, or run the benchmark with the workstation install")
     if not os.path.isfile(path) or not os.access(path, os.R_OK):
         raise UsageError(f"--float-checkpoint {path}: no such readable file")
+
+
+def offload_report(o: dict[str, Any]) -> str:
+    """The offload section of a bench result as a few lines of text."""
+    def ms(summary: dict[str, Any]) -> str:
+        return " / ".join("-" if summary[k] is None else f"{summary[k]:.3f}" for k in ("p50", "p90", "p99"))
+
+    lines = [f"offload to {o['url']} after stage {o['after']} (policy margin {o['margin']:.0%}"
+             f"{', always' if o['always'] else ''}; deadline {o['timeout_ms']:.0f} ms)",
+             f"  whole call p50 / p90 / p99 ms: local {ms(o['local_latency_ms'])}, with offload {ms(o['latency_ms'])}",
+             f"  offloaded {o['share_offloaded']:.1%} of inputs ({o['undecided_after_stage']:.1%} undecided after "
+             f"stage {o['after']}); round trip p50 {ms(o['round_trip_ms']).split(' / ')[0]} ms; same answers as local: "
+             f"{o['agreement_with_local']:.1%}; requests {o['requests']['sent']} sent, {o['requests']['failed']} failed"]
+    lines += [f"  finished locally {n}x: {printable(reason, 200)}" for reason, n in o["fallback_reasons"].items()]
+    return "\n".join(lines)
 
 
 def _parse_batch_sizes(text: str) -> tuple[int, ...]:
@@ -117,13 +132,14 @@ def _parse_batch_sizes(text: str) -> tuple[int, ...]:
 @click.option("--store-energy", is_flag=True,
               help="Store the measured per-exit energy for this board in the bundle's manifest (Runner, tune and "
                    "the controller then use it).")
+@offload_options
 @click.pass_context
 def bench(ctx: click.Context, bundle: str, data_spec: str, split: str, limit: int | None, warmup: int, repeat: int,
           threads: int, backend: str, rule: str | None, thresholds: str | None, exit_index: int | None,
           fallback: str | None, board: str,
           sweep: bool, resize: bool, out_dir: str, no_save: bool, no_plot: bool, as_json: bool,
           float_checkpoint: str | None, batch_sizes: str, points: bool, power_sensor: str, power_trace: str | None,
-          energy_reps: int, energy_phase_s: float, store_energy: bool) -> None:
+          energy_reps: int, energy_phase_s: float, store_energy: bool, **offload: Any) -> None:
     """Benchmark BUNDLE on a labelled set: per-exit and overall accuracy, MACs, latency and energy against
     the monolithic int8 model measured in the same run, plus an accuracy/cost threshold sweep."""
     from ..bench.bench import BenchSettings, run_benchmark
@@ -139,6 +155,7 @@ def bench(ctx: click.Context, bundle: str, data_spec: str, split: str, limit: in
     energy = EnergySettings(sensor=power_sensor, power_trace=power_trace, reps=energy_reps, phase_s=energy_phase_s,
                             idle_s=energy_phase_s)
     energy.validate()
+    offload_settings = offload_kwargs(**offload) or None
     if not no_save:
         _check_writable_dir(out_dir, "--out")
     if float_checkpoint is not None:
@@ -155,7 +172,7 @@ def bench(ctx: click.Context, bundle: str, data_spec: str, split: str, limit: in
     data = load_dataset(data_spec, split=split, limit=limit)
     settings = BenchSettings(warmup=warmup, repeat=repeat, num_threads=threads, backend=backend, rule=chosen,
                              board=board, sweep=sweep, resize=resize, float_checkpoint=float_checkpoint,
-                             batch_sizes=sizes, points=points, energy=energy)
+                             batch_sizes=sizes, points=points, energy=energy, offload=offload_settings)
     settings.validate()
     check_dataset(loaded.manifest, data, resize=resize)
     progress = StderrProgress(not quiet, PHASES, units=UNITS)
@@ -168,6 +185,8 @@ def bench(ctx: click.Context, bundle: str, data_spec: str, split: str, limit: in
         click.echo(json.dumps(result, indent=1))
     else:
         click.echo(format_report(result))
+        if "offload" in result:
+            click.echo(offload_report(result["offload"]))
     if files is not None and not quiet:
         written = [files[k] for k in ("json", "csv", "png") if files[k]]
         click.echo(f"wrote {', '.join(written)}", err=True)
