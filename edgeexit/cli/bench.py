@@ -64,7 +64,8 @@ def offload_report(o: dict[str, Any]) -> str:
              f"  whole call p50 / p90 / p99 ms: local {ms(o['local_latency_ms'])}, with offload {ms(o['latency_ms'])}",
              f"  offloaded {o['share_offloaded']:.1%} of inputs ({o['undecided_after_stage']:.1%} undecided after "
              f"stage {o['after']}); round trip p50 {ms(o['round_trip_ms']).split(' / ')[0]} ms; same answers as local: "
-             f"{o['agreement_with_local']:.1%}; requests {o['requests']['sent']} sent, {o['requests']['failed']} failed"]
+             f"{o['agreement_with_local']:.1%}; requests {o['requests']['sent']} sent, "
+             f"{o['requests']['failed']} failed"]
     lines += [f"  finished locally {n}x: {printable(reason, 200)}" for reason, n in o["fallback_reasons"].items()]
     return "\n".join(lines)
 

@@ -154,9 +154,10 @@ class OffloadResult(Result):
 
     def __init__(self, label: int, exit_index: int, latency_ms: float, q: list[int], ctx: _Context, local_exit: int,
                  offloaded: bool, round_trip_ms: float | None, offload_error: str | None):
-        super().__init__(label, exit_index, latency_ms, q, ctx)
-        self._local, self.offloaded, self.round_trip_ms, self.offload_error = (local_exit, offloaded, round_trip_ms,
-                                                                              offload_error)
+        # every slot set here (no super() call: this is on the hot path of every input)
+        self.label, self.exit_index, self.latency_ms, self._q, self._ctx = label, exit_index, latency_ms, q, ctx
+        self._left, self._local, self.offloaded = exit_index, local_exit, offloaded
+        self.round_trip_ms, self.offload_error = round_trip_ms, offload_error
 
     @property
     def local_macs(self) -> int:
@@ -640,10 +641,14 @@ class Runner:
         """:meth:`classify` of a Runner that offloads (it replaces ``classify`` on such a Runner only): the same
         loop; after stage K an undecided input goes to the server when the policy expects that to pay, and runs
         on here when the request fails (the reason in ``offload_error``)."""
-        link = self.offload
+        link, after = self.offload, self.offload.after
         with self._lock:
             t0 = _clock()
-            self._input.write(image)
+            fast = self._fast_input.get(image.shape) if type(image) is _NDARRAY and image.dtype is _U8 else None
+            if fast is not None:
+                fast(image)
+            else:
+                self._input.write(image)
             state = self._state0
             k, label, q = 0, CONTINUE, None
             error, round_trip, t_tail = None, None, None
@@ -654,7 +659,7 @@ class Runner:
                     label, state = step(q, conf, state)
                     if label >= 0:
                         break
-                if k == link.after:
+                if k == after:
                     answer, error, round_trip = link.ask(self._stages[k].feat)
                     if answer is not None:
                         dt = _clock() - t0
