@@ -67,6 +67,7 @@ def serve(bundle: str, after: int, host: str, port: int, token_file: str | None,
         if path is not None and not os.access(path, os.R_OK):
             raise UsageError(f"{path}: no such readable file (--tls-cert / --tls-key)")
     token = read_token(token_file)
+    _check_port(host, port)
     if token is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without --token-file: anyone who reaches the port can use the server", host)
 
@@ -90,6 +91,20 @@ def serve(bundle: str, after: int, host: str, port: int, token_file: str | None,
     click.echo(f"serving {model.name} (stages {after + 1}..{last} of {bundle}) on "
                f"{'https' if tls_cert else 'http'}://{host}:{port}{' (token required)' if token else ''}", err=True)
     run_server(model, host, port, token=token, tls_cert=tls_cert, tls_key=tls_key)
+
+
+def _check_port(host: str, port: int) -> None:
+    """UsageError when ``host:port`` cannot be listened on (in use, or not an address of this machine)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(infos[0][4])
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another --port or "
+                         "--host") from None
 
 
 __all__ = ["serve", "read_token"]

@@ -62,9 +62,11 @@ def bundle_fingerprint(stage_sha256: Sequence[str]) -> str:
 def offloadable(rule: dict[str, Any]) -> str | None:
     """Why the rule (an ExitRuleSpec's dict) cannot be decided on a tail, or None when it can."""
     kind, fallback = rule.get("kind"), rule.get("fallback", "final")
-    if kind not in STATELESS_RULES:
+    if kind == "class_exclusion":
         return (f"rule {kind!r} carries state from exit to exit (its candidate classes), which the hand-off does not "
                 f"hold; offload works with {', '.join(STATELESS_RULES)}")
+    if kind not in STATELESS_RULES:
+        return f"rule kind {str(kind)[:40]!r} is not one a tail runs ({', '.join(STATELESS_RULES)})"
     if fallback != "final":
         return (f"fallback {fallback!r} keeps the best exit so far, which the hand-off does not hold; offload works "
                 "with fallback final")
