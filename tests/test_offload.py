@@ -235,12 +235,19 @@ def test_bench_reports_offload_against_local(servers, tiny_bundle, rule, images)
     assert o["round_trip_ms"]["p50"] > 0 and o["latency_ms"]["p90"] > o["local_latency_ms"]["p90"]
 
 
-def test_the_server_refuses_a_wrong_shape_with_one_line(servers, tiny_bundle):
+def test_the_server_describes_the_tail_and_refuses_a_wrong_shape_with_one_line(servers, tiny_bundle):
     runner = Runner(tiny_bundle, power_sensor=None)
     client = OffloadClient(servers["token"].url, tail_model_name(runner.manifest.name, AFTER), token=TOKEN,
                            timeout_s=5)
     fingerprint = bundle_fingerprint([s.sha256 for s in runner.manifest.stages])
     rule = json.dumps(runner.rule.to_spec().to_dict())
+    model = tail_model_name(runner.manifest.name, AFTER)
+    metadata = urllib.request.Request(f"{servers['token'].url}/v2/models/{model}",
+                                      headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(metadata, timeout=5) as r:
+        meta = json.load(r)
+    assert meta["inputs"] == [{"name": "handoff", "datatype": "INT8", "shape": [1, 28, 28, 8]}]
+    assert [o["name"] for o in meta["outputs"]] == ["label", "exit_index", "score", "probabilities", "logits"]
     with pytest.raises(OffloadFailure, match=r"^HTTP 400: handoff must be INT8 \[1, 28, 28, 8\], got INT8 \[1, 4\]$"):
         client.infer(np.zeros((1, 4), np.int8), fingerprint, rule, 10, AFTER + 1, 2, "int8")
     with pytest.raises(OffloadFailure, match=r"^HTTP 400: this server hosts bundle [0-9a-f]{16}"):

@@ -58,6 +58,18 @@ class TailModel(kserve.Model):
         self._rules: OrderedDict[str, Any] = OrderedDict()
         self.ready = True
 
+    def get_input_types(self) -> list[dict[str, Any]]:
+        """The model metadata's inputs (``GET /v2/models/<name>``)."""
+        return [{"name": INPUT_NAME, "datatype": self.datatype, "shape": self.shape}]
+
+    def get_output_types(self) -> list[dict[str, Any]]:
+        k = self.runner.manifest.num_classes
+        return [{"name": "label", "datatype": "INT64", "shape": [1]},
+                {"name": "exit_index", "datatype": "INT32", "shape": [1]},
+                {"name": "score", "datatype": "FP32", "shape": [1]},
+                {"name": "probabilities", "datatype": "FP32", "shape": [1, k]},
+                {"name": "logits", "datatype": self.logits_datatype, "shape": [1, k]}]
+
     def _rule(self, text: Any) -> Any:
         if not isinstance(text, str) or len(text) > 4096:
             raise InvalidInput("parameter 'rule' must be the board's exit rule as a JSON string")

@@ -362,8 +362,8 @@ class Runner:
             see :func:`~edgeexit.runtime.bundle.load_bundle`); None = ``$EDGEEXIT_TRUSTED_KEY`` if set.
         offload: ``http(s)://HOST:PORT`` of an ``edgeexit serve`` (KServe v2) server hosting this bundle's stages
             after ``offload_after``: an input still undecided after that stage is sent there when the policy
-            expects it to pay, and finishes here when the server fails (docs/OFFLOAD.md). Every call then returns
-            an :class:`OffloadResult`. Exit rules that carry state between exits (class_exclusion, the
+            expects it to pay, and finishes here when the server fails (docs/OFFLOAD.md). Every ``classify``
+            then returns an :class:`OffloadResult` (``classify_batch`` and ``trace`` run locally). Exit rules that carry state between exits (class_exclusion, the
             most_confident fallback) cannot be offloaded.
         offload_after: K, the last stage run here for inputs that go to the server (0 .. exits - 2).
         offload_token: the server's bearer token, if it requires one.
