@@ -409,3 +409,26 @@ def test_the_policy_offloads_only_while_the_round_trip_pays():
     assert policy.choose(17.3) == (True, None)          # the pause is over: one request tries again
     policy.failed("server unreachable: Connection refused", 17.4)
     assert policy.paused_until == pytest.approx(17.4 + 10)   # and the pause doubles
+
+
+def test_the_policy_starts_from_exit_costs_timed_on_this_machine(tiny_bundle_copy):
+    from edgeexit.bench.timing import this_machine
+    from edgeexit.cli.device import offload_kwargs
+    from edgeexit.runtime.bundle import load_bundle
+
+    manifest = json.loads((tiny_bundle_copy / "manifest.json").read_text())
+    costs = {"latency_ms": {"fixed": [0.01, 0.03, 0.07], "confidence": [0.02, 0.05, 0.11]}, "monolithic_ms": 0.05,
+             "inputs": 10, "repeat": 1, **this_machine()}
+    options = dict(offload_url="http://127.0.0.1:9", offload_after=0, offload_token_file=None, offload_ca=None,
+                   offload_timeout_ms=250, offload_margin=0.1, offload_always=False)
+    for stamp, expected in (({}, 0.11 - 0.02), ({"machine": "another machine"}, None)):
+        manifest.setdefault("operating_points", {})["exit_costs"] = {**costs, **stamp}
+        (tiny_bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+        loaded = load_bundle(tiny_bundle_copy, check_tensors=False)
+        policy = offload_kwargs(loaded, None, **options)["offload_policy"]  # the bundle's rule: confidence
+        assert policy.local_ms == (None if expected is None else pytest.approx(expected))
+        runner = Runner(loaded, power_sensor=None, **offload_kwargs(loaded, None, **options))
+        if expected is None:  # timed by the Runner: the two stages after stage 0 of the tiny network
+            assert 0 < runner.offload.policy.local_ms < 5 and runner.offload.policy.local_from.startswith("timed")
+        else:
+            assert runner.offload.policy.local_ms == pytest.approx(expected)

@@ -156,7 +156,6 @@ def bench(ctx: click.Context, bundle: str, data_spec: str, split: str, limit: in
     energy = EnergySettings(sensor=power_sensor, power_trace=power_trace, reps=energy_reps, phase_s=energy_phase_s,
                             idle_s=energy_phase_s)
     energy.validate()
-    offload_settings = offload_kwargs(**offload) or None
     if not no_save:
         _check_writable_dir(out_dir, "--out")
     if float_checkpoint is not None:
@@ -170,6 +169,7 @@ def bench(ctx: click.Context, bundle: str, data_spec: str, split: str, limit: in
         click.echo(printable(f"warning: bundle {bundle}: {unverified}; its figures are not those of a verified "
                              "conversion", 1000), err=True)
     chosen = _build_rule(loaded, rule, parsed_thresholds, exit_index, fallback)
+    offload_settings = offload_kwargs(loaded, chosen, **offload) or None
     data = load_dataset(data_spec, split=split, limit=limit)
     settings = BenchSettings(warmup=warmup, repeat=repeat, num_threads=threads, backend=backend, rule=chosen,
                              board=board, sweep=sweep, resize=resize, float_checkpoint=float_checkpoint,

@@ -128,10 +128,11 @@ def offload_options(f: Any) -> Any:
     return f
 
 
-def offload_kwargs(offload_url: str | None, offload_after: int | None, offload_token_file: str | None,
-                   offload_ca: str | None, offload_timeout_ms: float, offload_margin: float,
-                   offload_always: bool) -> dict[str, Any]:
-    """The Runner's offload arguments from the options above ({} without --offload)."""
+def offload_kwargs(bundle: Bundle, rule: Any, offload_url: str | None, offload_after: int | None,
+                   offload_token_file: str | None, offload_ca: str | None, offload_timeout_ms: float,
+                   offload_margin: float, offload_always: bool) -> dict[str, Any]:
+    """The Runner's offload arguments from the options above ({} without --offload). The policy starts from the
+    bundle's stored exit costs when they were timed on this machine (else the Runner times the stages itself)."""
     if offload_url is None:
         if offload_after is not None or offload_token_file is not None or offload_ca is not None:
             raise UsageError("--offload-after, --offload-token-file and --offload-ca need --offload URL")
@@ -143,9 +144,35 @@ def offload_kwargs(offload_url: str | None, offload_after: int | None, offload_t
     from ..offload.client import OffloadPolicy
     from .serve import read_token
 
+    policy = OffloadPolicy(margin=offload_margin, always=offload_always)
+    policy.local_ms = stored_tail_ms(bundle, rule, offload_after)
+    if policy.local_ms is not None:
+        policy.local_from = "the bundle's exit costs (timed on this machine)"
     return {"offload": offload_url, "offload_after": offload_after, "offload_token": read_token(offload_token_file),
-            "offload_ca": offload_ca, "offload_timeout_s": offload_timeout_ms / 1000.0,
-            "offload_policy": OffloadPolicy(margin=offload_margin, always=offload_always)}
+            "offload_ca": offload_ca, "offload_timeout_s": offload_timeout_ms / 1000.0, "offload_policy": policy}
+
+
+def stored_tail_ms(bundle: Bundle, rule: Any, after: int) -> float | None:
+    """The cost (ms) of the stages after ``after`` from the bundle's exit-cost table (``tune``), under the rule's
+    kind (or forced exits): the latency of leaving at the last exit less that of leaving at ``after``. None when
+    the table is missing, malformed or was timed on another machine."""
+    from ..bench.timing import ExitCostTable, timed_elsewhere
+
+    manifest = bundle.manifest
+    stored = manifest.operating_points.exit_costs
+    if not stored or timed_elsewhere(stored) is not None:
+        return None
+    if isinstance(rule, str):
+        rule = manifest.point_rule(rule)
+    kind = getattr(rule, "kind", None) or manifest.exit_rule.kind
+    try:
+        table = ExitCostTable.from_dict(stored)
+        lat = table.for_rule(kind if kind in table.latency_ms else "fixed")
+    except EdgeExitError:
+        return None
+    if lat.shape[0] != manifest.num_exits or not 0 <= after < manifest.num_exits - 1:
+        return None
+    return max(float(lat[-1] - lat[after]), 0.0)
 
 
 TRUSTED_KEY = click.option(
@@ -189,7 +216,7 @@ def run(bundle: str, inputs: tuple[str, ...], rule: str | None, thresholds: str 
     loaded = load_bundle(bundle, backend=backend, check_tensors=False, trusted_key=trusted_key)
     chosen = _build_rule(loaded, rule, _parse_thresholds(thresholds), exit_index, fallback)
     runner = Runner(loaded, backend=backend, num_threads=threads, rule=chosen, board=board, edgetpu=edgetpu,
-                    **offload_kwargs(**offload))
+                    **offload_kwargs(loaded, chosen, **offload))
     prep = loaded.manifest.preprocessing
     table = None if as_json else _RunTable(runner, inputs)
     failed: EdgeExitError | None = None

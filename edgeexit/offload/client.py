@@ -248,6 +248,8 @@ class OffloadPolicy:
     #: expected round trip and local tail cost (ms); None before the first measurement
     round_trip_ms: float | None = None
     local_ms: float | None = None
+    #: where the first local estimate came from
+    local_from: str = "timed when the Runner was created"
     failures: int = 0
     paused_until: float = 0.0
     last_error: str | None = None
@@ -291,6 +293,7 @@ class OffloadPolicy:
 
     def to_dict(self) -> dict[str, Any]:
         return {"margin": self.margin, "round_trip_ms": self.round_trip_ms, "local_ms": self.local_ms,
+                "local_from": self.local_from,
                 "failures": self.failures, "last_error": self.last_error}
 
 
