@@ -387,15 +387,21 @@ def test_two_identical_tunes_choose_the_same_point_for_every_target(tiny_bundle_
     assert timed == [300, 300]
 
 
-def test_exit_costs_timed_on_another_machine_are_timed_again(tiny_bundle_copy, tiny_npz):
-    """Costs stored by a tune on another machine (a workstation, before the bundle went to the board) are not
-    this board's: tune times them here and stores the new ones, stamped with this machine."""
+@pytest.mark.parametrize("field,elsewhere", [("machine", "Raspberry Pi 5 Model B Rev 1.0"),
+                                             ("backend", "tflite-runtime 2.14.0"), ("backend", None)])
+def test_exit_costs_timed_on_another_machine_are_timed_again(tiny_bundle_copy, tiny_npz, field, elsewhere):
+    """Costs stored by a tune on another machine (a workstation, before the bundle went to the board), with another
+    interpreter, or by a version that did not record the interpreter, are not this board's: tune times them here
+    and stores the new ones, stamped with this machine and interpreter."""
     from edgeexit.bench.envinfo import machine_stamp
+    from edgeexit.runtime.interpreter import resolve_backend
 
     tune_bundle(tiny_bundle_copy, str(tiny_npz), Target(max_drop_pp=3.0), cost_images=20, risk=1)
     path = tiny_bundle_copy / "manifest.json"
     d = json.loads(path.read_text())
-    d["operating_points"]["exit_costs"]["machine"] = "Raspberry Pi 5 Model B Rev 1.0"
+    here = resolve_backend("auto")
+    assert d["operating_points"]["exit_costs"]["backend"] == f"{here.name} {here.version}"
+    d["operating_points"]["exit_costs"][field] = elsewhere
     kind = next(k for k in d["operating_points"]["exit_costs"]["latency_ms"] if k != "fixed")
     d["operating_points"]["exit_costs"]["latency_ms"][kind] = [9.0] * len(d["stages"])
     path.write_text(json.dumps(d))
@@ -404,5 +410,5 @@ def test_exit_costs_timed_on_another_machine_are_timed_again(tiny_bundle_copy, t
                 progress=lambda phase, done, total: timed.append(phase) if phase == "exit costs" else None)
     assert timed
     stored = json.loads(path.read_text())["operating_points"]["exit_costs"]
-    assert stored["machine"] == machine_stamp()["machine"]
+    assert stored["machine"] == machine_stamp()["machine"] and stored["backend"] == f"{here.name} {here.version}"
     assert max(stored["latency_ms"][kind]) < 9.0

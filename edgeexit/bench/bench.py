@@ -44,7 +44,7 @@ from .compare import bundle_hash
 from ..datasets import ImageSet, check_dataset
 from .envinfo import EnvPaths, collect_environment
 from .threshold_sweep import grid_kind, named_rules, rule_text, sweep_tradeoff
-from .timing import (COST_KINDS, Variant, cost_table, forced_variants, latency_summary, per_input,
+from .timing import (COST_KINDS, Variant, backend_label, cost_table, forced_variants, latency_summary, per_input,
                      rule_setter, time_calls)
 
 log = logging.getLogger(__name__)
@@ -336,7 +336,7 @@ def run_benchmark(bundle: str | os.PathLike[str] | Bundle, data: ImageSet, setti
     at = {v.name: j for j, v in enumerate(variants)}
     env = collect_environment(num_threads=settings.num_threads,  # right after the timed pass: its temperatures
                               backend=f"{runner.backend.name} {runner.backend.version}", paths=env_paths)
-    costs = cost_table(ms, variants, kinds, e, settings.repeat, env.get("machine") or "")
+    costs = cost_table(ms, variants, kinds, e, settings.repeat, env.get("machine") or "", backend=backend_label(runner))
 
     # ---- the early-exit rule against the baseline
     lat = per_input(ms[at[EARLY]])                                             # [N] ms

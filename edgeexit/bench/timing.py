@@ -112,6 +112,8 @@ class ExitCostTable:
     #: the timing machine's CPU model and int8-relevant CPU flags (see :func:`edgeexit.bench.envinfo.machine_stamp`)
     cpu: str | None = None
     int8_features: tuple[str, ...] = ()
+    #: the interpreter that ran the calls ("ai-edge-litert 2.3.0"); None in tables written before it was recorded
+    backend: str | None = None
 
     def for_rule(self, kind: str) -> np.ndarray:
         """[E] cost of leaving at each exit under a rule of ``kind`` ("final" and "fixed" decide nothing)."""
@@ -130,7 +132,7 @@ class ExitCostTable:
                 "latency_ms": {k: [round(float(x), 6) for x in v] for k, v in self.latency_ms.items()},
                 "monolithic_ms": None if self.monolithic_ms is None else round(self.monolithic_ms, 6),
                 "inputs": self.inputs, "repeat": self.repeat, "machine": self.machine, "cpu": self.cpu,
-                "int8_features": list(self.int8_features)}
+                "int8_features": list(self.int8_features), "backend": self.backend}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ExitCostTable":
@@ -138,11 +140,12 @@ class ExitCostTable:
         try:
             lat = {str(k): tuple(float(x) for x in v) for k, v in dict(d["latency_ms"]).items()}
             mono = d.get("monolithic_ms")
-            cpu = d.get("cpu")
+            cpu, backend = d.get("cpu"), d.get("backend")
             return cls(latency_ms=lat, monolithic_ms=None if mono is None else float(mono),
                        inputs=int(d.get("inputs", 0)), repeat=int(d.get("repeat", 0)), machine=str(d.get("machine", "")),
                        cpu=None if cpu is None else str(cpu),
-                       int8_features=tuple(str(f) for f in d.get("int8_features") or ()))
+                       int8_features=tuple(str(f) for f in d.get("int8_features") or ()),
+                       backend=None if backend is None else str(backend))
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"manifest: operating_points.exit_costs is malformed ({exc}); re-run `edgeexit tune`"
                               ) from None
@@ -173,6 +176,11 @@ def timed_elsewhere(stored: Mapping[str, Any] | None, paths: Any = None) -> str 
 def _describe(stamp: Mapping[str, Any]) -> str:
     flags = stamp.get("int8_features") or []
     return f"{stamp.get('machine') or 'unknown'} [int8 features: {' '.join(flags) if flags else 'none'}]"
+
+
+def backend_label(runner: Any) -> str:
+    """The interpreter a Runner calls, as exit-cost tables record it: "ai-edge-litert 2.3.0"."""
+    return f"{runner.backend.name} {runner.backend.version}"
 
 
 def this_machine() -> dict[str, Any]:
@@ -209,7 +217,7 @@ def rule_setter(runner: Any, rule: ExitRule) -> Callable[[], None]:
 
 
 def cost_table(ms: np.ndarray, variants: Sequence[Variant], kinds: Sequence[str], num_exits: int, repeat: int,
-               machine: str = "") -> ExitCostTable:
+               machine: str = "", backend: str | None = None) -> ExitCostTable:
     """Build the table from :func:`time_calls` output of :func:`forced_variants` (+ an optional "monolithic"),
     stamped with this machine (``machine``, default: the board or CPU model; its CPU model and int8 features)."""
     index = {v.name: j for j, v in enumerate(variants)}
@@ -219,7 +227,7 @@ def cost_table(ms: np.ndarray, variants: Sequence[Variant], kinds: Sequence[str]
     stamp = this_machine()  # the costs were just timed here
     return ExitCostTable(latency_ms=lat, monolithic_ms=mono, inputs=int(ms.shape[2]), repeat=repeat,
                          machine=machine or stamp["machine"], cpu=stamp["cpu"],
-                         int8_features=tuple(stamp["int8_features"]))
+                         int8_features=tuple(stamp["int8_features"]), backend=backend)
 
 
 def measure_exit_costs(runner: Any, images: Sequence[Any], kinds: Sequence[str], *, rules: Sequence[ExitRule] = (),
@@ -245,4 +253,4 @@ def measure_exit_costs(runner: Any, images: Sequence[Any], kinds: Sequence[str],
         ms, _ = time_calls(variants, images, repeat=repeat, warmup=warmup, progress=progress, phase="exit costs")
     finally:
         runner.set_rule(before)
-    return cost_table(ms, variants, kinds, runner.num_exits, repeat, machine)
+    return cost_table(ms, variants, kinds, runner.num_exits, repeat, machine, backend=backend_label(runner))

@@ -121,7 +121,7 @@ def tune_bundle(bundle: str | os.PathLike[str], data: str, target: Target, *, ru
     seq = reporting(images.images, len(images), "trace", progress)
     log.info("tracing %d images through %d stages", len(images), manifest.num_exits)
     trace = runner.trace(seq, images.labels)
-    table = _stored_costs(manifest, searched, ref_spec, cost_images) if not retime else None
+    table = _stored_costs(manifest, searched, ref_spec, cost_images, runner) if not retime else None
     if table is None:
         table = _measure_costs(runner, images.images, searched, manifest, ref_spec, cost_images, progress)
     if table is None and target.cost_kind == "latency":
@@ -199,10 +199,10 @@ def _cost_kinds(searched: Sequence[str], manifest: Manifest, reference: ExitRule
 
 
 def _stored_costs(manifest: Manifest, searched: Sequence[str], reference: ExitRuleSpec | None,
-                  cost_images: int) -> Any:
-    """The exit costs an earlier tune timed on this machine and stored in the bundle, when they cover every rule
-    kind needed and every exit; else None (they are timed again)."""
-    from ..bench.timing import ExitCostTable, timed_elsewhere  # noqa: PLC0415
+                  cost_images: int, runner: Any) -> Any:
+    """The exit costs an earlier tune timed on this machine with this interpreter and stored in the bundle, when
+    they cover every rule kind needed and every exit; else None (they are timed again)."""
+    from ..bench.timing import ExitCostTable, backend_label, timed_elsewhere  # noqa: PLC0415
 
     stored = manifest.operating_points.exit_costs
     if cost_images == 0 or not stored or not stored.get("latency_ms") or timed_elsewhere(stored) is not None:
@@ -212,10 +212,11 @@ def _stored_costs(manifest: Manifest, searched: Sequence[str], reference: ExitRu
     except BundleError:
         return None
     kinds = _cost_kinds(searched, manifest, reference)
-    if any(len(table.latency_ms.get(k, ())) != manifest.num_exits for k in kinds):
+    if table.backend != backend_label(runner) or any(len(table.latency_ms.get(k, ())) != manifest.num_exits
+                                                      for k in kinds):
         return None
-    log.info("using the exit costs timed on this machine (%s) stored in the bundle (%d images); --retime times "
-             "them again", table.machine, table.inputs)
+    log.info("using the exit costs timed on this machine (%s, %s) stored in the bundle (%d images); --retime "
+             "times them again", table.machine, table.backend, table.inputs)
     return table
 
 
