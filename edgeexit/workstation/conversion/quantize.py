@@ -20,7 +20,6 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -146,71 +145,35 @@ def onnx_to_int8_tflite(name: str, onnx_path: Path, calibration: np.ndarray, out
     """
     import onnx2tf  # heavy: TensorFlow
 
+    channels = calibration.shape[-1]
     simplify_onnx(onnx_path)
     with tempfile.TemporaryDirectory(prefix=f"edgeexit-{name}-") as tmp:
+        calib_path = Path(tmp) / "calib.npy"
+        np.save(calib_path, calibration)
+        zeros = np.zeros((1, 1, 1, channels), np.float32)
+        ones = np.ones((1, 1, 1, channels), np.float32)
         out_dir = Path(tmp) / "tf"
         with quiet_tool() as captured:
             try:
-                # the TensorFlow model as a saved model with its serving signature (and onnx2tf's float files);
-                # the one integer file needed is quantized below, not the five onnx2tf would write
                 onnx2tf.convert(
                     input_onnx_file_path=str(onnx_path), output_folder_path=str(out_dir),
-                    output_signaturedefs=True, tflite_backend="tf_converter",
+                    output_integer_quantized_tflite=True, tflite_backend="tf_converter",
+                    custom_input_op_name_np_data_path=[[INPUT_NAME, str(calib_path), zeros, ones]],
+                    input_quant_dtype="int8", output_quant_dtype="int8",
                     copy_onnx_input_output_names_to_tflite=True,
                     keep_shape_absolutely_input_names=[INPUT_NAME] if keep_nhwc_input else None,
                     not_use_onnxsim=True, non_verbose=True, verbosity="error")
-                integer_tflite(out_dir, onnx_path, calibration, out_path, activations)
                 error: BaseException | None = None
             except (Exception, SystemExit) as exc:  # onnx2tf raises anything, or calls sys.exit on errors
                 error = exc
         if error is not None:
             log.debug("onnx2tf output for %s:\n%s", name, captured.getvalue())
             raise ConversionError(_failure_summary(name, captured.getvalue(), error, activations)) from None
+        pattern = _PRODUCED[activations]
+        produced = sorted(out_dir.glob(pattern))
+        if not produced:
+            log.debug("onnx2tf output for %s:\n%s", name, captured.getvalue())
+            raise ConversionError(_failure_summary(name, captured.getvalue(),
+                                                   RuntimeError(f"no {pattern} was produced"), activations))
+        shutil.copyfile(produced[0], out_path)
     return out_path
-
-
-def integer_tflite(saved_model: Path, onnx_path: Path, calibration: np.ndarray, out_path: Path,
-                   activations: str) -> None:
-    """Quantize onnx2tf's saved model into ``out_path`` with the TFLite converter, exactly as onnx2tf's own
-    ``full_integer_quant`` (int8) or ``full_integer_quant_with_int16_act`` (16x8) step does: the same converter
-    settings, the same per-sample representative data, the ONNX input/output names written back with onnx2tf's
-    own function. Only this one file is produced (onnx2tf writes five integer variants, each calibrated anew)."""
-    import onnx
-    import tensorflow as tf
-    from onnx2tf.utils.common_functions import rewrite_tflite_inout_opname
-
-    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    if activations == "int16":
-        converter.target_spec.supported_types = []
-        ops, io_type = tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8, tf.int16
-    else:
-        ops, io_type = tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.int8
-    converter.target_spec.supported_ops = [ops, tf.lite.OpsSet.SELECT_TF_OPS]
-    converter._experimental_disable_per_channel = False  # per-channel weights (onnx2tf's default quant_type)
-    converter.unfold_batchmatmul = False
-    data = np.asarray(calibration, dtype=np.float32)
-
-    def representative() -> Any:
-        for i in range(data.shape[0]):
-            yield {INPUT_NAME: tf.cast(tf.convert_to_tensor(data[i:i + 1]), tf.float32)}
-
-    converter.representative_dataset = representative
-    converter.inference_input_type = io_type
-    converter.inference_output_type = io_type
-    flat = converter.convert()
-    staged = saved_model / "edgeexit_integer.tflite"
-    staged.write_bytes(flat)
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
-
-    def shapes(values: Any) -> list[list[int | str]]:
-        return [[d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim]
-                for v in values]
-
-    initializers = {i.name for i in graph.initializer}
-    inputs = [v for v in graph.input if v.name not in initializers]
-    rewrite_tflite_inout_opname(output_folder_path=str(saved_model), tflite_file_name=staged.name,
-                                onnx_input_names=[v.name for v in inputs],
-                                onnx_output_names=[v.name for v in graph.output],
-                                onnx_graph_input_shapes=shapes(inputs), onnx_graph_output_shapes=shapes(graph.output))
-    shutil.copyfile(staged, out_path)
