@@ -363,8 +363,8 @@ class Runner:
         offload: ``http(s)://HOST:PORT`` of an ``edgeexit serve`` (KServe v2) server hosting this bundle's stages
             after ``offload_after``: an input still undecided after that stage is sent there when the policy
             expects it to pay, and finishes here when the server fails (docs/OFFLOAD.md). Every ``classify``
-            then returns an :class:`OffloadResult` (``classify_batch`` and ``trace`` run locally). Exit rules that carry state between exits (class_exclusion, the
-            most_confident fallback) cannot be offloaded.
+            then returns an :class:`OffloadResult` (``classify_batch`` and ``trace`` run locally). Exit rules
+            that carry state between exits (class_exclusion, the most_confident fallback) cannot be offloaded.
         offload_after: K, the last stage run here for inputs that go to the server (0 .. exits - 2).
         offload_token: the server's bearer token, if it requires one.
         offload_timeout_s: the deadline of one request, everything included (then the input finishes here).
@@ -649,27 +649,18 @@ class Runner:
                 fast(image)
             else:
                 self._input.write(image)
-            state = self._state0
-            k, label, q = 0, CONTINUE, None
+            k, label, q, state = self._run_stages(self._plan, 0, after + 1, self._state0)
             error, round_trip, t_tail = None, None, None
-            for run, step, logits, conf, handoff in self._plan:
-                run()
-                if step is not None:
-                    q = logits.tolist()
-                    label, state = step(q, conf, state)
-                    if label >= 0:
-                        break
-                if k == after:
-                    answer, error, round_trip = link.ask(self._stages[k].feat)
-                    if answer is not None:
-                        dt = _clock() - t0
-                        self._counts[answer.exit_index] += 1
-                        self._latency_ns[answer.exit_index] += dt
-                        return OffloadResult(answer.label, answer.exit_index, dt * 1e-6, answer.logits, self._ctx, k,
-                                             True, round_trip, None)
-                    t_tail = _clock()
-                handoff()
-                k += 1
+            if label < 0:                       # undecided after stage K (its hand-off made)
+                answer, error, round_trip = link.ask(self._stages[after].feat)
+                if answer is not None:
+                    dt = _clock() - t0
+                    self._counts[answer.exit_index] += 1
+                    self._latency_ns[answer.exit_index] += dt
+                    return OffloadResult(answer.label, answer.exit_index, dt * 1e-6, answer.logits, self._ctx, after,
+                                         True, round_trip, None)
+                t_tail = _clock()
+                k, label, q, state = self._run_stages(self._plan, k, len(self._plan), state)
             t1 = _clock()
             dt = t1 - t0
             self._counts[k] += 1
@@ -677,6 +668,23 @@ class Runner:
             if t_tail is not None:
                 link.policy.ran_locally((t1 - t_tail) * 1e-6)
         return OffloadResult(label, k, dt * 1e-6, q, self._ctx, k, False, round_trip, error)
+
+    @staticmethod
+    def _run_stages(plan: Sequence[Any], k: int, end: int, state: Any) -> tuple[int, int, list[int] | None, Any]:
+        """Stages ``k .. end - 1`` of a compiled plan, each decided by the rule, the hand-off made after each
+        undecided one: ``(stage that decided or end, label or CONTINUE, its logits, rule state)``. The offload paths
+        use it; :meth:`classify` keeps the same loop inline (one call less on every input's hot path)."""
+        label, q = CONTINUE, None
+        for run, step, logits, conf, handoff in plan[k:end]:
+            run()
+            if step is not None:
+                q = logits.tolist()
+                label, state = step(q, conf, state)
+                if label >= 0:
+                    break
+            handoff()
+            k += 1
+        return k, label, q, state
 
     def continue_from(self, after: int, handoff: np.ndarray, rule: ExitRule | None = None) -> Result:
         """Finish an input from its stage-``after`` hand-off: stages ``after + 1 ..`` with the rule's decisions,
@@ -708,17 +716,7 @@ class Runner:
         with self._lock:
             t0 = _clock()
             np.copyto(target, handoff) if requant is None else requant.apply(handoff, target)
-            state = decider.start()
-            k, label, q = after + 1, CONTINUE, None
-            for run, step, logits, conf, handoff_call in plan[after + 1:]:
-                run()
-                if step is not None:
-                    q = logits.tolist()
-                    label, state = step(q, conf, state)
-                    if label >= 0:
-                        break
-                handoff_call()
-                k += 1
+            k, label, q, _ = self._run_stages(plan, after + 1, len(plan), decider.start())
             dt = _clock() - t0
             self._counts[k] += 1
             self._latency_ns[k] += dt
