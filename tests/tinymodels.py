@@ -120,3 +120,29 @@ def convert_tiny(out_dir, **kwargs):
     images, labels = synthetic_digits(VERIFY_SAMPLES, seed=7)
     return convert(model, calib, out_dir, verify_images=images, verify_labels=labels, monolithic=True,
                    name="tiny-test", **kwargs)
+
+
+#: How much larger the crushing channel is than the others (see :func:`with_crushed_channel`).
+CRUSH = 400.0
+
+
+def with_crushed_channel(model: StagedModel, stage: int = 1) -> StagedModel:
+    """``model`` with two 1x1 convolutions appended to ``stage``'s segment that cancel out in float but not in int8:
+    ``blowup`` multiplies channel 0 by :data:`CRUSH` (the others by 1), ``restore`` divides it back. The float
+    network is unchanged (to float rounding); in int8 the tensor between them has one scale for a channel
+    ``CRUSH`` times larger than the rest, which crushes every other channel to a few int8 steps. The failing
+    layer is known: ``blowup``'s output."""
+    import copy
+
+    model = copy.deepcopy(model)
+    seg = model.stages[stage].segment
+    c = model.stages[stage].head.classifier.in_features
+    blowup, restore = nn.Conv2d(c, c, 1, bias=False), nn.Conv2d(c, c, 1, bias=False)
+    scale = torch.ones(c)
+    scale[0] = CRUSH
+    with torch.no_grad():
+        blowup.weight.copy_(torch.diag(scale)[:, :, None, None])
+        restore.weight.copy_(torch.diag(1.0 / scale)[:, :, None, None])
+    model.stages[stage].segment = nn.Sequential(*seg, blowup, restore)
+    model.spec.builder = "tiny-crushed"
+    return model.eval()

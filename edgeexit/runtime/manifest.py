@@ -424,6 +424,9 @@ class Manifest:
     edgetpu: Mapping[str, Any] = field(default_factory=dict)  # Edge TPU readiness / compilation report
     energy: Mapping[str, Any] = field(default_factory=dict)  # {"measured": {board: per-exit mJ}} (bench --store-energy)
     activations: str = "int8"  # "int8" or "int16" (16x8: int8 weights, int16 activations); see ACTIVATIONS
+    #: mixed precision (convert --precision auto): {"mode": "auto", "units": {"stage_1": {"kind": "mixed",
+    #: "float_layers": [tensor names]}, ...}}; empty for all-integer bundles (and then not written)
+    precision: Mapping[str, Any] = field(default_factory=dict)
     #: the JSON object this manifest was read from: :meth:`to_dict` writes back the fields this version does not
     #: know (a newer producer's), so that rewriting a manifest (tune, bench --store-energy) never drops them
     source: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
@@ -537,7 +540,7 @@ class Manifest:
                    training=_opt(d, "training", dict, "manifest", {}),
                    edgetpu=_opt(d, "edgetpu", dict, "manifest", {}),
                    energy=_opt(d, "energy", dict, "manifest", {}),
-                   activations=_activations(d), source=d)
+                   activations=_activations(d), precision=_precision(d), source=d)
 
     def to_dict(self) -> dict[str, Any]:
         def plain(obj: Any) -> Any:
@@ -552,6 +555,8 @@ class Manifest:
         d = plain(self)
         d["exit_rule"] = self.exit_rule.to_dict()
         d["operating_points"] = self.operating_points.to_dict()
+        if not d["precision"]:
+            del d["precision"]  # all-integer bundles read as before
         out: dict[str, Any] = {"format": FORMAT_NAME, "format_version": d.pop("format_version")}
         out["producer"] = d.pop("producer")
         out["name"] = d.pop("name")
@@ -612,6 +617,29 @@ def _activations(d: Mapping[str, Any]) -> str:
         raise BundleError(f"manifest: 'activations' is {_short(value)}; expected one of {', '.join(ACTIVATIONS)}: "
                           "re-create the bundle with `edgeexit convert`")
     return value
+
+
+#: How a unit of a mixed-precision bundle computes (``precision.units.<unit>.kind``).
+PRECISION_KINDS = ("int8", "mixed", "float32")
+
+
+def _precision(d: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``precision`` section: {"mode": "auto", "units": {unit: {"kind", "float_layers"}}} or absent."""
+    value = _opt(d, "precision", dict, "manifest", {})
+    if not value:
+        return {}
+    units = _need(value, "units", dict, "precision")
+    for unit, entry in units.items():
+        where = f"precision.units.{_short(unit)}"
+        if not isinstance(entry, dict):
+            raise BundleError(f"manifest: '{where}' must be an object; re-create the bundle with `edgeexit convert`")
+        kind = _need(entry, "kind", str, where)
+        layers = _need(entry, "float_layers", list, where)
+        if kind not in PRECISION_KINDS or not all(isinstance(x, str) for x in layers):
+            raise BundleError(f"manifest: '{where}' has kind {_short(kind)} (expected one of "
+                              f"{', '.join(PRECISION_KINDS)}) and float_layers must be tensor names; re-create the "
+                              "bundle with `edgeexit convert`")
+    return dict(value)
 
 
 def tensor_spec(name: str, shape: Sequence[int], dtype: str, scale: float | None = None,

@@ -58,12 +58,13 @@ def stage_spec(index: int, path: Path, interpreter: Any, scores: str, costs: Sta
 def build_manifest(name: str, stages: Sequence[StageSpec], preprocessing: Preprocessing, labels: Sequence[str],
                    exit_rule: ExitRuleSpec, full_macs: int, monolithic: ModelFile | None,
                    verification: Mapping[str, Any], training: Mapping[str, Any],
-                   activations: str = "int8") -> Manifest:
+                   activations: str = "int8", precision: Mapping[str, Any] | None = None) -> Manifest:
     """Assemble the Manifest and check it survives a JSON round trip."""
     manifest = Manifest(format_version=FORMAT_VERSION, producer=PRODUCER, name=name, input=stages[0].input,
                         preprocessing=preprocessing, labels=tuple(labels), stages=tuple(stages),
                         exit_rule=exit_rule, monolithic=monolithic, full_macs=int(full_macs),
-                        verification=dict(verification), training=dict(training), activations=activations)
+                        verification=dict(verification), training=dict(training), activations=activations,
+                        precision=dict(precision or {}))
     Manifest.from_json(manifest.to_json())  # validates every field the way the device will
     return manifest
 

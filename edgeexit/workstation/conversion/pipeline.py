@@ -35,6 +35,7 @@ from edgeexit.runtime.manifest import (ACTIVATIONS, EXIT_RULES, ExitRuleSpec, Ma
 
 from . import bundle_writer as bw
 from .export import ExportUnit, export_onnx, monolithic_unit, split_stages
+from .precision import PRECISIONS, UnitPrecision, format_precision, refine_unit, report_unit
 from .quantize import check_calibration_images, onnx_to_int8_tflite, stage_inputs
 from ..models.staged import StagedModel
 from .verify import (Tolerances, VerificationReport, compare, float_outputs, format_table, int8_outputs)
@@ -62,6 +63,9 @@ class ConversionReport:
     costs: list[dict[str, Any]]          # per stage: tflite and torch MACs, agreement
     timings_s: dict[str, float]
     warnings: list[str] = field(default_factory=list)
+    #: per unit ("stage_1", "monolithic"): the precision chosen (precision="auto"), or the per-layer error report
+    #: of the int8 files when the conversion check failed
+    precision: dict[str, UnitPrecision] = field(default_factory=dict)
 
     @property
     def seconds(self) -> float:
@@ -75,7 +79,8 @@ class ConversionReport:
                     if self.manifest.monolithic else {}),
                 "verification": None if self.verification is None else self.verification.to_dict(),
                 "handoffs": self.handoffs, "costs": self.costs, "timings_s": self.timings_s,
-                "seconds": self.seconds, "warnings": self.warnings}
+                "seconds": self.seconds, "warnings": self.warnings,
+                "precision": {k: v.to_dict() for k, v in self.precision.items()}}
 
     def summary(self) -> str:
         """A text summary: per-stage costs, then the verification table."""
@@ -91,6 +96,8 @@ class ConversionReport:
         if self.manifest.monolithic is not None:
             m = self.manifest.monolithic
             lines.append(f"   mono  {m.file:<14} {m.size_bytes:>6}  {m.macs:>12,} MACs")
+        if self.precision:
+            lines.append(format_precision(self.precision))
         if self.verification is not None:
             lines.append(format_table(self.verification))
         else:
@@ -202,14 +209,45 @@ def export_units(units: Sequence[ExportUnit], workdir: Path) -> list[Path]:
 
 
 def convert_unit(unit: ExportUnit, calibration: np.ndarray, workdir: Path, out_path: Path,
-                 activations: str = "int8") -> Path:
+                 activations: str = "int8", keep_saved_model: bool = False) -> Path:
     """Convert one unit into a full-integer .tflite at ``out_path`` (int8, or int16 activations with int8
-    weights), from its ONNX file in ``workdir`` (exported here unless :func:`export_units` did already)."""
+    weights), from its ONNX file in ``workdir`` (exported here unless :func:`export_units` did already).
+    ``keep_saved_model`` keeps onnx2tf's output folder as ``workdir/<unit>.tf`` (see :func:`choose_precisions`)."""
     onnx_path = workdir / f"{unit.name}.onnx"
     if not onnx_path.is_file():
         onnx_path = export_onnx(unit, onnx_path)
     return onnx_to_int8_tflite(unit.name, onnx_path, calibration, out_path, keep_nhwc_input=not unit.first,
-                               activations=activations)
+                               activations=activations,
+                               keep_saved_model=workdir / f"{unit.name}.tf" if keep_saved_model else None)
+
+
+def check_precision(precision: Any, activations: Any, exit_rule: str) -> tuple[str, bool]:
+    """(activation type, auto) for ``precision`` ("int8", "int16" or "auto") and the older ``activations``
+    argument; UsageError for an unknown value or a contradiction."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r:.40}")
+    if precision != "int8" and activations != "int8" and precision != activations:
+        raise UsageError(f"precision {precision!r} and activations {activations!r:.20} contradict each other; give "
+                         "precision only (CLI: --precision)")
+    if precision == "int16":
+        activations = "int16"
+    return check_activations(activations, exit_rule), precision == "auto"
+
+
+def choose_precisions(units: Sequence[ExportUnit], paths: Sequence[Path], calibration: Sequence[np.ndarray],
+                      workdir: Path, max_logit_error: float, report_only: bool = False) -> dict[str, UnitPrecision]:
+    """``precision="auto"``: each unit's fastest file that passes its share of the logit tolerance on the
+    calibration inputs (:func:`~edgeexit.workstation.conversion.precision.refine_unit`), written over its int8 file.
+    With ``report_only`` nothing changes: the per-layer error report of the int8 files (a failed check)."""
+    records = {}
+    for unit, path, calib in zip(units, paths, calibration):
+        saved = workdir / f"{unit.name}.tf"
+        if report_only:
+            records[unit.name] = report_unit(unit.name, saved, calib, max_logit_error)
+        else:
+            records[unit.name] = refine_unit(unit.name, saved, workdir / f"{unit.name}.onnx", path, calib,
+                                             max_logit_error)
+    return records
 
 
 def check_activations(activations: Any, exit_rule: str) -> str:
@@ -229,9 +267,11 @@ def check_activations(activations: Any, exit_rule: str) -> str:
 _CONVERSION_OPS = ("QUANTIZE", "DEQUANTIZE", "DELEGATE")
 
 
-def check_int8_graph(interpreter: Any, name: str, activations: str = "int8") -> None:
+def check_int8_graph(interpreter: Any, name: str, activations: str = "int8",
+                     float_layers: Sequence[str] = ()) -> None:
     """ConversionError if an op of the graph computes in float32 (a layer without an int8 kernel, or without an
-    int16-activation kernel for ``activations="int16"``).
+    int16-activation kernel for ``activations="int16"``), other than the ops writing ``float_layers`` (the ones
+    mixed precision keeps in float32 on purpose).
 
     The TFLite converter keeps such layers as a float island (DEQUANTIZE -> op -> QUANTIZE) instead of failing;
     they run slowly on CPUs and not at all on int8-only accelerators, so they are refused here, named.
@@ -247,8 +287,8 @@ def check_int8_graph(interpreter: Any, name: str, activations: str = "int8") -> 
         if op["op_name"] in _CONVERSION_OPS:
             continue
         types = [np.dtype(t).name for t in list(op.get("operand_types", [])) + list(op.get("result_types", []))]
-        if "float32" in types:
-            outs = [str(details[int(i)]["name"]) for i in op["outputs"] if int(i) in details]
+        outs = [str(details[int(i)]["name"]) for i in op["outputs"] if int(i) in details]
+        if "float32" in types and not (outs and outs[0] in float_layers):
             kernel = "int8" if activations == "int8" else "int16-activation (16x8)"
             raise ConversionError(f"{name}: op {op['op_name']} (tensor {outs[0] if outs else '?'}) has no {kernel} "
                                   f"kernel and would run in float32 inside the {activations} graph; replace that layer "
@@ -355,7 +395,8 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
             thresholds: Sequence[float] | None = None, exit_rule: str = "confidence", monolithic: bool = True,
             force: bool = False, strict: bool = False, tolerances: Tolerances = Tolerances(),
             name: str | None = None, training: dict[str, Any] | None = None,
-            progress: Progress | None = None, activations: str = "int8") -> ConversionReport:
+            progress: Progress | None = None, activations: str = "int8",
+            precision: str = "int8") -> ConversionReport:
     """Convert ``model`` into a bundle at ``out_dir``: one full-int8 .tflite per stage (+ monolithic.tflite).
 
     With ``activations="int16"`` every file (stages and monolithic) is the TFLite "16x8" conversion instead: int8
@@ -384,7 +425,12 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
         name: the bundle's name (default: the model's builder name).
         training: extra facts for the manifest's ``training`` section (checkpoint metrics, calibration set).
         progress: called with one line per finished step (its name and seconds).
-        activations: "int8" (the default) or "int16" (see above).
+        activations: "int8" (the default) or "int16" (see above); the older spelling of ``precision``.
+        precision: "int8" (the default), "int16" (as ``activations="int16"``) or "auto": int8 files, except that
+            a unit (stage or monolithic) whose int8 logits miss half of ``tolerances.max_logit_error`` on the
+            calibration images keeps the layers that cause it, or the whole unit, in float32 between int8 inputs
+            and outputs, whichever passes and runs faster (:mod:`.precision`); the manifest's ``precision`` section
+            records it. A failed check in int8 reports the worst layers of every unit the same way.
 
     Returns:
         The :class:`ConversionReport`.
@@ -398,7 +444,7 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
     calib_images, verify_images = (as_nhwc(model, v) for v in (calib_images, verify_images))
     check_inputs(model, calib_images, verify_images, verify_labels)
     rule = resolve_exit_rule(model, exit_rule, thresholds)
-    activations = check_activations(activations, rule.kind)
+    activations, auto = check_precision(precision, activations, rule.kind)
     bw.check_target(out, force)
     was_training = model.training
     model.eval()
@@ -410,21 +456,31 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
             mono_unit = monolithic_unit(model) if monolithic else None
             steps.run("export ONNX", export_units, units + ([mono_unit] if mono_unit is not None else []), workdir)
             calibration = steps.run("calibration features", stage_inputs, model, calib_images)
+            keep = activations == "int8" and (auto or verify_images is not None)   # for .precision
             stage_paths = []
             for unit, calib in zip(units, calibration):
                 path = staged / f"{unit.name}.tflite"
                 stage_paths.append(steps.run(f"convert {unit.name}", convert_unit, unit, calib, workdir, path,
-                                             activations))
+                                             activations, keep))
             mono_path = None
             if monolithic:
                 mono_path = steps.run("convert monolithic", convert_unit, mono_unit, calibration[0],
-                                      workdir, staged / "monolithic.tflite", activations)
+                                      workdir, staged / "monolithic.tflite", activations, keep)
+            all_units = units + ([mono_unit] if mono_path is not None else [])
+            all_paths = stage_paths + ([mono_path] if mono_path is not None else [])
+            all_calib = list(calibration) + ([calibration[0]] if mono_path is not None else [])
+            precisions: dict[str, UnitPrecision] = {}
+            if auto:
+                precisions = steps.run("choose precision", choose_precisions, all_units, all_paths, all_calib,
+                                       workdir, tolerances.max_logit_error)
             backend = resolve_backend("auto")
             interps = [create_interpreter(p, backend) for p in stage_paths]
             mono_interp = None if mono_path is None else create_interpreter(mono_path, backend)
             named = [(f"stage_{i}", it) for i, it in enumerate(interps)] + (
                 [("monolithic", mono_interp)] if mono_interp is not None else [])
-            steps.run(f"check {activations} graphs", lambda: [check_int8_graph(it, n, activations) for n, it in named])
+            floats = {k: v.float_layers for k, v in precisions.items()}
+            steps.run(f"check {activations} graphs",
+                      lambda: [check_int8_graph(it, n, activations, floats.get(n, ())) for n, it in named])
             handoffs = steps.run("check hand-offs", check_handoffs, interps)
             stage_costs, cost_records, full_macs, mono_costs = steps.run("count costs", count_costs, model, stage_paths,
                                                                          mono_path)
@@ -435,15 +491,19 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
                 report_v.handoffs = handoffs
                 if not report_v.passed:
                     log.warning("VERIFICATION FAILED: %s", "; ".join(report_v.failures))
+                    if keep and not auto:
+                        precisions = steps.run("per-layer error report", choose_precisions, all_units, all_paths,
+                                               all_calib, workdir, tolerances.max_logit_error, report_only=True)
                     if strict:
                         raise ConversionError(f"int8 verification failed, {_missed(report_v)} "
                                               f"({'; '.join(report_v.failures)}); nothing was written (strict=True): "
                                               "use more/better calibration images, retrain, or pass strict=False "
                                               "(CLI: drop --strict) to keep the bundle anyway")
             verification = report_v.to_dict() if report_v is not None else {"skipped": "no verification images"}
+            section = {"mode": "auto", "units": {k: v.manifest_entry() for k, v in precisions.items()}} if auto else {}
             manifest = steps.run("write bundle", _write, model, staged, out, force, stage_paths, interps, stage_costs,
                                  rule, full_macs, mono_path, mono_interp, mono_costs, verification,
-                                 name or model.spec.builder, training or {}, activations)
+                                 name or model.spec.builder, training or {}, activations, section)
     finally:
         model.train(was_training)
     notes = [f"hand-off {h['from']}->{h['to']} quantization differs" for h in handoffs if not h["equal"]]
@@ -456,13 +516,14 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
         warnings.warn(f"int8 verification of {out} failed, {_missed(report_v)}: {'; '.join(report_v.failures)}; the "
                       "bundle was written (pass strict=True to write nothing instead)", VerificationWarning, stacklevel=2)
     return ConversionReport(out_dir=out, manifest=manifest, verification=report_v, handoffs=handoffs,
-                            costs=cost_records, timings_s=steps.timings, warnings=notes)
+                            costs=cost_records, timings_s=steps.timings, warnings=notes, precision=precisions)
 
 
 def _write(model: StagedModel, staged: Path, out: Path, force: bool, stage_paths: Sequence[Path],
            interps: Sequence[Any], stage_costs: Sequence[StageCosts], rule: ExitRuleSpec, full_macs: int,
            mono_path: Path | None, mono_interp: Any | None, mono_costs: GraphCosts | None,
-           verification: dict[str, Any], name: str, training: dict[str, Any], activations: str = "int8") -> Manifest:
+           verification: dict[str, Any], name: str, training: dict[str, Any], activations: str = "int8",
+           precision: dict[str, Any] | None = None) -> Manifest:
     """Build the manifest, write it next to the files and move the whole directory into place."""
     stages = [bw.stage_spec(i, p, it, model.stages[i].head.scores, c)
               for i, (p, it, c) in enumerate(zip(stage_paths, interps, stage_costs))]
@@ -474,7 +535,7 @@ def _write(model: StagedModel, staged: Path, out: Path, force: bool, stage_paths
     if mono_path is not None and mono_interp is not None and mono_costs is not None:
         mono = bw.model_file(mono_path, mono_interp, mono_costs.macs, mono_costs.param_bytes)
     manifest = bw.build_manifest(name, stages, pre, spec.labels, rule, full_macs, mono, _jsonable(verification),
-                                 {**training_info(model), **_jsonable(training)}, activations)
+                                 {**training_info(model), **_jsonable(training)}, activations, precision or {})
     bw.write_manifest(staged, manifest)
     bw.publish(staged, out, force)
     return manifest

@@ -128,7 +128,7 @@ def simplify_onnx(onnx_path: Path) -> None:
 
 
 def onnx_to_int8_tflite(name: str, onnx_path: Path, calibration: np.ndarray, out_path: Path,
-                        keep_nhwc_input: bool, activations: str = "int8") -> Path:
+                        keep_nhwc_input: bool, activations: str = "int8", keep_saved_model: Path | None = None) -> Path:
     """Convert one ONNX file into a full-integer .tflite: int8 (int8 input and outputs), or with
     ``activations="int16"`` the 16x8 file onnx2tf writes from the same calibration (int16 input and outputs).
 
@@ -139,6 +139,8 @@ def onnx_to_int8_tflite(name: str, onnx_path: Path, calibration: np.ndarray, out
         out_path: where to put the .tflite.
         keep_nhwc_input: True for later stages, whose ONNX input is already NHWC.
         activations: "int8" or "int16" (:data:`edgeexit.runtime.manifest.ACTIVATIONS`).
+        keep_saved_model: where to keep onnx2tf's output folder (its TensorFlow saved model, from which
+            :mod:`.precision` quantizes the unit again); None drops it.
 
     Raises:
         ConversionError: onnx2tf fails or produces no int8 model, naming the failing layer when it can.
@@ -176,4 +178,6 @@ def onnx_to_int8_tflite(name: str, onnx_path: Path, calibration: np.ndarray, out
             raise ConversionError(_failure_summary(name, captured.getvalue(),
                                                    RuntimeError(f"no {pattern} was produced"), activations))
         shutil.copyfile(produced[0], out_path)
+        if keep_saved_model is not None:
+            shutil.move(str(out_dir), str(keep_saved_model))
     return out_path
