@@ -26,6 +26,7 @@ import pytest
 from edgeexit import ConfidenceRule, UsageError
 from edgeexit.offload.client import OffloadClient, OffloadFailure, OffloadPolicy
 from edgeexit.offload.protocol import bundle_fingerprint, tail_model_name
+from edgeexit.runtime.rules import FixedExitRule
 from edgeexit.runtime.runner import Runner
 
 pytestmark = pytest.mark.runtime
@@ -84,7 +85,12 @@ class Served:
     def _tls(self):
         import ssl
 
-        return ssl.create_default_context(cafile=self.ca) if self.url.startswith("https") else None
+        if not self.url.startswith("https"):
+            return None
+        context = ssl.create_default_context(cafile=self.ca)
+        if getattr(self, "pki", None) is not None:  # a server that requires a client certificate
+            context.load_cert_chain(self.pki / "board.pem", self.pki / "board.key")
+        return context
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -122,21 +128,70 @@ def _self_signed(tmp: Path) -> tuple[Path, Path]:
     return cert_file, key_file
 
 
+def _issue(tmp: Path, name: str, ca: tuple | None = None, server: bool = False) -> tuple:
+    """A certificate ``name`` (with its key, as PEM files ``tmp/name.pem``, ``tmp/name.key``): a CA of its own when
+    ``ca`` is None, else signed by ``ca`` (a pair returned by this function) for a TLS server at 127.0.0.1 or for
+    a client. Returns (certificate, key) objects; the paths are ``tmp / f"{name}.pem"`` and ``.key``."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"edgeexit test {name}")])
+    issuer, signer = (subject, key) if ca is None else (ca[0].subject, ca[1])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(key.public_key())
+               .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+               .not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=ca is None, path_length=None), True))
+    if ca is not None:
+        usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), False)
+    if server:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+    cert = builder.sign(signer, hashes.SHA256())
+    (tmp / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp / f"{name}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                        serialization.NoEncryption()))
+    return cert, key
+
+
+BATCH = 8
+
+
 @pytest.fixture(scope="module")
 def servers(tiny_bundle, tmp_path_factory):
-    """A server requiring a token, one answering 20 ms late (stopped by one test) and one serving HTTPS with a
-    self-signed certificate: started together."""
+    """Started together: a server requiring a token, one answering 20 ms late (stopped by one test), one serving
+    HTTPS with a self-signed certificate, one batching requests (stopped by one test), and one requiring client
+    certificates of a throwaway fleet CA (mTLS; ``pki`` holds that CA's files and a board's)."""
     python = _server_python()
     tmp = tmp_path_factory.mktemp("serve")
     token_file = tmp / "token"
     token_file.write_text(TOKEN + "\n")
     token_file.chmod(0o600)
     cert, key = _self_signed(tmp)
+    pki = tmp / "pki"
+    pki.mkdir()
+    fleet = _issue(pki, "fleet-ca")
+    _issue(pki, "server", fleet, server=True)
+    _issue(pki, "board", fleet)
+    _issue(pki, "stranger", _issue(pki, "other-ca"))
     started = {"token": Served(python, tiny_bundle, tmp, "--token-file", str(token_file)),
                "slow": Served(python, tiny_bundle, tmp, "--inject-delay-ms", "20"),
-               "tls": Served(python, tiny_bundle, tmp, "--tls-cert", str(cert), "--tls-key", str(key))}
-    started["tls"].url = started["tls"].url.replace("http://", "https://")
-    started["tls"].ca = cert
+               "tls": Served(python, tiny_bundle, tmp, "--tls-cert", str(cert), "--tls-key", str(key)),
+               "batched": Served(python, tiny_bundle, tmp, "--max-batch-size", str(BATCH), "--max-batch-latency-ms",
+                                 "5"),
+               "mtls": Served(python, tiny_bundle, tmp, "--tls-cert", str(pki / "server.pem"), "--tls-key",
+                              str(pki / "server.key"), "--tls-client-ca", str(pki / "fleet-ca.pem"))}
+    for name, ca in (("tls", cert), ("mtls", pki / "fleet-ca.pem")):
+        started[name].url = started[name].url.replace("http://", "https://")
+        started[name].ca = ca
+    started["mtls"].pki = pki
     try:
         for s in started.values():
             s.wait_ready()
@@ -217,6 +272,149 @@ def test_https_with_the_servers_certificate_and_refused_without_it(servers, tiny
     stranger = _offloading(tiny_bundle, servers["tls"].url, rule)  # the system's CAs: the certificate is unknown
     errors = [r.offload_error for r in (stranger.classify(image) for image in images[:30]) if r.offload_error]
     assert errors and errors[0].startswith("TLS failure: CERTIFICATE_VERIFY_FAILED"), errors[:1]
+
+
+def test_mtls_answers_a_board_with_a_fleet_certificate_and_refuses_one_without(servers, tiny_bundle, rule, local,
+                                                                              images):
+    served = servers["mtls"]
+    pki = served.pki
+    board = _offloading(tiny_bundle, served.url, rule, offload_ca=str(served.ca),
+                        offload_cert=str(pki / "board.pem"), offload_key=str(pki / "board.key"))
+    answers = [(board.classify(image), local.classify(image)) for image in images[:30]]
+    assert sum(r.offloaded for r, _ in answers) >= 5
+    assert all((r.label, r.exit_index) == (m.label, m.exit_index) and r.offload_error is None for r, m in answers)
+    refused = {"none": ({}, "requires a client certificate and this board has none"),
+               "stranger": ({"offload_cert": str(pki / "stranger.pem"), "offload_key": str(pki / "stranger.key")},
+                            "refused this board's client certificate")}
+    for who, (certificate, says) in refused.items():
+        other = _offloading(tiny_bundle, served.url, rule, offload_ca=str(served.ca), **certificate)
+        results = [(other.classify(image), local.classify(image)) for image in images[:30]]
+        assert not any(r.offloaded for r, _ in results), who
+        assert all((r.label, r.exit_index, r.score) == (m.label, m.exit_index, m.score) for r, m in results), who
+        errors = [r.offload_error for r, _ in results if r.offload_error]
+        assert errors and errors[0].startswith("TLS failure: ") and says in errors[0], (who, errors[0])
+        assert "\n" not in errors[0]
+        assert other.offload.answered == 0 and other.offload.failures == 3, who  # then it pauses
+
+
+def test_a_batched_server_answers_concurrent_boards_like_the_local_runner(servers, tiny_bundle, rule, local,
+                                                                          images):
+    """8 boards at once against a server batching up to 8 requests: every answer is the one the local Runner
+    gives for that board's own input (a batch that mixed up its inputs' answers would fail), and requests from
+    several boards did run together."""
+    expected = [local.classify(image) for image in images]
+    same_interpreter = local.backend.name == "ai-edge-litert"
+    boards = [_offloading(tiny_bundle, servers["batched"].url, rule, offload_timeout_s=10.0) for _ in range(BATCH)]
+    results: list[list] = [[] for _ in boards]
+    start = threading.Barrier(len(boards))
+
+    def run(b: int) -> None:
+        order = np.roll(np.arange(len(images)), 15 * b)  # different inputs in flight at the same time
+        start.wait()
+        results[b] = [(i, boards[b].classify(images[i])) for i in order]
+
+    threads = [threading.Thread(target=run, args=(b,)) for b in range(len(boards))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    offloaded = 0
+    for b, answers in enumerate(results):
+        assert len(answers) == len(images), b
+        for i, r in answers:
+            mine = expected[i]
+            assert r.offload_error is None, r.offload_error
+            assert (r.label, r.exit_index, r.macs) == (mine.label, mine.exit_index, mine.macs), (b, i)
+            if same_interpreter:
+                assert r.score == mine.score and np.array_equal(r.probabilities, mine.probabilities), (b, i)
+            offloaded += r.offloaded
+    assert offloaded == sum(board.offload.answered for board in boards) >= len(boards) * 30
+    served = servers["batched"]
+    served.stop()
+    summary = re.search(r"ran (\d+) requests in (\d+) batches \(mean [\d.]+, largest (\d+)\)",
+                        served.log.read_text())
+    assert summary, served.log.read_text()[-800:]
+    requests, batches, largest = map(int, summary.groups())
+    assert requests == offloaded and 2 <= largest <= BATCH and batches < requests
+
+
+def test_the_batcher_runs_queued_inputs_together_and_answers_each_its_own(tiny_bundle, rule, local, images):
+    """Batcher without the server: 20 inputs queued at once run as batches of 8, 8 and 4 on the worker thread,
+    each answer the Runner's for that input; an input whose call fails gets its own error, the others their
+    answers; with no batch latency, inputs that come one at a time run one at a time (nothing waits)."""
+    import asyncio
+
+    from edgeexit.offload.batching import Batcher
+
+    tail = Runner(tiny_bundle, rule=rule, power_sensor=None)
+    feats = []
+    stage0 = Runner(tiny_bundle, rule=FixedExitRule(AFTER), power_sensor=None)
+    for image in images[:20]:
+        stage0.classify(image)
+        feats.append(stage0._stages[AFTER].feat.copy())
+    expected = [tail.continue_from(AFTER, f) for f in feats]
+
+    def run_batch(items):
+        return [ValueError(f"input {i} refused") if i == 13 else tail.continue_from(AFTER, feats[i]) for i in items]
+
+    async def together(batcher):
+        return await asyncio.gather(*(batcher.submit(i) for i in range(20)), return_exceptions=True)
+
+    batcher = Batcher(run_batch, max_size=8, max_latency_s=0.05)
+    try:
+        answers = asyncio.run(together(batcher))
+    finally:
+        batcher.close()
+    assert batcher.stats() == {"batches": 3, "items": 20, "largest": 8, "mean": 20 / 3}
+    for i, (got, want) in enumerate(zip(answers, expected)):
+        if i == 13:
+            assert isinstance(got, ValueError) and str(got) == "input 13 refused"
+        else:
+            assert (got.label, got.exit_index, got.score) == (want.label, want.exit_index, want.score), i
+
+    async def one_by_one(batcher):
+        return [await batcher.submit(i) for i in range(5)]
+
+    batcher = Batcher(run_batch, max_size=8, max_latency_s=0.0)
+    try:
+        answers = asyncio.run(one_by_one(batcher))
+    finally:
+        batcher.close()
+    assert batcher.stats()["batches"] == 5 and [a.label for a in answers] == [e.label for e in expected[:5]]
+
+
+SERVE_ERRORS = [(["--max-batch-size", "0"], "--max-batch-size"),
+                (["--max-batch-latency-ms", "5"], "--max-batch-latency-ms needs --max-batch-size N with N above 1"),
+                (["--max-batch-size", "4", "--max-batch-latency-ms", "-1"], "--max-batch-latency-ms"),
+                (["--tls-client-ca", "{pki}/fleet-ca.pem"], "--tls-client-ca needs --tls-cert and --tls-key"),
+                (["--tls-cert", "{pki}/server.pem", "--tls-key", "{pki}/server.key", "--tls-client-ca",
+                  "{pki}/board.pem"], "holds no CA certificate"),
+                (["--tls-cert", "{pki}/server.pem", "--tls-key", "{pki}/server.key", "--tls-client-ca",
+                  "{pki}/missing.pem"], "no such readable file"),
+                (["--tls-cert", "{pki}/server.pem", "--tls-key", "{pki}/board.key"],
+                 "not a PEM certificate with its private key (KEY_VALUES_MISMATCH)")]
+
+
+def test_serve_refuses_bad_batching_and_client_ca_options_with_one_line(servers, tiny_bundle):
+    python, pki = _server_python(), servers["mtls"].pki
+    for extra, says in SERVE_ERRORS:
+        args = [a.format(pki=pki) for a in extra]
+        done = subprocess.run([python, "-m", "edgeexit", "serve", str(tiny_bundle), "--after", "0",
+                               "--port", str(_free_port()), *args], capture_output=True, text=True, timeout=60,
+                              cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], \
+            (extra, done.stderr[-600:])
+
+
+def test_a_client_certificate_is_checked_when_the_runner_is_created(servers, tiny_bundle):
+    pki = servers["mtls"].pki
+    with pytest.raises(UsageError, match=r"^offload client certificate .*KEY_VALUES_MISMATCH"):
+        Runner(tiny_bundle, power_sensor=None, offload="https://127.0.0.1:9", offload_after=AFTER,
+               offload_cert=str(pki / "board.pem"), offload_key=str(pki / "stranger.key"))
+    with pytest.raises(UsageError, match="a client certificate is for https servers"):
+        Runner(tiny_bundle, power_sensor=None, offload="http://127.0.0.1:9", offload_after=AFTER,
+               offload_cert=str(pki / "board.pem"), offload_key=str(pki / "board.key"))
 
 
 def test_bench_reports_offload_against_local(servers, tiny_bundle, rule, images):

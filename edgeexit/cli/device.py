@@ -117,6 +117,10 @@ def offload_options(f: Any) -> Any:
         click.option("--offload-after", type=int, default=None, metavar="K", help="The last stage run here."),
         click.option("--offload-token-file", default=None, metavar="FILE", help="The server's bearer token."),
         click.option("--offload-ca", default=None, metavar="PEM", help="CA certificates of an https server."),
+        click.option("--offload-cert", default=None, metavar="PEM",
+                     help="This board's client certificate, for a server that requires one (mTLS)."),
+        click.option("--offload-key", default=None, metavar="PEM",
+                     help="The client certificate's private key (if not in --offload-cert's file)."),
         click.option("--offload-timeout-ms", type=click.FloatRange(1, 60_000), default=250, show_default=True,
                      help="Deadline of one request; past it the input finishes here."),
         click.option("--offload-margin", type=click.FloatRange(0, 10), default=0.1, show_default=True,
@@ -130,17 +134,24 @@ def offload_options(f: Any) -> Any:
 
 def offload_kwargs(bundle: Bundle, rule: Any, offload_url: str | None, offload_after: int | None,
                    offload_token_file: str | None, offload_ca: str | None, offload_timeout_ms: float,
-                   offload_margin: float, offload_always: bool) -> dict[str, Any]:
+                   offload_margin: float, offload_always: bool, offload_cert: str | None = None,
+                   offload_key: str | None = None) -> dict[str, Any]:
     """The Runner's offload arguments from the options above ({} without --offload). The policy starts from the
     bundle's stored exit costs when they were timed on this machine (else the Runner times the stages itself)."""
     if offload_url is None:
-        if offload_after is not None or offload_token_file is not None or offload_ca is not None:
-            raise UsageError("--offload-after, --offload-token-file and --offload-ca need --offload URL")
+        if offload_after is not None or offload_token_file is not None or offload_ca is not None or \
+                offload_cert is not None or offload_key is not None:
+            raise UsageError("--offload-after, --offload-token-file, --offload-ca, --offload-cert and --offload-key "
+                             "need --offload URL")
         return {}
     if offload_after is None:
         raise UsageError("--offload URL needs --offload-after K (the last stage run here)")
-    if offload_ca is not None and not os.access(offload_ca, os.R_OK):
-        raise UsageError(f"--offload-ca {offload_ca}: no such readable file")
+    for option, path in (("--offload-ca", offload_ca), ("--offload-cert", offload_cert),
+                         ("--offload-key", offload_key)):
+        if path is not None and not os.access(path, os.R_OK):
+            raise UsageError(f"{option} {path}: no such readable file")
+    if offload_key is not None and offload_cert is None:
+        raise UsageError("--offload-key needs --offload-cert (the client certificate it belongs to)")
     from ..offload.client import OffloadPolicy
     from .serve import read_token
 
@@ -149,7 +160,8 @@ def offload_kwargs(bundle: Bundle, rule: Any, offload_url: str | None, offload_a
     if policy.local_ms is not None:
         policy.local_from = "the bundle's exit costs (timed on this machine)"
     return {"offload": offload_url, "offload_after": offload_after, "offload_token": read_token(offload_token_file),
-            "offload_ca": offload_ca, "offload_timeout_s": offload_timeout_ms / 1000.0, "offload_policy": policy}
+            "offload_ca": offload_ca, "offload_timeout_s": offload_timeout_ms / 1000.0, "offload_policy": policy,
+            "offload_cert": offload_cert, "offload_key": offload_key}
 
 
 def stored_tail_ms(bundle: Bundle, rule: Any, after: int) -> float | None:

@@ -13,6 +13,11 @@ from ..errors import UsageError
 
 log = logging.getLogger(__name__)
 
+MAX_BATCH = 256
+#: --max-batch-size and --max-batch-latency-ms defaults (docs/OFFLOAD.md, "Measured": why)
+DEFAULT_BATCH = 1
+DEFAULT_BATCH_LATENCY_MS = 0.0
+
 SERVER_FIX = ("install the server extra in its own environment: `bash scripts/env.sh server` in an edgeexit checkout "
               "(then .venv-server/bin/edgeexit serve), or pip install -c requirements/constraints-server.txt "
               "'.[device,server]'")
@@ -49,14 +54,23 @@ def read_token(path: str | None) -> str | None:
               help="Require 'Authorization: Bearer TOKEN' with the token in FILE (health probes excepted).")
 @click.option("--tls-cert", default=None, metavar="PEM", help="Serve HTTPS with this certificate (with --tls-key).")
 @click.option("--tls-key", default=None, metavar="PEM", help="The certificate's private key.")
+@click.option("--tls-client-ca", default=None, metavar="PEM",
+              help="mTLS: require every board to present a client certificate signed by a CA in PEM (with --tls-cert).")
 @click.option("--threads", type=click.IntRange(min=1, max=64), default=1, show_default=True,
               help="Interpreter threads per stage.")
 @click.option("--trusted-key", metavar="PUBLIC.pem", default=None,
               help="Refuse the bundle unless it is signed by this Ed25519 public key.")
+@click.option("--max-batch-size", type=click.IntRange(1, MAX_BATCH), default=DEFAULT_BATCH, show_default=True,
+              metavar="N", help="Batch up to N concurrent requests (from any boards) into one call of the tail on a "
+                                "worker thread; 1: each request runs on its own, on the event loop.")
+@click.option("--max-batch-latency-ms", type=click.FloatRange(0, 1000), default=None, metavar="T",
+              help=f"With --max-batch-size above 1: how long a batch waits for more requests after its first "
+                   f"[default: {DEFAULT_BATCH_LATENCY_MS:g}; 0: only what is already queued].")
 @click.option("--inject-delay-ms", type=click.FloatRange(0, 10_000), default=0.0, show_default=True,
               help="Benchmark aid: wait this long before each answer, as a slower network would. Keep 0 in use.")
 def serve(bundle: str, after: int, host: str, port: int, token_file: str | None, tls_cert: str | None,
-          tls_key: str | None, threads: int, trusted_key: str | None, inject_delay_ms: float) -> None:
+          tls_key: str | None, tls_client_ca: str | None, threads: int, trusted_key: str | None,
+          max_batch_size: int, max_batch_latency_ms: float | None, inject_delay_ms: float) -> None:
     """Serve BUNDLE's stages after K as a KServe v2 model (Open Inference Protocol, REST) for boards that run
     `edgeexit run/bench --offload URL --offload-after K`. Model name: <bundle name>-after-<K>."""
     if importlib.util.find_spec("kserve") is None:
@@ -66,6 +80,14 @@ def serve(bundle: str, after: int, host: str, port: int, token_file: str | None,
     for path in (tls_cert, tls_key):
         if path is not None and not os.access(path, os.R_OK):
             raise UsageError(f"{path}: no such readable file (--tls-cert / --tls-key)")
+    if tls_client_ca is not None and tls_cert is None:
+        raise UsageError("--tls-client-ca needs --tls-cert and --tls-key: client certificates are checked in the TLS "
+                         "handshake")
+    _check_tls(tls_cert, tls_key, tls_client_ca)
+    if max_batch_latency_ms is None:
+        max_batch_latency_ms = DEFAULT_BATCH_LATENCY_MS
+    elif max_batch_size == 1:
+        raise UsageError("--max-batch-latency-ms needs --max-batch-size N with N above 1 (1 does not batch)")
     token = read_token(token_file)
     _check_port(host, port)
     if token is None and host not in ("127.0.0.1", "localhost", "::1"):
@@ -87,10 +109,42 @@ def serve(bundle: str, after: int, host: str, port: int, token_file: str | None,
     def make_rule(spec: dict[str, Any]) -> Any:
         return rule_from_spec(ExitRuleSpec.from_dict(spec, where="rule"))
 
-    model = TailModel(runner, after, make_rule, inject_delay_ms=inject_delay_ms)
+    model = TailModel(runner, after, make_rule, inject_delay_ms=inject_delay_ms, max_batch_size=max_batch_size,
+                      max_batch_latency_ms=max_batch_latency_ms)
+    required = [w for w, on in (("token", token), ("client certificate", tls_client_ca)) if on]
+    batching = (f", batches of up to {max_batch_size} within {max_batch_latency_ms:g} ms" if max_batch_size > 1
+                else "")
     click.echo(f"serving {model.name} (stages {after + 1}..{last} of {bundle}) on "
-               f"{'https' if tls_cert else 'http'}://{host}:{port}{' (token required)' if token else ''}", err=True)
-    run_server(model, host, port, token=token, tls_cert=tls_cert, tls_key=tls_key)
+               f"{'https' if tls_cert else 'http'}://{host}:{port}"
+               f"{' (' + ' and '.join(required) + ' required)' if required else ''}{batching}", err=True)
+    run_server(model, host, port, token=token, tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca)
+
+
+def _check_tls(cert: str | None, key: str | None, client_ca: str | None) -> None:
+    """UsageError (one line) when the certificate, its key or the client CA cannot be loaded, before starting."""
+    import ssl
+
+    from ..offload.client import _ssl_why
+
+    if cert is None:
+        return
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as exc:
+        raise UsageError(f"--tls-cert {cert} with --tls-key {key}: not a PEM certificate with its private key "
+                         f"({_ssl_why(exc)})") from None
+    if client_ca is None:
+        return
+    if not os.access(client_ca, os.R_OK):
+        raise UsageError(f"--tls-client-ca {client_ca}: no such readable file")
+    try:
+        context.load_verify_locations(cafile=client_ca)
+    except (ssl.SSLError, OSError) as exc:
+        raise UsageError(f"--tls-client-ca {client_ca}: not PEM CA certificates ({_ssl_why(exc)})") from None
+    if not context.get_ca_certs():
+        raise UsageError(f"--tls-client-ca {client_ca}: holds no CA certificate (a CA's own certificate is needed, "
+                         "with basicConstraints CA:TRUE)")
 
 
 def _check_port(host: str, port: int) -> None:

@@ -45,11 +45,14 @@ class OffloadClient:
         token: a bearer token sent as ``Authorization: Bearer ...``, or None.
         timeout_s: the deadline of one request, everything included.
         ca_file: CA certificates (PEM) that an https server's certificate must chain to; None = the system's.
+        cert_file, key_file: this board's client certificate (PEM) and its private key (None: in ``cert_file``),
+            for a server that requires client certificates (mTLS: ``edgeexit serve --tls-client-ca``).
         max_answer_bytes: answers longer than this are refused without reading them whole.
     """
 
     def __init__(self, url: str, model: str, *, token: str | None = None, timeout_s: float = 0.25,
-                 ca_file: str | None = None, max_answer_bytes: int = 64 * 1024):
+                 ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None,
+                 max_answer_bytes: int = 64 * 1024):
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise UsageError(f"offload URL {url!r} is not http://HOST:PORT or https://HOST:PORT")
@@ -64,7 +67,12 @@ class OffloadClient:
         self.host, self.port, self.tls = parts.hostname, port, parts.scheme == "https"
         self.path = f"{parts.path.rstrip('/')}/v2/models/{model}/infer"
         self.timeout_s, self.max_answer_bytes = timeout_s, max_answer_bytes
-        self._ssl = ssl.create_default_context(cafile=ca_file) if self.tls else None
+        if (cert_file is not None or key_file is not None) and not self.tls:
+            raise UsageError(f"a client certificate is for https servers; offload URL {url!r} is plain http")
+        if key_file is not None and cert_file is None:
+            raise UsageError("offload_key needs offload_cert (the client certificate it belongs to)")
+        self._ssl = _tls_context(ca_file, cert_file, key_file) if self.tls else None
+        self.client_cert = cert_file is not None
         head = [f"POST {self.path} HTTP/1.1", f"Host: {self.host}:{port}", "Content-Type: application/json",
                 "Accept: application/json"]
         if token is not None:
@@ -73,6 +81,7 @@ class OffloadClient:
         self._sock: socket.socket | None = None
         self._buffer = b""
         self._count = 0
+        self._handshaken = False
 
     def close(self) -> None:
         if self._sock is not None:
@@ -90,6 +99,7 @@ class OffloadClient:
         body = encode_request(handoff, fingerprint, rule_json, str(self._count))
         request = f"{self._head}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
         fresh = self._sock is None
+        self._handshaken = False
         try:
             try:
                 status, answer, keep = self._exchange(request, deadline)
@@ -105,9 +115,13 @@ class OffloadClient:
             raise OffloadFailure(f"no answer within the deadline ({1000 * self.timeout_s:.0f} ms)") from None
         except ssl.SSLError as exc:
             self.close()
-            raise OffloadFailure(f"TLS failure: {getattr(exc, 'reason', None) or exc}") from None
+            if self._handshaken and isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+                raise OffloadFailure(_closed_after_handshake(self.client_cert)) from None
+            raise OffloadFailure(_tls_failure(exc, self.client_cert)) from None
         except (OSError, _Closed) as exc:
             self.close()
+            if self._handshaken:
+                raise OffloadFailure(_closed_after_handshake(self.client_cert, exc)) from None
             raise OffloadFailure(f"server unreachable: {_oserror(exc)}") from None
         if not keep:
             self.close()
@@ -145,6 +159,7 @@ class OffloadClient:
             if self._ssl is not None:
                 self._timeout(sock, deadline)
                 sock = self._ssl.wrap_socket(sock, server_hostname=self.host)
+                self._handshaken = True
             self._sock, self._buffer = sock, b""
         return self._sock
 
@@ -181,6 +196,57 @@ class OffloadClient:
             except _Closed:
                 body, self._buffer = self._buffer, b""
                 return body
+
+
+def _tls_context(ca_file: str | None, cert_file: str | None, key_file: str | None) -> ssl.SSLContext:
+    """The client's TLS context: the server checked against ``ca_file`` (or the system's CAs), and this board's
+    certificate offered when it has one; UsageError (one line) when a file cannot be loaded."""
+    try:
+        context = ssl.create_default_context(cafile=ca_file)
+    except (ssl.SSLError, OSError) as exc:
+        raise UsageError(f"offload CA file {ca_file}: not PEM CA certificates ({_ssl_why(exc)})") from None
+    if cert_file is not None:
+        try:
+            context.load_cert_chain(cert_file, key_file)
+        except (ssl.SSLError, OSError) as exc:
+            raise UsageError(f"offload client certificate {cert_file}"
+                             f"{'' if key_file is None else f' with key {key_file}'}: not a PEM certificate with its "
+                             f"private key ({_ssl_why(exc)})") from None
+    return context
+
+
+def _ssl_why(exc: BaseException) -> str:
+    """Why a PEM file did not load, in a few words (OpenSSL's reason; "PEM lib" means no PEM block was found)."""
+    if isinstance(exc, ssl.SSLError):
+        reason = getattr(exc, "reason", None)
+        return reason if reason and reason != "PEM lib" else "no PEM block of that kind in it"
+    return _oserror(exc)
+
+
+#: TLS alerts by which a server refuses the client's certificate (or its absence)
+_CLIENT_CERT_ALERTS = ("CERTIFICATE_REQUIRED", "UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN",
+                       "UNSUPPORTED_CERTIFICATE", "CERTIFICATE_REVOKED", "CERTIFICATE_EXPIRED", "ACCESS_DENIED",
+                       "HANDSHAKE_FAILURE")
+
+
+def _closed_after_handshake(client_cert: bool, exc: BaseException | None = None) -> str:
+    """One line for a TLS connection the server closed right after the handshake, before any answer. That is how
+    a TLS 1.3 server (uvicorn's included) refuses a client certificate: it checks the certificate after the
+    client's side of the handshake has completed, and closes the connection, often without its alert."""
+    how = "reset" if isinstance(exc, ConnectionResetError) else "closed"
+    said = ("refused this board's client certificate (not signed by a CA it trusts?)" if client_cert
+            else "requires a client certificate and this board has none (offload_cert / --offload-cert)")
+    return f"TLS failure: the server {how} the connection after the handshake, before answering: it probably {said}"
+
+
+def _tls_failure(exc: ssl.SSLError, client_cert: bool) -> str:
+    """One line: the TLS error, and when the server's alert says so, that it refused the client certificate."""
+    reason = str(getattr(exc, "reason", None) or exc)
+    if "ALERT" in reason and any(a in reason for a in _CLIENT_CERT_ALERTS):
+        said = ("this board's client certificate was refused" if client_cert
+                else "a client certificate is required and this board has none (offload_cert / --offload-cert)")
+        return f"TLS failure: the server refused the handshake ({reason}): {said}"
+    return f"TLS failure: {reason}"
 
 
 class _Closed(Exception):

@@ -5,15 +5,22 @@ verified bundle (:meth:`~edgeexit.runtime.runner.Runner.continue_from`), the bun
 rules, so a remote answer equals the local one bit for bit. The caller (the CLI) builds the Runner and the rule
 reader; this module only speaks the protocol (:mod:`edgeexit.offload.protocol`).
 
+With ``max_batch_size`` above 1, requests from different boards are batched (:mod:`edgeexit.offload.batching`):
+the tail runs on one worker thread, a batch of queued inputs per call, while the event loop goes on with the
+other requests' HTTP and JSON. With 1 (the default) each request runs the tail on the event loop itself.
+
 In front of KServe's REST application sits a small ASGI guard: with a token, every request except the health
 probes must carry ``Authorization: Bearer <token>`` (compared in constant time), and request bodies are refused
-beyond a size fitted to the hand-off (413), before anything parses them.
+beyond a size fitted to the hand-off (413), before anything parses them. With a client CA, uvicorn's TLS requires
+and verifies a client certificate signed by it (mTLS) before any request is read.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import ssl
+import sys
 import json
 import logging
 from collections import OrderedDict
@@ -25,6 +32,7 @@ from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
 from ..errors import EdgeExitError
+from .batching import Batcher
 from .protocol import DATATYPES, INPUT_NAME, bundle_fingerprint, offloadable, tail_model_name
 
 log = logging.getLogger(__name__)
@@ -43,10 +51,13 @@ class TailModel(kserve.Model):
         make_rule: an ExitRuleSpec's dict -> an ExitRule (raises EdgeExitError when it is not a valid rule).
         inject_delay_ms: a benchmark aid: wait this long before answering each request (a slower network),
             without blocking other requests. 0 in real use.
+        max_batch_size: 1: each request runs the tail on the event loop when it comes. Above 1: requests are
+            queued and run in batches of up to this many on one worker thread (:class:`Batcher`).
+        max_batch_latency_ms: how long a batch waits for more requests after its oldest one arrived.
     """
 
     def __init__(self, runner: Any, after: int, make_rule: Callable[[dict[str, Any]], Any],
-                 inject_delay_ms: float = 0.0):
+                 inject_delay_ms: float = 0.0, max_batch_size: int = 1, max_batch_latency_ms: float = 0.0):
         super().__init__(tail_model_name(runner.manifest.name, after))
         manifest = runner.manifest
         features = manifest.stages[after].outputs["features"]
@@ -56,7 +67,27 @@ class TailModel(kserve.Model):
         self.fingerprint = bundle_fingerprint([s.sha256 for s in manifest.stages])
         self.delay_s = inject_delay_ms / 1000.0
         self._rules: OrderedDict[str, Any] = OrderedDict()
+        self.batcher = (Batcher(self._run_batch, max_batch_size, max_batch_latency_ms / 1000.0)
+                        if max_batch_size > 1 else None)
         self.ready = True
+
+    def _run_batch(self, items: list[tuple[np.ndarray, Any]]) -> list[Any]:
+        """The worker thread's call: each queued (hand-off, rule) through the tail, one outcome per item."""
+        out: list[Any] = []
+        for handoff, rule in items:
+            try:
+                out.append(self.runner.continue_from(self.after, handoff, rule))
+            except EdgeExitError as exc:  # this request's rule does not fit the bundle; the others go on
+                out.append(InvalidInput(f"cannot run the request: {exc}"))
+        return out
+
+    def stop(self) -> None:
+        if self.batcher is not None:
+            stats = self.batcher.stats()
+            print(f"edgeexit serve: ran {stats['items']} requests in {stats['batches']} batches (mean "
+                  f"{stats['mean'] or 0:.2f}, largest {stats['largest']})", file=sys.stderr, flush=True)
+            self.batcher.close()
+        super().stop()
 
     def get_input_types(self) -> list[dict[str, Any]]:
         """The model metadata's inputs (``GET /v2/models/<name>``)."""
@@ -118,10 +149,13 @@ class TailModel(kserve.Model):
         handoff = self.handoff(payload)
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
-        try:
-            r = self.runner.continue_from(self.after, handoff, rule)
-        except EdgeExitError as exc:  # a rule that does not fit the bundle (threshold count, exit index)
-            raise InvalidInput(f"cannot run the request: {exc}") from None
+        if self.batcher is not None:
+            r = await self.batcher.submit((handoff, rule))
+        else:
+            try:
+                r = self.runner.continue_from(self.after, handoff, rule)
+            except EdgeExitError as exc:  # a rule that does not fit the bundle (threshold count, exit index)
+                raise InvalidInput(f"cannot run the request: {exc}") from None
         k = len(r.probabilities)
         outputs = [_output("label", [1], "INT64", np.array([r.label], np.int64)),
                    _output("exit_index", [1], "INT32", np.array([r.exit_index], np.int32)),
@@ -171,8 +205,9 @@ def max_request_bytes(shape: list[int]) -> int:
 
 
 def serve(model: TailModel, host: str, port: int, token: str | None = None, tls_cert: str | None = None,
-          tls_key: str | None = None) -> None:
-    """Host ``model`` with KServe's model server (REST only, one worker) on ``host:port`` until SIGINT/SIGTERM."""
+          tls_key: str | None = None, tls_client_ca: str | None = None) -> None:
+    """Host ``model`` with KServe's model server (REST only, one worker) on ``host:port`` until SIGINT/SIGTERM.
+    With ``tls_client_ca`` (and TLS) every connection must present a client certificate signed by that CA."""
     from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
     from kserve.model_server import app
     from kserve.protocol.rest.server import RESTServer
@@ -185,10 +220,12 @@ def serve(model: TailModel, host: str, port: int, token: str | None = None, tls_
     rest = RESTServer(FASTAPI_APP_IMPORT_STRING, server.dataplane, server.model_repository_extension, port,
                       workers=1, grace_period=5, ssl_certfile=tls_cert, ssl_keyfile=tls_key)
     rest.config.host = host
+    if tls_client_ca is not None:  # mTLS: uvicorn builds its SSL context from these when it starts
+        rest.config.ssl_ca_certs, rest.config.ssl_cert_reqs = tls_client_ca, ssl.CERT_REQUIRED
     server._rest_server = rest
     server.servers.append(rest.start())
     server.setup_event_loop()
     server.register_signal_handler()
-    log.info("serving %s (stages %d.. of bundle %s) on %s://%s:%d", model.name, model.after + 1, model.fingerprint,
-             "https" if tls_cert else "http", host, port)
+    log.info("serving %s (stages %d.. of bundle %s) on %s://%s:%d%s", model.name, model.after + 1, model.fingerprint,
+             "https" if tls_cert else "http", host, port, " (client certificates required)" if tls_client_ca else "")
     asyncio.run(server._serve())

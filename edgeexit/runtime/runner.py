@@ -369,6 +369,8 @@ class Runner:
         offload_token: the server's bearer token, if it requires one.
         offload_timeout_s: the deadline of one request, everything included (then the input finishes here).
         offload_ca: CA certificates (PEM) for an https server with a private certificate.
+        offload_cert, offload_key: this board's client certificate (PEM) and its key (None: in the certificate's
+            file), for a server that requires client certificates (``edgeexit serve --tls-client-ca``).
         offload_policy: an :class:`~edgeexit.offload.client.OffloadPolicy` (its margin, back-off); None = defaults.
 
     A Runner is safe to share between threads (calls are serialised by a lock).
@@ -382,7 +384,8 @@ class Runner:
                  edgetpu: bool = False, power_sensor: str | HwmonSensor | None = "auto",
                  device_tree_model: str = DEVICE_TREE_MODEL, trusted_key: Any = None, offload: str | None = None,
                  offload_after: int | None = None, offload_token: str | None = None, offload_timeout_s: float = 0.25,
-                 offload_ca: str | None = None, offload_policy: Any = None):
+                 offload_ca: str | None = None, offload_policy: Any = None, offload_cert: str | None = None,
+                 offload_key: str | None = None):
         self.backend = resolve_backend(backend)
         if not isinstance(bundle, Bundle):
             bundle = load_bundle(bundle, backend=self.backend, check_tensors=False, trusted_key=trusted_key)
@@ -425,7 +428,7 @@ class Runner:
         self.offload: Any = None
         if offload is not None or offload_after is not None:
             self.offload = self._open_offload(offload, offload_after, offload_token, offload_timeout_s, offload_ca,
-                                              offload_policy)
+                                              offload_policy, offload_cert, offload_key)
             self.classify = self._classify_offloaded  # type: ignore[method-assign]  # classify() itself unchanged
         log.info("runner: %d stages, backend %s %s, %d thread(s), rule %r, board %s", len(self._stages),
                  self.backend.name, self.backend.version, num_threads, self.rule, self.board.name)
@@ -459,7 +462,8 @@ class Runner:
         self._counts[:], self._latency_ns[:] = counts, latency_ns  # in place: the hot path holds these lists
 
     def _open_offload(self, url: str | None, after: int | None, token: str | None, timeout_s: float,
-                      ca_file: str | None, policy: Any) -> Any:
+                      ca_file: str | None, policy: Any, cert_file: str | None = None,
+                      key_file: str | None = None) -> Any:
         from ..offload.client import OffloadClient, OffloadLink, OffloadPolicy
         from ..offload.protocol import bundle_fingerprint, tail_model_name
 
@@ -468,7 +472,7 @@ class Runner:
             raise UsageError(f"offloading needs offload=URL and offload_after=K with K in 0..{last - 1} (the last "
                              f"stage run here), got offload={url!r}, offload_after={after!r}")
         client = OffloadClient(url, tail_model_name(self.manifest.name, after), token=token, timeout_s=timeout_s,
-                               ca_file=ca_file)
+                               ca_file=ca_file, cert_file=cert_file, key_file=key_file)
         link = OffloadLink(client, policy or OffloadPolicy(), after, last,
                            bundle_fingerprint([s.sha256 for s in self.manifest.stages]),
                            self.manifest.num_classes, self._stages[last].logits.dtype.name)
