@@ -321,8 +321,24 @@ def _info_dict(b: Bundle) -> dict[str, Any]:
             "exit_rule": m.exit_rule.to_dict(),
             "monolithic": None if m.monolithic is None else {"file": m.monolithic.file, "macs": m.monolithic.macs},
             "verification": dict(m.verification), "operating_points": m.operating_points.to_dict(),
-            "training": dict(m.training), "edgetpu": dict(m.edgetpu), "checked_with": b.backend,
+            "training": dict(m.training), "edgetpu": dict(m.edgetpu), "precision": dict(m.precision),
+            "checked_with": b.backend,
             "signature": _signature_state(b)}
+
+
+def _precision_lines(section: dict[str, Any]) -> list[str]:
+    """"precision: mixed (convert --precision auto): stage_0 int8, stage_1 mixed (2 ops float32: a, b), ..."""
+    units = section.get("units") or {}
+    if not units:
+        return []
+    parts = []
+    for unit, entry in units.items():
+        layers = entry.get("float_layers") or []
+        kind = entry.get("kind", "?")
+        parts.append(f"{unit} {kind}" + (f" ({len(layers)} ops float32: {', '.join(map(str, layers[:3]))}"
+                                         f"{' ...' if len(layers) > 3 else ''})" if kind != "int8" else ""))
+    return [f"precision {section.get('mode', '?')} (int8 inputs and outputs; float32 inside where listed): "
+            + "; ".join(parts)]
 
 
 def _signature_state(b: Bundle) -> str:
@@ -372,6 +388,7 @@ def info(bundle: str, backend: str, as_json: bool, trusted_key: str | None) -> N
                   if rule.get("fallback", "final") != "final" else ""))
     if d["monolithic"]:
         out.append(f"monolithic {d['monolithic']['file']} ({d['monolithic']['macs']:,} MACs)")
+    out += _precision_lines(d["precision"])
     out += _or_raw(_verification_lines, d["verification"], "verification")
     out += _or_raw(_points_lines, loaded.manifest.operating_points, "operating points")
     out += _training_lines(d["training"])

@@ -630,14 +630,16 @@ def _precision(d: Mapping[str, Any]) -> dict[str, Any]:
         return {}
     units = _need(value, "units", dict, "precision")
     for unit, entry in units.items():
-        where = f"precision.units.{_short(unit)}"
+        where = f"precision.units.{str(unit)[:40]}"
         if not isinstance(entry, dict):
             raise BundleError(f"manifest: '{where}' must be an object; re-create the bundle with `edgeexit convert`")
         kind = _need(entry, "kind", str, where)
         layers = _need(entry, "float_layers", list, where)
-        if kind not in PRECISION_KINDS or not all(isinstance(x, str) for x in layers):
-            raise BundleError(f"manifest: '{where}' has kind {_short(kind)} (expected one of "
-                              f"{', '.join(PRECISION_KINDS)}) and float_layers must be tensor names; re-create the "
+        if kind not in PRECISION_KINDS:
+            raise BundleError(f"manifest: '{where}.kind' is {_short(kind)}; expected one of "
+                              f"{', '.join(PRECISION_KINDS)}: re-create the bundle with `edgeexit convert`")
+        if not all(isinstance(x, str) for x in layers):
+            raise BundleError(f"manifest: '{where}.float_layers' must be tensor names (strings): re-create the "
                               "bundle with `edgeexit convert`")
     return dict(value)
 

@@ -586,7 +586,7 @@ def _int8_only(quant: Sequence[ExitQuant]) -> None:
     """class_exclusion's tables are [256, 256] over (top byte, class byte): UsageError for int16 outputs."""
     if any(x.levels != 256 for x in quant):
         raise UsageError("rule 'class_exclusion' runs on int8 bundles only and this bundle has int16 activations; "
-                         "use an int8 bundle (edgeexit convert without --activations int16) for class_exclusion, or "
+                         "use an int8 bundle (edgeexit convert without --precision int16) for class_exclusion, or "
                          "max_softmax, entropy or confidence on this one")
 
 

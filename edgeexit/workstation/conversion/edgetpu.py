@@ -375,8 +375,8 @@ def compile_for_edgetpu(bundle_dir: str | os.PathLike[str], compiler: str = "edg
         is :func:`edgetpu_report` of the uncompiled stages.
 
     Raises:
-        ConversionError: the bundle has int16 activations (the Edge TPU has no int16), the compiler is not
-            installed, fails or times out, or wrote no output file.
+        ConversionError: the bundle has int16 activations or float32 layers (the Edge TPU has neither), the
+            compiler is not installed, fails or times out, or wrote no output file.
         BundleError: the bundle cannot be read.
     """
     root = Path(bundle_dir)
@@ -386,7 +386,11 @@ def compile_for_edgetpu(bundle_dir: str | os.PathLike[str], compiler: str = "edg
     manifest = Manifest.from_json(manifest_path.read_text())
     if manifest.activations != "int8":
         raise ConversionError(f"{root}: the bundle has {manifest.activations} activations and the Edge TPU runs int8 "
-                              "only; convert it with --activations int8 (the default) to compile it for the Edge TPU")
+                              "only; convert it with --precision int8 (the default) to compile it for the Edge TPU")
+    mixed = [u for u, e in (manifest.precision.get("units") or {}).items() if e.get("kind") != "int8"]
+    if mixed:
+        raise ConversionError(f"{root}: {', '.join(mixed)} compute partly in float32 (convert --precision auto) and the "
+                              "Edge TPU runs int8 only; convert with --precision int8 to compile for the Edge TPU")
     stages = [root / s.file for s in manifest.stages]
     exe = find_compiler(compiler)
     if exe is None:

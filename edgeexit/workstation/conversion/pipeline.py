@@ -257,7 +257,7 @@ def check_activations(activations: Any, exit_rule: str) -> str:
         raise UsageError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r:.40}")
     if activations == "int16" and exit_rule == "class_exclusion":
         raise UsageError("exit rule 'class_exclusion' runs on int8 bundles only; convert with activations int8 "
-                         "(the default; CLI: drop --activations int16) or choose max_softmax, entropy or confidence")
+                         "(the default; CLI: drop --precision int16) or choose max_softmax, entropy or confidence")
     return activations
 
 
