@@ -177,7 +177,7 @@ def test_manifest_precision_section_is_validated(auto_report, tmp_path):
 
 def test_precision_argument_is_checked(crushed, tmp_path):
     calib, _ = synthetic_digits(CALIBRATION_SAMPLES, seed=3)
-    with pytest.raises(UsageError, match="precision must be one of int8, int16, auto"):
+    with pytest.raises(UsageError, match="precision must be one of int8, int16, auto, float32"):
         convert(crushed, calib, tmp_path / "x", precision="fp8")
     with pytest.raises(UsageError, match="contradict"):
         convert(crushed, calib, tmp_path / "x", precision="auto", activations="int16")

@@ -156,11 +156,13 @@ def _stage_onnx_network(path: str, opts: dict[str, Any], classes: tuple[str, ...
               help="Per-exit thresholds of the exit rule (default: confidence 0.5 at every early exit).")
 @click.option("--name", default=None, help="Bundle name (default: the model's architecture name).")
 @click.option("--json", "as_json", is_flag=True, help="Print the conversion report as JSON on stdout.")
-@click.option("--precision", type=click.Choice(["int8", "int16", "auto"]), default="int8", show_default=True,
+@click.option("--precision", type=click.Choice(["int8", "int16", "auto", "float32"]), default="int8",
+              show_default=True,
               help="auto: int8, with the layers (or whole stages) where int8 misses the check kept in float32 "
                    "between int8 inputs and outputs, the fastest way that passes on this CPU; int16: every file "
                    "TFLite 16x8 (int8 weights, int16 activations; slow reference kernels; no Edge TPU, no "
-                   "class_exclusion).")
+                   "class_exclusion); float32: every layer float32 between int8 inputs and outputs (the float "
+                   "reference).")
 @click.option("--activations", type=click.Choice(["int8", "int16"]), default="int8", hidden=True,
               help="Older spelling of --precision int8/int16.")
 @click.option("--weights", default=None, metavar="FILE",

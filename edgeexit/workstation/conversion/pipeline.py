@@ -231,11 +231,14 @@ def check_precision(precision: Any, activations: Any, exit_rule: str) -> tuple[s
                          "precision only (CLI: --precision)")
     if precision == "int16":
         activations = "int16"
-    return check_activations(activations, exit_rule), precision == "auto"
+    if precision == "float32" and activations != "int8":
+        raise UsageError("precision 'float32' keeps int8 inputs and outputs: drop activations int16")
+    return check_activations(activations, exit_rule), precision in ("auto", "float32")
 
 
 def choose_precisions(units: Sequence[ExportUnit], paths: Sequence[Path], calibration: Sequence[np.ndarray],
-                      workdir: Path, max_logit_error: float, report_only: bool = False) -> dict[str, UnitPrecision]:
+                      workdir: Path, max_logit_error: float, report_only: bool = False,
+                      force: str | None = None) -> dict[str, UnitPrecision]:
     """``precision="auto"``: each unit's fastest file that passes its share of the logit tolerance on the
     calibration inputs (:func:`~edgeexit.workstation.conversion.precision.refine_unit`), written over its int8 file.
     With ``report_only`` nothing changes: the per-layer error report of the int8 files (a failed check)."""
@@ -246,7 +249,7 @@ def choose_precisions(units: Sequence[ExportUnit], paths: Sequence[Path], calibr
             records[unit.name] = report_unit(unit.name, saved, calib, max_logit_error)
         else:
             records[unit.name] = refine_unit(unit.name, saved, workdir / f"{unit.name}.onnx", path, calib,
-                                             max_logit_error)
+                                             max_logit_error, force)
     return records
 
 
@@ -430,7 +433,8 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
             a unit (stage or monolithic) whose int8 logits miss half of ``tolerances.max_logit_error`` on the
             calibration images keeps the layers that cause it, or the whole unit, in float32 between int8 inputs
             and outputs, whichever passes and runs faster (:mod:`.precision`); the manifest's ``precision`` section
-            records it. A failed check in int8 reports the worst layers of every unit the same way.
+            records it. A failed check in int8 reports the worst layers of every unit the same way. "float32": every
+            layer of every unit in float32 between int8 inputs and outputs (the float reference on the device).
 
     Returns:
         The :class:`ConversionReport`.
@@ -472,7 +476,8 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
             precisions: dict[str, UnitPrecision] = {}
             if auto:
                 precisions = steps.run("choose precision", choose_precisions, all_units, all_paths, all_calib,
-                                       workdir, tolerances.max_logit_error)
+                                       workdir, tolerances.max_logit_error,
+                                       force="float32" if precision == "float32" else None)
             backend = resolve_backend("auto")
             interps = [create_interpreter(p, backend) for p in stage_paths]
             mono_interp = None if mono_path is None else create_interpreter(mono_path, backend)
@@ -500,7 +505,8 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
                                               "use more/better calibration images, retrain, or pass strict=False "
                                               "(CLI: drop --strict) to keep the bundle anyway")
             verification = report_v.to_dict() if report_v is not None else {"skipped": "no verification images"}
-            section = {"mode": "auto", "units": {k: v.manifest_entry() for k, v in precisions.items()}} if auto else {}
+            section = ({"mode": precision, "units": {k: v.manifest_entry() for k, v in precisions.items()}}
+                       if auto else {})
             manifest = steps.run("write bundle", _write, model, staged, out, force, stage_paths, interps, stage_costs,
                                  rule, full_macs, mono_path, mono_interp, mono_costs, verification,
                                  name or model.spec.builder, training or {}, activations, section)

@@ -39,8 +39,9 @@ from edgeexit.errors import ConversionError
 
 log = logging.getLogger(__name__)
 
-#: The precisions ``convert`` takes: every file int8, every file 16x8, or int8 with float32 where int8 fails.
-PRECISIONS = ("int8", "int16", "auto")
+#: The precisions ``convert`` takes: every file int8, every file 16x8, int8 with float32 where int8 fails, or every
+#: layer float32 between int8 inputs and outputs (the float reference, measured on the device like the others).
+PRECISIONS = ("int8", "int16", "auto", "float32")
 #: Inputs the auto search measures errors on (the first of the calibration set).
 SEARCH_SAMPLES = 64
 #: Rounds of "keep the worst tensor in float" before the whole stage is tried in float32.
@@ -271,7 +272,7 @@ def _logits(model: bytes, inputs: np.ndarray, index: int) -> np.ndarray:
 
 
 def choose_precision(unit: str, quantizer: UnitQuantizer, inputs: np.ndarray, logits_output: int,
-                     max_logit_error: float) -> tuple[bytes, UnitPrecision]:
+                     max_logit_error: float, force: str | None = None) -> tuple[bytes, UnitPrecision]:
     """The fastest file of the unit whose logits pass ``UNIT_SHARE * max_logit_error`` on ``inputs``.
 
     Args:
@@ -280,6 +281,7 @@ def choose_precision(unit: str, quantizer: UnitQuantizer, inputs: np.ndarray, lo
         inputs: float32 inputs of the unit (the search samples of the calibration set).
         logits_output: the index of the ``logits`` output among the file's outputs.
         max_logit_error: the conversion check's logit tolerance.
+        force: "float32": every layer in float32, whatever the errors (``precision="float32"``).
 
     Returns:
         (the file's bytes, unnamed inputs/outputs as the converter writes them; the record of the choice).
@@ -296,7 +298,7 @@ def choose_precision(unit: str, quantizer: UnitQuantizer, inputs: np.ndarray, lo
     own = quantizer.own_errors()
     report = layer_errors(plain, quantizer.float_model, inputs, own)
     worst = sorted(report, key=lambda x: -x.added)[:12]
-    if e8 <= target:
+    if e8 <= target and force is None:
         return plain, UnitPrecision(unit, "int8", [], e8, e8, target, True, layers=worst,
                                     seconds=time.perf_counter() - t0)
     it = _interpreter(plain, keep=False)
@@ -310,7 +312,7 @@ def choose_precision(unit: str, quantizer: UnitQuantizer, inputs: np.ndarray, lo
     deny: list[str] = []
     candidate, e = plain, e8
     passing: dict[str, tuple[bytes, float, list[str]]] = {}
-    for _ in range(MAX_ROUNDS):
+    for _ in range(MAX_ROUNDS if force is None else 0):
         layers = layer_errors(candidate, quantizer.float_model, inputs)
         fresh = [x for x in layers if x.tensor not in deny and x.op not in ("QUANTIZE", "DEQUANTIZE")]
         if not fresh:
@@ -332,7 +334,7 @@ def choose_precision(unit: str, quantizer: UnitQuantizer, inputs: np.ndarray, lo
     every = [op["outputs"][0] for op in ops if op["outputs"] and op["op"] not in ("QUANTIZE", "DEQUANTIZE")]
     whole = quantizer.quantize(every)
     ew = error(whole)
-    if ew <= target:
+    if ew <= target or force == "float32":
         passing["float32"] = (whole, ew, every)
     timed = {k: _invoke_ms(v[0]) for k, v in passing.items()}
     timed["int8"] = _invoke_ms(plain)
@@ -392,14 +394,14 @@ def _logits_index(reference: Path) -> int:
 
 
 def refine_unit(unit: str, saved_model: Path, onnx_path: Path, out_path: Path, calibration: np.ndarray,
-                max_logit_error: float) -> UnitPrecision:
+                max_logit_error: float, force: str | None = None) -> UnitPrecision:
     """``precision="auto"`` for one converted unit: keep its int8 file (``out_path``, onnx2tf's) when it passes,
     else replace it with the fastest passing mixed or float32 file (int8 inputs and outputs, the same names and
     quantization). The search runs on the first :data:`SEARCH_SAMPLES` calibration inputs."""
     reference = _reference(saved_model)
     quantizer = UnitQuantizer(saved_model, calibration)
     model, record = choose_precision(unit, quantizer, calibration[:SEARCH_SAMPLES], _logits_index(reference),
-                                     max_logit_error)
+                                     max_logit_error, force)
     if record.kind != "int8":
         model = name_like(model, reference, saved_model, onnx_path)
         out_path.write_bytes(model)
