@@ -14,7 +14,7 @@ from ..errors import UsageError
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 256
-#: --max-batch-size and --max-batch-latency-ms defaults (docs/OFFLOAD.md, "Measured": why)
+#: --max-batch-size and --max-batch-latency-ms defaults (docs/OFFLOAD.md, "Batching across boards": why 1)
 DEFAULT_BATCH = 1
 DEFAULT_BATCH_LATENCY_MS = 0.0
 
