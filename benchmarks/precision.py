@@ -8,7 +8,8 @@ the zoo rows, then measured the way the zoo rows are:
 * the conversion check's verdict and failed tolerances (1,000 validation images), and the precision each unit got;
 * thresholds tuned on the test set's even images (guaranteed: the accuracy drop <= 1 pp below that bundle's final
   exit at risk 0.05, over confidence, max_softmax and entropy) and reported on its odd images: early-exit accuracy,
-  its loss against the float network's final exit, average MACs;
+  its loss against the float network's final exit and against the float network under the same rule and
+  thresholds (what the bundle's numerics cost at that point), average MACs;
 * whole-call latency (image in, answer out; one interleaved harness) of that point and of the monolithic model,
   p50 and p90, on ``--latency-images`` held-out images, and the bundle's size::
 
@@ -29,6 +30,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
@@ -38,7 +41,10 @@ from common import RESULTS, ROOT  # noqa: E402
 from edgeexit.runtime.atomic import write_file_atomic  # noqa: E402
 from edgeexit.runtime.runner import Runner  # noqa: E402
 from edgeexit.workstation.catalog.checkpoint import load_checkpoint  # noqa: E402
+from edgeexit.runtime.trace import Trace  # noqa: E402
+from edgeexit.tuning.evaluate import evaluate_rule, exit_costs  # noqa: E402
 from edgeexit.workstation.conversion.pipeline import convert  # noqa: E402
+from edgeexit.workstation.conversion.verify import float_outputs  # noqa: E402
 
 RUNS = ROOT / "runs" / "zoo"
 RULES = ["confidence", "max_softmax", "entropy"]
@@ -70,6 +76,16 @@ def converted(model: Any, stem: str, precision: str, splits: common.Splits) -> t
     return bundle, record
 
 
+def float_at(model: Any, held: Any, spec: Any, manifest: Any) -> float:
+    """The float torch network's held-out accuracy under the same exit rule and thresholds (the loss a bundle's
+    numerics cause at its operating point, apart from what early exit itself costs)."""
+    f = float_outputs(model, held.images)
+    trace = Trace(logits=tuple(x.astype(np.float32) for x in f.logits),
+                  confidence=tuple(None if c is None else c.astype(np.float32) for c in f.confidence),
+                  scores=tuple(s.head.scores for s in model.stages), labels=np.asarray(held.labels))
+    return float(evaluate_rule(trace, spec, exit_costs(manifest)).accuracy)
+
+
 def bundle_bytes(bundle: Path) -> int:
     return sum(p.stat().st_size for p in bundle.glob("*.tflite"))
 
@@ -82,6 +98,7 @@ def measure(model: Any, stem: str, precision: str, splits: common.Splits, args: 
     point = zoo_methods.tuned_point(runner, splits, RULES, args.max_drop, args.risk)
     spec = point.pop("spec")
     flt = zoo_methods.float_accuracy(model, held)
+    flt_point = float_at(model, held, spec, runner.manifest)
     lat = zoo_methods.latency(bundle, spec, held, args.latency_images)
     heldout = point["heldout"]
     m = runner.manifest
@@ -102,6 +119,8 @@ def measure(model: Any, stem: str, precision: str, splits: common.Splits, args: 
         "heldout_early_exit_accuracy": heldout["accuracy"],
         "heldout_loss_vs_float_pp": round(100 * (flt["final_exit"] - heldout["accuracy"]), 3),
         "heldout_drop_vs_bundle_final_pp": point["heldout_drop_pp"],
+        "heldout_float_at_same_point": round(flt_point, 6),
+        "heldout_loss_vs_float_at_same_point_pp": round(100 * (flt_point - heldout["accuracy"]), 3),
         "heldout_bundle_final_exit": point["heldout_int8_final_exit"],
         "avg_macs": heldout["avg_macs"], "avg_macs_fraction": heldout["avg_macs_fraction"],
         "full_macs": m.full_macs, "bundle_bytes": bundle_bytes(bundle),
@@ -135,7 +154,8 @@ def main() -> None:
         lat = record["latency"]
         print(f"{stem} {precision}: verified {record['verification_passed']}, held-out early-exit accuracy "
               f"{100 * record['heldout_early_exit_accuracy']:.2f} % (loss vs float "
-              f"{record['heldout_loss_vs_float_pp']:+.2f} pp), MACs {100 * record['avg_macs_fraction']:.1f} %, "
+              f"{record['heldout_loss_vs_float_pp']:+.2f} pp; vs float at the same point "
+              f"{record['heldout_loss_vs_float_at_same_point_pp']:+.2f} pp), MACs {100 * record['avg_macs_fraction']:.1f} %, "
               f"p50/p90 early exit {lat['early_exit_ms']['p50']:.3f}/{lat['early_exit_ms']['p90']:.3f} ms, "
               f"monolithic {lat['monolithic_ms']['p50']:.3f}/{lat['monolithic_ms']['p90']:.3f} ms, "
               f"{record['bundle_bytes']:,} bytes", flush=True)

@@ -27,7 +27,7 @@ from edgeexit.errors import BundleError, ConversionError, UsageError  # noqa: E4
 from edgeexit.runtime.manifest import MANIFEST_FILE, Manifest  # noqa: E402
 from edgeexit.workstation.conversion.edgetpu import compile_for_edgetpu  # noqa: E402
 from edgeexit.workstation.conversion.pipeline import convert, convert_unit, split_stages  # noqa: E402
-from edgeexit.workstation.conversion.precision import UnitQuantizer, _interpreter  # noqa: E402
+from edgeexit.workstation.conversion.precision import UnitQuantizer, _interpreter, _range  # noqa: E402
 from edgeexit.workstation.conversion.quantize import stage_inputs  # noqa: E402
 from edgeexit.workstation.conversion.verify import float_outputs  # noqa: E402
 from tinymodels import CALIBRATION_SAMPLES, synthetic_digits, with_crushed_channel  # noqa: E402
@@ -194,3 +194,45 @@ def test_quantizer_without_deny_list_is_onnx2tfs_int8_file(crushed, tmp_path):
     ours = _interpreter(UnitQuantizer(tmp_path / "stage_1.tf", inputs).quantize(()), keep=False)
     # names differ before the rename: match the outputs by shape and quantization
     _assert_same_outputs(ours, path, key=lambda d: (tuple(d["shape"]), d["quantization"]))
+
+
+def _int8_mse(v: np.ndarray, lo: float, hi: float) -> float:
+    scale = (hi - lo) / 255.0
+    return float(np.mean((np.clip(np.round((v - lo) / scale), 0, 255) * scale + lo - v) ** 2))
+
+
+def test_percentile_and_mse_ranges_clip_rare_outliers():
+    """Percentile ranges drop ten values 300 sigma out; on heavy-tailed (Laplace) values the MSE range clips the
+    tails and its int8 error is well below min/max's, while min/max is one of its candidates (never worse)."""
+    v = np.random.default_rng(0).normal(0, 1, 100_000).astype(np.float32)
+    v[:10] = 300.0
+    lo, hi = _range(v, "percentile")
+    assert lo < -3 and 3 < hi < 10
+    assert _int8_mse(v, *_range(v, "mse")) <= _int8_mse(v, float(v.min()), float(v.max())) * (1 + 1e-6)
+    t = np.random.default_rng(1).laplace(0, 1, 100_000).astype(np.float32)
+    lo2, hi2 = _range(t, "mse")
+    assert float(t.min()) < lo2 < 0 < hi2 < float(t.max()) and hi2 - lo2 < 0.9 * float(t.max() - t.min())
+    assert _int8_mse(t, lo2, hi2) < 0.9 * _int8_mse(t, float(t.min()), float(t.max()))
+
+
+def test_calibration_range_keeps_handoffs_and_records_itself(crushed, int8_report, tiny_data, tmp_path):
+    calib, _ = synthetic_digits(CALIBRATION_SAMPLES, seed=3)
+    images, labels = tiny_data
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rep = convert(crushed, calib, tmp_path / "pct", verify_images=images, verify_labels=labels,
+                      monolithic=False, name="tiny-crushed", calibration_range="percentile")
+    m, m8 = rep.manifest, int8_report.manifest
+    assert m.precision["ranges"] == "percentile" and m.precision["mode"] == "int8"
+    assert all(u["kind"] == "int8" and not u["float_layers"] for u in m.precision["units"].values())
+    # inputs and outputs keep the min/max ranges: the same quantization as plain int8, hand-offs pass-through
+    for s, s8 in zip(m.stages, m8.stages):
+        assert s.input == s8.input and dict(s.outputs) == dict(s8.outputs)
+    assert all(h["equal"] for h in rep.handoffs)
+    # the ranges inside moved: stage 1 computes differently from the min/max file
+    assert rep.precision["stage_1"].logit_error_int8 != pytest.approx(int8_report.precision["stage_1"].logit_error_int8,
+                                                                      rel=1e-3)
+    with pytest.raises(UsageError, match="applies to int8 files"):
+        convert(crushed, calib, tmp_path / "x", precision="int16", calibration_range="mse")
+    with pytest.raises(UsageError, match="calibration_range must be one of minmax, percentile, mse"):
+        convert(crushed, calib, tmp_path / "x", calibration_range="kl")

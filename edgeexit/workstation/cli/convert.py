@@ -163,6 +163,10 @@ def _stage_onnx_network(path: str, opts: dict[str, Any], classes: tuple[str, ...
                    "TFLite 16x8 (int8 weights, int16 activations; slow reference kernels; no Edge TPU, no "
                    "class_exclusion); float32: every layer float32 between int8 inputs and outputs (the float "
                    "reference).")
+@click.option("--calib-range", type=click.Choice(["minmax", "percentile", "mse"]), default="minmax",
+              show_default=True,
+              help="How calibration sets each inner tensor's int8 range: min/max, the 0.01-99.99 percentiles, or "
+                   "the clipping with the smallest int8 error (mse); inputs and outputs keep min/max.")
 @click.option("--activations", type=click.Choice(["int8", "int16"]), default="int8", hidden=True,
               help="Older spelling of --precision int8/int16.")
 @click.option("--weights", default=None, metavar="FILE",
@@ -197,7 +201,8 @@ def _stage_onnx_network(path: str, opts: dict[str, Any], classes: tuple[str, ...
 @click.pass_context
 def convert(ctx: click.Context, checkpoint: str, calib_spec: str, calib_size: int, verify_size: int, out_dir: str,
             force: bool, strict: bool, no_monolithic: bool, exit_rule: str, thresholds: str | None,
-            name: str | None, as_json: bool, precision: str, activations: str, **network_opts: Any) -> None:
+            name: str | None, as_json: bool, precision: str, calib_range: str, activations: str,
+            **network_opts: Any) -> None:
     """Convert a trained CHECKPOINT, the early-exit network FILE.py:NAME builds, or a multi-output MODEL.onnx
     (one output per exit) into per-stage int8 files.
 
@@ -251,7 +256,7 @@ def convert(ctx: click.Context, checkpoint: str, calib_spec: str, calib_size: in
                              verify_labels=None if verify is None else verify.labels,
                              thresholds=_parse_thresholds(thresholds), exit_rule=exit_rule,
                              monolithic=not no_monolithic, force=force, strict=strict, name=name, progress=progress,
-                             activations=activations, precision=precision,
+                             activations=activations, precision=precision, calibration_range=calib_range,
                              training={**training, "calibration": {"dataset": calib.name, "images": len(calib)}})
     for w in caught:  # a failed verification is said below, in the CLI's words
         if not issubclass(w.category, VerificationWarning):

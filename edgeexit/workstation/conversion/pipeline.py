@@ -35,7 +35,7 @@ from edgeexit.runtime.manifest import (ACTIVATIONS, EXIT_RULES, ExitRuleSpec, Ma
 
 from . import bundle_writer as bw
 from .export import ExportUnit, export_onnx, monolithic_unit, split_stages
-from .precision import PRECISIONS, UnitPrecision, format_precision, refine_unit, report_unit
+from .precision import PRECISIONS, RANGES, UnitPrecision, format_precision, refine_unit, report_unit
 from .quantize import check_calibration_images, onnx_to_int8_tflite, stage_inputs
 from ..models.staged import StagedModel
 from .verify import (Tolerances, VerificationReport, compare, float_outputs, format_table, int8_outputs)
@@ -238,7 +238,7 @@ def check_precision(precision: Any, activations: Any, exit_rule: str) -> tuple[s
 
 def choose_precisions(units: Sequence[ExportUnit], paths: Sequence[Path], calibration: Sequence[np.ndarray],
                       workdir: Path, max_logit_error: float, report_only: bool = False,
-                      force: str | None = None) -> dict[str, UnitPrecision]:
+                      force: str | None = None, ranges: str = "minmax") -> dict[str, UnitPrecision]:
     """``precision="auto"``: each unit's fastest file that passes its share of the logit tolerance on the
     calibration inputs (:func:`~edgeexit.workstation.conversion.precision.refine_unit`), written over its int8 file.
     With ``report_only`` nothing changes: the per-layer error report of the int8 files (a failed check)."""
@@ -249,7 +249,7 @@ def choose_precisions(units: Sequence[ExportUnit], paths: Sequence[Path], calibr
             records[unit.name] = report_unit(unit.name, saved, calib, max_logit_error)
         else:
             records[unit.name] = refine_unit(unit.name, saved, workdir / f"{unit.name}.onnx", path, calib,
-                                             max_logit_error, force)
+                                             max_logit_error, force, ranges)
     return records
 
 
@@ -399,7 +399,7 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
             force: bool = False, strict: bool = False, tolerances: Tolerances = Tolerances(),
             name: str | None = None, training: dict[str, Any] | None = None,
             progress: Progress | None = None, activations: str = "int8",
-            precision: str = "int8") -> ConversionReport:
+            precision: str = "int8", calibration_range: str = "minmax") -> ConversionReport:
     """Convert ``model`` into a bundle at ``out_dir``: one full-int8 .tflite per stage (+ monolithic.tflite).
 
     With ``activations="int16"`` every file (stages and monolithic) is the TFLite "16x8" conversion instead: int8
@@ -435,6 +435,10 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
             and outputs, whichever passes and runs faster (:mod:`.precision`); the manifest's ``precision`` section
             records it. A failed check in int8 reports the worst layers of every unit the same way. "float32": every
             layer of every unit in float32 between int8 inputs and outputs (the float reference on the device).
+        calibration_range: how calibration sets the int8 range of the tensors inside each unit: "minmax" (the
+            default: the converter's), "percentile" (0.01-99.99 %) or "mse" (the clipping with the smallest int8
+            round-trip error); inputs and outputs keep min/max ranges so that hand-offs stay pass-through.
+            Applies to int8 files (precision int8 and auto).
 
     Returns:
         The :class:`ConversionReport`.
@@ -449,6 +453,12 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
     check_inputs(model, calib_images, verify_images, verify_labels)
     rule = resolve_exit_rule(model, exit_rule, thresholds)
     activations, auto = check_precision(precision, activations, rule.kind)
+    if calibration_range not in RANGES:
+        raise UsageError(f"calibration_range must be one of {', '.join(RANGES)}, got {calibration_range!r:.40}")
+    if calibration_range != "minmax" and activations != "int8":
+        raise UsageError(f"calibration range {calibration_range!r} applies to int8 files; drop it for precision "
+                         f"{precision}")
+    requantize = auto or calibration_range != "minmax"
     bw.check_target(out, force)
     was_training = model.training
     model.eval()
@@ -460,7 +470,7 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
             mono_unit = monolithic_unit(model) if monolithic else None
             steps.run("export ONNX", export_units, units + ([mono_unit] if mono_unit is not None else []), workdir)
             calibration = steps.run("calibration features", stage_inputs, model, calib_images)
-            keep = activations == "int8" and (auto or verify_images is not None)   # for .precision
+            keep = activations == "int8" and (requantize or verify_images is not None)   # for .precision
             stage_paths = []
             for unit, calib in zip(units, calibration):
                 path = staged / f"{unit.name}.tflite"
@@ -474,10 +484,11 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
             all_paths = stage_paths + ([mono_path] if mono_path is not None else [])
             all_calib = list(calibration) + ([calibration[0]] if mono_path is not None else [])
             precisions: dict[str, UnitPrecision] = {}
-            if auto:
-                precisions = steps.run("choose precision", choose_precisions, all_units, all_paths, all_calib,
-                                       workdir, tolerances.max_logit_error,
-                                       force="float32" if precision == "float32" else None)
+            if requantize:
+                precisions = steps.run("choose precision" if auto else f"{calibration_range} ranges",
+                                       choose_precisions, all_units, all_paths, all_calib, workdir,
+                                       tolerances.max_logit_error, force={"auto": None}.get(precision, precision),
+                                       ranges=calibration_range)
             backend = resolve_backend("auto")
             interps = [create_interpreter(p, backend) for p in stage_paths]
             mono_interp = None if mono_path is None else create_interpreter(mono_path, backend)
@@ -496,7 +507,7 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
                 report_v.handoffs = handoffs
                 if not report_v.passed:
                     log.warning("VERIFICATION FAILED: %s", "; ".join(report_v.failures))
-                    if keep and not auto:
+                    if keep and not requantize:
                         precisions = steps.run("per-layer error report", choose_precisions, all_units, all_paths,
                                                all_calib, workdir, tolerances.max_logit_error, report_only=True)
                     if strict:
@@ -505,8 +516,8 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
                                               "use more/better calibration images, retrain, or pass strict=False "
                                               "(CLI: drop --strict) to keep the bundle anyway")
             verification = report_v.to_dict() if report_v is not None else {"skipped": "no verification images"}
-            section = ({"mode": precision, "units": {k: v.manifest_entry() for k, v in precisions.items()}}
-                       if auto else {})
+            section = ({"mode": precision, "ranges": calibration_range,
+                        "units": {k: v.manifest_entry() for k, v in precisions.items()}} if requantize else {})
             manifest = steps.run("write bundle", _write, model, staged, out, force, stage_paths, interps, stage_costs,
                                  rule, full_macs, mono_path, mono_interp, mono_costs, verification,
                                  name or model.spec.builder, training or {}, activations, section)

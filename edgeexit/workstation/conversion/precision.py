@@ -42,6 +42,12 @@ log = logging.getLogger(__name__)
 #: The precisions ``convert`` takes: every file int8, every file 16x8, int8 with float32 where int8 fails, or every
 #: layer float32 between int8 inputs and outputs (the float reference, measured on the device like the others).
 PRECISIONS = ("int8", "int16", "auto", "float32")
+#: How the calibration turns each tensor's observed values into its int8 range: the converter's min/max, the
+#: 0.01-99.99 percentiles, or the clipping of the min/max range that minimises the int8 round-trip error (MSE).
+RANGES = ("minmax", "percentile", "mse")
+#: Calibration inputs (the first ones) whose activations set the percentile and MSE ranges.
+RANGE_SAMPLES = 64
+_PERCENTILE = 0.01
 #: Inputs the auto search measures errors on (the first of the calibration set).
 SEARCH_SAMPLES = 64
 #: Rounds of "keep the worst tensor in float" before the whole stage is tried in float32.
@@ -192,9 +198,11 @@ class UnitQuantizer:
     Args:
         saved_model: the directory onnx2tf wrote the unit's TensorFlow saved model to.
         calibration: the unit's float32 calibration inputs [N, H, W, C] (what onnx2tf calibrated on).
+        ranges: "minmax" (the converter's, as onnx2tf), "percentile" or "mse" (:data:`RANGES`) for the tensors
+            inside the unit; its inputs and outputs keep the min/max ranges, so hand-offs stay pass-through.
     """
 
-    def __init__(self, saved_model: Path, calibration: np.ndarray):
+    def __init__(self, saved_model: Path, calibration: np.ndarray, ranges: str = "minmax"):
         import tensorflow as tf
 
         def dataset():
@@ -210,6 +218,9 @@ class UnitQuantizer:
         self._per_channel_off = bool(converter._experimental_disable_per_channel)
         self._tf = tf
         self.float_model = self._float(saved_model)
+        self.calibrated = self.debugger.calibrated_model
+        if ranges != "minmax":
+            self.calibrated = _with_ranges(self.calibrated, self.float_model, calibration[:RANGE_SAMPLES], ranges)
 
     def _float(self, saved_model: Path) -> bytes:
         converter = self._tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
@@ -236,12 +247,70 @@ class UnitQuantizer:
         return out
 
     def quantize(self, deny: Sequence[str]) -> bytes:
-        """The unit as a full-integer file (int8 inputs and outputs) with the ops writing ``deny`` in float32."""
+        """The unit as a full-integer file (int8 inputs and outputs) with the ops writing ``deny`` in float32.
+
+        The quantizer leaves an output in float32 when the op writing it is denied and other ops read it too (a
+        hand-off that the stage's own head also reads); such an op is taken off the list again, so that every
+        input and output stays int8 (the device's hand-offs and exit decisions need them so)."""
         from tensorflow.lite.python import convert as tfl_convert
 
-        return tfl_convert.mlir_quantize(self.debugger.calibrated_model, disable_per_channel=self._per_channel_off,
-                                         fully_quantize=True, input_data_type=self._tf.int8,
-                                         output_data_type=self._tf.int8, denylisted_nodes=list(deny) or None)
+        deny = list(deny)
+        while True:
+            model = tfl_convert.mlir_quantize(self.calibrated, disable_per_channel=self._per_channel_off,
+                                              fully_quantize=True, input_data_type=self._tf.int8,
+                                              output_data_type=self._tf.int8, denylisted_nodes=deny or None)
+            it = _interpreter(model, keep=False)
+            floats = {d["name"] for d in it.get_output_details() if np.dtype(d["dtype"]) != np.int8}
+            if not floats or not floats & set(deny):
+                return model
+            deny = [n for n in deny if n not in floats]
+
+
+def _range(values: np.ndarray, method: str) -> tuple[float, float]:
+    """The int8 range of one tensor's observed float values by ``method`` ("percentile" or "mse")."""
+    v = values.ravel()
+    if v.size > 50_000:
+        v = v[np.random.default_rng(0).choice(v.size, 50_000, replace=False)]
+    lo0, hi0 = float(min(v.min(), 0.0)), float(max(v.max(), 0.0))
+    if method == "percentile":
+        return (float(min(np.percentile(v, _PERCENTILE), 0.0)), float(max(np.percentile(v, 100 - _PERCENTILE), 0.0)))
+
+    def err(lo: float, hi: float) -> float:
+        scale = (hi - lo) / 255.0 or 1.0
+        return float(np.mean((np.clip(np.round((v - lo) / scale), 0, 255) * scale + lo - v) ** 2))
+
+    # each end clipped on its own (a log grid down to 1 % of it), one end after the other, twice
+    grid = np.geomspace(0.01, 1.0, 40)
+    lo, hi = lo0, hi0
+    for _ in range(2):
+        if hi0 > 0:
+            hi = min((hi0 * f for f in grid), key=lambda h: err(lo, h))
+        if lo0 < 0:
+            lo = min((lo0 * f for f in grid), key=lambda x: err(x, hi))
+    return float(lo), float(hi)
+
+
+def _with_ranges(calibrated: bytes, float_model: bytes, inputs: np.ndarray, method: str) -> bytes:
+    """``calibrated`` with the min/max of every tensor inside the unit replaced by ``method``'s range of the
+    float model's values over ``inputs`` (inputs and outputs keep theirs: the hand-offs' scales must not move)."""
+    import flatbuffers
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    values, _, it = _tensors(float_model, inputs)
+    io = {d["name"] for d in it.get_input_details() + it.get_output_details()}
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(calibrated, 0))
+    graph = model.subgraphs[0]
+    io_index = set(graph.inputs.tolist()) | set(graph.outputs.tolist())
+    for k, t in enumerate(graph.tensors):
+        name = t.name.decode() if isinstance(t.name, bytes) else str(t.name)
+        q = t.quantization
+        if k in io_index or name in io or q is None or q.min is None or not values.get(name):
+            continue
+        lo, hi = _range(np.stack(values[name]), method)
+        q.min, q.max = np.array([lo], np.float32), np.array([hi], np.float32)
+    builder = flatbuffers.Builder(len(calibrated) + 1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
 
 
 def _invoke_ms(model: bytes, repeats: int = 60) -> float:
@@ -281,7 +350,8 @@ def choose_precision(unit: str, quantizer: UnitQuantizer, inputs: np.ndarray, lo
         inputs: float32 inputs of the unit (the search samples of the calibration set).
         logits_output: the index of the ``logits`` output among the file's outputs.
         max_logit_error: the conversion check's logit tolerance.
-        force: "float32": every layer in float32, whatever the errors (``precision="float32"``).
+        force: "float32": every layer in float32, whatever the errors (``precision="float32"``); "int8": the
+            plain int8 file, no search (a calibration range other than min/max without ``auto``).
 
     Returns:
         (the file's bytes, unnamed inputs/outputs as the converter writes them; the record of the choice).
@@ -295,6 +365,8 @@ def choose_precision(unit: str, quantizer: UnitQuantizer, inputs: np.ndarray, lo
 
     plain = quantizer.quantize(())
     e8 = error(plain)
+    if force == "int8":
+        return plain, UnitPrecision(unit, "int8", [], e8, e8, target, e8 <= target, seconds=time.perf_counter() - t0)
     own = quantizer.own_errors()
     report = layer_errors(plain, quantizer.float_model, inputs, own)
     worst = sorted(report, key=lambda x: -x.added)[:12]
@@ -394,15 +466,15 @@ def _logits_index(reference: Path) -> int:
 
 
 def refine_unit(unit: str, saved_model: Path, onnx_path: Path, out_path: Path, calibration: np.ndarray,
-                max_logit_error: float, force: str | None = None) -> UnitPrecision:
+                max_logit_error: float, force: str | None = None, ranges: str = "minmax") -> UnitPrecision:
     """``precision="auto"`` for one converted unit: keep its int8 file (``out_path``, onnx2tf's) when it passes,
     else replace it with the fastest passing mixed or float32 file (int8 inputs and outputs, the same names and
     quantization). The search runs on the first :data:`SEARCH_SAMPLES` calibration inputs."""
     reference = _reference(saved_model)
-    quantizer = UnitQuantizer(saved_model, calibration)
+    quantizer = UnitQuantizer(saved_model, calibration, ranges)
     model, record = choose_precision(unit, quantizer, calibration[:SEARCH_SAMPLES], _logits_index(reference),
                                      max_logit_error, force)
-    if record.kind != "int8":
+    if record.kind != "int8" or ranges != "minmax":
         model = name_like(model, reference, saved_model, onnx_path)
         out_path.write_bytes(model)
         record.float_layers = float_ops(model)   # the names the written file gives them
