@@ -214,9 +214,10 @@ def convert(ctx: click.Context, checkpoint: str, calib_spec: str, calib_size: in
     edgeexit convert my_net.onnx --mean 0.5 --std 0.5 --confidence probability --calib fashion-mnist --out bundle/
     """
     from ..catalog.checkpoint import load_checkpoint, read_checkpoint
-    from ..conversion.pipeline import VerificationWarning, check_precision, convert as run_convert
+    from ..conversion.pipeline import (VerificationWarning, check_calibration_range, check_precision,
+                                       convert as run_convert)
 
-    check_precision(precision, activations, exit_rule)
+    check_calibration_range(calib_range, check_precision(precision, activations, exit_rule)[0])
 
     quiet = bool((ctx.obj or {}).get("quiet"))
     start = time.perf_counter()

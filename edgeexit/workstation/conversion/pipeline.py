@@ -236,6 +236,15 @@ def check_precision(precision: Any, activations: Any, exit_rule: str) -> tuple[s
     return check_activations(activations, exit_rule), precision in ("auto", "float32")
 
 
+def check_calibration_range(calibration_range: Any, activations: str) -> None:
+    """UsageError for an unknown range method, or one other than min/max for int16 files."""
+    if calibration_range not in RANGES:
+        raise UsageError(f"calibration_range must be one of {', '.join(RANGES)}, got {calibration_range!r:.40}")
+    if calibration_range != "minmax" and activations != "int8":
+        raise UsageError(f"calibration range {calibration_range!r} applies to int8 files; drop it (CLI: "
+                         "--calib-range) for int16 files")
+
+
 def choose_precisions(units: Sequence[ExportUnit], paths: Sequence[Path], calibration: Sequence[np.ndarray],
                       workdir: Path, max_logit_error: float, report_only: bool = False,
                       force: str | None = None, ranges: str = "minmax") -> dict[str, UnitPrecision]:
@@ -453,11 +462,7 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
     check_inputs(model, calib_images, verify_images, verify_labels)
     rule = resolve_exit_rule(model, exit_rule, thresholds)
     activations, auto = check_precision(precision, activations, rule.kind)
-    if calibration_range not in RANGES:
-        raise UsageError(f"calibration_range must be one of {', '.join(RANGES)}, got {calibration_range!r:.40}")
-    if calibration_range != "minmax" and activations != "int8":
-        raise UsageError(f"calibration range {calibration_range!r} applies to int8 files; drop it for precision "
-                         f"{precision}")
+    check_calibration_range(calibration_range, activations)
     requantize = auto or calibration_range != "minmax"
     bw.check_target(out, force)
     was_training = model.training
