@@ -155,7 +155,8 @@ def main() -> None:
         print(f"{stem} {precision}: verified {record['verification_passed']}, held-out early-exit accuracy "
               f"{100 * record['heldout_early_exit_accuracy']:.2f} % (loss vs float "
               f"{record['heldout_loss_vs_float_pp']:+.2f} pp; vs float at the same point "
-              f"{record['heldout_loss_vs_float_at_same_point_pp']:+.2f} pp), MACs {100 * record['avg_macs_fraction']:.1f} %, "
+              f"{record['heldout_loss_vs_float_at_same_point_pp']:+.2f} pp), "
+              f"MACs {100 * record['avg_macs_fraction']:.1f} %, "
               f"p50/p90 early exit {lat['early_exit_ms']['p50']:.3f}/{lat['early_exit_ms']['p90']:.3f} ms, "
               f"monolithic {lat['monolithic_ms']['p50']:.3f}/{lat['monolithic_ms']['p90']:.3f} ms, "
               f"{record['bundle_bytes']:,} bytes", flush=True)

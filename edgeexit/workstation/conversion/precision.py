@@ -517,8 +517,9 @@ def format_precision(records: dict[str, UnitPrecision], layers: int = 5) -> str:
     for name, r in records.items():
         if r.logit_error_int8 <= r.target:
             continue
-        lines.append(f"{name}: where the int8 error comes from (error: per-channel RMS error / std against float; added: over the "
-                     "layer's inputs; own: the quantization debugger's RMSE/scale, 0.29 = plain rounding)")
+        lines.append(f"{name}: where the int8 error comes from (error: per-channel RMS error / std against float; "
+                     "added: over the layer's inputs; own: the quantization debugger's RMSE/scale, 0.29 = plain "
+                     "rounding)")
         for x in r.layers[:layers]:
             own = "-" if x.own is None else f"{x.own:.2f}"
             lines.append(f"    {x.op:<16} {x.tensor[:60]:<60} error {x.error:.3f}  added {x.added:+.3f}  own {own}")
