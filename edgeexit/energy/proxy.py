@@ -136,5 +136,10 @@ def proxy_source(manifest: Manifest, board: Board) -> str:
     weights, acts = working_set(manifest)
     frac = sram_weight_fraction(weights, acts, board.cache_bytes)
     cache = "no known cache" if board.cache_bytes is None else f"{board.cache_bytes // 1024} KiB cache"
+    mixed = [u for u, e in ((getattr(manifest, "precision", None) or {}).get("units") or {}).items()
+             if isinstance(e, dict) and e.get("kind") != "int8"]
+    note = (f"; {', '.join(mixed)} compute partly in float32, counted at int8 MAC energy (an underestimate)"
+            if mixed else "")
     return (f"operation proxy ({CONSTANTS_SOURCE}); working set {weights / 1024:.0f} KiB weights + "
-            f"{acts / 1024:.1f} KiB activations vs {board.name} {cache}: {100 * frac:.0f}% of weight reads from SRAM")
+            f"{acts / 1024:.1f} KiB activations vs {board.name} {cache}: {100 * frac:.0f}% of weight reads from SRAM"
+            f"{note}")
