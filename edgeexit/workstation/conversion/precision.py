@@ -17,9 +17,9 @@ int8 as before (so hand-offs and exit decisions run unchanged on the device).
   added to the worst of its inputs'. The debugger's own per-op error is kept beside it. A crushed channel reads
   about 1.0; plain int8 rounding a few hundredths.
 * **auto** (:func:`choose_precision`): while the stage's exit logits miss half the conversion check's logit
-  tolerance (the other half is left to the stages before it), the tensor that added the most error is kept in
-  float: its producer and every consumer run in float32 (the only way a tensor stays float), and the stage is
-  quantized again. A stage whose layers cannot be fixed that way (or faster) runs whole in float32 with int8 inputs
+  tolerance (the other half is left to the stages before it), the tensor that added the most error (and every
+  tensor that added at least half as much) is kept in float: its producer and every consumer run in float32 (the
+  only way a tensor stays float), and the stage is quantized again. A stage whose layers cannot be fixed that way (or faster) runs whole in float32 with int8 inputs
   and outputs, whichever candidate that passes runs faster on this CPU. The choice is made on the calibration
   images; the conversion check then judges the bundle on its held-out verification images like any other.
 """
@@ -52,6 +52,8 @@ _PERCENTILE = 0.01
 SEARCH_SAMPLES = 64
 #: Rounds of "keep the worst tensor in float" before the whole stage is tried in float32.
 MAX_ROUNDS = 8
+#: A round keeps in float32 every tensor that adds at least this share of the worst tensor's added error.
+PICK_SHARE = 0.5
 #: Share of the conversion check's logit tolerance one unit may spend (the rest is for the units before it).
 UNIT_SHARE = 0.5
 #: Channels whose float std is below this share of the tensor's largest channel std carry no signal.
@@ -390,9 +392,16 @@ def choose_precision(unit: str, quantizer: UnitQuantizer, inputs: np.ndarray, lo
         if not fresh:
             break
         pick = max(fresh, key=lambda x: x.added)
-        keep = [op["outputs"][0] for op in [producer.get(pick.tensor)] + consumers.get(pick.tensor, [])
-                if op is not None and op["outputs"] and op["outputs"][0] not in io]
-        new = [n for n in keep if n not in deny]
+        # this round: every tensor adding at least half as much as the worst (many alike layers, e.g. a dense
+        # block's concatenations, go in one round instead of one a round)
+        picks = [x for x in fresh if x.added >= PICK_SHARE * pick.added] if pick.added > 0 else [pick]
+        new = []
+        for x in picks:
+            for op in [producer.get(x.tensor)] + consumers.get(x.tensor, []):
+                if op is not None and op["outputs"] and op["outputs"][0] not in io:
+                    name = op["outputs"][0]
+                    if name not in deny and name not in new:
+                        new.append(name)
         if not new:
             break
         deny += new
