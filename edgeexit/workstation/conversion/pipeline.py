@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from edgeexit.errors import ConversionError, UsageError
+from edgeexit.errors import ConversionError, UsageError, clip
 from edgeexit.runtime.tflite import GraphCosts, graph_costs
 from edgeexit.runtime.atomic import staging_dir
 from edgeexit.runtime.interpreter import create_interpreter, resolve_backend
@@ -254,9 +254,18 @@ def choose_precisions(units: Sequence[ExportUnit], paths: Sequence[Path], calibr
     records = {}
     for unit, path, calib in zip(units, paths, calibration):
         saved = workdir / f"{unit.name}.tf"
-        if report_only:
-            records[unit.name] = report_unit(unit.name, saved, calib, max_logit_error)
+        if report_only:   # an aid to a failed check: it must never fail the conversion itself
+            if not (saved / "saved_model.pb").is_file():
+                log.warning("no per-layer report for %s: onnx2tf wrote no saved model", unit.name)
+                continue
+            try:
+                records[unit.name] = report_unit(unit.name, saved, calib, max_logit_error)
+            except Exception as exc:  # noqa: BLE001 - TensorFlow's quantizer raises anything
+                log.warning("no per-layer report for %s: %s: %s", unit.name, type(exc).__name__, clip(str(exc), 200))
         else:
+            if not (saved / "saved_model.pb").is_file():
+                raise ConversionError(f"{unit.name}: onnx2tf wrote no saved model, so it cannot be quantized again "
+                                      "(precision auto / float32, --calib-range); convert with precision int8")
             records[unit.name] = refine_unit(unit.name, saved, workdir / f"{unit.name}.onnx", path, calib,
                                              max_logit_error, force, ranges)
     return records
@@ -469,7 +478,11 @@ def convert(model: StagedModel, calib_images: np.ndarray, out_dir: str | Path, *
     model.eval()
     steps = _Steps(progress)
     try:
-        with staging_dir(out) as staged, tempfile.TemporaryDirectory(prefix="edgeexit-onnx-") as work:
+        # the converters' threads may leave a warnings filter of their own behind (catch_warnings is not
+        # thread-safe: a thread that exits it late restores the filters it saw, e.g. an "ignore everything" of
+        # quiet_tool); the caller's filters are put back when the steps end, before the VerificationWarning
+        with warnings.catch_warnings(), staging_dir(out) as staged, \
+                tempfile.TemporaryDirectory(prefix="edgeexit-onnx-") as work:
             workdir = Path(work)
             units = steps.run("split into stages", split_stages, model)
             mono_unit = monolithic_unit(model) if monolithic else None
