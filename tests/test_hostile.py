@@ -336,9 +336,12 @@ def test_ctrl_c_says_interrupted_and_leaves_the_bundle_as_it_was(tiny_bundle_cop
     before = (tiny_bundle_copy / "manifest.json").read_bytes()
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))
     env.pop("EDGEEXIT_TRUSTED_KEY", None)
+    # a shell without job control starts background jobs with SIGINT ignored, and Python then installs no handler:
+    # the child gets the default disposition, as in a terminal
     proc = subprocess.Popen([sys.executable, "-m", "edgeexit", "tune", str(tiny_bundle_copy), "--data",
                              str(tmp_path / "d.npz"), "--cost-images", "0"], env=env, stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, text=True)
+                            stdout=subprocess.DEVNULL, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = proc.stderr.readline()                          # the tracing phase has started
     assert first.startswith("tracing"), first
     proc.send_signal(signal.SIGINT)
