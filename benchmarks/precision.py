@@ -53,7 +53,7 @@ RULES = ["confidence", "max_softmax", "entropy"]
 def bundle_path(stem: str, precision: str) -> Path:
     if precision == "int8":
         return RUNS / f"{stem}-bundle"
-    return RUNS / f"{stem}-{precision}-bundle"
+    return RUNS / f"{stem}-{precision.replace('+', '-')}-bundle"
 
 
 def converted(model: Any, stem: str, precision: str, splits: common.Splits) -> tuple[Path, dict[str, Any]]:
@@ -63,11 +63,13 @@ def converted(model: Any, stem: str, precision: str, splits: common.Splits) -> t
     if (bundle / "manifest.json").is_file() and record_path.is_file():
         return bundle, json.loads(record_path.read_text())
     thresholds = [0.5] * (model.num_exits - 1)
+    kind, _, ranges = precision.partition("+")     # "int8+percentile": int8 with percentile calibration ranges
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         report = convert(model, common.calibration_images(splits.train), bundle, verify_images=splits.val.images,
                          verify_labels=splits.val.labels, exit_rule="confidence", thresholds=thresholds,
-                         monolithic=True, force=True, name=stem, precision=precision)
+                         monolithic=True, force=True, name=stem, precision=kind,
+                         calibration_range=ranges or "minmax")
     ver = report.verification
     record = {"verification_passed": bool(ver.passed), "verification_failures": list(ver.failures),
               "convert_seconds": round(report.seconds, 1),
@@ -132,7 +134,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True, help="an edgeexit checkpoint (.pt)")
     ap.add_argument("--dataset", required=True, help="mnist or fashion-mnist (the checkpoint's data set)")
-    ap.add_argument("--precisions", default="int8,int16,float32,auto")
+    ap.add_argument("--precisions", default="int8,int16,float32,auto",
+                    help="comma-separated; PRECISION+RANGE (e.g. int8+mse) for a calibration range other than minmax")
     ap.add_argument("--max-drop", type=float, default=1.0, help="tuning target: pp below the bundle's final exit")
     ap.add_argument("--risk", type=float, default=zoo_methods.RISK)
     ap.add_argument("--latency-images", type=int, default=1000)
@@ -148,6 +151,7 @@ def main() -> None:
     command = "benchmarks/precision.py " + " ".join(sys.argv[1:])
     for precision in args.precisions.split(","):
         record = measure(model, stem, precision, splits, args)
+        results = json.loads(out.read_text()) if out.is_file() else {}   # rows another run wrote meanwhile
         results.setdefault("rows", {})[precision] = {**record, "command": command}
         results["checkpoint"], results["dataset"] = str(path), args.dataset
         write_file_atomic(out, json.dumps(results, indent=2, default=str) + "\n")

@@ -48,6 +48,8 @@ RANGES = ("minmax", "percentile", "mse")
 #: Calibration inputs (the first ones) whose activations set the percentile and MSE ranges.
 RANGE_SAMPLES = 64
 _PERCENTILE = 0.01
+#: Rings of tensors around a unit's inputs and outputs that may keep min/max so that their scales do not move.
+RANGE_RINGS = 4
 #: Inputs the auto search measures errors on (the first of the calibration set).
 SEARCH_SAMPLES = 64
 #: Rounds of "keep the worst tensor in float" before the whole stage is tried in float32.
@@ -222,7 +224,25 @@ class UnitQuantizer:
         self.float_model = self._float(saved_model)
         self.calibrated = self.debugger.calibrated_model
         if ranges != "minmax":
-            self.calibrated = _with_ranges(self.calibrated, self.float_model, calibration[:RANGE_SAMPLES], ranges)
+            self.calibrated = self._ranged(calibration[:RANGE_SAMPLES], ranges)
+
+    def _ranged(self, inputs: np.ndarray, method: str) -> bytes:
+        """The calibrated model with ``method``'s ranges inside, the inputs' and outputs' quantization unchanged.
+        An op that gives its output its input's scale (pooling, reshape, concatenation) carries an inner range to an
+        output; the tensors next to the inputs and outputs then keep their min/max too, a ring at a time."""
+        plain, base = self.debugger.calibrated_model, self.calibrated
+        want = _io_quantization(self._quantize(plain, ()))
+        from tensorflow.lite.python import schema_py_generated as schema
+
+        graph = schema.Model.GetRootAsModel(plain, 0).Subgraphs(0)
+        keep = set(graph.InputsAsNumpy().tolist()) | set(graph.OutputsAsNumpy().tolist())
+        for _ in range(RANGE_RINGS):
+            model = _with_ranges(base, self.float_model, inputs, method, keep)
+            if _io_quantization(self._quantize(model, ())) == want:
+                return model
+            keep = _neighbours(plain, keep)
+        raise ConversionError(f"{method} calibration ranges move this unit's input or output scale (its hand-offs); "
+                              "convert with --calib-range minmax")
 
     def _float(self, saved_model: Path) -> bytes:
         converter = self._tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
@@ -248,19 +268,22 @@ class UnitQuantizer:
                 out[row["tensor_name"]] = float(np.sqrt(mse)) / scale
         return out
 
+    def _quantize(self, calibrated: bytes, deny: Sequence[str]) -> bytes:
+        from tensorflow.lite.python import convert as tfl_convert
+
+        return tfl_convert.mlir_quantize(calibrated, disable_per_channel=self._per_channel_off, fully_quantize=True,
+                                         input_data_type=self._tf.int8, output_data_type=self._tf.int8,
+                                         denylisted_nodes=list(deny) or None)
+
     def quantize(self, deny: Sequence[str]) -> bytes:
         """The unit as a full-integer file (int8 inputs and outputs) with the ops writing ``deny`` in float32.
 
         The quantizer leaves an output in float32 when the op writing it is denied and other ops read it too (a
         hand-off that the stage's own head also reads); such an op is taken off the list again, so that every
         input and output stays int8 (the device's hand-offs and exit decisions need them so)."""
-        from tensorflow.lite.python import convert as tfl_convert
-
         deny = list(deny)
         while True:
-            model = tfl_convert.mlir_quantize(self.calibrated, disable_per_channel=self._per_channel_off,
-                                              fully_quantize=True, input_data_type=self._tf.int8,
-                                              output_data_type=self._tf.int8, denylisted_nodes=deny or None)
+            model = self._quantize(self.calibrated, deny)
             it = _interpreter(model, keep=False)
             floats = {d["name"] for d in it.get_output_details() if np.dtype(d["dtype"]) != np.int8}
             if not floats or not floats & set(deny):
@@ -292,9 +315,11 @@ def _range(values: np.ndarray, method: str) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def _with_ranges(calibrated: bytes, float_model: bytes, inputs: np.ndarray, method: str) -> bytes:
-    """``calibrated`` with the min/max of every tensor inside the unit replaced by ``method``'s range of the
-    float model's values over ``inputs`` (inputs and outputs keep theirs: the hand-offs' scales must not move)."""
+def _with_ranges(calibrated: bytes, float_model: bytes, inputs: np.ndarray, method: str,
+                 keep: set[int] | None = None) -> bytes:
+    """``calibrated`` with the min/max of the tensors inside the unit replaced by ``method``'s range of the float
+    model's values over ``inputs``; the unit's inputs and outputs, and the tensors in ``keep`` (indices), keep
+    theirs (the hand-offs' scales must not move)."""
     import flatbuffers
     from tensorflow.lite.python import schema_py_generated as schema
 
@@ -302,17 +327,37 @@ def _with_ranges(calibrated: bytes, float_model: bytes, inputs: np.ndarray, meth
     io = {d["name"] for d in it.get_input_details() + it.get_output_details()}
     model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(calibrated, 0))
     graph = model.subgraphs[0]
-    io_index = set(graph.inputs.tolist()) | set(graph.outputs.tolist())
+    fixed = set(graph.inputs.tolist()) | set(graph.outputs.tolist()) | (keep or set())
     for k, t in enumerate(graph.tensors):
         name = t.name.decode() if isinstance(t.name, bytes) else str(t.name)
         q = t.quantization
-        if k in io_index or name in io or q is None or q.min is None or not values.get(name):
+        if k in fixed or name in io or q is None or q.min is None or not values.get(name):
             continue
         lo, hi = _range(np.stack(values[name]), method)
         q.min, q.max = np.array([lo], np.float32), np.array([hi], np.float32)
     builder = flatbuffers.Builder(len(calibrated) + 1024)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output())
+
+
+def _neighbours(calibrated: bytes, tensors: set[int]) -> set[int]:
+    """``tensors`` and every tensor one op away from them (an op's inputs and outputs, constants aside)."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    graph = schema.Model.GetRootAsModel(calibrated, 0).Subgraphs(0)
+    out = set(tensors)
+    for i in range(graph.OperatorsLength()):
+        op = graph.Operators(i)
+        ins, outs = set(op.InputsAsNumpy().tolist()), set(op.OutputsAsNumpy().tolist())
+        if (ins | outs) & tensors:
+            out |= {t for t in ins | outs if t >= 0}
+    return out
+
+
+def _io_quantization(model: bytes) -> list[tuple[Any, ...]]:
+    it = _interpreter(model, keep=False)
+    return [(d["name"], float(np.float32(d["quantization"][0])), int(d["quantization"][1]))
+            for d in it.get_input_details() + it.get_output_details()]
 
 
 def _invoke_ms(model: bytes, repeats: int = 60) -> float:
