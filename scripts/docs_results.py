@@ -452,8 +452,45 @@ def section_energy() -> list[str]:
     return out
 
 
+PRECISION_FILES = (("PTEENet DenseNet-121, Fashion-MNIST", "precision_fashion-mnist-pteenet-densenet121-spatial16.json"),
+                   ("PTEENet MobileNetV2, Fashion-MNIST", "precision_fashion-mnist-pteenet-mobilenet_v2-spatial16.json"),
+                   ("MNIST default (control)", "precision_mnist.json"))
+
+
+def section_precision() -> list[str]:
+    out = ["## Where int8 fails: mixed precision", ""]
+    out += para("`benchmarks/precision.py`: one network converted in each precision (`convert --precision` and "
+                "`--calib-range`), its check's verdict, the held-out accuracy at a point tuned on other images "
+                "(guaranteed drop <= 1 pp below that bundle's final exit, risk 0.05) and its loss against the float "
+                "network under the same rule and thresholds, and whole-call latency of that point and of the "
+                "monolithic model (one interleaved harness); ratios are to the int8 bundle of the same network. "
+                "Method and discussion: [CONVERT.md](CONVERT.md#measured).")
+    env = load(PRECISION_FILES[0][1])["rows"]["int8"]["latency"].get("environment")
+    out += ["", *para(f"Machine: {machine(env)}; measured beside a training job or a CI run.")]
+    rows = []
+    for name, rel in PRECISION_FILES:
+        d = load(rel)
+        base = d["rows"]["int8"]["latency"]
+        for key, r in d["rows"].items():
+            lat = r["latency"]
+            ee, mono = lat["early_exit_ms"], lat["monolithic_ms"]
+            units = r["units"] if isinstance(r["units"], dict) else {}
+            floats = ", ".join(f"{u} {e['float_layers']}" for u, e in units.items() if e["float_layers"])
+            rows.append([name, key + (f" (float32 ops: {floats})" if floats and key == "auto" else ""),
+                         "passed" if r["verification_passed"] else "**failed**", pct(r["heldout_early_exit_accuracy"]),
+                         f"{r['heldout_loss_vs_float_at_same_point_pp']:.2f} pp", pct(r["avg_macs_fraction"], 1),
+                         f"{ee['p50']:.3f} / {ee['p90']:.3f} ms ({times(ee['p50'] / base['early_exit_ms']['p50'])})",
+                         f"{mono['p50']:.3f} / {mono['p90']:.3f} ms "
+                         f"({times(mono['p50'] / base['monolithic_ms']['p50'])})",
+                         f"{r['bundle_bytes'] / 1e6:.2f} MB", link(rel)])
+    out += ["", *table(("network", "precision", "check", "accuracy at point", "loss vs float, same point", "MACs",
+                        "early exit p50 / p90 (vs int8)", "monolithic p50 / p90 (vs int8)", "size", "file"), rows)]
+    return out
+
+
 SECTIONS: tuple[Callable[[], list[str]], ...] = (section_demo, section_guarantee, section_runtime, section_heldout,
-                                                 section_zoo, section_training, section_arm64, section_energy)
+                                                 section_zoo, section_precision, section_training, section_arm64,
+                                                 section_energy)
 
 
 def results_md() -> str:
