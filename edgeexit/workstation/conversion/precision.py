@@ -414,9 +414,7 @@ def choose_precision(unit: str, quantizer: UnitQuantizer, inputs: np.ndarray, lo
     e8 = error(plain)
     if force == "int8":
         return plain, UnitPrecision(unit, "int8", [], e8, e8, target, e8 <= target, seconds=time.perf_counter() - t0)
-    own = quantizer.own_errors()
-    report = layer_errors(plain, quantizer.float_model, inputs, own)
-    worst = sorted(report, key=lambda x: -x.added)[:12]
+    worst = _worst_layers(quantizer, plain, inputs)
     if e8 <= target and force is None:
         return plain, UnitPrecision(unit, "int8", [], e8, e8, target, True, layers=worst,
                                     seconds=time.perf_counter() - t0)
@@ -557,9 +555,15 @@ def report_unit(unit: str, saved_model: Path, calibration: np.ndarray, max_logit
     index = _logits_index(reference)
     plain = quantizer.quantize(())
     e8 = relative_logit_error(_logits(plain, inputs, index), _logits(quantizer.float_model, inputs, index))
-    layers = sorted(layer_errors(plain, quantizer.float_model, inputs, quantizer.own_errors()), key=lambda x: -x.added)
     target = UNIT_SHARE * max_logit_error
-    return UnitPrecision(unit, "int8", [], e8, e8, target, e8 <= target, layers=layers[:12])
+    return UnitPrecision(unit, "int8", [], e8, e8, target, e8 <= target, layers=_worst_layers(quantizer, plain, inputs))
+
+
+def _worst_layers(quantizer: UnitQuantizer, plain: bytes, inputs: np.ndarray, count: int = 12) -> list[LayerError]:
+    """The report's layers: the ``count`` tensors of the int8 file that add the most error, the debugger's own
+    figure beside each."""
+    layers = layer_errors(plain, quantizer.float_model, inputs, quantizer.own_errors())
+    return sorted(layers, key=lambda x: -x.added)[:count]
 
 
 def format_precision(records: dict[str, UnitPrecision], layers: int = 5) -> str:
